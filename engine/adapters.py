@@ -1,0 +1,238 @@
+"""Saving and loading trained adapters.
+
+Methods with a peft export write peft's on-disk format: `adapter_config.json`
+and `adapter_model.safetensors` (keys `base_model.model.<module path>...`), which
+`peft.PeftModel.from_pretrained` loads as-is. Our own metadata (run config,
+counts, metrics, versions) goes to `peft_studio.json`, never into
+`adapter_config.json`. Methods without a peft equivalent write
+`studio_adapter.safetensors` (every trainable tensor by module path) with the
+same metadata; that round trip is exact.
+
+Files are written to a temporary directory and renamed into place, so a reader
+never sees half an adapter. Only safetensors are ever read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .prepare import Prepared, head_modules
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+OWN_WEIGHTS = "studio_adapter.safetensors"
+METADATA = "peft_studio.json"
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def base_model_id(prep: Prepared) -> str:
+    return str(getattr(prep.model.config, "name_or_path", "") or prep.config.model)
+
+
+def head_tensors(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Classification-head weights under peft's modules_to_save keys."""
+    if prep.config.task != "classification" or not prep.spec.trains_head:
+        return {}
+    out = {}
+    for name, head in head_modules(prep.model):
+        for pname, p in head.named_parameters():
+            out[f"base_model.model.{name}.{pname}"] = p.detach()
+    return out
+
+
+def adapter_files(prep: Prepared) -> dict[str, bytes]:
+    """The files of the adapter, by name, as bytes."""
+    meta = {
+        "format": "peft" if prep.spec.peft_export else "peft-studio",
+        "method": prep.spec.name,
+        "paper": prep.spec.paper,
+        "mergeable": prep.spec.mergeable,
+        "run_config": prep.config.to_dict(),
+        "base_model": base_model_id(prep),
+        "task": prep.config.task,
+        "labels": prep.examples.labels if prep.examples else [],
+        "n_params": prep.n_params,
+        "n_trainable": prep.n_trainable,
+        "torch_version": torch.__version__,
+    }
+    files: dict[str, bytes] = {}
+    if prep.spec.peft_export:
+        exp = prep.spec.peft_export(prep.model, prep.config.method, prep.ctx)
+        cfg = dict(exp.adapter_config)
+        cfg.setdefault("task_type", TASK_TYPES[prep.config.task])
+        cfg["base_model_name_or_path"] = base_model_id(prep)
+        tensors = dict(exp.tensors)
+        heads = head_tensors(prep)
+        if heads:
+            cfg["modules_to_save"] = sorted({k.split(".")[2] for k in heads})
+            tensors.update(heads)
+        files[PEFT_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
+        files[PEFT_WEIGHTS] = safetensors_bytes(tensors)
+    else:
+        tensors = {n: p.detach() for n, p in prep.model.named_parameters() if p.requires_grad}
+        files[OWN_WEIGHTS] = safetensors_bytes(tensors)
+    files[METADATA] = json.dumps(meta, indent=2, sort_keys=True).encode()
+    return files
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(clean, tmp)
+        return Path(tmp).read_bytes()
+    finally:
+        os.unlink(tmp)
+
+
+def write_dir_atomic(out_dir: str | Path, files: dict[str, bytes]) -> Path:
+    """Write `files` into out_dir (created); existing files of the same names are
+    replaced only once every new file is complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+    return out
+
+
+def save_adapter(prep: Prepared, out_dir: str | Path, extra_files: Optional[dict[str, bytes]] = None) -> Path:
+    files = adapter_files(prep)
+    if extra_files:
+        files.update(extra_files)
+    return write_dir_atomic(out_dir, files)
+
+
+def zip_files(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(files):
+            z.writestr(name, files[name])
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_metadata(adapter_dir: str | Path) -> dict:
+    p = Path(adapter_dir) / METADATA
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def load_peft_lora_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
+    """Import a peft-format LoRA adapter (ours or peft's) into a plain base model:
+    injects LoRA layers per adapter_config.json and loads the tensors."""
+    from .methods.lora import LoraConfig, LoraLinear, apply_lora
+    from .methods import ApplyContext
+
+    d = Path(adapter_dir)
+    try:
+        cfg = json.loads((d / PEFT_CONFIG).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{d}: no {PEFT_CONFIG}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if not (d / PEFT_WEIGHTS).exists():
+        raise AdapterError(f"{d}: no {PEFT_WEIGHTS} (pickled adapter_model.bin files are not loaded)")
+    targets = cfg["target_modules"]
+    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0,
+                      target_modules=targets if isinstance(targets, str) else list(targets))
+    task = "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+    apply_lora(model, lcfg, ApplyContext(task=task, seed=seed))
+    load_peft_tensors(model, load_file(str(d / PEFT_WEIGHTS)))
+    return model
+
+
+def load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy peft-keyed tensors (`base_model.model.<path>`; `.lora_A.weight` or
+    `.lora_A.default.weight`) into the model's parameters, strictly."""
+    params = dict(model.named_parameters())
+    missing = []
+    with torch.no_grad():
+        for key, value in tensors.items():
+            name = key.removeprefix("base_model.model.").replace(".default.", ".")
+            name = name.replace(".modules_to_save.", ".")
+            if name not in params:
+                missing.append(key)
+                continue
+            if params[name].shape != value.shape:
+                raise AdapterError(f"tensor {key}: shape {tuple(value.shape)} does not fit "
+                                   f"{name} {tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+    if missing:
+        raise AdapterError(f"adapter tensors match nothing in the model: {missing[:5]}")
+
+
+def load_own_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Load `studio_adapter.safetensors` into a model that already has the method applied."""
+    d = Path(adapter_dir)
+    tensors = load_file(str(d / OWN_WEIGHTS))
+    params = dict(model.named_parameters())
+    unknown = [k for k in tensors if k not in params]
+    if unknown:
+        raise AdapterError(f"adapter tensors match nothing in the model: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
+def extract_zip_safely(data: bytes, dest: str | Path, max_total: int = 4 << 30) -> Path:
+    """Unpack an adapter zip: plain files only, no paths, bounded size."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        total = 0
+        for info in z.infolist():
+            name = info.filename
+            if info.is_dir() or "/" in name or "\\" in name or name.startswith(".") or name in ("", ".."):
+                raise AdapterError(f"adapter zip: refusing entry {name!r}")
+            total += info.file_size
+            if total > max_total:
+                raise AdapterError("adapter zip: too large when unpacked")
+            (dest / name).write_bytes(z.read(info))
+    return dest
+
+
+def copy_tokenizer_and_config(model: nn.Module, tokenizer, out: Path) -> None:
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def merged_model_files(prep: Prepared) -> Path:
+    """Merge the adapter into the base weights and save a plain model directory
+    (safetensors + config + tokenizer) in a temporary directory."""
+    if not prep.spec.mergeable or prep.spec.merge is None:
+        raise AdapterError(f"method {prep.spec.name!r} cannot be merged into the base weights")
+    prep.spec.merge(prep.model)
+    tmp = Path(tempfile.mkdtemp(prefix="merged-"))
+    try:
+        prep.model.save_pretrained(tmp, safe_serialization=True)
+        if prep.tokenizer is not None:
+            prep.tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp

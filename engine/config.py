@@ -1,0 +1,137 @@
+"""The run config: one pydantic schema shared by the UI, REST, CLI and worker.
+
+Unknown keys and impossible values are rejected with a message naming the field
+(see `ConfigError`). YAML and JSON both round-trip through `RunConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .methods import MethodConfig, parse_method_config
+
+Task = Literal["classification", "causal_lm"]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the field(s)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Strict):
+    name: Optional[str] = Field(None, description="bundled dataset: demo-sentiment | demo-instruct")
+    path: Optional[str] = Field(None, description="csv / jsonl / parquet file")
+    validation_path: Optional[str] = None
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    prompt_column: Optional[str] = None
+    response_column: Optional[str] = None
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_rows: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.name) == bool(self.path):
+            raise ValueError("give exactly one of dataset.name (bundled) or dataset.path (file)")
+        return self
+
+
+class TrainingConfig(_Strict):
+    max_steps: Optional[int] = Field(30, gt=0, le=10_000_000)
+    epochs: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0, le=4096)
+    grad_accum: int = Field(1, gt=0, le=1024)
+    learning_rate: float = Field(5e-4, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    max_seq_len: int = Field(64, gt=0, le=131072)
+    eval_every: int = Field(10, ge=0)
+    eval_batches: Optional[int] = Field(None, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.epochs is not None and "max_steps" not in self.model_fields_set:
+            self.max_steps = None
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("give training.max_steps or training.epochs")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", min_length=1, max_length=200)
+    model: str = Field(..., min_length=1, description="bundled name, local directory, or hub id")
+    task: Task = "classification"
+    dataset: DatasetConfig
+    method: SerializeAsAny[MethodConfig]
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any):
+        try:
+            return parse_method_config(v)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, prefix="method.")) from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if loc == "method" and msg.startswith("method"):
+            parts.append(msg)
+            continue
+        parts.append(f"{prefix}{loc or 'config'}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_run_config(data: Any) -> RunConfig:
+    """Validate a mapping into a RunConfig, raising ConfigError with field names."""
+    if isinstance(data, RunConfig):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError("config: must be a mapping")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    except ValueError as e:   # raised by parse_method_config outside pydantic's wrapping
+        raise ConfigError(str(e)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {p}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    return parse_run_config(data)

@@ -1,0 +1,83 @@
+"""What every PEFT method provides: a validated config and a function that turns a
+frozen base model into one with trainable adapter parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+if False:  # typing only
+    import torch
+    from ..dims import ModelDims
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    name: str
+
+
+@dataclass
+class ApplyContext:
+    """What a method may need to know beyond the model."""
+
+    task: str                     # "classification" | "causal_lm"
+    seed: int = 0
+    tokenizer: Any = None         # for prompt-init from text
+
+
+@dataclass
+class PeftExport:
+    """peft's on-disk form of an adapter: adapter_config.json contents and the
+    tensors of adapter_model.safetensors."""
+
+    adapter_config: dict
+    tensors: dict
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    config_cls: type[MethodConfig]
+    apply: Callable[[nn.Module, MethodConfig, ApplyContext], None]
+    paper: str
+    summary: str
+    trains: str
+    mergeable: bool = False
+    merge: Optional[Callable[[nn.Module], None]] = None
+    peft_export: Optional[Callable[[nn.Module, MethodConfig, ApplyContext], PeftExport]] = None
+    trains_head: bool = True      # classification head trainable (False for `full`, which trains it anyway)
+    # Optional training hooks (AdaLoRA's rank allocation, regularizers):
+    extra_loss: Optional[Callable[[nn.Module], "torch.Tensor"]] = None          # added to the task loss
+    after_backward: Optional[Callable[[nn.Module, int, int], None]] = None      # (model, step, total) before opt.step
+    after_step: Optional[Callable[[nn.Module, int, int], None]] = None          # (model, step, total) after opt.step
+    # Exact trainable-parameter count from the model config alone (for the estimator):
+    count_trainable: Optional[Callable[["ModelDims", MethodConfig, str], int]] = None   # (dims, cfg, task)
+    # Load weights saved by `engine.adapters` back into a model with the method applied (default: by name)
+    load_state: Optional[Callable[[nn.Module, dict], None]] = None
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable), counting each shared tensor once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        if hasattr(p, "quant_numel"):
+            n = p.quant_numel
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

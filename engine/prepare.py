@@ -1,0 +1,69 @@
+"""From a run config to a ready-to-train model: load the model and data, apply the
+method, make the task head trainable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .arch import arch_of
+from .config import RunConfig
+from .data import Examples, load_examples
+from .methods import ApplyContext, MethodSpec, count_parameters, get_method
+from .models import LoadedModel, load_model
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    model: nn.Module
+    tokenizer: object
+    examples: Examples
+    spec: MethodSpec
+    ctx: ApplyContext
+    n_params: int
+    n_trainable: int
+
+    @property
+    def trainable_ratio(self) -> float:
+        return self.n_trainable / self.n_params if self.n_params else 0.0
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The classification head(s) of a sequence-classification model."""
+    names = [n for n in arch_of(model).head_names if hasattr(model, n)]
+    return [(n, getattr(model, n)) for n in names if n not in ("lm_head", "cls")]
+
+
+def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyContext) -> nn.Module:
+    """Apply a method; classification heads stay trainable (peft's modules_to_save)."""
+    replaced = spec.apply(model, method_cfg, ctx)
+    model = replaced if isinstance(replaced, nn.Module) else model
+    if ctx.task == "classification" and spec.trains_head:
+        for _, head in head_modules(model):
+            for p in head.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
+                allowed_roots: Optional[Sequence[str | Path]] = None, cache_dir: Optional[Path] = None,
+                path_resolver: Optional[Callable[[str], Path]] = None, max_data_bytes: Optional[int] = None,
+                examples: Optional[Examples] = None) -> Prepared:
+    spec = get_method(cfg.method.name)
+    if examples is None:
+        kw = {"max_bytes": max_data_bytes} if max_data_bytes else {}
+        examples = load_examples(cfg.dataset, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver, **kw)
+    if loaded is None:
+        id2label = dict(enumerate(examples.labels)) if cfg.task == "classification" else None
+        loaded = load_model(cfg.model, cfg.task, num_labels=max(2, examples.num_labels), allowed_roots=allowed_roots,
+                            cache_dir=cache_dir, seed=cfg.training.seed, id2label=id2label)
+    ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer)
+    torch.manual_seed(cfg.training.seed)
+    model = apply_method(loaded.model, spec, cfg.method, ctx)
+    n_params, n_trainable = count_parameters(model)
+    return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable)

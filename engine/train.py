@@ -1,0 +1,343 @@
+"""The training loop: AdamW, warm-up + linear/cosine schedule, gradient
+accumulation, clipping, periodic evaluation, seeds, CPU or CUDA (bf16 autocast),
+cancellation and a progress callback. No database or queue knowledge: the
+caller passes callbacks."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .data import BatchStream, encode_examples, iter_batches
+from .prepare import Prepared
+
+LOSS_CHUNK = 1024   # tokens per chunk of the chunked cross-entropy
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+    epoch: float
+    eval: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    max_steps: int
+    final_loss: Optional[float]
+    eval: dict
+    best_metric: Optional[float]
+    metric_name: str
+    tokens_per_s: float
+    duration_s: float
+    peak_memory_bytes: int
+    memory_kind: str            # "cuda_max_allocated" | "cpu_peak_rss"
+    device: str
+    n_params: int
+    n_trainable: int
+    cancelled: bool = False
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+class Cancelled(Exception):
+    pass
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(pref: str, device: torch.device) -> Optional[torch.dtype]:
+    if pref == "bf16" or (pref == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if pref == "fp16":
+        return torch.float16
+    return None
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+    return f
+
+
+def causal_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder, lm_head) of a causal LM, for the chunked loss."""
+    return model.get_decoder(), model.get_output_embeddings()
+
+
+def chunked_causal_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy without keeping the full fp32 logits: the head is
+    applied to LOSS_CHUNK tokens at a time and recomputed in backward."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    h, y = h[keep], y[keep]
+    n = y.numel()
+    if n == 0:
+        return hidden.sum() * 0.0
+
+    def piece(hc, yc):
+        return F.cross_entropy(lm_head(hc).float(), yc, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, LOSS_CHUNK):
+        hc, yc = h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK]
+        total = total + (checkpoint(piece, hc, yc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, yc))
+    return total / n
+
+
+def compute_loss(model: nn.Module, batch: dict, task: str) -> torch.Tensor:
+    if task == "classification":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(out.logits.float(), batch["labels"])
+    decoder, head = causal_backbone(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
+    return chunked_causal_loss(hidden, head, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, encoded: list[dict], task: str, batch_size: int, pad_id: int,
+             device: torch.device, amp: Optional[torch.dtype], max_batches: Optional[int] = None) -> dict:
+    if not encoded:
+        return {}
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    tokens = 0
+    for i, batch in enumerate(iter_batches(encoded, batch_size, pad_id)):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if task == "classification":
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+                total += batch["labels"].numel()
+            else:
+                n = (batch["labels"][:, 1:] != -100).sum().item()
+                loss_sum += compute_loss(model, batch, task).item() * n
+                tokens += n
+    model.train(was_training)
+    if task == "classification":
+        return {"eval_loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+    mean = loss_sum / max(tokens, 1)
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; `peak` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def total_steps(prep: Prepared, batches_per_epoch: int) -> int:
+    t = prep.config.training
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+
+
+def primary_metric(task: str) -> tuple[str, bool]:
+    """(name, higher_is_better) of the metric that ranks runs."""
+    return ("accuracy", True) if task == "classification" else ("eval_loss", False)
+
+
+def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = None,
+          should_stop: Optional[Callable[[], bool]] = None, progress: bool = False,
+          resume_state: Optional[dict] = None,
+          on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+    """Train a prepared run. `on_step` is called after every optimizer step;
+    `should_stop` is polled before every step (True ends the run as cancelled)."""
+    cfg, t = prep.config, prep.config.training
+    torch.manual_seed(t.seed)
+    device = pick_device(t.device)
+    amp = autocast_dtype(t.precision, device)
+    model = prep.model.to(device)
+    tok = prep.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_enc = encode_examples(tok, prep.examples.train, cfg.task, t.max_seq_len, prep.examples.labels)
+    val_enc = encode_examples(tok, prep.examples.validation, cfg.task, t.max_seq_len, prep.examples.labels)
+    stream = BatchStream(train_enc, t.batch_size, pad_id, t.seed)
+    steps = total_steps(prep, stream.batches_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, t.warmup_steps, steps))
+    start_step = 0
+    if resume_state:
+        start_step = restore_training_state(resume_state, model, opt, sched, stream)
+    metric_name, higher = primary_metric(cfg.task)
+    history: list[dict] = []
+    best: Optional[float] = None
+    last_eval: dict = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=start_step, desc=cfg.name, unit="step")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    tokens_seen, loss_val, cancelled = 0, None, False
+    t0 = time.perf_counter()
+    step = start_step
+    with PeakRSS() as rss:
+        while step < steps:
+            if should_stop and should_stop():
+                cancelled = True
+                break
+            loss_acc = 0.0
+            step_tokens = 0
+            for _ in range(t.grad_accum):
+                batch = {k: v.to(device) for k, v in stream.next().items()}
+                step_tokens += int(batch["attention_mask"].sum())
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = compute_loss(model, batch, cfg.task)
+                    if prep.spec.extra_loss is not None:
+                        loss = loss + prep.spec.extra_loss(model)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
+                                             f"try a lower training.learning_rate")
+                (loss / t.grad_accum).backward()
+                loss_acc += loss.item() / t.grad_accum
+            if prep.spec.after_backward is not None:
+                prep.spec.after_backward(model, step, steps)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if prep.spec.after_step is not None:
+                prep.spec.after_step(model, step, steps)
+            step += 1
+            tokens_seen += step_tokens
+            loss_val = loss_acc
+            elapsed = time.perf_counter() - t0
+            done = step - start_step
+            eval_now = (t.eval_every and step % t.eval_every == 0) or step == steps
+            ev = evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches) \
+                if eval_now else None
+            if ev:
+                last_eval = ev
+                m = ev.get(metric_name)
+                if m is not None and (best is None or (m > best if higher else m < best)):
+                    best = m
+            sm = StepMetrics(step=step, max_steps=steps, loss=loss_val, lr=sched.get_last_lr()[0],
+                             tokens_per_s=tokens_seen / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed,
+                             eta_s=elapsed / done * (steps - step) if done else 0.0,
+                             epoch=(stream.epoch + stream.index / max(1, len(train_enc))), eval=ev)
+            history.append(sm.to_dict())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}", **({metric_name: f"{ev[metric_name]:.4f}"} if ev else {}))
+            if on_step:
+                on_step(sm)
+            if on_checkpoint and t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
+                on_checkpoint(step, training_state(model, opt, sched, stream, step))
+    if bar is not None:
+        bar.close()
+    duration = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        peak, kind = rss.peak, "cpu_peak_rss"
+    model.eval()
+    return TrainResult(steps=step, max_steps=steps, final_loss=loss_val, eval=last_eval, best_metric=best,
+                       metric_name=metric_name, tokens_per_s=tokens_seen / duration if duration > 0 else 0.0,
+                       duration_s=duration, peak_memory_bytes=int(peak), memory_kind=kind, device=device_name(device),
+                       n_params=prep.n_params, n_trainable=prep.n_trainable, cancelled=cancelled, history=history)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def training_state(model, opt, sched, stream, step: int) -> dict:
+    return {"step": step, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "data": stream.state(),
+            "rng": torch.get_rng_state()}
+
+
+def restore_training_state(state: dict, model, opt, sched, stream) -> int:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state["trainable"].items():
+            params[n].copy_(v.to(params[n].device))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    stream.restore(state["data"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
