@@ -1,15 +1,21 @@
 """Resolving `target_modules` the way peft does (a list of name suffixes, a regex
 that must match the whole name, or `all-linear`), but strictly: every list entry
-must match something, and the error lists the names that would have."""
+must match something, and the error lists the names that would have.
+
+The same rules run on a live model (`resolve_targets`) and on a model config
+alone (`resolve_targets_in_dims`, for exact parameter counts without weights),
+so the engine and the estimator always pick the same modules.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Union
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from ..arch import arch_of
+from ..arch import Arch, arch_of
 
 TargetSpec = Union[str, list[str], tuple[str, ...]]
 
@@ -23,29 +29,39 @@ def linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
 def suffix_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def candidate_names(model: nn.Module) -> list[str]:
+def candidates_from_names(names: Sequence[str], blocks_path: str) -> list[str]:
     """Short names of the linear layers inside the blocks, deduplicated, sorted."""
-    arch = arch_of(model)
-    prefix = arch.blocks_path + "."
+    prefix = blocks_path + "."
     out = set()
-    for name, mod in model.named_modules():
-        if name.startswith(prefix) and linear_like(mod):
-            rest = name[len(prefix):].split(".", 1)[1]   # strip the block index
-            out.add(rest.rsplit(".", 1)[-1])
-            out.add(rest)
+    for name in names:
+        if name.startswith(prefix):
+            rest = name[len(prefix):].split(".", 1)
+            if len(rest) == 2:
+                out.add(rest[1].rsplit(".", 1)[-1])
+                out.add(rest[1])
     return sorted(out)
 
 
-def resolve_targets(model: nn.Module, targets: TargetSpec, *, want=linear_like) -> list[str]:
-    """Full module names selected by `targets`. Raises TargetModulesError naming any
-    list entry that matches no module, with the candidates."""
-    arch = arch_of(model)
+def candidate_names(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and linear_like(m)]
+    return candidates_from_names(names, arch_of(model).blocks_path)
+
+
+def select_names(names: Sequence[str], targets: TargetSpec, arch: Arch) -> list[str]:
+    """The names among `names` (module order) that `targets` selects.
+
+    A string is `all-linear` (every linear layer inside the blocks) or a regex
+    matched against the whole name; heads are never selected that way. A list
+    selects names equal to an entry or ending in `.entry`; each entry must match."""
     head_names = set(arch.head_names)
-    names = [n for n, m in model.named_modules() if n and want(m)]
     if isinstance(targets, str):
         if targets == "all-linear":
             chosen = [n for n in names if n.startswith(arch.blocks_path + ".")]
@@ -58,23 +74,85 @@ def resolve_targets(model: nn.Module, targets: TargetSpec, *, want=linear_like) 
             if not chosen:
                 raise TargetModulesError(
                     f"method.target_modules: regex {targets!r} matches no module; "
-                    f"candidates: {', '.join(candidate_names(model))}")
+                    f"candidates: {', '.join(candidates_from_names(names, arch.blocks_path))}")
         return [n for n in chosen if n.split(".")[0] not in head_names]
-    chosen: list[str] = []
+    chosen_set: set[str] = set()
     missing = []
     for key in targets:
         hits = [n for n in names if suffix_matches(n, key)]
         if not hits:
             missing.append(key)
-        chosen.extend(h for h in hits if h not in chosen)
+        chosen_set.update(hits)
     if missing:
         raise TargetModulesError(
             f"method.target_modules: {', '.join(repr(m) for m in missing)} "
             f"match{'es' if len(missing) == 1 else ''} no module in this model; "
-            f"candidates: {', '.join(candidate_names(model))}")
-    return sorted(chosen, key=names.index)
+            f"candidates: {', '.join(candidates_from_names(names, arch.blocks_path))}")
+    return [n for n in names if n in chosen_set]
+
+
+def resolve_targets(model: nn.Module, targets: TargetSpec, *, want=linear_like) -> list[str]:
+    """Full module names selected by `targets`, in module order. Raises
+    TargetModulesError naming any list entry that matches no module, with the candidates."""
+    names = [n for n, m in model.named_modules() if n and want(m)]
+    return select_names(names, targets, arch_of(model))
+
+
+# ---- the same, from a config alone ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NamedLinear:
+    """A linear layer of a model described by its config: full name and shape."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    conv1d: bool = False
+
+    @property
+    def short(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def linears_in_dims(dims, task: str, num_labels: Optional[int] = None) -> list[NamedLinear]:
+    """Every linear layer of the model `dims` describes, in module order, with the
+    names the transformers classes give them (blocks, BERT's pooler, heads)."""
+    arch = dims.arch
+    out: list[NamedLinear] = []
+    for i in range(dims.num_layers):
+        for ls in dims.block_linears():
+            out.append(NamedLinear(f"{arch.blocks_path}.{i}.{ls.path}", ls.in_features, ls.out_features,
+                                   ls.bias, ls.conv1d))
+    h = dims.hidden_size
+    if dims.family == "bert":
+        out.append(NamedLinear("bert.pooler.dense", h, h, True))
+        if task == "classification":
+            out.append(NamedLinear("classifier", h, num_labels or 2, True))
+    elif task == "classification":
+        out.append(NamedLinear("score", h, num_labels or 2, False))
+    else:
+        out.append(NamedLinear("lm_head", h, dims.vocab_size, False))
+    return out
+
+
+def resolve_targets_in_dims(dims, targets: TargetSpec, task: str) -> list[NamedLinear]:
+    layers = linears_in_dims(dims, task)
+    by_name = {l.name: l for l in layers}
+    return [by_name[n] for n in select_names([l.name for l in layers], targets, dims.arch)]
 
 
 def short_names(full_names: Iterable[str]) -> list[str]:
     """The last component of each name, deduplicated and sorted (peft's target list)."""
     return sorted({n.rsplit(".", 1)[-1] for n in full_names})
+
+
+def peft_target_list(all_names: Sequence[str], chosen: Sequence[str]) -> list[str]:
+    """A `target_modules` list for adapter_config.json that selects exactly `chosen`
+    among `all_names` under peft's suffix rule: the short names when they are
+    unambiguous, else the full module names."""
+    shorts = short_names(chosen)
+    selected = {n for n in all_names if any(suffix_matches(n, s) for s in shorts)}
+    if selected == set(chosen):
+        return shorts
+    return sorted(chosen)

@@ -1,0 +1,248 @@
+"""Measured memory of one real training step, in the estimator's rows.
+
+The estimator (`engine.estimator`) predicts memory from a config; this module
+records what one step of *our* training loop really holds, so the two can be
+compared row by row:
+
+- `hidden_states`: the bytes of every tensor autograd saves for backward during
+  `engine.train.compute_loss` (recorded with
+  `torch.autograd.graph.saved_tensors_hooks`), deduplicated by storage; tensors
+  whose storage belongs to a model parameter (frozen or trainable) are weights,
+  not activations, and are left out. This is exact and device-independent, so it
+  works on CPU.
+- `weights`, `gradients`, `optimizer`: bytes of the parameters, of their `.grad`
+  after backward, and of the optimizer state after one `step()`.
+- On CUDA, `peak_allocated` is `torch.cuda.max_memory_allocated()` over the step.
+
+Nothing here knows about a database or UI; the bench and slow tests call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+ROWS = ("cuda_context", "weights", "gradients", "hidden_states", "optimizer", "total")
+
+
+@dataclass
+class SavedTensor:
+    """One storage that autograd kept for backward."""
+
+    shape: tuple
+    dtype: str
+    nbytes: int           # bytes of the whole storage (what stays allocated)
+    op: str               # the grad_fn that saved it, when known
+
+
+@dataclass
+class Measured:
+    """Rows (bytes) recorded during one training step."""
+
+    rows: dict
+    n_params: int
+    n_trainable: int
+    batch_size: int
+    seq_len: int
+    device: str
+    seconds: float
+    peak_allocated: Optional[int] = None           # CUDA only
+    saved: list = field(default_factory=list)      # SavedTensor, largest first (when keep_saved)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["saved"] = d["saved"][:50]
+        return d
+
+
+class SavedTensorRecorder:
+    """Context manager: sums the storages autograd saves for backward, once each,
+    skipping storages that belong to `params`."""
+
+    def __init__(self, params: list[torch.Tensor], keep: bool = False):
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params if p.device.type != "meta"}
+        self._seen: dict[int, SavedTensor] = {}
+        self._keep = keep
+        self._alive: list[torch.Tensor] = []       # pins storages so a freed pointer is not reused
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in self._param_ptrs and ptr not in self._seen and st.nbytes() > 0:
+                op = type(t.grad_fn).__name__ if t.grad_fn is not None else ""
+                self._seen[ptr] = SavedTensor(tuple(t.shape), str(t.dtype).replace("torch.", ""), st.nbytes(), op)
+                self._alive.append(t)
+        return t
+
+    @staticmethod
+    def _unpack(t):
+        return t
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self._seen.values())
+
+    def saved(self) -> list[SavedTensor]:
+        return sorted(self._seen.values(), key=lambda s: -s.nbytes)
+
+    def release(self) -> None:
+        self._alive.clear()
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def synthetic_batch(task: str, batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2,
+                    seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """A full (unpadded) batch of random token ids: every position is real, so
+    the measurement is the worst case for that batch size and length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "classification":
+        batch["labels"] = torch.randint(0, num_labels, (batch_size,), generator=g)
+    else:
+        batch["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for state in opt.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def set_attention(model: nn.Module, attention: str) -> None:
+    """Switch the model to 'sdpa' or 'eager' attention."""
+    impl = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}[attention]
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:   # older transformers
+        model.config._attn_implementation = impl
+
+
+def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, num_labels: int = 2,
+                 optimizer: str = "adamw", keep_saved: bool = False, seed: int = 0,
+                 extra_loss=None) -> Measured:
+    """One step of our training loop (compute_loss, backward, optimizer step) on
+    `model` (a method already applied), recording the estimator's rows."""
+    from .methods import count_parameters
+    from .train import compute_loss
+
+    params = list(model.parameters())
+    device = params[0].device
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = synthetic_batch(task, batch_size, seq_len, vocab, num_labels, seed, device)
+    trainable = [p for p in params if p.requires_grad]
+    n_params, n_trainable = count_parameters(model)
+    model.train()
+    for p in trainable:
+        p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with SavedTensorRecorder(params, keep=keep_saved) as rec:
+        loss = compute_loss(model, batch, task)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+    hidden = rec.total_bytes
+    saved = rec.saved() if keep_saved else []
+    rec.release()
+    loss.backward()
+    del loss
+    grads = tensor_bytes(p.grad for p in trainable)
+    opt_bytes = 0
+    if trainable and optimizer != "none":
+        opt = make_optimizer(optimizer, trainable)
+        opt.step()
+        opt_bytes = optimizer_state_bytes(opt)
+        opt.zero_grad(set_to_none=True)
+        del opt
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    seconds = time.perf_counter() - t0
+    weights = tensor_bytes(params)
+    rows = {"cuda_context": 0, "weights": weights, "gradients": grads, "hidden_states": hidden,
+            "optimizer": opt_bytes}
+    rows["total"] = sum(rows.values())
+    return Measured(rows=rows, n_params=n_params, n_trainable=n_trainable, batch_size=batch_size, seq_len=seq_len,
+                    device=str(device), seconds=seconds, peak_allocated=peak, saved=saved)
+
+
+def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if name in ("adamw", "adamw8bit"):     # 8-bit needs bitsandbytes; measured as fp32 AdamW here
+        return torch.optim.AdamW(params, lr=1e-4)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4)
+    raise ValueError(f"optimizer: unknown {name!r}; choose adamw, adamw8bit or sgd")
+
+
+def measure_prepared(prep, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
+                     keep_saved: bool = False) -> Measured:
+    """Measure one step of a run prepared by `engine.prepare.prepare_run`."""
+    num_labels = getattr(prep.model.config, "num_labels", 2)
+    return measure_step(prep.model, prep.config.task, batch_size=batch_size, seq_len=seq_len,
+                        num_labels=num_labels, optimizer=optimizer, keep_saved=keep_saved,
+                        extra_loss=prep.spec.extra_loss)
+
+
+def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = None, num_labels: int = 2,
+                        attention: str = "sdpa", loaded=None, seed: int = 0):
+    """A Prepared run for `model_name` + `method` without reading a dataset.
+
+    `loaded` (an `engine.models.LoadedModel`) is deep-copied, so one loaded model
+    can serve many measurements."""
+    from .config import parse_run_config
+    from .data import Examples
+    from .models import TINY_MODELS, BUNDLED_MODELS, load_model
+    from .prepare import prepare_run
+
+    if task is None:
+        family = TINY_MODELS.get(model_name) or BUNDLED_MODELS.get(model_name, {}).get("family", "llama")
+        task = "classification" if family == "bert" else "causal_lm"
+    labels = [f"label{i}" for i in range(num_labels)] if task == "classification" else []
+    dataset = "demo-sentiment" if task == "classification" else "demo-instruct"
+    cfg = parse_run_config({"model": model_name, "task": task, "dataset": {"name": dataset}, "method": method,
+                            "training": {"seed": seed, "device": "cpu"}})
+    if loaded is None:
+        loaded = load_model(model_name, task, num_labels=num_labels, seed=seed)
+    else:
+        loaded = copy.copy(loaded)
+        loaded.model = copy.deepcopy(loaded.model)
+    set_attention(loaded.model, attention)
+    examples = Examples(task=task, train=[], validation=[], labels=labels)
+    return prepare_run(cfg, loaded=loaded, examples=examples)
+
+
+def measure(model_name: str, method: dict, *, batch_size: int = 1, seq_len: int = 128, task: Optional[str] = None,
+            num_labels: int = 2, attention: str = "sdpa", optimizer: str = "adamw", loaded=None,
+            keep_saved: bool = False) -> Measured:
+    """Measure one training step of `method` on `model_name` (bundled or tiny)."""
+    prep = prepare_for_measure(model_name, method, task=task, num_labels=num_labels, attention=attention,
+                               loaded=loaded)
+    return measure_prepared(prep, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                            keep_saved=keep_saved)

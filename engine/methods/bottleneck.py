@@ -1,0 +1,284 @@
+"""Bottleneck adapters: serial (Houlsby) and parallel (He et al.).
+
+Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", ICML 2019,
+arXiv:1902.00751 — a small bottleneck network (down-projection, nonlinearity,
+up-projection, residual) inserted after the attention output projection and
+after the FFN output projection of every block, initialised near the identity;
+the layer norms train too.
+
+He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
+Learning", ICLR 2022, arXiv:2110.04366 — the parallel adapter: the same
+bottleneck computed from the sublayer's *input* and added, times a scale s, to
+the sublayer's output (h <- h + s * f(x W_down) W_up), beside the FFN (best) or
+the attention.
+
+Where things go (block-relative, see engine.arch):
+- serial: wraps the attention output projection (`o_proj` / `attention.output.dense`)
+  and the FFN output projection (`down_proj` / `output.dense`): y -> y + A(y),
+  before the residual add (and, in BERT, before dropout + LayerNorm of the residual).
+- parallel, Llama: wraps `mlp` (x -> mlp(x) + s A(x)) and/or `self_attn`.
+- parallel, BERT: wraps `output` / `attention.output`, whose forward is
+  LayerNorm(dropout(dense(h)) + x) with x the sublayer input; adding s A(x) to x
+  there is exactly LayerNorm(FFN(x) + s A(x) + x).
+
+Neither kind can be merged into the base weights (the nonlinearity sits in between).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..arch import Arch, arch_of, blocks, set_submodule
+from .base import ApplyContext, MethodConfig, freeze_all
+
+Activation = Literal["relu", "gelu", "tanh", "silu"]
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class BottleneckSize(MethodConfig):
+    """Shared fields: the bottleneck width as a size or a reduction factor, which layers."""
+
+    bottleneck_size: Optional[int] = Field(None, gt=0, le=65536, description="width of the bottleneck")
+    reduction_factor: Optional[float] = Field(
+        None, gt=0, description="bottleneck = hidden_size / reduction_factor (default 16 when no size is given)")
+    activation: Activation = "relu"
+    layers: Optional[list[int]] = Field(None, description="block indices to adapt (0-based); default all")
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ValueError("give method.bottleneck_size or method.reduction_factor, not both")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("method.layers: must name at least one layer")
+            if any(i < 0 for i in self.layers):
+                raise ValueError("method.layers: layer indices are 0-based and non-negative")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError("method.layers: duplicate layer index")
+        return self
+
+
+class HoulsbyConfig(BottleneckSize):
+    name: Literal["houlsby"] = "houlsby"
+    placement: Literal["both", "attn", "ffn"] = Field(
+        "both", description="after the attention sublayer, after the FFN, or both (the paper)")
+    train_layernorm: bool = Field(True, description="also train the blocks' layer norms (the paper does)")
+    init_std: float = Field(1e-2, gt=0, le=1.0, description="std of the near-identity initialisation")
+
+
+class ParallelAdapterConfig(BottleneckSize):
+    name: Literal["parallel_adapter"] = "parallel_adapter"
+    placement: Literal["ffn", "attn", "both"] = Field("ffn", description="beside the FFN (the paper's best) or attention")
+    scale: float = Field(4.0, gt=0, le=1000, description="s in h + s * adapter(x) (He et al. use 4)")
+
+
+def bottleneck_width(hidden: int, size: Optional[int], reduction: Optional[float]) -> int:
+    if size is not None:
+        return size
+    return max(1, int(hidden // (reduction if reduction is not None else 16)))
+
+
+def chosen_layers(num_layers: int, layers: Optional[list[int]], field: str = "method.layers") -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"{field}: {bad} out of range; this model has {num_layers} layers (0..{num_layers - 1})")
+    return sorted(layers)
+
+
+class Bottleneck(nn.Module):
+    """x -> up(act(down(x))): the adapter body, without the residual."""
+
+    def __init__(self, dim: int, width: int, activation: str, *, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(dim, width, device=device, dtype=dtype)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(width, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+    @torch.no_grad()
+    def init_near_identity(self, std: float) -> None:
+        """Houlsby: small truncated-normal weights, zero biases, so x + A(x) ~ x."""
+        for lin in (self.down, self.up):
+            nn.init.trunc_normal_(lin.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(lin.bias)
+
+    @torch.no_grad()
+    def init_zero_output(self) -> None:
+        """He et al. (LoRA-style): random down-projection, zero up-projection: A(x) = 0 at start."""
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+
+def bottleneck_params(dim: int, width: int) -> int:
+    return 2 * dim * width + width + dim
+
+
+class SerialAdapter(nn.Module):
+    """A projection followed by a residual bottleneck adapter: y = base(x); y + adapter(y)."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck):
+        super().__init__()
+        self.base_layer = base
+        self.adapter = adapter
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x, *args, **kwargs):
+        y = self.base_layer(x, *args, **kwargs)
+        return y + self.adapter(y)
+
+
+class ParallelBeside(nn.Module):
+    """A sublayer whose output is a tensor (Llama mlp) or a tuple whose first item is
+    the output (Llama self_attn): out + scale * adapter(input)."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck, scale: float):
+        super().__init__()
+        self.base_layer = base
+        self.adapter = adapter
+        self.scale = scale
+
+    def forward(self, *args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = self.base_layer(*args, **kwargs)
+        extra = self.scale * self.adapter(x)
+        if isinstance(out, tuple):
+            return (out[0] + extra,) + tuple(out[1:])
+        return out + extra
+
+
+class ParallelIntoResidual(nn.Module):
+    """BERT's BertOutput / BertSelfOutput: forward(h, x) = LayerNorm(dropout(dense(h)) + x)
+    with x the sublayer input; the parallel adapter adds scale * adapter(x) to the residual."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck, scale: float):
+        super().__init__()
+        self.base_layer = base
+        self.adapter = adapter
+        self.scale = scale
+
+    def forward(self, hidden_states, input_tensor):
+        return self.base_layer(hidden_states, input_tensor + self.scale * self.adapter(input_tensor))
+
+
+def _new_bottleneck(model: nn.Module, like: nn.Module, width: int, activation: str) -> Bottleneck:
+    p = next(like.parameters())
+    return Bottleneck(model.config.hidden_size, width, activation, device=p.device, dtype=p.dtype)
+
+
+def serial_sites(arch: Arch, placement: str) -> list[str]:
+    """Block-relative projections after which a serial adapter goes."""
+    return {"attn": [arch.o], "ffn": [arch.ffn_out], "both": [arch.o, arch.ffn_out]}[placement]
+
+
+def layer_norm_paths(arch: Arch) -> list[str]:
+    """The norms of a block that Houlsby trains (those around the adapted sublayers)."""
+    if arch.family == "llama":
+        return ["input_layernorm", "post_attention_layernorm"]
+    if arch.family == "bert":
+        return ["attention.output.LayerNorm", "output.LayerNorm"]
+    raise ValueError(f"no layer-norm names for family {arch.family!r}")
+
+
+def add_serial_adapters(model: nn.Module, width: int, activation: str, layers: list[int], placement: str,
+                        init_std: float, train_layernorm: bool) -> None:
+    """Insert Houlsby adapters into `layers` (no freezing: callers freeze first)."""
+    arch = arch_of(model)
+    for i in layers:
+        block = blocks(model)[i]
+        for site in serial_sites(arch, placement):
+            base = block.get_submodule(site)
+            ad = _new_bottleneck(model, base, width, activation)
+            ad.init_near_identity(init_std)
+            set_submodule(block, site, SerialAdapter(base, ad))
+        if train_layernorm:
+            for path in layer_norm_paths(arch):
+                for p in block.get_submodule(path).parameters():
+                    p.requires_grad_(True)
+
+
+def parallel_sites(arch: Arch, placement: str) -> list[str]:
+    if arch.family == "llama":
+        attn, ffn = arch.attn_path, arch.ffn_path          # self_attn, mlp
+    elif arch.family == "bert":
+        attn, ffn = "attention.output", "output"
+    else:
+        raise ValueError(f"method: parallel adapters are not implemented for the {arch.family} family")
+    return {"attn": [attn], "ffn": [ffn], "both": [attn, ffn]}[placement]
+
+
+def add_parallel_adapters(model: nn.Module, width: int, activation: str, layers: list[int], placement: str,
+                          scale: float) -> None:
+    arch = arch_of(model)
+    wrapper = ParallelBeside if arch.family == "llama" else ParallelIntoResidual
+    for i in layers:
+        block = blocks(model)[i]
+        for site in parallel_sites(arch, placement):
+            base = block.get_submodule(site)
+            ad = _new_bottleneck(model, base, width, activation)
+            ad.init_zero_output()
+            set_submodule(block, site, wrapper(base, ad, scale))
+
+
+def check_family(model: nn.Module, method: str, families=("llama", "bert")) -> Arch:
+    arch = arch_of(model)
+    if arch.family not in families:
+        raise ValueError(f"method.name: {method} supports {', '.join(families)} models, not {arch.family}")
+    return arch
+
+
+def apply_houlsby(model: nn.Module, cfg: HoulsbyConfig, ctx: ApplyContext) -> None:
+    check_family(model, "houlsby")
+    freeze_all(model)
+    torch.manual_seed(ctx.seed)
+    layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
+    width = bottleneck_width(model.config.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
+    add_serial_adapters(model, width, cfg.activation, layers, cfg.placement, cfg.init_std, cfg.train_layernorm)
+
+
+def apply_parallel_adapter(model: nn.Module, cfg: ParallelAdapterConfig, ctx: ApplyContext) -> None:
+    check_family(model, "parallel_adapter")
+    freeze_all(model)
+    torch.manual_seed(ctx.seed)
+    layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
+    width = bottleneck_width(model.config.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
+    add_parallel_adapters(model, width, cfg.activation, layers, cfg.placement, cfg.scale)
+
+
+def layernorm_params_per_block(dims) -> int:
+    per = dims.hidden_size * (2 if dims.norm == "layernorm" else 1)
+    return 2 * per
+
+
+def count_houlsby(dims, cfg: HoulsbyConfig, task: str) -> int:
+    layers = chosen_layers(dims.num_layers, cfg.layers)
+    width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
+    sites = 2 if cfg.placement == "both" else 1
+    per = sites * bottleneck_params(dims.hidden_size, width)
+    if cfg.train_layernorm:
+        per += layernorm_params_per_block(dims)
+    return len(layers) * per
+
+
+def count_parallel_adapter(dims, cfg: ParallelAdapterConfig, task: str) -> int:
+    layers = chosen_layers(dims.num_layers, cfg.layers)
+    width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
+    sites = 2 if cfg.placement == "both" else 1
+    return len(layers) * sites * bottleneck_params(dims.hidden_size, width)

@@ -1,0 +1,213 @@
+"""QLoRA: LoRA on top of a base model whose linear weights are stored in 4-bit NF4.
+
+Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of
+Quantized LLMs", NeurIPS 2023, arXiv:2305.14314.
+
+Every linear layer inside the transformer blocks is quantized with our own NF4
+code (engine.methods.nf4: blocks of 64, optional double quantization of the
+absmax constants, two codes per byte) and dequantized on the fly in forward and
+backward (the dequantized weight is never kept for backward), in fp32 or bf16.
+Embeddings, norms and heads stay in full precision. LoRA layers (engine.methods.lora)
+sit on the target modules as usual. The peft export is a plain LoRA adapter
+(peft type LORA) for the same base; it reproduces our outputs exactly on the
+dequantized base (`dequantized_base`) and approximately on the fp32 one.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..arch import arch_of, set_submodule
+from .base import ApplyContext, PeftExport, freeze_all
+from .lora import LoraConfig, LoraLinear, count_lora_trainable, dense_weight, export_lora_peft, inject_lora, \
+    lora_target_names, merge_and_unload, ranks_and_alphas
+from .nf4 import BLOCK, QuantState, dequantize_nf4, quantize_nf4, summarize_errors
+from .targeting import is_conv1d, linear_like
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class QLoraConfig(LoraConfig):
+    name: Literal["qlora"] = "qlora"
+    double_quant: bool = Field(True, description="quantize the absmax constants to 8 bits (blocks of 256)")
+    compute_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the dequantized weight in forward")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W^T with W dequantized in forward and again in backward: only the packed
+    weight stays in memory between the two."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        w = layer.dequantize()
+        return F.linear(x.to(w.dtype), w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w = ctx.layer.dequantize()
+        return grad.to(w.dtype) @ w, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as NF4."""
+
+    def __init__(self, base: nn.Module, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 block_size: int = BLOCK):
+        super().__init__()
+        w = dense_weight(base).detach()
+        self.was_conv1d = is_conv1d(base)
+        self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
+        self.compute_dtype = compute_dtype
+        qs = quantize_nf4(w, block_size, double_quant)
+        self.qstate = QuantState(qs.shape, qs.numel, qs.packed[:0], qs.absmax[:0], None, qs.block_size,
+                                 qs.dq_block_size)
+        self.weight = nn.Parameter(qs.packed, requires_grad=False)
+        self.weight.quant_numel = qs.numel          # counted as the parameters it stands for
+        self.register_buffer("absmax", qs.absmax)
+        self.register_buffer("absmax_scale", qs.absmax_scale)
+        b = getattr(base, "bias", None)
+        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None
+
+    def dequantize(self) -> torch.Tensor:
+        """The (out x in) weight in the compute dtype."""
+        return dequantize_nf4(self.qstate, self.compute_dtype, packed=self.weight, absmax=self.absmax,
+                              absmax_scale=self.absmax_scale)
+
+    def storage_bits(self) -> int:
+        n = self.weight.numel() * 8 + self.absmax.numel() * self.absmax.element_size() * 8
+        if self.absmax_scale is not None:
+            n += self.absmax_scale.numel() * 32
+        return n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _NF4Matmul.apply(x, self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def to_float_layer(self) -> nn.Module:
+        """A full-precision layer (nn.Linear, or Conv1D if it was one) with the dequantized weight."""
+        w = self.dequantize().float()
+        if self.was_conv1d:
+            from transformers.pytorch_utils import Conv1D
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight.data = w.T.contiguous()
+            if self.bias is not None:
+                layer.bias.data = self.bias.detach().float().clone()
+            return layer.to(w.device)
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias.float())
+        return layer
+
+    def unwrap_merged(self) -> nn.Module:
+        return self.to_float_layer()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, " \
+               f"double_quant={self.absmax_scale is not None}"
+
+
+class QLoraLinear(LoraLinear):
+    """LoRA over an NF4Linear; merging dequantizes the base first."""
+
+    def __init__(self, base, r, alpha, dropout=0.0, **kw):
+        super().__init__(base, r, alpha, dropout, **kw)
+        self.fan_in_fan_out = getattr(base, "was_conv1d", False)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if isinstance(self.base_layer, NF4Linear):
+            self.base_layer = self.base_layer.to_float_layer()
+        super().merge()
+
+
+def quantizable_names(model: nn.Module) -> list[str]:
+    prefix = arch_of(model).blocks_path + "."
+    return [n for n, m in model.named_modules() if n.startswith(prefix) and linear_like(m)]
+
+
+def quantize_model(model: nn.Module, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                   names=None) -> dict[str, dict]:
+    """Replace the block linear layers by NF4Linear; returns the quantization error
+    of each against its fp32 weight."""
+    report = {}
+    for name in names if names is not None else quantizable_names(model):
+        base = model.get_submodule(name)
+        q = NF4Linear(base, double_quant, compute_dtype)
+        report[name] = layer_error(dense_weight(base).detach().float(), q)
+        set_submodule(model, name, q)
+    return report
+
+
+def layer_error(w: torch.Tensor, q: NF4Linear) -> dict:
+    err = q.dequantize().float() - w
+    return {"numel": w.numel(), "max_abs_error": err.abs().max().item(), "mean_abs_error": err.abs().mean().item(),
+            "rmse": err.pow(2).mean().sqrt().item(),
+            "relative_fro_error": (err.norm() / w.norm().clamp_min(1e-30)).item(),
+            "bits_per_param": q.storage_bits() / w.numel()}
+
+
+def apply_qlora(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> None:
+    if cfg.init == "pissa":
+        raise ValueError("method.init: 'pissa' is not available with qlora (the base weight is quantized)")
+    freeze_all(model)
+    names = lora_target_names(model, cfg)
+    report = quantize_model(model, cfg.double_quant, COMPUTE_DTYPES[cfg.compute_dtype])
+    ranks, alphas = ranks_and_alphas(cfg, names)
+    torch.manual_seed(ctx.seed)
+    inject_lora(model, names, cfg.r, cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init,
+                ranks=ranks, alphas=alphas, layer_cls=QLoraLinear)
+    object.__setattr__(model, "_quantization_report", {"modules": report, "total": summarize_errors(report)})
+
+
+def quantization_report(model: nn.Module) -> dict:
+    """The error of the NF4 weights against fp32, measured when qlora was applied:
+    {"modules": {name: {...}}, "total": {...}} (see nf4.quantization_error)."""
+    rep = getattr(model, "_quantization_report", None)
+    if rep is None:
+        raise ValueError("the model has no NF4-quantized layers (apply qlora first)")
+    return rep
+
+
+def measure_quantization_error(model: nn.Module, double_quant: bool = True) -> dict:
+    """Quantize a copy of every block linear weight of an fp32 model and report the
+    error against the original, without changing the model."""
+    from .nf4 import quantization_error
+    mods = {n: quantization_error(dense_weight(model.get_submodule(n)), double_quant=double_quant)
+            for n in quantizable_names(model)}
+    return {"modules": mods, "total": summarize_errors(mods)}
+
+
+def dequantized_base(model: nn.Module) -> nn.Module:
+    """A copy of the base model as the qlora layers see it: NF4 weights dequantized
+    to fp32, LoRA layers removed (not merged). peft's LoRA export loads onto this
+    with identical outputs."""
+    m = copy.deepcopy(model)
+    for name, layer in [(n, x) for n, x in m.named_modules() if isinstance(x, LoraLinear)]:
+        set_submodule(m, name, layer.base_layer)
+    for name, layer in [(n, x) for n, x in m.named_modules() if isinstance(x, NF4Linear)]:
+        set_submodule(m, name, layer.to_float_layer())
+    return m
+
+
+def merge_qlora(model: nn.Module) -> None:
+    merge_and_unload(model)
+
+
+def export_qlora_peft(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> PeftExport:
+    return export_lora_peft(model, cfg, ctx)
+
+
+count_qlora_trainable = count_lora_trainable

@@ -1,0 +1,1 @@
+"""Registers the bottleneck-adapter and prompt methods."""

@@ -1,0 +1,1 @@
+"""Alembic migrations for the PEFT Studio database (`peft-studio db upgrade`)."""

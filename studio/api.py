@@ -1,0 +1,181 @@
+"""The REST API under /api (FastAPI; OpenAPI at /api/openapi.json)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Body, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from workers.settings import Settings
+
+from . import service
+
+
+def run_config_schema() -> dict:
+    from engine.config import RunConfig
+
+    return RunConfig.model_json_schema()
+
+
+def build_api(settings: Settings, current_user=None) -> FastAPI:
+    """The /api application. `current_user(request) -> Optional[str]` names the
+    user (None when login is off); it raises 401 itself when login is on."""
+    api = FastAPI(title="PEFT Studio API", version="0.1.0", openapi_url="/openapi.json", docs_url="/docs",
+                  redoc_url=None)
+
+    def user(request: Request) -> Optional[str]:
+        return current_user(request) if current_user else None
+
+    is_admin = getattr(getattr(current_user, "__self__", None), "is_admin", lambda _u: False)
+
+    def owner_filter(u: Optional[str]) -> Optional[str]:
+        return None if u is None or is_admin(u) else u
+
+    def load_run_for(run_id: int, u: Optional[str]) -> dict:
+        try:
+            run = service.get_run(settings, run_id)
+        except service.NotFound as e:
+            raise HTTPException(404, str(e))
+        ow = owner_filter(u)
+        if ow is not None and run.get("owner") != ow:
+            raise HTTPException(404, f"run {run_id} not found")
+        return run
+
+    @api.exception_handler(service.SubmitError)
+    async def _submit_error(_req, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @api.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "runs": service.count_runs(settings)}
+
+    @api.post("/runs", status_code=201, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunConfig"}}}}})
+    async def create_run(request: Request, u: Optional[str] = Depends(user)) -> dict:
+        try:
+            body = await request.json()
+        except Exception:
+            raise HTTPException(422, "body: not valid JSON")
+        if not isinstance(body, dict):
+            raise HTTPException(422, "body: the run config must be a JSON object")
+        run_id = service.submit_run(settings, body, owner=u)
+        return {"id": run_id}
+
+    @api.get("/runs")
+    def runs(status: Optional[Literal["queued", "running", "succeeded", "failed", "cancelled"]] = None,
+             u: Optional[str] = Depends(user)) -> list[dict]:
+        return service.list_runs(settings, owner=owner_filter(u), status=status)
+
+    @api.get("/runs/{run_id}")
+    def run(run_id: int, u: Optional[str] = Depends(user)) -> dict:
+        return load_run_for(run_id, u)
+
+    @api.get("/runs/{run_id}/metrics")
+    def metrics(run_id: int, after_step: int = Query(0, ge=0), u: Optional[str] = Depends(user)) -> list[dict]:
+        load_run_for(run_id, u)
+        return service.get_metrics(settings, run_id, after_step)
+
+    @api.get("/runs/{run_id}/adapter", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    def adapter(run_id: int, u: Optional[str] = Depends(user)):
+        load_run_for(run_id, u)
+        try:
+            data, name = service.get_adapter(settings, run_id)
+        except service.NotFound as e:
+            raise HTTPException(404, str(e))
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @api.post("/runs/{run_id}/cancel")
+    def cancel(run_id: int, u: Optional[str] = Depends(user)) -> dict:
+        load_run_for(run_id, u)
+        return {"id": run_id, "status": service.cancel_run(settings, run_id)}
+
+    @api.delete("/runs/{run_id}")
+    def delete(run_id: int, u: Optional[str] = Depends(user)) -> dict:
+        load_run_for(run_id, u)
+        service.delete_run(settings, run_id)
+        return {"id": run_id, "deleted": True}
+
+    @api.get("/estimate")
+    def estimate(model: str = Query(..., min_length=1, max_length=500),
+                 method: str = Query(..., min_length=1, max_length=40),
+                 r: Optional[int] = Query(None, ge=1, le=4096),
+                 target_modules: Optional[str] = Query(None, max_length=1000),
+                 batch: int = Query(1, ge=1, le=65536), seq: int = Query(512, ge=1, le=1048576),
+                 dtype: Literal["fp32", "fp16", "bf16"] = "bf16",
+                 quant: Literal["none", "nf4", "nf4-dq"] = "none",
+                 formula: Literal["slide", "appendix", "model"] = "model",
+                 optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
+                 grad_checkpointing: bool = False,
+                 task: Optional[Literal["classification", "causal_lm"]] = None,
+                 u: Optional[str] = Depends(user)) -> dict:
+        from engine.estimator import estimate as run_estimate
+
+        m: dict = {"name": method}
+        if r is not None:
+            m["r"] = r
+        if target_modules:
+            m["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
+        try:
+            est = run_estimate(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant, formula=formula,
+                               optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                               **({"task": task} if task else {}))
+        except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
+            raise HTTPException(422, str(e))
+        return est.to_json()
+
+    @api.post("/datasets", status_code=201)
+    def upload_dataset(file: UploadFile = File(...), u: Optional[str] = Depends(user)) -> dict:
+        fd, tmp = tempfile.mkstemp(prefix="upload-")
+        try:
+            limit = settings.max_upload_bytes
+            written = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := file.file.read(1 << 20):
+                    written += len(chunk)
+                    if written > limit:
+                        raise HTTPException(413, f"upload: over the limit of {limit / 2**20:.0f} MiB")
+                    out.write(chunk)
+            return service.save_upload(settings, file.filename or "upload", tmp, owner=u)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @api.get("/datasets")
+    def datasets(u: Optional[str] = Depends(user)) -> list[dict]:
+        return service.list_uploads(settings, owner=owner_filter(u))
+
+    @api.get("/workers")
+    def workers(u: Optional[str] = Depends(user)) -> list[dict]:
+        return service.list_workers(settings)
+
+    @api.get("/methods")
+    def methods() -> list[dict]:
+        from engine.methods import METHODS
+
+        return [{"name": s.name, "paper": s.paper, "summary": s.summary, "trains": s.trains,
+                 "mergeable": s.mergeable, "peft_format": s.peft_export is not None} for s in METHODS.values()]
+
+    def custom_openapi():
+        if api.openapi_schema:
+            return api.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        rc = run_config_schema()
+        defs = rc.pop("$defs", {})
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for k, v in defs.items():
+            comps[k] = v
+        comps["RunConfig"] = rc
+        text = __import__("json").dumps(schema).replace("#/$defs/", "#/components/schemas/")
+        api.openapi_schema = __import__("json").loads(text)
+        return api.openapi_schema
+
+    api.openapi = custom_openapi
+    return api

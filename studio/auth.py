@@ -1,0 +1,108 @@
+"""Optional login. Users come from STUDIO_USERS ("alice:secret,bob:hunter2") or
+STUDIO_USERS_FILE (one `name:password` or `name:sha256:<hex>` per line);
+STUDIO_ADMINS names admins (comma-separated). With no users, login is off and
+the studio only serves on loopback addresses unless explicitly overridden.
+
+The UI uses Gradio's login page; the REST API takes HTTP Basic credentials.
+Failed attempts are rate limited per user name and client address."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastapi import HTTPException, Request
+
+MAX_FAILURES = 5
+WINDOW_S = 60.0
+
+
+def _hash(pw: str) -> str:
+    return hashlib.sha256(pw.encode()).hexdigest()
+
+
+@dataclass
+class Auth:
+    users: dict[str, str] = field(default_factory=dict)      # name -> sha256 hex of password
+    admins: set[str] = field(default_factory=set)
+    _failures: dict = field(default_factory=lambda: defaultdict(deque))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users)
+
+    @classmethod
+    def from_env(cls) -> "Auth":
+        users: dict[str, str] = {}
+        entries = [e for e in os.environ.get("STUDIO_USERS", "").split(",") if e.strip()]
+        path = os.environ.get("STUDIO_USERS_FILE")
+        if path:
+            with open(path, encoding="utf-8") as f:
+                entries += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        for e in entries:
+            name, _, secret = e.strip().partition(":")
+            if not name or not secret:
+                raise ValueError("STUDIO_USERS: each entry must be name:password")
+            users[name] = secret[len("sha256:"):] if secret.startswith("sha256:") else _hash(secret)
+        admins = {a.strip() for a in os.environ.get("STUDIO_ADMINS", "").split(",") if a.strip()}
+        return cls(users=users, admins=admins)
+
+    def is_admin(self, user: Optional[str]) -> bool:
+        return user is not None and user in self.admins
+
+    def _limited(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            q = self._failures[key]
+            while q and now - q[0] > WINDOW_S:
+                q.popleft()
+            return len(q) >= MAX_FAILURES
+
+    def _fail(self, key: str) -> None:
+        with self._lock:
+            self._failures[key].append(time.monotonic())
+
+    def check(self, name: str, password: str, client: str = "") -> bool:
+        key = f"{name}|{client}"
+        if self._limited(key) or self._limited(f"*|{client}"):
+            return False
+        expected = self.users.get(name)
+        ok = expected is not None and hmac.compare_digest(expected, _hash(password))
+        if not ok:
+            self._fail(key)
+            self._fail(f"*|{client}")
+        return ok
+
+    def api_user(self, request: Request) -> str:
+        """The user named by HTTP Basic credentials, or 401/429."""
+        client = request.client.host if request.client else ""
+        hdr = request.headers.get("authorization", "")
+        if not hdr.lower().startswith("basic "):
+            raise HTTPException(401, "login required (HTTP Basic)", headers={"WWW-Authenticate": "Basic"})
+        try:
+            name, _, pw = base64.b64decode(hdr[6:]).decode().partition(":")
+        except Exception:
+            raise HTTPException(401, "malformed credentials", headers={"WWW-Authenticate": "Basic"})
+        if self._limited(f"{name}|{client}"):
+            raise HTTPException(429, "too many failed logins; wait a minute")
+        if not self.check(name, pw, client):
+            raise HTTPException(401, "wrong user name or password", headers={"WWW-Authenticate": "Basic"})
+        return name
+
+    def ui_user(self, request) -> Optional[str]:
+        return getattr(request, "username", None)
+
+    def gradio_check(self, name: str, password: str) -> bool:
+        return self.check(name, password, "ui")
+
+    def install(self, app) -> None:
+        """Nothing to add on the outer app: /api checks per route, Gradio has its login page."""
+        return None

@@ -1,0 +1,203 @@
+"""`peft-studio` — the command line.
+
+  serve     the studio (UI at /, REST at /api); with no broker configured it also
+            starts and supervises an embedded worker
+  worker    a Celery worker for the configured broker
+  train     run the engine directly on a config file, no queue
+  submit    queue a config file on the studio's database/broker
+  estimate  memory estimate for a model/method/batch/sequence
+  db        database migrations (upgrade / downgrade / current)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _die(msg: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def cmd_train(args) -> int:
+    from engine.adapters import save_adapter
+    from engine.config import ConfigError, load_run_config
+    from engine.data import DataError
+    from engine.models import ModelLoadError
+    from engine.methods.targeting import TargetModulesError
+    from engine.prepare import prepare_run
+    from engine.train import train
+
+    try:
+        cfg = load_run_config(args.config)
+        out = Path(args.out or f"runs/{cfg.name}")
+        print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.name or Path(cfg.dataset.path).name} ...",
+              file=sys.stderr)
+        prep = prepare_run(cfg)
+    except (ConfigError, DataError, ModelLoadError, TargetModulesError, ValueError) as e:
+        _die(str(e))
+    print(f"[{cfg.name}] {cfg.method.name}: {prep.n_trainable:,} trainable of {prep.n_params:,} parameters "
+          f"({100 * prep.trainable_ratio:.4f}%)", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    tmp_metrics = out / ".metrics.jsonl.tmp"
+    with open(tmp_metrics, "w") as mf:
+        def on_step(m):
+            mf.write(json.dumps(m.to_dict()) + "\n")
+            mf.flush()
+        result = train(prep, on_step=on_step, progress=True)
+    os.replace(tmp_metrics, metrics_path)
+    save_adapter(prep, out, extra_files={"results.json": json.dumps(result.to_dict(), indent=2).encode()})
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    print(f"[{cfg.name}] done: {result.steps} steps in {result.duration_s:.1f} s, loss {result.final_loss:.4f}"
+          f"{', ' + ev if ev else ''}; adapter in {out}", file=sys.stderr)
+    return 0
+
+
+def estimate_kwargs(a) -> dict:
+    method = {"name": a.method}
+    if a.r is not None:
+        method["r"] = a.r
+    if a.target_modules:
+        method["target_modules"] = [t.strip() for t in a.target_modules.split(",") if t.strip()]
+    return dict(model=a.model, method=method, batch_size=a.batch, seq_len=a.seq, dtype=a.dtype, quant=a.quant,
+                formula=a.formula, optimizer=a.optimizer, grad_checkpointing=a.grad_checkpointing,
+                **({"task": a.task} if a.task else {}))
+
+
+def cmd_estimate(args) -> int:
+    from engine.estimator import estimate
+
+    try:
+        est = estimate(**estimate_kwargs(args))
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        _die(str(e))
+    if args.json:
+        print(json.dumps(est.to_json()))
+        return 0
+    gib = 1024 ** 3
+    d = est.to_json()
+    print(f"{args.model} · {args.method} · batch {args.batch} × seq {args.seq} · {args.dtype} · "
+          f"quant {args.quant} · formula {args.formula}")
+    print(f"parameters: {d['n_params']:,} total, {d['n_trainable']:,} trainable "
+          f"({100 * d['n_trainable'] / max(1, d['n_params']):.4f}%)")
+    for k, v in d["rows"].items():
+        print(f"  {k:<14} {v / gib:10.3f} GiB  ({v:,} bytes)")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from workers import db
+    from workers.settings import load_settings, redact_url
+
+    s = load_settings()
+    if s.database_url.startswith("sqlite"):
+        s.ensure_dirs()
+    if args.action == "upgrade":
+        db.upgrade(s.database_url, args.revision or "head")
+    elif args.action == "downgrade":
+        db.downgrade(s.database_url, args.revision or "-1")
+    else:
+        from alembic import command
+        command.current(db.alembic_config(s.database_url))
+        return 0
+    print(f"database {redact_url(s.database_url)}: {args.action} {args.revision or ''} done".rstrip())
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from studio.runtime import run_worker
+
+    return run_worker(name=args.name, loglevel=args.loglevel)
+
+
+def cmd_serve(args) -> int:
+    from studio.server import serve
+
+    return serve(host=args.host, port=args.port, allow_public=args.allow_public_without_login,
+                 embedded_worker=not args.no_worker)
+
+
+def cmd_submit(args) -> int:
+    from engine.config import ConfigError, load_run_config
+    from studio.service import SubmitError, submit_run
+    from workers.settings import load_settings
+
+    try:
+        cfg = load_run_config(args.config)
+        run_id = submit_run(load_settings(), cfg.to_dict(), owner=os.environ.get("USER"))
+    except (ConfigError, SubmitError) as e:
+        _die(str(e))
+    print(json.dumps({"id": run_id}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peft-studio", description="PEFT Studio: try PEFT methods side by side.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve the studio (UI at /, REST at /api)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    s.add_argument("--allow-public-without-login", action="store_true",
+                   help="serve on a non-loopback address with no login (not recommended)")
+    s.set_defaults(fn=cmd_serve)
+
+    w = sub.add_parser("worker", help="a Celery worker for the configured broker")
+    w.add_argument("--name", default=None, help="worker name (default worker-<pid>@<host>)")
+    w.add_argument("--loglevel", default="INFO")
+    w.set_defaults(fn=cmd_worker)
+
+    t = sub.add_parser("train", help="train directly from a config file (no queue)")
+    t.add_argument("config")
+    t.add_argument("--out", default=None, help="output directory (default runs/<name>)")
+    t.set_defaults(fn=cmd_train)
+
+    sb = sub.add_parser("submit", help="queue a config file on the configured database/broker")
+    sb.add_argument("config")
+    sb.set_defaults(fn=cmd_submit)
+
+    e = sub.add_parser("estimate", help="GPU memory estimate")
+    e.add_argument("--model", required=True)
+    e.add_argument("--method", required=True)
+    e.add_argument("--r", type=int, default=None)
+    e.add_argument("--target-modules", default=None)
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--seq", type=int, default=512)
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    e.add_argument("--quant", choices=["none", "nf4", "nf4-dq"], default="none")
+    e.add_argument("--formula", choices=["slide", "appendix", "model"], default="model")
+    e.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
+    e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument("--task", choices=["classification", "causal_lm"], default=None)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_estimate)
+
+    d = sub.add_parser("db", help="database migrations")
+    d.add_argument("action", choices=["upgrade", "downgrade", "current"])
+    d.add_argument("revision", nargs="?", default=None)
+    d.set_defaults(fn=cmd_db)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "httpcore", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

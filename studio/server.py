@@ -1,0 +1,81 @@
+"""`peft-studio serve`: FastAPI (REST at /api) with the Gradio UI mounted at /,
+database migrations at start, a stale-run reaper, and — with no broker
+configured — an embedded worker process that it supervises."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+
+import uvicorn
+from fastapi import FastAPI
+
+from workers.settings import Settings, load_settings, redact_url
+
+from .runtime import WorkerSupervisor, prepare_database, reaper_loop
+
+log = logging.getLogger("peft_studio.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def build_app(settings: Settings) -> FastAPI:
+    import gradio as gr
+
+    from .api import build_api
+    from .auth import Auth
+    from .ui import build_ui
+
+    auth = Auth.from_env()
+    app = FastAPI(title="PEFT Studio", docs_url=None, redoc_url=None, openapi_url=None)
+    api = build_api(settings, current_user=auth.api_user if auth.enabled else None)
+    app.mount("/api", api)
+    if auth.enabled:
+        auth.install(app)
+    demo = build_ui(settings, user_of=auth.ui_user if auth.enabled else None)
+    kw = {"auth": auth.gradio_check, "auth_message": "PEFT Studio login"} if auth.enabled else {}
+    gr.mount_gradio_app(app, demo, path="/", footer_links=[], **kw)
+    app.state.auth = auth
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, allow_public: bool = False,
+          embedded_worker: bool = True) -> int:
+    from .auth import Auth
+
+    settings = load_settings()
+    auth = Auth.from_env()
+    if not is_loopback(host) and not auth.enabled and not allow_public:
+        log.error("refusing to serve on %s without login: set STUDIO_USERS or STUDIO_USERS_FILE, "
+                  "or pass --allow-public-without-login", host)
+        print(f"error: refusing to serve on non-loopback address {host!r} without login; set STUDIO_USERS "
+              f"(user:password,...) or STUDIO_USERS_FILE, or pass --allow-public-without-login")
+        return 2
+    prepare_database(settings)
+    log.info("database %s · broker %s · data dir %s", redact_url(settings.database_url),
+             "embedded (filesystem)" if settings.embedded_broker else redact_url(settings.broker_url),
+             settings.data_dir)
+    stop = threading.Event()
+    threading.Thread(target=reaper_loop, args=(settings, stop), daemon=True, name="reaper").start()
+    sup = WorkerSupervisor(settings).start() if (settings.embedded_broker and embedded_worker) else None
+    app = build_app(settings)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    finally:
+        stop.set()
+        if sup:
+            sup.stop()
+    return 0

@@ -1,0 +1,339 @@
+"""The database layer: SQLAlchemy 2 typed ORM models and the transactions that
+move a run through its states. Shared by the studio and the workers; imports no
+web framework.
+
+Run states: queued -> running -> succeeded | failed | cancelled
+(queued -> cancelled directly). Every transition is a conditional UPDATE in one
+transaction, so two processes can never both start, or both finish, a run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
+                        UniqueConstraint, create_engine, event, func, select, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    config: Mapped[dict] = mapped_column(JSON)
+    model: Mapped[str] = mapped_column(String(500))
+    method: Mapped[str] = mapped_column(String(40))
+    rank: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    task: Mapped[str] = mapped_column(String(20))
+    owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True, index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    worker_host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    device: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    estimate: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
+    estimated_peak_bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    measured_peak_bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    memory_kind: Mapped[Optional[str]] = mapped_column(String(40), nullable=True)
+    n_params: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    n_trainable: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    steps_done: Mapped[int] = mapped_column(Integer, default=0)
+    max_steps: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    final_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    metric_name: Mapped[Optional[str]] = mapped_column(String(40), nullable=True)
+    best_metric: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    tokens_per_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    duration_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    results: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
+
+    metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan",
+                                                   passive_deletes=True)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_metrics_run_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    lr: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    tokens_per_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    elapsed_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    eta_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    epoch: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    eval: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), unique=True, index=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    files: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Upload(Base):
+    """A dataset file uploaded through the studio; stored under a generated name."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255))        # sanitized original name, display only
+    stored_name: Mapped[str] = mapped_column(String(100), unique=True)
+    format: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    columns: Mapped[list] = mapped_column(JSON)
+    owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkerRow(Base):
+    """A worker's last report of itself (device and memory), by heartbeat."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(100))
+    device: Mapped[str] = mapped_column(String(200))
+    total_memory: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    free_memory: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# ------------------------------------------------------------------ engine/session
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def get_engine(url: str) -> Engine:
+    """One Engine per URL per process; pool pre-ping so a restarted server is survived."""
+    eng = _ENGINES.get(url)
+    if eng is None or _ENGINES.get("__pid__") != os.getpid():
+        if _ENGINES.get("__pid__") != os.getpid():
+            _ENGINES.clear()
+            _ENGINES["__pid__"] = os.getpid()   # type: ignore[assignment]
+        kw: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kw.update(pool_size=5, max_overflow=10, pool_recycle=1800)
+        eng = create_engine(url, **kw)
+        if url.startswith("sqlite"):
+            event.listen(eng, "connect", _sqlite_pragmas)
+        _ENGINES[url] = eng
+    return eng
+
+
+def session_factory(url: str) -> sessionmaker:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error."""
+    with session_factory(url)() as s, s.begin():
+        yield s
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Alembic upgrade (the schema is only ever created by migrations)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def alembic_config(url: str):
+    from pathlib import Path
+
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+# ------------------------------------------------------------------ run transitions
+
+def create_run(s: Session, config: dict, *, owner: Optional[str] = None, estimate: Optional[dict] = None,
+               estimated_peak: Optional[int] = None, priority: int = 0) -> Run:
+    method = config["method"]
+    run = Run(name=config.get("name", "run"), status="queued", config=config, model=config["model"],
+              method=method["name"], rank=method.get("r"), task=config.get("task", "classification"),
+              owner=owner, estimate=estimate, estimated_peak_bytes=estimated_peak, priority=priority,
+              max_steps=config.get("training", {}).get("max_steps"))
+    s.add(run)
+    s.flush()
+    return run
+
+
+def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str) -> bool:
+    """queued -> running, exactly once across all workers."""
+    now = utcnow()
+    res = s.execute(update(Run).where(Run.id == run_id, Run.status == "queued").values(
+        status="running", started_at=now, heartbeat_at=now, worker_host=host, worker_pid=pid, device=device,
+        attempts=Run.attempts + 1, error=None))
+    return res.rowcount == 1
+
+
+def finish_run(s: Session, run_id: int, status: str, **values) -> bool:
+    """running -> succeeded/failed/cancelled (only from running)."""
+    assert status in FINISHED
+    res = s.execute(update(Run).where(Run.id == run_id, Run.status == "running").values(
+        status=status, finished_at=utcnow(), **values))
+    return res.rowcount == 1
+
+
+def request_cancel(s: Session, run_id: int) -> Optional[str]:
+    """Cancel a queued run at once, or ask a running one to stop. Returns the new
+    status, or None if the run is unknown."""
+    run = s.get(Run, run_id)
+    if run is None:
+        return None
+    if run.status == "queued":
+        s.execute(update(Run).where(Run.id == run_id, Run.status == "queued").values(
+            status="cancelled", finished_at=utcnow(), cancel_requested=True))
+    elif run.status == "running":
+        s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True))
+    s.flush()
+    s.refresh(run)
+    return run.status
+
+
+def cancel_requested(s: Session, run_id: int) -> bool:
+    return bool(s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar())
+
+
+def heartbeat(s: Session, run_id: int, **values) -> None:
+    s.execute(update(Run).where(Run.id == run_id, Run.status == "running").values(heartbeat_at=utcnow(), **values))
+
+
+def add_metric(url: str, run_id: int, row: dict) -> None:
+    """Insert a metrics row; a duplicate (run, step) — a retried write — is ignored."""
+    try:
+        with transaction(url) as s:
+            s.add(Metric(run_id=run_id, **row))
+    except IntegrityError:
+        pass
+
+
+def reap_stale_runs(s: Session, timeout_s: float, *, host: Optional[str] = None,
+                    reason: Optional[str] = None) -> list[int]:
+    """Mark `running` runs whose heartbeat is older than `timeout_s` as failed
+    (or every running run of `host` when timeout_s is 0). Returns their ids."""
+    cutoff = utcnow() - dt.timedelta(seconds=timeout_s)
+    q = select(Run.id, Run.worker_host, Run.heartbeat_at).where(Run.status == "running")
+    if host is not None:
+        q = q.where(Run.worker_host == host)
+    if timeout_s > 0:
+        q = q.where((Run.heartbeat_at < cutoff) | (Run.heartbeat_at.is_(None)))
+    reaped = []
+    for rid, whost, hb in s.execute(q).all():
+        why = reason or (f"worker {whost} stopped sending heartbeats (last at {hb:%Y-%m-%d %H:%M:%S} UTC, "
+                         f"timeout {timeout_s:.0f} s); it probably died")
+        if finish_run(s, rid, "failed", error=why):
+            reaped.append(rid)
+    return reaped
+
+
+def upsert_worker(s: Session, name: str, **values) -> None:
+    row = s.get(WorkerRow, name)
+    if row is None:
+        s.add(WorkerRow(name=name, **values))
+    else:
+        for k, v in values.items():
+            setattr(row, k, v)
+        row.heartbeat_at = utcnow()
+
+
+def live_workers(s: Session, within_s: float) -> list[WorkerRow]:
+    cutoff = utcnow() - dt.timedelta(seconds=within_s)
+    return list(s.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= cutoff)))
+
+
+def store_adapter(s: Session, run_id: int, data: bytes, sha: str, files: list[str]) -> None:
+    existing = s.scalar(select(Adapter).where(Adapter.run_id == run_id))
+    if existing:
+        existing.data, existing.size, existing.sha256, existing.files = data, len(data), sha, files
+    else:
+        s.add(Adapter(run_id=run_id, data=data, size=len(data), sha256=sha, files=files))
+
+
+def run_to_dict(run: Run, *, with_config: bool = True) -> dict:
+    d = {c.name: getattr(run, c.name) for c in Run.__table__.columns}
+    for k, v in list(d.items()):
+        if isinstance(v, dt.datetime):
+            d[k] = v.replace(tzinfo=dt.timezone.utc).isoformat()
+    if not with_config:
+        d.pop("config")
+    return d
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def json_safe(obj) -> Any:
+    return json.loads(json.dumps(obj, default=str))

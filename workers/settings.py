@@ -1,0 +1,104 @@
+"""Settings from the environment (see README, 'Configuration').
+
+STUDIO_DATA_DIR       data directory (default ~/.peft-studio)
+STUDIO_DATABASE_URL   default: SQLite file in the data dir; postgresql+psycopg://... to scale out
+STUDIO_BROKER_URL     default: embedded (kombu filesystem transport in the data dir); redis://... to scale out
+STUDIO_MODEL_ROOTS    directories local models may be loaded from (os.pathsep-separated;
+                      default: the data dir and the home directory)
+STUDIO_DATA_ROOTS     directories a run config's dataset.path may point into (default: the data dir);
+                      uploads are referenced as upload:<name>
+STUDIO_MAX_UPLOAD_MB  largest accepted dataset upload (default 200)
+STUDIO_HEARTBEAT_TIMEOUT  seconds without a heartbeat before a running run is failed (default 45)
+STUDIO_QUEUE          the Celery queue name (default "studio")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def _env(name: str, default: Optional[str] = None) -> Optional[str]:
+    v = os.environ.get(name)
+    return v if v not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: Optional[str]
+    model_roots: tuple[Path, ...]
+    data_roots: tuple[Path, ...]
+    max_upload_bytes: int
+    heartbeat_timeout_s: float
+    heartbeat_interval_s: float
+    queue: str
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.uploads_dir, self.models_dir, self.checkpoints_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+            (self.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+
+
+def load_settings() -> Settings:
+    data_dir = Path(_env("STUDIO_DATA_DIR", os.path.join(os.path.expanduser("~"), ".peft-studio"))).expanduser()
+    db = _env("STUDIO_DATABASE_URL", f"sqlite:///{(data_dir / 'studio.db').as_posix()}")
+    broker = _env("STUDIO_BROKER_URL")
+    if broker in ("embedded", "filesystem"):
+        broker = None
+    roots_env = _env("STUDIO_MODEL_ROOTS")
+    roots = tuple(Path(p).expanduser() for p in roots_env.split(os.pathsep) if p) if roots_env \
+        else (data_dir, Path(os.path.expanduser("~")))
+    droots_env = _env("STUDIO_DATA_ROOTS")
+    droots = tuple(Path(p).expanduser() for p in droots_env.split(os.pathsep) if p) if droots_env else (data_dir,)
+    return Settings(
+        data_dir=data_dir,
+        database_url=db,
+        broker_url=broker,
+        model_roots=roots,
+        data_roots=droots,
+        max_upload_bytes=int(float(_env("STUDIO_MAX_UPLOAD_MB", "200")) * 1024 * 1024),
+        heartbeat_timeout_s=float(_env("STUDIO_HEARTBEAT_TIMEOUT", "45")),
+        heartbeat_interval_s=float(_env("STUDIO_HEARTBEAT_INTERVAL", "5")),
+        queue=_env("STUDIO_QUEUE", "studio"),
+    )
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced, for logs and the UI."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -1,0 +1,211 @@
+"""Celery tasks: turn a queued run into engine calls and record everything in the
+database. The task is idempotent by run id: only the worker that moves the run
+from `queued` to `running` trains it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from . import db
+from .celery_app import app
+from .settings import Settings, load_settings
+
+log = logging.getLogger("peft_studio.worker")
+
+
+class RunCancelled(Exception):
+    pass
+
+
+def worker_name() -> str:
+    return os.environ.get("STUDIO_WORKER_NAME") or f"worker-{os.getpid()}@{db.hostname()}"
+
+
+def device_report() -> dict:
+    """This worker's device and memory, for routing and the studio's worker list."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return {"device": f"cuda:{torch.cuda.get_device_name(0)}", "total_memory": int(total),
+                "free_memory": int(free)}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        avail = os.sysconf("SC_AVPHYS_PAGES") * size
+        return {"device": "cpu", "total_memory": int(pages * size), "free_memory": int(avail)}
+    except (ValueError, OSError):
+        return {"device": "cpu", "total_memory": None, "free_memory": None}
+
+
+def resolve_dataset_path(settings: Settings, path: str) -> Path:
+    """`upload:<stored name>` → the uploads dir; other paths must lie under the data dir."""
+    if path.startswith("upload:"):
+        name = path[len("upload:"):]
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"dataset.path: invalid upload reference {path!r}")
+        return settings.uploads_dir / name
+    p = Path(path).expanduser().resolve()
+    roots = [Path(r).resolve() for r in settings.data_roots]
+    if not any(p == r or r in p.parents for r in roots):
+        raise ValueError(f"dataset.path: {path!r} is outside the allowed data directories "
+                         f"({', '.join(map(str, roots))}); upload the file through the studio or set STUDIO_DATA_ROOTS")
+    return p
+
+
+def model_card(cfg: dict, result: dict, run_id: int, peft_format: bool) -> str:
+    """README.md of the adapter zip: what it is, its config and metrics, how to load it."""
+    method = cfg["method"]["name"]
+    load = (
+        "```python\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {'AutoModelForSequenceClassification' if cfg['task'] == 'classification' else 'AutoModelForCausalLM'}\n\n"
+        f"base = {'AutoModelForSequenceClassification' if cfg['task'] == 'classification' else 'AutoModelForCausalLM'}"
+        f".from_pretrained(BASE_MODEL_DIR)  # the base model: {cfg['model']}\n"
+        "model = PeftModel.from_pretrained(base, 'path/to/this/unzipped/folder')\n```\n"
+        if peft_format else
+        "This method has no Hugging Face `peft` equivalent; load it with PEFT Studio's engine:\n\n"
+        "```python\nfrom engine.adapters import load_own_adapter\n```\n")
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in result.items() if not isinstance(v, (dict, list)))
+    return (f"# {cfg['name']} — {method} adapter (PEFT Studio run {run_id})\n\n"
+            f"Base model: `{cfg['model']}` · task: {cfg['task']} · method: `{method}`\n\n"
+            f"## How to load\n\n{load}\n## Results\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
+            f"## Run config\n\n```yaml\n{yaml.safe_dump(cfg, sort_keys=False)}```\n")
+
+
+def adapter_zip(prep, cfg: dict, result_dict: dict, history: list, run_id: int) -> tuple[bytes, list[str]]:
+    from engine.adapters import adapter_files, zip_files
+
+    files = adapter_files(prep)
+    files["README.md"] = model_card(cfg, result_dict, run_id, "adapter_config.json" in files).encode()
+    files["run_config.yaml"] = yaml.safe_dump(cfg, sort_keys=False).encode()
+    files["metrics.jsonl"] = "".join(json.dumps(h) + "\n" for h in history).encode()
+    return zip_files(files), sorted(files)
+
+
+class RunMonitor:
+    """Heartbeats for a running run and a cancel flag, from a background thread."""
+
+    def __init__(self, settings: Settings, run_id: int):
+        self.settings, self.run_id = settings, run_id
+        self.cancel = threading.Event()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{run_id}")
+
+    def _loop(self):
+        while not self._stop.wait(min(1.0, self.settings.heartbeat_interval_s)):
+            try:
+                with db.transaction(self.settings.database_url) as s:
+                    db.heartbeat(s, self.run_id)
+                    if db.cancel_requested(s, self.run_id):
+                        self.cancel.set()
+            except Exception as e:   # a database blip must not kill training; the next beat retries
+                log.warning("run %s: heartbeat failed: %s", self.run_id, e)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(timeout=10)
+
+
+def execute_run(run_id: int, settings: Optional[Settings] = None) -> str:
+    """Train run `run_id` if it is still queued. Returns the final status."""
+    from engine.config import parse_run_config
+    from engine.prepare import prepare_run
+    from engine.train import train
+
+    settings = settings or load_settings()
+    url = settings.database_url
+    me = worker_name()
+    dev = device_report()["device"]
+    with db.transaction(url) as s:
+        if not db.claim_run(s, run_id, host=me, pid=os.getpid(), device=dev):
+            run = s.get(db.Run, run_id)
+            log.info("run %s: not claimed (status %s)", run_id, run.status if run else "missing")
+            return run.status if run else "missing"
+        cfg_dict = s.get(db.Run, run_id).config
+    log.info("run %s: started on %s (%s)", run_id, me, dev)
+    try:
+        cfg = parse_run_config(cfg_dict)
+        with RunMonitor(settings, run_id) as mon:
+            prep = prepare_run(cfg, allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
+                               path_resolver=lambda p: resolve_dataset_path(settings, p),
+                               max_data_bytes=settings.max_upload_bytes)
+            with db.transaction(url) as s:
+                db.heartbeat(s, run_id, n_params=prep.n_params, n_trainable=prep.n_trainable)
+
+            def on_step(m):
+                row = {"step": m.step, "loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s,
+                       "elapsed_s": m.elapsed_s, "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval}
+                db.add_metric(url, run_id, row)
+                with db.transaction(url) as s:
+                    db.heartbeat(s, run_id, steps_done=m.step, max_steps=m.max_steps, final_loss=m.loss,
+                                 tokens_per_s=m.tokens_per_s)
+
+            result = train(prep, on_step=on_step, should_stop=mon.cancel.is_set)
+        rd = result.to_dict()
+        if result.cancelled:
+            with db.transaction(url) as s:
+                db.finish_run(s, run_id, "cancelled", error="cancelled by request", results=db.json_safe(rd),
+                              steps_done=result.steps, duration_s=result.duration_s)
+            log.info("run %s: cancelled at step %s", run_id, result.steps)
+            return "cancelled"
+        data, names = adapter_zip(prep, cfg.to_dict(), rd, result.history, run_id)
+        from engine.adapters import sha256
+        with db.transaction(url) as s:
+            db.store_adapter(s, run_id, data, sha256(data), names)
+            ok = db.finish_run(
+                s, run_id, "succeeded", results=db.json_safe(rd), measured_peak_bytes=result.peak_memory_bytes,
+                memory_kind=result.memory_kind, final_loss=result.final_loss, best_metric=result.best_metric,
+                metric_name=result.metric_name, tokens_per_s=result.tokens_per_s, duration_s=result.duration_s,
+                steps_done=result.steps, max_steps=result.max_steps, n_params=result.n_params,
+                n_trainable=result.n_trainable)
+            if not ok:   # reaped meanwhile (e.g. heartbeats blocked): keep that verdict, drop the adapter
+                raise RuntimeError("run was no longer running when it finished")
+        log.info("run %s: succeeded in %.1f s", run_id, result.duration_s)
+        return "succeeded"
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.error("run %s: failed: %s\n%s", run_id, msg, traceback.format_exc())
+        with db.transaction(url) as s:
+            db.finish_run(s, run_id, "failed", error=msg[:4000])
+        return "failed"
+
+
+@app.task(name="studio.train_run", acks_late=True)
+def train_run(run_id: int) -> str:
+    return execute_run(int(run_id), app.conf.studio_settings)
+
+
+# ------------------------------------------------------------------ worker presence
+
+def report_presence(settings: Settings, name: str) -> None:
+    rep = device_report()
+    with db.transaction(settings.database_url) as s:
+        db.upsert_worker(s, name, host=db.hostname(), pid=os.getpid(), queue=settings.queue, **rep)
+
+
+def presence_loop(settings: Settings, name: str, stop: threading.Event) -> None:
+    """Heartbeat this worker and fail runs whose workers died (any worker may reap)."""
+    while True:
+        try:
+            report_presence(settings, name)
+            with db.transaction(settings.database_url) as s:
+                for rid in db.reap_stale_runs(s, settings.heartbeat_timeout_s):
+                    log.warning("run %s: marked failed, its worker stopped sending heartbeats", rid)
+        except Exception as e:
+            log.warning("presence update failed: %s", e)
+        if stop.wait(settings.heartbeat_interval_s):
+            return
