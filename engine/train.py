@@ -271,6 +271,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                 prep.spec.after_backward(model, step, steps)
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            lr_used = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -289,7 +290,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                 m = ev.get(metric_name)
                 if m is not None and (best is None or (m > best if higher else m < best)):
                     best = m
-            sm = StepMetrics(step=step, max_steps=steps, loss=loss_val, lr=sched.get_last_lr()[0],
+            sm = StepMetrics(step=step, max_steps=steps, loss=loss_val, lr=lr_used,
                              tokens_per_s=tokens_seen / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed,
                              eta_s=elapsed / done * (steps - step) if done else 0.0,
                              epoch=(stream.epoch + stream.index / max(1, len(train_enc))), eval=ev)

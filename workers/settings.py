@@ -52,7 +52,8 @@ class Settings:
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        cache = os.environ.get("STUDIO_MODEL_CACHE")
+        return Path(cache).expanduser() if cache else self.data_dir / "models"
 
     @property
     def checkpoints_dir(self) -> Path:
