@@ -35,7 +35,8 @@ from torch import nn
 
 from ..arch import arch_of, blocks
 from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
-from .prompts import _as_kwargs, backbone, cache_length, check_shape, extend_mask, load_named_tensors
+from .prompts import (_as_kwargs, backbone, cache_length, check_shape, extend_mask, load_named_tensors,
+                      peft_head_tensors)
 
 BANK_ATTR = "studio_prefix"
 
@@ -290,7 +291,7 @@ def export_prefix_peft(model: nn.Module, cfg: PrefixTuningConfig, ctx: ApplyCont
         "inference_mode": True,
     }
     with torch.no_grad():
-        return PeftExport(config, {"prompt_embeddings": group().detach().clone()})
+        return PeftExport(config, {"prompt_embeddings": group().detach().clone(), **peft_head_tensors(model, ctx)})
 
 
 def fold_prefixes(model: nn.Module) -> None:

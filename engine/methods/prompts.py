@@ -255,7 +255,7 @@ def text_init_embeddings(model: nn.Module, tokenizer, text: str, n: int) -> torc
 def random_init_embeddings(model: nn.Module, n: int) -> torch.Tensor:
     """Random vectors with the scale of the model's word embeddings."""
     emb = model.get_input_embeddings().weight
-    std = float(emb.detach().float().std())
+    std = 1.0 if emb.is_meta else float(emb.detach().float().std())
     return torch.randn(n, emb.shape[1], device=emb.device, dtype=emb.dtype) * std
 
 
@@ -318,12 +318,22 @@ def prompt_learning_fields(model: nn.Module, n: int) -> dict:
     }
 
 
+def peft_head_tensors(model: nn.Module, ctx: ApplyContext) -> dict:
+    """Classification heads under the keys peft's prompt-learning models use
+    (`base_model.<head>.<param>`: there the PeftModel wraps the transformers model directly)."""
+    if ctx.task != "classification":
+        return {}
+    from ..prepare import head_modules
+    return {f"base_model.{name}.{pname}": p.detach().clone()
+            for name, head in head_modules(model) for pname, p in head.named_parameters()}
+
+
 def export_prompt_tuning_peft(model: nn.Module, cfg: PromptTuningConfig, ctx: ApplyContext) -> PeftExport:
     src = prompt_source(model)
     config = {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
               **prompt_learning_fields(model, src.num_tokens)}
     with torch.no_grad():
-        return PeftExport(config, {"prompt_embeddings": src().detach().clone()})
+        return PeftExport(config, {"prompt_embeddings": src().detach().clone(), **peft_head_tensors(model, ctx)})
 
 
 def export_p_tuning_peft(model: nn.Module, cfg: PTuningConfig, ctx: ApplyContext) -> PeftExport:
@@ -333,7 +343,7 @@ def export_p_tuning_peft(model: nn.Module, cfg: PTuningConfig, ctx: ApplyContext
               "encoder_num_layers": cfg.encoder_num_layers, "encoder_dropout": cfg.encoder_dropout,
               **prompt_learning_fields(model, src.num_tokens)}
     with torch.no_grad():
-        return PeftExport(config, {"prompt_embeddings": src().detach().clone()})
+        return PeftExport(config, {"prompt_embeddings": src().detach().clone(), **peft_head_tensors(model, ctx)})
 
 
 def load_named_tensors(model: nn.Module, tensors: dict) -> None:
@@ -341,7 +351,9 @@ def load_named_tensors(model: nn.Module, tensors: dict) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
-            name = key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+            name = key.removeprefix("base_model.model.") if key.startswith("base_model.model.") \
+                else key.removeprefix("base_model.")
+            name = name.replace(".modules_to_save.default.", ".")
             name = name.replace(".default.", ".")
             if name not in params:
                 raise ValueError(f"adapter tensor {key!r} matches nothing in the model")
