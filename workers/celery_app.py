@@ -17,6 +17,7 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
         q = str(settings.broker_dir / "queue")
         return "filesystem://", {"data_folder_in": q, "data_folder_out": q,
                                  "processed_folder": str(settings.broker_dir / "processed"),
+                                 "control_folder": str(settings.broker_dir / "control"),
                                  "store_processed": False, "polling_interval": 0.5}
     # A task's message is redelivered if its worker dies before acking (acks_late);
     # the run-id keyed claim makes that redelivery harmless.
@@ -43,6 +44,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_priority=5,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        worker_enable_remote_control=not settings.embedded_broker,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     app.conf.studio_settings = settings
