@@ -60,7 +60,8 @@ class TrainingConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
+    retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

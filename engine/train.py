@@ -56,11 +56,15 @@ class TrainResult:
     n_trainable: int
     cancelled: bool = False
     history: list = field(default_factory=list)
+    last_state: Optional[dict] = field(default=None, repr=False)   # resumable state when cancelled
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("history")
-        return d
+        d = {k: v for k, v in self.__dict__.items() if k not in ("history", "last_state")}
+        return json_ready(d)
+
+
+def json_ready(d: dict) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
 class Cancelled(Exception):
@@ -313,7 +317,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     return TrainResult(steps=step, max_steps=steps, final_loss=loss_val, eval=last_eval, best_metric=best,
                        metric_name=metric_name, tokens_per_s=tokens_seen / duration if duration > 0 else 0.0,
                        duration_s=duration, peak_memory_bytes=int(peak), memory_kind=kind, device=device_name(device),
-                       n_params=prep.n_params, n_trainable=prep.n_trainable, cancelled=cancelled, history=history)
+                       n_params=prep.n_params, n_trainable=prep.n_trainable, cancelled=cancelled, history=history,
+                       last_state=training_state(model, opt, sched, stream, step) if cancelled else None)
 
 
 def device_name(device: torch.device) -> str:

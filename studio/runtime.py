@@ -86,10 +86,9 @@ class WorkerSupervisor:
                 break
             log.warning("embedded worker %s exited with code %s; restarting", self.name, code)
             try:
-                with db.transaction(self.settings.database_url) as s:
-                    for rid in db.reap_stale_runs(s, 0, host=self.name,
-                                                  reason=f"the worker training this run exited (code {code})"):
-                        log.warning("run %s: marked failed (worker exited)", rid)
+                from workers.queue import reap_and_requeue
+                reap_and_requeue(self.settings, 0, host=self.name,
+                                 reason=f"the worker training this run exited (code {code})")
             except Exception as e:
                 log.error("could not mark the dead worker's runs failed: %s", e)
             self.restarts += 1
@@ -118,8 +117,8 @@ def reaper_loop(settings: Settings, stop: threading.Event) -> None:
     """Fail runs whose worker stopped sending heartbeats (also done by workers)."""
     while not stop.wait(min(10.0, settings.heartbeat_interval_s)):
         try:
-            with db.transaction(settings.database_url) as s:
-                for rid in db.reap_stale_runs(s, settings.heartbeat_timeout_s):
-                    log.warning("run %s: marked failed, no heartbeat for %.0f s", rid, settings.heartbeat_timeout_s)
+            from workers.queue import ensure_broker_epoch, reap_and_requeue
+            reap_and_requeue(settings, settings.heartbeat_timeout_s)
+            ensure_broker_epoch(settings)
         except Exception as e:
             log.warning("reaper: %s", e)

@@ -58,6 +58,9 @@ class Run(Base):
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Incremented whenever the run is (re)queued; a queue message carries the token it
+    # was sent with, and only a message with the current token may start the run.
+    queue_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     estimate: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
     estimated_peak_bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     measured_peak_bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
@@ -229,10 +232,14 @@ def create_run(s: Session, config: dict, *, owner: Optional[str] = None, estimat
     return run
 
 
-def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str) -> bool:
-    """queued -> running, exactly once across all workers."""
+def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str, token: Optional[int] = None) -> bool:
+    """queued -> running, exactly once across all workers (and only for the message
+    carrying the current queue token, when one is given)."""
     now = utcnow()
-    res = s.execute(update(Run).where(Run.id == run_id, Run.status == "queued").values(
+    cond = [Run.id == run_id, Run.status == "queued"]
+    if token is not None:
+        cond.append(Run.queue_token == token)
+    res = s.execute(update(Run).where(*cond).values(
         status="running", started_at=now, heartbeat_at=now, worker_host=host, worker_pid=pid, device=device,
         attempts=Run.attempts + 1, error=None))
     return res.rowcount == 1
@@ -244,6 +251,18 @@ def finish_run(s: Session, run_id: int, status: str, **values) -> bool:
     res = s.execute(update(Run).where(Run.id == run_id, Run.status == "running").values(
         status=status, finished_at=utcnow(), **values))
     return res.rowcount == 1
+
+
+def requeue(s: Session, run_id: int, from_statuses=("failed", "cancelled", "running", "queued"),
+            reason: Optional[str] = None) -> Optional[int]:
+    """Put a run (back) in the queue with a new token; returns the token, or None if
+    the run was not in one of `from_statuses`."""
+    res = s.execute(update(Run).where(Run.id == run_id, Run.status.in_(from_statuses)).values(
+        status="queued", queue_token=Run.queue_token + 1, finished_at=None, cancel_requested=False,
+        error=reason, worker_host=None, worker_pid=None))
+    if res.rowcount != 1:
+        return None
+    return s.execute(select(Run.queue_token).where(Run.id == run_id)).scalar()
 
 
 def request_cancel(s: Session, run_id: int) -> Optional[str]:
@@ -280,22 +299,29 @@ def add_metric(url: str, run_id: int, row: dict) -> None:
 
 
 def reap_stale_runs(s: Session, timeout_s: float, *, host: Optional[str] = None,
-                    reason: Optional[str] = None) -> list[int]:
-    """Mark `running` runs whose heartbeat is older than `timeout_s` as failed
-    (or every running run of `host` when timeout_s is 0). Returns their ids."""
+                    reason: Optional[str] = None) -> list[tuple[int, str, Optional[int]]]:
+    """Runs still `running` whose heartbeat is older than `timeout_s` (or every
+    running run of `host` when timeout_s is 0) lost their worker. Each is requeued
+    when its config allows retries left (training.retries), else marked failed.
+    Returns (run id, "requeued" | "failed", new queue token)."""
     cutoff = utcnow() - dt.timedelta(seconds=timeout_s)
-    q = select(Run.id, Run.worker_host, Run.heartbeat_at).where(Run.status == "running")
+    q = select(Run.id, Run.worker_host, Run.heartbeat_at, Run.attempts, Run.config).where(Run.status == "running")
     if host is not None:
         q = q.where(Run.worker_host == host)
     if timeout_s > 0:
         q = q.where((Run.heartbeat_at < cutoff) | (Run.heartbeat_at.is_(None)))
-    reaped = []
-    for rid, whost, hb in s.execute(q).all():
+    out = []
+    for rid, whost, hb, attempts, config in s.execute(q).all():
         why = reason or (f"worker {whost} stopped sending heartbeats (last at {hb:%Y-%m-%d %H:%M:%S} UTC, "
                          f"timeout {timeout_s:.0f} s); it probably died")
-        if finish_run(s, rid, "failed", error=why):
-            reaped.append(rid)
-    return reaped
+        retries = int(((config or {}).get("training") or {}).get("retries", 0) or 0)
+        if attempts <= retries:
+            token = requeue(s, rid, ("running",), reason=f"requeued (attempt {attempts} of {retries + 1}): {why}")
+            if token is not None:
+                out.append((rid, "requeued", token))
+        elif finish_run(s, rid, "failed", error=why):
+            out.append((rid, "failed", None))
+    return out
 
 
 def upsert_worker(s: Session, name: str, **values) -> None:

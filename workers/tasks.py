@@ -120,73 +120,162 @@ class RunMonitor:
         self._t.join(timeout=10)
 
 
-def execute_run(run_id: int, settings: Optional[Settings] = None) -> str:
-    """Train run `run_id` if it is still queued. Returns the final status."""
+SHUTDOWN = threading.Event()   # set when this worker is asked to stop (warm shutdown)
+
+
+def with_db_retry(fn, *, what: str, budget_s: float = 120.0):
+    """Run a database write, retrying while the server is unreachable (restarts,
+    failovers); writes are idempotent, so a retry never duplicates a row."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    delay, deadline = 0.5, time.monotonic() + budget_s
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as e:
+            if isinstance(e, DBAPIError) and not isinstance(e, OperationalError) and not e.connection_invalidated:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def metrics_history(url: str, run_id: int) -> list[dict]:
+    from sqlalchemy import select
+
+    with db.transaction(url) as s:
+        rows = s.scalars(select(db.Metric).where(db.Metric.run_id == run_id).order_by(db.Metric.step))
+        return [{"step": m.step, "loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s, "elapsed_s": m.elapsed_s,
+                 "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval} for m in rows]
+
+
+def drop_metrics_after(url: str, run_id: int, step: int) -> None:
+    """Steps after the checkpoint are trained again on resume: their old rows go."""
+    from sqlalchemy import delete
+
+    with db.transaction(url) as s:
+        s.execute(delete(db.Metric).where(db.Metric.run_id == run_id, db.Metric.step > step))
+
+
+def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optional[int] = None) -> str:
+    """Train run `run_id` if this message may start it. Returns the final status."""
     from engine.config import parse_run_config
     from engine.prepare import prepare_run
     from engine.train import train
+
+    from .checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 
     settings = settings or load_settings()
     url = settings.database_url
     me = worker_name()
     dev = device_report()["device"]
-    with db.transaction(url) as s:
-        if not db.claim_run(s, run_id, host=me, pid=os.getpid(), device=dev):
-            run = s.get(db.Run, run_id)
-            log.info("run %s: not claimed (status %s)", run_id, run.status if run else "missing")
-            return run.status if run else "missing"
-        cfg_dict = s.get(db.Run, run_id).config
+
+    def claim():
+        with db.transaction(url) as s:
+            if not db.claim_run(s, run_id, host=me, pid=os.getpid(), device=dev, token=token):
+                run = s.get(db.Run, run_id)
+                return None, (run.status if run else "missing")
+            return s.get(db.Run, run_id).config, None
+
+    cfg_dict, skipped = with_db_retry(claim, what=f"run {run_id}: claim")
+    if cfg_dict is None:
+        log.info("run %s: not started by this message (status %s, token %s)", run_id, skipped, token)
+        return skipped
     log.info("run %s: started on %s (%s)", run_id, me, dev)
     try:
         cfg = parse_run_config(cfg_dict)
+        resume = load_checkpoint(settings, run_id)
+        if resume is not None:
+            log.info("run %s: resuming from the checkpoint at step %s", run_id, resume["step"])
+            with_db_retry(lambda: drop_metrics_after(url, run_id, resume["step"]), what=f"run {run_id}: resume")
+        else:
+            with_db_retry(lambda: drop_metrics_after(url, run_id, 0), what=f"run {run_id}: restart")
         with RunMonitor(settings, run_id) as mon:
             prep = prepare_run(cfg, allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
                                path_resolver=lambda p: resolve_dataset_path(settings, p),
                                max_data_bytes=settings.max_upload_bytes)
-            with db.transaction(url) as s:
-                db.heartbeat(s, run_id, n_params=prep.n_params, n_trainable=prep.n_trainable)
+
+            def beat(**values):
+                def write():
+                    with db.transaction(url) as s:
+                        db.heartbeat(s, run_id, **values)
+                with_db_retry(write, what=f"run {run_id}: progress")
+
+            beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
 
             def on_step(m):
                 row = {"step": m.step, "loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s,
                        "elapsed_s": m.elapsed_s, "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval}
-                db.add_metric(url, run_id, row)
-                with db.transaction(url) as s:
-                    db.heartbeat(s, run_id, steps_done=m.step, max_steps=m.max_steps, final_loss=m.loss,
-                                 tokens_per_s=m.tokens_per_s)
+                with_db_retry(lambda: db.add_metric(url, run_id, row), what=f"run {run_id}: metrics")
+                beat(steps_done=m.step, max_steps=m.max_steps, final_loss=m.loss, tokens_per_s=m.tokens_per_s)
 
-            result = train(prep, on_step=on_step, should_stop=mon.cancel.is_set)
+            def on_checkpoint(step, state):
+                save_checkpoint(settings, run_id, state)
+                log.info("run %s: checkpoint at step %s", run_id, step)
+
+            def should_stop():
+                return mon.cancel.is_set() or SHUTDOWN.is_set()
+
+            result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
+                           on_checkpoint=on_checkpoint)
         rd = result.to_dict()
+        if result.cancelled and not mon.cancel.is_set():
+            # this worker is shutting down: keep the progress and give the run back to the queue
+            if result.last_state is not None:
+                save_checkpoint(settings, run_id, result.last_state)
+            from .queue import requeue_run
+            requeue_run(settings, run_id, ("running",),
+                        reason=f"worker {me} shut down at step {result.steps}; will resume from there")
+            log.info("run %s: worker shutting down, requeued at step %s", run_id, result.steps)
+            return "queued"
         if result.cancelled:
-            with db.transaction(url) as s:
-                db.finish_run(s, run_id, "cancelled", error="cancelled by request", results=db.json_safe(rd),
-                              steps_done=result.steps, duration_s=result.duration_s)
+            def finish_cancelled():
+                with db.transaction(url) as s:
+                    db.finish_run(s, run_id, "cancelled", error="cancelled by request", results=db.json_safe(rd),
+                                  steps_done=result.steps, duration_s=result.duration_s)
+            with_db_retry(finish_cancelled, what=f"run {run_id}: finish")
+            if result.last_state is not None:
+                save_checkpoint(settings, run_id, result.last_state)
             log.info("run %s: cancelled at step %s", run_id, result.steps)
             return "cancelled"
-        data, names = adapter_zip(prep, cfg.to_dict(), rd, result.history, run_id)
+        history = with_db_retry(lambda: metrics_history(url, run_id), what=f"run {run_id}: history")
+        data, names = adapter_zip(prep, cfg.to_dict(), rd, history, run_id)
         from engine.adapters import sha256
-        with db.transaction(url) as s:
-            db.store_adapter(s, run_id, data, sha256(data), names)
-            ok = db.finish_run(
-                s, run_id, "succeeded", results=db.json_safe(rd), measured_peak_bytes=result.peak_memory_bytes,
-                memory_kind=result.memory_kind, final_loss=result.final_loss, best_metric=result.best_metric,
-                metric_name=result.metric_name, tokens_per_s=result.tokens_per_s, duration_s=result.duration_s,
-                steps_done=result.steps, max_steps=result.max_steps, n_params=result.n_params,
-                n_trainable=result.n_trainable)
-            if not ok:   # reaped meanwhile (e.g. heartbeats blocked): keep that verdict, drop the adapter
-                raise RuntimeError("run was no longer running when it finished")
+
+        def finish_ok():
+            with db.transaction(url) as s:
+                db.store_adapter(s, run_id, data, sha256(data), names)
+                ok = db.finish_run(
+                    s, run_id, "succeeded", results=db.json_safe(rd), measured_peak_bytes=result.peak_memory_bytes,
+                    memory_kind=result.memory_kind, final_loss=result.final_loss, best_metric=result.best_metric,
+                    metric_name=result.metric_name, tokens_per_s=result.tokens_per_s, duration_s=result.duration_s,
+                    steps_done=result.steps, max_steps=result.max_steps, n_params=result.n_params,
+                    n_trainable=result.n_trainable, error=None)
+                if not ok:   # reaped meanwhile (e.g. heartbeats blocked): keep that verdict, drop the adapter
+                    raise RuntimeError("run was no longer running when it finished")
+        with_db_retry(finish_ok, what=f"run {run_id}: finish")
+        delete_checkpoint(settings, run_id)
         log.info("run %s: succeeded in %.1f s", run_id, result.duration_s)
         return "succeeded"
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         log.error("run %s: failed: %s\n%s", run_id, msg, traceback.format_exc())
-        with db.transaction(url) as s:
-            db.finish_run(s, run_id, "failed", error=msg[:4000])
+
+        def finish_failed():
+            with db.transaction(url) as s:
+                db.finish_run(s, run_id, "failed", error=msg[:4000])
+        try:
+            with_db_retry(finish_failed, what=f"run {run_id}: fail")
+        except Exception as e2:   # the reaper will fail it by heartbeat timeout
+            log.error("run %s: could not record the failure: %s", run_id, e2)
         return "failed"
 
 
 @app.task(name="studio.train_run", acks_late=True)
-def train_run(run_id: int) -> str:
-    return execute_run(int(run_id), app.conf.studio_settings)
+def train_run(run_id: int, token: Optional[int] = None) -> str:
+    return execute_run(int(run_id), app.conf.studio_settings, None if token is None else int(token))
 
 
 # ------------------------------------------------------------------ worker presence
@@ -197,14 +286,22 @@ def report_presence(settings: Settings, name: str) -> None:
         db.upsert_worker(s, name, host=db.hostname(), pid=os.getpid(), queue=settings.queue, **rep)
 
 
+from celery.signals import worker_shutting_down  # noqa: E402
+
+
+@worker_shutting_down.connect
+def _on_worker_shutdown(**_kw):
+    SHUTDOWN.set()
+
+
 def presence_loop(settings: Settings, name: str, stop: threading.Event) -> None:
     """Heartbeat this worker and fail runs whose workers died (any worker may reap)."""
     while True:
         try:
             report_presence(settings, name)
-            with db.transaction(settings.database_url) as s:
-                for rid in db.reap_stale_runs(s, settings.heartbeat_timeout_s):
-                    log.warning("run %s: marked failed, its worker stopped sending heartbeats", rid)
+            from .queue import ensure_broker_epoch, reap_and_requeue
+            reap_and_requeue(settings, settings.heartbeat_timeout_s)
+            ensure_broker_epoch(settings)
         except Exception as e:
             log.warning("presence update failed: %s", e)
         if stop.wait(settings.heartbeat_interval_s):

@@ -1,0 +1,99 @@
+"""Putting runs on the broker, and recovering the queue after a broker restart.
+
+The database is the source of truth: a run is `queued` there before any message
+is sent, and a message only names (run id, queue token). A lost message is
+recovered by sending it again; a duplicate or stale one is a no-op, because only
+the message with the run's current token can claim it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Optional
+
+from sqlalchemy import select
+
+from . import db
+from .settings import Settings
+
+log = logging.getLogger("peft_studio.queue")
+EPOCH_KEY = "peft_studio:broker_epoch"
+_APPS: dict = {}
+
+
+def celery_app(settings: Settings):
+    key = (settings.broker_url, str(settings.data_dir), settings.queue)
+    if key not in _APPS:
+        from .celery_app import make_celery
+        _APPS[key] = make_celery(settings)
+    return _APPS[key]
+
+
+def broker_priority(priority: int) -> int:
+    """Studio priority (higher first, -5..5) to the broker's 0..9 (Redis: 0 first)."""
+    return max(0, min(9, 5 - int(priority)))
+
+
+def send(settings: Settings, run_id: int, token: int, priority: int = 0) -> None:
+    celery_app(settings).send_task("studio.train_run", args=[int(run_id), int(token)], queue=settings.queue,
+                                   priority=broker_priority(priority))
+
+
+def ensure_broker_epoch(settings: Settings) -> int:
+    """With Redis: if the broker lost its data (restarted without persistence), send
+    every queued run again. Returns how many were re-sent."""
+    if settings.embedded_broker:
+        return 0
+    import redis
+
+    r = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+    try:
+        if r.get(EPOCH_KEY) is not None:
+            return 0
+        # first sight of this broker (or it lost everything): claim the new epoch, then re-send
+        if not r.set(EPOCH_KEY, uuid.uuid4().hex, nx=True):
+            return 0
+    finally:
+        r.close()
+    return resend_queued(settings, "the broker has no record of the queue (new or restarted)")
+
+
+def resend_queued(settings: Settings, why: str) -> int:
+    with db.transaction(settings.database_url) as s:
+        rows = s.execute(select(db.Run.id, db.Run.queue_token, db.Run.priority).where(db.Run.status == "queued")
+                         .order_by(db.Run.id)).all()
+    for rid, token, prio in rows:
+        send(settings, rid, token, prio)
+    if rows:
+        log.warning("re-sent %d queued run(s): %s", len(rows), why)
+    return len(rows)
+
+
+def enqueue_new(settings: Settings, run_id: int, token: int, priority: int = 0) -> None:
+    """Send a freshly queued run, making sure the broker's epoch is set first."""
+    try:
+        ensure_broker_epoch(settings)
+    except Exception as e:   # the send below reports a dead broker
+        log.warning("broker epoch check failed: %s", e)
+    send(settings, run_id, token, priority)
+
+
+def requeue_run(settings: Settings, run_id: int, from_statuses, reason: Optional[str] = None) -> Optional[int]:
+    with db.transaction(settings.database_url) as s:
+        token = db.requeue(s, run_id, from_statuses, reason=reason)
+        prio = s.execute(select(db.Run.priority).where(db.Run.id == run_id)).scalar() if token is not None else 0
+    if token is not None:
+        send(settings, run_id, token, prio or 0)
+    return token
+
+
+def reap_and_requeue(settings: Settings, timeout_s: float, **kw) -> list[tuple[int, str, Optional[int]]]:
+    """Fail or requeue runs whose worker died (see db.reap_stale_runs) and send the requeued ones."""
+    with db.transaction(settings.database_url) as s:
+        out = db.reap_stale_runs(s, timeout_s, **kw)
+        prios = {rid: s.execute(select(db.Run.priority).where(db.Run.id == rid)).scalar() for rid, _, _ in out}
+    for rid, action, token in out:
+        if action == "requeued":
+            send(settings, rid, token, prios.get(rid) or 0)
+        log.warning("run %s: worker lost, %s", rid, action)
+    return out
