@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Body, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -36,6 +37,10 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         return None if u is None or is_admin(u) else u
 
     def load_run_for(run_id: int, u: Optional[str]) -> dict:
+        # fuzzing: an id beyond a 64-bit SQL integer (or <= 0) can name no run; without this
+        # check SQLite raised OverflowError (a 500) for /runs/9223372036854775808
+        if not 0 < run_id < 2**63:
+            raise HTTPException(404, f"run_id: run {run_id} not found")
         try:
             run = service.get_run(settings, run_id)
         except service.NotFound as e:
@@ -44,6 +49,21 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         if ow is not None and run.get("owner") != ow:
             raise HTTPException(404, f"run {run_id} not found")
         return run
+
+    @api.exception_handler(service.NotFound)
+    async def _not_found(_req, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(req, exc):
+        # fuzzing: FastAPI answers a body that is not JSON with a bare "There was an error
+        # parsing the body"; every 4xx detail names the field, so say "body: ..."
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            exc = StarletteHTTPException(400, "body: not valid JSON", headers=exc.headers)
+        return await http_exception_handler(req, exc)
 
     @api.exception_handler(service.SubmitError)
     async def _submit_error(_req, exc):
@@ -75,7 +95,7 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         return load_run_for(run_id, u)
 
     @api.get("/runs/{run_id}/metrics")
-    def metrics(run_id: int, after_step: int = Query(0, ge=0), u: Optional[str] = Depends(user)) -> list[dict]:
+    def metrics(run_id: int, after_step: int = Query(0, ge=0, lt=2**63), u: Optional[str] = Depends(user)) -> list[dict]:
         load_run_for(run_id, u)
         return service.get_metrics(settings, run_id, after_step)
 
@@ -90,10 +110,38 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         return Response(data, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
+    @api.get("/runs/{run_id}/merged", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    def merged(run_id: int, u: Optional[str] = Depends(user)):
+        """The run's adapter merged into the base weights (built on first request)."""
+        from fastapi.responses import FileResponse
+
+        from .artifacts import ArtifactError, merged_zip_path
+
+        load_run_for(run_id, u)
+        try:
+            path, name = merged_zip_path(settings, run_id)
+        except service.NotFound as e:
+            raise HTTPException(404, str(e))
+        except ArtifactError as e:
+            raise HTTPException(409, str(e))
+        return FileResponse(path, media_type="application/zip", filename=name)
+
     @api.post("/runs/{run_id}/cancel")
     def cancel(run_id: int, u: Optional[str] = Depends(user)) -> dict:
         load_run_for(run_id, u)
         return {"id": run_id, "status": service.cancel_run(settings, run_id)}
+
+    @api.post("/runs/{run_id}/resume")
+    def resume(run_id: int, u: Optional[str] = Depends(user)) -> dict:
+        load_run_for(run_id, u)
+        return service.resume_run(settings, run_id)
+
+    @api.post("/runs/{run_id}/priority")
+    def priority(run_id: int, priority: int = Body(..., embed=True, ge=-5, le=5),
+                 u: Optional[str] = Depends(user)) -> dict:
+        load_run_for(run_id, u)
+        return service.set_priority(settings, run_id, priority)
 
     @api.delete("/runs/{run_id}")
     def delete(run_id: int, u: Optional[str] = Depends(user)) -> dict:
@@ -116,6 +164,17 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
                  u: Optional[str] = Depends(user)) -> dict:
         from engine.estimator import estimate as run_estimate
 
+        # hostile input: the estimator reads any config.json it is pointed at; a path is
+        # only read under the allowed model roots (STUDIO_MODEL_ROOTS), like a run's model
+        if "/" in model or "\\" in model or model.startswith((".", "~")) or "\x00" in model:
+            try:
+                real = Path(model).expanduser().resolve()
+            except (OSError, ValueError) as e:
+                raise HTTPException(422, f"model: not a valid path ({e})")
+            roots = [Path(r).resolve() for r in settings.model_roots]
+            if not any(real == r or r in real.parents for r in roots):
+                raise HTTPException(422, f"model: {model[:200]!r} is outside the allowed model roots; "
+                                         f"set STUDIO_MODEL_ROOTS")
         m: dict = {"name": method}
         if r is not None:
             m["r"] = r
@@ -127,11 +186,16 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
                                **({"task": task} if task else {}))
         except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
             raise HTTPException(422, str(e))
+        except OSError as e:   # fuzzing: a 500-character name raised ENAMETOOLONG (a 500)
+            raise HTTPException(422, f"model: cannot be read ({e.strerror or e})")
         return est.to_json()
 
     @api.post("/datasets", status_code=201)
     def upload_dataset(file: UploadFile = File(...), u: Optional[str] = Depends(user)) -> dict:
-        fd, tmp = tempfile.mkstemp(prefix="upload-")
+        # the incoming bytes go to a dot-file in the uploads dir (not the system temp dir),
+        # removed whatever happens; save_upload checks and stores them under a new name
+        settings.ensure_dirs()
+        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=settings.uploads_dir)
         try:
             limit = settings.max_upload_bytes
             written = 0

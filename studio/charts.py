@@ -29,19 +29,78 @@ def memory_bar(rows: dict, gpu_bytes: Optional[int] = None, gpu_name: str = "", 
 
 
 def loss_curves(series: dict[str, list[dict]], x: str = "step", y: str = "loss", title: str = "Training loss",
-                ylabel: Optional[str] = None) -> go.Figure:
+                ylabel: Optional[str] = None, xlabel: Optional[str] = None) -> go.Figure:
     """One line per run: `series` maps a run label to its metric rows."""
     fig = go.Figure()
     for label, rows in series.items():
         pts = [(r.get(x), r.get(y)) for r in rows if r.get(y) is not None and r.get(x) is not None]
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                  name=label, marker=dict(size=4)))
-    fig.update_layout(height=340, margin=dict(l=40, r=10, t=40, b=30), title=title, xaxis_title=x,
+    fig.update_layout(height=340, margin=dict(l=40, r=10, t=40, b=30), title=title, xaxis_title=xlabel or x,
                       yaxis_title=ylabel or y, template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig
 
 
-def eval_curves(series: dict[str, list[dict]], metric: str) -> go.Figure:
-    flat = {label: [{"step": r["step"], metric: (r.get("eval") or {}).get(metric)} for r in rows if r.get("eval")]
+def eval_curves(series: dict[str, list[dict]], metric: str, x: str = "step",
+                xlabel: Optional[str] = None) -> go.Figure:
+    flat = {label: [{x: r.get(x), metric: (r.get("eval") or {}).get(metric)} for r in rows if r.get("eval")]
             for label, rows in series.items()}
-    return loss_curves(flat, y=metric, title=f"Validation {metric}")
+    return loss_curves(flat, x=x, y=metric, title=f"Validation {metric}", xlabel=xlabel)
+
+
+def empty(title: str = "", message: str = "nothing to show yet") -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, font=dict(size=14, color="#6b7280"))
+    fig.update_layout(height=300, title=title, template="plotly_white", xaxis=dict(visible=False),
+                      yaxis=dict(visible=False), margin=dict(l=20, r=10, t=40, b=20))
+    return fig
+
+
+def metric_vs_trainable(points: list[dict], metric: str) -> go.Figure:
+    """The LoRA paper's Figure 2 view: evaluation metric against the number of
+    trainable parameters, log x axis; one marker per run, grouped by method."""
+    fig = go.Figure()
+    by_method: dict[str, list[dict]] = {}
+    for p in points:
+        if p.get("n_trainable") and p.get("metric") is not None:
+            by_method.setdefault(p["method"], []).append(p)
+    for method, pts in by_method.items():
+        pts = sorted(pts, key=lambda p: p["n_trainable"])
+        fig.add_trace(go.Scatter(x=[p["n_trainable"] for p in pts], y=[p["metric"] for p in pts],
+                                 mode="markers+lines+text", name=method, text=[p["label"] for p in pts],
+                                 textposition="top center", marker=dict(size=10)))
+    fig.update_layout(height=340, margin=dict(l=40, r=10, t=40, b=30), title=f"{metric} vs trainable parameters",
+                      xaxis=dict(type="log", title="trainable parameters (log)"), yaxis_title=metric,
+                      template="plotly_white", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def memory_compare(labels: list[str], estimated: list, measured: list, measured_kind: str = "") -> go.Figure:
+    """Estimated against measured peak memory per run, in GiB."""
+    fig = go.Figure()
+    fig.add_trace(go.Bar(name="estimated", x=labels, y=[None if v is None else v / GIB for v in estimated],
+                         marker_color="#3b82f6"))
+    fig.add_trace(go.Bar(name=f"measured{' (' + measured_kind + ')' if measured_kind else ''}", x=labels,
+                         y=[None if v is None else v / GIB for v in measured], marker_color="#f59e0b"))
+    fig.update_layout(barmode="group", height=340, margin=dict(l=40, r=10, t=40, b=30),
+                      title="Peak memory: estimated vs measured", yaxis_title="GiB", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def simple_bars(labels: list[str], values: list, title: str, ylabel: str, color: str = "#10b981") -> go.Figure:
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=color))
+    fig.update_layout(height=300, margin=dict(l=40, r=10, t=40, b=30), title=title, yaxis_title=ylabel,
+                      template="plotly_white")
+    return fig
+
+
+def similarity_heatmap(matrix: list[list[float]], module: str, label_a: str, label_b: str) -> go.Figure:
+    """φ(i, j) of two LoRA adapters' A matrices for one module (LoRA paper, Figure 3)."""
+    n_i, n_j = len(matrix), len(matrix[0]) if matrix else 0
+    fig = go.Figure(go.Heatmap(z=matrix, x=list(range(1, n_j + 1)), y=list(range(1, n_i + 1)), zmin=0, zmax=1,
+                               colorscale="Viridis", colorbar=dict(title="φ")))
+    fig.update_layout(height=380, margin=dict(l=50, r=10, t=50, b=40), template="plotly_white",
+                      title=f"Subspace similarity · {module}", xaxis_title=f"j (top-j of {label_b})",
+                      yaxis_title=f"i (top-i of {label_a})")
+    return fig

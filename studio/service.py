@@ -30,33 +30,75 @@ class NotFound(LookupError):
 
 # ------------------------------------------------------------------ validation and estimate
 
-def validate_config(cfg_dict: dict):
+def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
     """Parse a run config and check it against the model's structure (target modules
-    exist) without loading weights: the model is built on the meta device."""
+    exist) without loading weights: the model is built on the meta device.
+
+    `settings` (default: from the environment) gives the allowed model roots and data
+    roots: a local model directory or a dataset.path outside them is refused here, at
+    submit time, not only later by the worker."""
     from engine.config import ConfigError, parse_run_config
 
     try:
         cfg = parse_run_config(cfg_dict)
     except ConfigError as e:
         raise SubmitError(str(e)) from None
-    check_against_model(cfg)
+    if settings is None:
+        from workers.settings import load_settings
+        settings = load_settings()
+    # torch.manual_seed takes 64-bit seeds; a larger one failed inside the meta-device
+    # check with "Overflow when unpacking long long" (no field named)
+    if not -2**63 <= cfg.training.seed < 2**64:
+        raise SubmitError("training.seed: must fit in 64 bits")
+    for field in ("path", "validation_path"):
+        if getattr(cfg.dataset, field):
+            check_dataset_path(settings, getattr(cfg.dataset, field), f"dataset.{field}")
+    check_against_model(cfg, settings)
     return cfg
+
+
+def check_dataset_path(settings: Settings, path: str, field: str) -> None:
+    """The worker's rules for a dataset path (an upload reference, or a file under
+    STUDIO_DATA_ROOTS), applied at submit time; a missing upload is refused too."""
+    from workers.tasks import resolve_dataset_path
+
+    try:
+        if "\x00" in path or len(path) > 4096:
+            raise ValueError(f"dataset.path: {path[:80]!r} is not a valid path")
+        resolve_dataset_path(settings, path)
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        msg = msg if msg.startswith("dataset.path: ") else f"dataset.path: {path[:200]!r} is not a valid path ({msg})"
+        raise SubmitError(msg.replace("dataset.path: ", f"{field}: ", 1)) from None
+    if path.startswith("upload:"):
+        with db.transaction(settings.database_url) as s:
+            known = s.scalar(select(func.count()).select_from(db.Upload)
+                             .where(db.Upload.stored_name == path[len("upload:"):]))
+        if not known:
+            raise SubmitError(f"{field}: no uploaded dataset {path!r}; upload it first (POST /api/datasets)")
 
 
 def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional[dict]:
     """config.json of a model without weights: bundled/tiny/catalog/local; None for a hub id."""
-    from engine.models import TINY_MODELS, check_local_model_dir, minilm_dir, tiny_config
+    from engine.models import TINY_MODELS, ModelLoadError, check_local_model_dir, minilm_dir, tiny_config
     import json
 
+    # fuzzing: a 5000-character name made Path.exists() raise OSError (ENAMETOOLONG, a 500),
+    # and control characters (NUL ...) were queued as hub ids; neither names a model
+    if len(name) > 500 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ModelLoadError("model: not a model name (over 500 characters or control characters)")
     if name in TINY_MODELS:
         return tiny_config(TINY_MODELS[name], 30522).to_dict()
     if name == "minilm":
         return json.loads((minilm_dir() / "config.json").read_text())
-    try:
-        from engine.estimator import load_model_config
-        return load_model_config(name)
-    except Exception:
-        pass
+    # a path is checked against the allowed model roots before anything reads it: the
+    # estimator's loader would read any config.json, so it only gets names (catalog)
+    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
+        try:
+            from engine.estimator import load_model_config
+            return load_model_config(name)
+        except Exception:
+            pass
     p = Path(name).expanduser()
     if p.is_absolute() or name.startswith((".", "~")) or p.exists():
         roots = settings.model_roots if settings else None
@@ -120,11 +162,10 @@ def estimate_for(cfg) -> Optional[dict]:
 
 # ------------------------------------------------------------------ runs
 
-def enqueue(settings: Settings, run_id: int, priority: int = 5) -> None:
-    from workers.celery_app import make_celery
+def enqueue(settings: Settings, run_id: int, token: int = 0, priority: int = 0) -> None:
+    from workers.queue import enqueue_new
 
-    app = make_celery(settings)
-    app.send_task("studio.train_run", args=[run_id], queue=settings.queue, priority=priority)
+    enqueue_new(settings, run_id, token, priority)
 
 
 def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = None, priority: int = 0) -> int:
@@ -136,7 +177,7 @@ def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = Non
                             estimated_peak=(est or {}).get("rows", {}).get("total"), priority=priority)
         run_id = run.id
     try:
-        enqueue(settings, run_id)
+        enqueue(settings, run_id, 0, priority)
     except Exception as e:
         with db.transaction(settings.database_url) as s:
             s.execute(db.update(db.Run).where(db.Run.id == run_id, db.Run.status == "queued").values(
@@ -198,6 +239,47 @@ def cancel_run(settings: Settings, run_id: int) -> str:
     return st
 
 
+def resume_run(settings: Settings, run_id: int) -> dict:
+    """Queue a failed or cancelled run again; it continues from its last checkpoint
+    (or starts over when it has none)."""
+    from workers.checkpoints import checkpoint_step
+    from workers.queue import requeue_run
+
+    with db.transaction(settings.database_url) as s:
+        run = s.get(db.Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} not found")
+        status = run.status
+    if status not in ("failed", "cancelled"):
+        raise SubmitError(f"run {run_id} is {status}; only failed or cancelled runs can be resumed")
+    step = checkpoint_step(settings, run_id)
+    token = requeue_run(settings, run_id, ("failed", "cancelled"),
+                        reason=f"resumed from step {step}" if step else "restarted (no checkpoint)")
+    if token is None:
+        raise SubmitError(f"run {run_id} changed state meanwhile; try again")
+    return {"id": run_id, "status": "queued", "from_step": step or 0}
+
+
+def set_priority(settings: Settings, run_id: int, priority: int) -> dict:
+    """Move a queued run up (higher priority) or down; it is re-sent to the queue
+    with its new priority (the old message becomes a no-op)."""
+    from workers.queue import send
+
+    if not -5 <= priority <= 5:
+        raise SubmitError("priority: must be between -5 (last) and 5 (first)")
+    with db.transaction(settings.database_url) as s:
+        res = s.execute(db.update(db.Run).where(db.Run.id == run_id, db.Run.status == "queued").values(
+            priority=priority, queue_token=db.Run.queue_token + 1))
+        if res.rowcount != 1:
+            run = s.get(db.Run, run_id)
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+            raise SubmitError(f"run {run_id} is {run.status}; only queued runs can be reprioritized")
+        token = s.get(db.Run, run_id).queue_token
+    send(settings, run_id, token, priority)
+    return {"id": run_id, "priority": priority}
+
+
 def delete_run(settings: Settings, run_id: int) -> None:
     with db.transaction(settings.database_url) as s:
         run = s.get(db.Run, run_id)
@@ -229,17 +311,29 @@ COMPRESSED_MAGIC = (b"\x1f\x8b", b"PK\x03\x04", b"BZh", b"\xfd7zXZ", b"(\xb5/\xf
 def safe_filename(name: str) -> str:
     """A display-safe file name: no directories, no odd characters, bounded length."""
     base = os.path.basename(name.replace("\\", "/")) or "file"
-    base = _SAFE.sub("_", base).strip("._") or "file"
-    return base[:120]
+    stem, dot, ext = _SAFE.sub("_", base).rpartition(".")
+    if not dot:
+        stem, ext = ext, ""
+    # "日本.csv" keeps its type as "file.csv"; no leading dot (hidden files) or dot-dot
+    stem, ext = stem.strip("._") or "file", ext.strip("._")
+    base = f"{stem}.{ext}" if ext else stem
+    if len(base) > 120:   # shorten the stem, keep the extension (the file type is read from it)
+        stem, dot, ext = base.rpartition(".")
+        base = f"{stem[:119 - len(ext)]}.{ext}" if dot and stem and len(ext) <= 10 else base[:120]
+    return base
 
 
 def sniff_upload(head: bytes, suffix: str) -> None:
-    if head.startswith(PICKLE_MAGIC):
+    """Refuse by content, whatever the name says: pickles, archives / compressed files,
+    a .parquet that is not Parquet, a text name on a Parquet or other binary file."""
+    if head.startswith(PICKLE_MAGIC) or head.startswith(b"\x93NUMPY"):
         raise SubmitError("upload: the file is a Python pickle; pickles are never loaded")
     if suffix != ".parquet" and head.startswith(COMPRESSED_MAGIC):
         raise SubmitError("upload: the file is compressed or an archive; upload plain CSV, JSONL or Parquet")
     if suffix == ".parquet" and not head.startswith(b"PAR1"):
         raise SubmitError("upload: the file is named .parquet but is not a Parquet file")
+    if suffix != ".parquet" and (head.startswith(b"PAR1") or b"\x00" in head):
+        raise SubmitError(f"upload: the file is named {suffix} but is binary, not UTF-8 text")
 
 
 def save_upload(settings: Settings, filename: str, source_path: str | Path, *, owner: Optional[str] = None) -> dict:
@@ -248,8 +342,14 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
     from engine.data import DataError
 
     src = Path(source_path)
-    if src.is_symlink():
-        raise SubmitError("upload: symbolic links are refused")
+    if src.is_symlink() or not src.is_file():
+        raise SubmitError("upload: symbolic links and special files are refused")
+    # a client sends a plain file name; one with directories ("../../etc/passwd.csv",
+    # "/abs/x.csv", "..\\x.csv") or control characters (NUL ...) is refused, not guessed at
+    if (not filename or filename in (".", "..") or len(filename) > 255 or any(c in filename for c in "/\\")
+            or any(ord(c) < 32 or ord(c) == 127 for c in filename)):
+        raise SubmitError(f"upload: file name {filename[:100]!r} must be a plain file name "
+                          f"(no directories, no control characters, at most 255 characters)")
     display = safe_filename(filename)
     suffix = Path(display).suffix.lower()
     if suffix not in ALLOWED_UPLOADS:
@@ -261,7 +361,7 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
         raise SubmitError(f"upload: {size / 2**20:.1f} MiB is over the limit of "
                           f"{settings.max_upload_bytes / 2**20:.0f} MiB")
     with open(src, "rb") as f:
-        sniff_upload(f.read(8), suffix)
+        sniff_upload(f.read(16), suffix)
     settings.ensure_dirs()
     stored = f"{uuid.uuid4().hex}{'.jsonl' if suffix == '.json' else suffix}"
     dest = settings.uploads_dir / stored
@@ -282,12 +382,16 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
             os.unlink(tmp)
         raise
     columns = list(rows[0].keys())
-    with db.transaction(settings.database_url) as s:
-        up = db.Upload(name=display, stored_name=stored, format=ALLOWED_UPLOADS[suffix], size=size,
-                       sha256=h.hexdigest(), rows=len(rows), columns=columns, owner=owner)
-        s.add(up)
-        s.flush()
-        uid = up.id
+    try:
+        with db.transaction(settings.database_url) as s:
+            up = db.Upload(name=display, stored_name=stored, format=ALLOWED_UPLOADS[suffix], size=size,
+                           sha256=h.hexdigest(), rows=len(rows), columns=columns, owner=owner)
+            s.add(up)
+            s.flush()
+            uid = up.id
+    except BaseException:   # not recorded: no orphan file either
+        dest.unlink(missing_ok=True)
+        raise
     return {"id": uid, "name": display, "path": f"upload:{stored}", "rows": len(rows), "columns": columns,
             "preview": [{k: _short(v) for k, v in r.items()} for r in rows[:5]]}
 

@@ -1,0 +1,198 @@
+"""The studio in a real browser: Playwright driving Debian's Chromium (headless)
+against `peft-studio serve` on the embedded default (SQLite + filesystem broker
++ its own worker). Every wait is bounded; the studio and browser are stopped
+afterwards."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+import zipfile
+
+import pytest
+
+from conftest import Studio, studio_env, wait_status
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+UI_TIMEOUT_MS = 30_000
+
+
+def tiny_config(name: str, r: int = 4, steps: int = 8) -> dict:
+    return {"name": name, "model": "tiny-bert", "task": "classification",
+            "dataset": {"name": "demo-sentiment", "max_rows": 160},
+            "method": {"name": "lora", "r": r, "alpha": 2 * r, "target_modules": ["query", "value"]},
+            "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-2, "max_seq_len": 32,
+                         "eval_every": 4, "eval_batches": 1}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One studio on the embedded default for this module (starting one takes ~30 s)."""
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (make system-deps)")
+    tmp = tmp_path_factory.mktemp("browser")
+    s = Studio(studio_env(tmp), tmp)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(UI_TIMEOUT_MS)
+    pg.goto(served.url + "/")
+    pg.wait_for_selector("#estimate-plot .js-plotly-plot")
+    yield pg
+    ctx.close()
+
+
+def finished_run(served, name: str, r: int = 4) -> int:
+    with served.client() as c:
+        resp = c.post("/api/runs", json=tiny_config(name, r))
+        assert resp.status_code == 201, resp.text
+        rid = resp.json()["id"]
+        run = wait_status(c, rid, timeout=180)
+    assert run["status"] == "succeeded", served.logs()
+    return rid
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.locator(selector).inner_text()
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.3)
+    raise AssertionError(f"{selector}: {pattern!r} not seen within {timeout_s} s; last text: {text!r}")
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def select_run_row(page, name: str) -> None:
+    cell = page.locator("#runs-table [role=gridcell]").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$"))
+    cell.first.click()
+
+
+# ------------------------------------------------------------------ tests
+
+def test_launch_lora_from_the_form_and_watch_it_succeed(page, served):
+    page.locator("#run-name").get_by_role("textbox").fill("form-lora")
+    page.locator("#max-steps input").fill("8")
+    page.locator("#eval-every input").fill("4")
+    page.locator("#seq input").fill("32")
+    page.locator("#launch").click()
+    msg = wait_text(page, "#launch-msg", r"Run \d+ queued")
+    rid = int(re.search(r"Run (\d+) queued", msg).group(1))
+    open_tab(page, "Runs")
+    row = page.locator("#runs-table [role=row]", has_text="form-lora").first
+    deadline = time.monotonic() + 180
+    while "succeeded" not in row.inner_text():
+        assert "failed" not in row.inner_text(), served.logs()
+        assert time.monotonic() < deadline, f"run {rid} did not succeed in the table: {row.inner_text()}"
+        time.sleep(1)
+    assert "tiny-bert" in row.inner_text() and "lora" in row.inner_text()
+    # the selected run (the one just launched) shows its curves and config
+    wait_text(page, "#run-status", rf"Run {rid} · form-lora — succeeded")
+    assert page.locator("#loss-plot .js-plotly-plot").count() == 1
+    assert "r: 8" in text_of(page, "#run-config")
+    with served.client() as c:
+        assert c.get(f"/api/runs/{rid}").json()["config"]["training"]["max_steps"] == 8
+
+
+def test_changing_the_rank_changes_the_estimate(page):
+    before = wait_text(page, "#estimate-text", r"Trainable: [\d,]+ of")
+    assert "Trainable: 2,114 of" in before                       # tiny-bert, LoRA r=8 on query,value
+    rank = page.locator("#rank input[type=number]")
+    rank.fill("32")
+    rank.press("Enter")
+    after = wait_text(page, "#estimate-text", r"Trainable: 8,258 of")
+    assert after != before and "fits on 24 GB" in after and "largest batch that fits" in after
+    page.locator("#formula").get_by_text("slide").click()
+    wait_text(page, "#estimate-text", r"slide formula")
+
+
+def test_a_target_module_typo_shows_its_error(page, served):
+    with served.client() as c:
+        before = len(c.get("/api/runs").json())
+    page.locator("#targets").get_by_role("textbox").fill("query,valeu")
+    page.locator("#launch").click()
+    msg = wait_text(page, "#launch-msg", r"method\.target_modules")
+    assert "'valeu'" in msg and msg.startswith("✗")
+    with served.client() as c:
+        assert len(c.get("/api/runs").json()) == before          # nothing queued
+
+
+def test_compare_two_runs_shows_both_curves(page, served):
+    a, b = finished_run(served, "cmp-r4", 4), finished_run(served, "cmp-r8", 8)
+    open_tab(page, "Compare")
+    page.locator("#compare-refresh").click()
+    for label in (f"#{a} cmp-r4", f"#{b} cmp-r8"):
+        page.locator("#compare-runs input").click()
+        page.get_by_role("option", name=re.compile(re.escape(label))).first.click()
+    wait_text(page, "#compare-msg", r"Comparing 2 runs")
+    names = page.evaluate("() => document.querySelector('#compare-loss .js-plotly-plot').data.map(t => t.name)")
+    assert names == [f"#{a} cmp-r4", f"#{b} cmp-r8"]
+    points = page.evaluate("() => document.querySelector('#compare-loss .js-plotly-plot').data.map(t => t.x.length)")
+    assert points == [8, 8]
+    assert "cmp-r8" in text_of(page, "#compare-table") and "method.r" in text_of(page, "#compare-config")
+    page.wait_for_selector("#similarity-plot .js-plotly-plot")   # two LoRA runs: the subspace heatmap
+    with page.expect_download() as dl:
+        page.locator("#compare-csv").click()
+    csv_text = open(dl.value.path()).read()
+    assert csv_text.startswith("id,name,model,method") and "cmp-r4" in csv_text
+
+
+def test_download_the_adapter_zip(page, served):
+    rid = finished_run(served, "dl-lora")
+    open_tab(page, "Runs")
+    select_run_row(page, "dl-lora")
+    wait_text(page, "#run-status", rf"Run {rid} · dl-lora — succeeded")
+    button = page.locator("#download-adapter")
+    deadline = time.monotonic() + 20
+    while button.is_disabled():
+        assert time.monotonic() < deadline, "download button stayed disabled"
+        time.sleep(0.3)
+    with page.expect_download() as dl:
+        button.click()
+    assert dl.value.suggested_filename.endswith(".zip")
+    z = zipfile.ZipFile(io.BytesIO(open(dl.value.path(), "rb").read()))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "run_config.yaml",
+            "peft_studio.json", "metrics.jsonl"} <= set(z.namelist())
+    assert "PeftModel.from_pretrained" in z.read("README.md").decode()
+
+
+def test_playground_shows_base_and_adapter_side_by_side(page, served):
+    rid = finished_run(served, "pg-lora")
+    open_tab(page, "Playground")
+    page.locator("#pg-refresh").click()
+    page.locator("#pg-run input").click()
+    page.get_by_role("option", name=re.compile(rf"#{rid} pg-lora")).first.click()
+    page.locator("#pg-text").get_by_role("textbox").fill("a wonderful, moving film")
+    page.locator("#pg-go").click()
+    wait_text(page, "#pg-msg", rf"Run {rid} · classification", timeout_s=60)
+    for sel in ("#pg-base-label", "#pg-adapter-label"):
+        wait_text(page, sel, r"(positive|negative)")

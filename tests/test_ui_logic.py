@@ -1,0 +1,271 @@
+"""The studio's UI helpers without a browser: method-derived form controls,
+form -> run config (and back), sweeps, the estimate panel, the runs table,
+comparisons, and the artifacts built from a real finished run (merged model,
+playground, subspace similarity)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+
+from engine.methods import METHODS, parse_method_config
+from studio import compare, service, ui
+
+
+def launch_form(**over) -> dict:
+    """The Launch form as it stands on first load (tiny-bert, LoRA), plus overrides."""
+    form = {"run_name": "", "model": "tiny-bert", "task": "classification", "method": "lora", "extra_method": "",
+            "ds_source": "bundled", "ds_name": "demo-sentiment", "upload_path": "", "text_col": None,
+            "label_col": None, "prompt_col": None, "response_col": None, "max_rows": 0, "max_steps": 30,
+            "batch": 8, "lr": 5e-4, "seq": 64, "eval_every": 10, "seed": 0}
+    method = over.get("method", "lora")
+    for f in ui.METHOD_FIELDS:
+        form[f] = ui.field_default(method, f, over.get("model", "tiny-bert")) if f in ui.method_fields(method) else None
+    form.update(over)
+    return form
+
+
+# ------------------------------------------------------------------ method controls
+
+def test_controls_come_from_each_methods_config_class():
+    assert {"r", "alpha", "dropout", "target_modules", "use_rslora", "init"} <= ui.method_fields("lora")
+    assert "r" not in ui.method_fields("bitfit") and "r" not in ui.method_fields("prompt_tuning")
+    assert "num_virtual_tokens" in ui.method_fields("prompt_tuning")
+    assert "k" in ui.method_fields("top_k")
+    for name, spec in METHODS.items():
+        assert ui.method_fields(name) <= set(spec.config_cls.model_fields)
+    assert ui.field_default("adalora", "alpha") == 32.0 and ui.field_default("lora", "alpha") == 16.0
+    assert ui.field_default("lora", "target_modules", "smollm2-135m") == "q_proj,v_proj"
+    assert ui.field_choices("lora", "init") == ["kaiming", "gaussian", "pissa"]
+    assert "rank" not in ui.method_help("lora") or "Hu et al." in ui.method_help("lora")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_builds_a_valid_method_section_from_its_defaults(method):
+    m = ui.build_method(method, {f: ui.field_default(method, f, "tiny-bert") for f in ui.method_fields(method)})
+    assert parse_method_config(m).name == method
+
+
+def test_form_to_config_validates_and_round_trips():
+    cfg = ui.build_config(launch_form(r=4, target_modules="query, value", max_rows=100))
+    assert cfg["name"] == "tiny-bert-lora-r4"
+    assert cfg["method"]["r"] == 4 and cfg["method"]["target_modules"] == ["query", "value"]
+    assert cfg["dataset"] == {"name": "demo-sentiment", "max_rows": 100}
+    parsed = service.validate_config(cfg)
+    assert parsed.method.r == 4
+    back = ui.form_from_config(parsed.to_dict())
+    again = ui.build_config({**launch_form(), **back})
+    assert again["method"]["r"] == 4 and again["name"] == "tiny-bert-lora-r4-copy"
+    assert again["method"]["target_modules"] == ["query", "value"]
+
+
+def test_form_errors_name_the_field():
+    with pytest.raises(service.SubmitError, match="method.target_modules"):
+        service.validate_config(ui.build_config(launch_form(target_modules="query,valeu")))
+    with pytest.raises(service.SubmitError, match="learning_rate"):
+        ui.build_config(launch_form(lr="fast"))
+    with pytest.raises(service.SubmitError, match="upload a file"):
+        ui.build_config(launch_form(ds_source="upload"))
+    with pytest.raises(service.SubmitError, match="YAML"):
+        ui.build_config(launch_form(extra_method="a: [1"))
+    assert ui.build_config(launch_form(extra_method="rank_pattern: {query: 2}"))["method"]["rank_pattern"] == {"query": 2}
+    assert ui.parse_targets("re:.*query") == ".*query" and ui.parse_targets("all-linear") == "all-linear"
+
+
+def test_sweeps_queue_one_config_per_value():
+    cfgs = ui.sweep_configs(launch_form(), "r: 4, 8, 16")
+    assert [c["method"]["r"] for c in cfgs] == [4, 8, 16]
+    assert [c["name"] for c in cfgs] == ["tiny-bert-lora-r4", "tiny-bert-lora-r8", "tiny-bert-lora-r16"]
+    cfgs = ui.sweep_configs(launch_form(run_name="cmp"), "method: lora, ia3, bitfit")
+    assert [c["method"]["name"] for c in cfgs] == ["lora", "ia3", "bitfit"]
+    assert [c["name"] for c in cfgs] == ["cmp-lora", "cmp-ia3", "cmp-bitfit"]
+    assert "r" not in cfgs[2]["method"]
+    for c in cfgs:
+        service.validate_config(c)
+    cfgs = ui.sweep_configs(launch_form(), "learning_rate: 1e-4, 5e-4")
+    assert [c["training"]["learning_rate"] for c in cfgs] == [1e-4, 5e-4]
+    for bad, msg in (("", "give the values"), ("depth: 1, 2", "sweep: write"), ("r:", "no values"),
+                     ("method: lora, nope", "unknown method")):
+        with pytest.raises(service.SubmitError, match=msg):
+            ui.sweep_configs(launch_form(), bad)
+    with pytest.raises(service.SubmitError, match="no rank"):
+        ui.sweep_configs(launch_form(method="bitfit"), "r: 4, 8")
+
+
+# ------------------------------------------------------------------ estimate panel
+
+def estimate_text(**over):
+    form = launch_form(**over)
+    fields = {f: form[f] for f in ui.METHOD_FIELDS}
+    fig, text = ui.estimate_view(form["model"], form["task"], form["method"], fields, "", over.get("batch", 8), 64,
+                                 over.get("formula", "model"), str(int(24e9)), "fp32", "none", "24 GB")
+    return fig, text
+
+
+def test_estimate_panel_follows_the_rank_and_reports_fit():
+    fig4, t4 = estimate_text(r=4)
+    fig16, t16 = estimate_text(r=16)
+    assert t4 != t16 and "Trainable: **1,090**" in t4 and "Trainable: **4,162**" in t16
+    assert "fits** on 24 GB" in t4 and "largest batch that fits" in t4
+    names = [tr.name for tr in fig4.data]
+    assert names == ["CUDA context", "Weights", "Gradients", "Activations", "Optimizer states"]
+    assert fig4.layout.barmode == "stack" and fig4.layout.shapes   # the GPU line
+    _, slide = estimate_text(r=4, formula="slide")
+    assert "slide formula" in slide
+    _, big = estimate_text(model="llama-2-70b", task="causal_lm", target_modules="q_proj,v_proj", batch=64)
+    assert "does not fit" in big
+    _, bad = estimate_text(target_modules="query,valeu", model="nope-model")
+    assert bad.startswith("⚠ Estimate unavailable")
+
+
+def test_gpu_choices_add_worker_gpus():
+    workers = [{"name": "w1", "device": "cuda:NVIDIA H100 80GB HBM3", "total_memory": 85_000_000_000},
+               {"name": "cpu1", "device": "cpu", "total_memory": 24_000_000_000}]
+    ch = ui.gpu_choices(workers)
+    assert [v for _, v in ch[:5]] == [str(int(x)) for x in (16e9, 24e9, 40e9, 48e9, 80e9)]
+    assert len(ch) == 6 and ch[-1] == ("w1: NVIDIA H100 80GB HBM3 (85 GB)", "85000000000")
+    assert ui.gpu_label("85000000000", workers).startswith("w1:")
+
+
+# ------------------------------------------------------------------ runs table and compare
+
+def fake_run(i, **kw):
+    r = {"id": i, "name": f"run{i}", "model": "tiny-bert", "method": "lora", "rank": 4 * i, "status": "succeeded",
+         "n_params": 1000, "n_trainable": 10 * i, "best_metric": 0.5 + i / 100, "estimated_peak_bytes": 2 ** 30,
+         "measured_peak_bytes": 2 ** 29, "tokens_per_s": 100.0 * i, "duration_s": 2.0, "owner": "alice",
+         "metric_name": "accuracy", "final_loss": 0.6, "task": "classification", "adapter": {"size": 2048},
+         "config": {"name": f"run{i}", "method": {"name": "lora", "r": 4 * i, "target_modules": ["query", "value"]},
+                    "training": {"seed": 0}}}
+    r.update(kw)
+    return r
+
+
+def test_runs_table_filters_and_sorts():
+    rows = [ui.run_row(fake_run(1)), ui.run_row(fake_run(2, status="failed", owner=None)),
+            ui.run_row(fake_run(3, method="dora", tokens_per_s=None))]
+    assert [r[0] for r in ui.filter_sort(rows)] == [3, 2, 1]
+    assert [r[0] for r in ui.filter_sort(rows, status="failed")] == [2]
+    assert [r[0] for r in ui.filter_sort(rows, query="dora")] == [3]
+    assert [r[0] for r in ui.filter_sort(rows, query="lora alice")] == [1]
+    assert [r[0] for r in ui.filter_sort(rows, sort_by="tokens/s", descending=False)] == [1, 2, 3]  # None last
+    assert rows[1][-1] == "–" and rows[0][6] == 1.0
+
+
+def test_compare_helpers():
+    a, b = fake_run(1), fake_run(2)
+    header, rows = compare.config_table([a, b], differences_only=True)
+    assert header == ["key", "#1 run1", "#2 run2"]
+    assert [r[0] for r in rows] == ["name", "method.r"]
+    _, all_rows = compare.config_table([a, b])
+    assert ["method.target_modules", "query, value", "query, value"] in all_rows
+    table = compare.comparison_table([a, b])
+    text = compare.to_csv(compare.TABLE_COLUMNS, table)
+    assert text.splitlines()[0].startswith("id,name,model,method,rank") and len(text.splitlines()) == 3
+    pts = compare.with_x([{"step": 1, "tokens_per_s": 10.0, "elapsed_s": 2.0, "loss": 1.0},
+                          {"step": 2, "tokens_per_s": None, "elapsed_s": 3.0, "loss": 0.9}], "tokens")
+    assert pts == [{"step": 1, "tokens_per_s": 10.0, "elapsed_s": 2.0, "loss": 1.0, "x": 20.0}]
+    assert compare.parse_run_ids(["#3 a (lora, succeeded)", "#3 again", 5, "junk"]) == [3, 5]
+    assert compare.metric_name_of([a, b]) == "accuracy"
+
+
+# ------------------------------------------------------------------ artifacts from real runs
+
+def tiny_run_config(name, r):
+    return {"name": name, "model": "tiny-bert", "task": "classification",
+            "dataset": {"name": "demo-sentiment", "max_rows": 120},
+            "method": {"name": "lora", "r": r, "alpha": 2 * r, "target_modules": ["query", "value"]},
+            "training": {"max_steps": 6, "batch_size": 8, "learning_rate": 2e-2, "max_seq_len": 32, "eval_every": 3,
+                         "eval_batches": 1}}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Two LoRA runs and one BitFit run trained in this process (no server)."""
+    from studio.runtime import prepare_database
+    from workers.settings import load_settings
+    from workers.tasks import execute_run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_DATA_DIR", str(tmp_path_factory.mktemp("artifacts") / "data"))
+        mp.delenv("STUDIO_DATABASE_URL", raising=False)
+        mp.delenv("STUDIO_BROKER_URL", raising=False)
+        settings = load_settings()
+        prepare_database(settings)
+        ids = []
+        for cfg in (tiny_run_config("a", 4), tiny_run_config("b", 8),
+                    {**tiny_run_config("c", 4), "method": {"name": "houlsby", "bottleneck_size": 4}}):
+            rid = service.submit_run(settings, cfg, owner="alice")
+            assert execute_run(rid, settings) == "succeeded", service.get_run(settings, rid)["error"]
+            ids.append(rid)
+        yield settings, ids
+
+
+def test_merged_model_equals_base_plus_adapter(finished):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from studio import artifacts, playground
+
+    settings, (a, _b, adapters_only) = finished
+    path, name = artifacts.merged_zip_path(settings, a)
+    assert name.endswith("-merged.zip") and path.exists()
+    assert artifacts.merged_zip_path(settings, a)[0] == path          # built once
+    z = zipfile.ZipFile(path)
+    assert {"config.json", "model.safetensors", "README.md", "run_config.json"} <= set(z.namelist())
+    out = path.parent / "unzipped"
+    z.extractall(out)
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    pair = playground.pair_for(settings, a)
+    enc = pair.tokenizer(["a wonderful, moving film"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, pair.adapted(**enc).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(artifacts.ArtifactError, match="does not merge"):
+        artifacts.merged_zip_path(settings, adapters_only)
+
+
+def test_playground_compares_base_and_adapter(finished):
+    from studio import playground
+
+    settings, (a, _b, houlsby) = finished
+    res = playground.try_run(settings, a, "what a great film")
+    assert res["task"] == "classification"
+    assert set(res["base"]) == set(res["adapted"]) and len(res["base"]) >= 2
+    assert abs(sum(res["adapted"].values()) - 1) < 1e-5 and res["base"] != res["adapted"]
+    assert playground.try_run(settings, houlsby, "dull")["task"] == "classification"   # own-format adapter
+    assert len(playground.CACHE.keys()) <= playground.CACHE_SIZE
+    with pytest.raises(ValueError, match="type some text"):
+        playground.try_run(settings, a, "  ")
+
+
+def test_compare_view_of_two_lora_runs(finished):
+    settings, (a, b, c) = finished
+    v = ui.compare_view(settings, [a, b, c], "tokens seen", True)
+    assert len(v["loss"].data) == 3 and v["loss"].layout.xaxis.title.text == "tokens seen"
+    assert v["tradeoff"].layout.xaxis.type == "log"
+    assert [r["id"] for r in v["lora_pair"]] == [a, b]
+    assert open(v["csv"]).read().count("\n") == 4
+    phi = compare.subspace_similarity(settings, a, b)
+    m = phi["bert.encoder.layer.0.attention.self.query"]
+    assert len(m) == 4 and len(m[0]) == 8 and all(0 <= x <= 1 for row in m for x in row)
+    fig = ui.charts.similarity_heatmap(m, "q", "a", "b")
+    assert fig.data[0].type == "heatmap"
+
+
+def test_merged_route_over_rest(finished):
+    """GET /api/runs/{id}/merged through the FastAPI app (no server process)."""
+    from fastapi.testclient import TestClient
+
+    from studio.api import build_api
+
+    settings, (a, _b, c) = finished
+    with TestClient(build_api(settings)) as client:
+        r = client.get(f"/runs/{a}/merged")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+        assert "model.safetensors" in zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+        assert client.get(f"/runs/{c}/merged").status_code == 409
+        assert client.get("/runs/999999/merged").status_code == 404
+        assert "/runs/{run_id}/merged" in client.get("/openapi.json").json()["paths"]
+        assert json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("run_config.json"))["name"] == "a"
