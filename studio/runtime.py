@@ -34,13 +34,16 @@ def run_worker(name: Optional[str] = None, loglevel: str = "INFO") -> int:
     name = name or f"worker-{os.getpid()}@{db.hostname()}"
     os.environ["STUDIO_WORKER_NAME"] = name
     from workers.celery_app import app
-    from workers.tasks import presence_loop
+    from workers.queue import worker_queues
+    from workers.tasks import device_report, presence_loop
+
+    queues = worker_queues(settings, device_report()["total_memory"])
 
     stop = threading.Event()
     threading.Thread(target=presence_loop, args=(settings, name, stop), daemon=True, name="presence").start()
     try:
         app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--hostname={name}",
-                         f"--queues={settings.queue}", f"--loglevel={loglevel}", "--without-gossip",
+                         f"--queues={','.join(queues)}", f"--loglevel={loglevel}", "--without-gossip",
                          "--without-mingle", "--without-heartbeat"])
     finally:
         stop.set()

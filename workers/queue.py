@@ -29,13 +29,39 @@ def celery_app(settings: Settings):
     return _APPS[key]
 
 
+# Memory classes (GiB). A worker with M GiB consumes the base queue and every class
+# queue <= M; a run whose estimate is E goes to the smallest class >= E, so any
+# worker that takes it can hold it.
+MEMORY_CLASSES_GIB = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 141, 192, 256, 512, 1024)
+GIB = 1024 ** 3
+
+
+def queue_for_estimate(settings: Settings, estimate_bytes: Optional[int]) -> str:
+    if not estimate_bytes:
+        return settings.queue
+    for g in MEMORY_CLASSES_GIB:
+        if estimate_bytes <= g * GIB:
+            return f"{settings.queue}.m{g}"
+    return f"{settings.queue}.m{MEMORY_CLASSES_GIB[-1]}"
+
+
+def worker_queues(settings: Settings, total_memory: Optional[int]) -> list[str]:
+    """The queues a worker with `total_memory` bytes consumes."""
+    out = [settings.queue]
+    if total_memory:
+        out += [f"{settings.queue}.m{g}" for g in MEMORY_CLASSES_GIB if g * GIB <= total_memory]
+    return out
+
+
 def broker_priority(priority: int) -> int:
     """Studio priority (higher first, -5..5) to the broker's 0..9 (Redis: 0 first)."""
     return max(0, min(9, 5 - int(priority)))
 
 
-def send(settings: Settings, run_id: int, token: int, priority: int = 0) -> None:
-    celery_app(settings).send_task("studio.train_run", args=[int(run_id), int(token)], queue=settings.queue,
+def send(settings: Settings, run_id: int, token: int, priority: int = 0,
+         estimate_bytes: Optional[int] = None) -> None:
+    celery_app(settings).send_task("studio.train_run", args=[int(run_id), int(token)],
+                                   queue=queue_for_estimate(settings, estimate_bytes),
                                    priority=broker_priority(priority))
 
 
@@ -60,30 +86,31 @@ def ensure_broker_epoch(settings: Settings) -> int:
 
 def resend_queued(settings: Settings, why: str) -> int:
     with db.transaction(settings.database_url) as s:
-        rows = s.execute(select(db.Run.id, db.Run.queue_token, db.Run.priority).where(db.Run.status == "queued")
-                         .order_by(db.Run.id)).all()
-    for rid, token, prio in rows:
-        send(settings, rid, token, prio)
+        rows = s.execute(select(db.Run.id, db.Run.queue_token, db.Run.priority, db.Run.estimated_peak_bytes)
+                         .where(db.Run.status == "queued").order_by(db.Run.id)).all()
+    for rid, token, prio, est in rows:
+        send(settings, rid, token, prio, est)
     if rows:
         log.warning("re-sent %d queued run(s): %s", len(rows), why)
     return len(rows)
 
 
-def enqueue_new(settings: Settings, run_id: int, token: int, priority: int = 0) -> None:
+def enqueue_new(settings: Settings, run_id: int, token: int, priority: int = 0,
+                estimate_bytes: Optional[int] = None) -> None:
     """Send a freshly queued run, making sure the broker's epoch is set first."""
     try:
         ensure_broker_epoch(settings)
     except Exception as e:   # the send below reports a dead broker
         log.warning("broker epoch check failed: %s", e)
-    send(settings, run_id, token, priority)
+    send(settings, run_id, token, priority, estimate_bytes)
 
 
 def requeue_run(settings: Settings, run_id: int, from_statuses, reason: Optional[str] = None) -> Optional[int]:
     with db.transaction(settings.database_url) as s:
         token = db.requeue(s, run_id, from_statuses, reason=reason)
-        prio = s.execute(select(db.Run.priority).where(db.Run.id == run_id)).scalar() if token is not None else 0
+        row = s.execute(select(db.Run.priority, db.Run.estimated_peak_bytes).where(db.Run.id == run_id)).one()
     if token is not None:
-        send(settings, run_id, token, prio or 0)
+        send(settings, run_id, token, row[0] or 0, row[1])
     return token
 
 
@@ -91,9 +118,10 @@ def reap_and_requeue(settings: Settings, timeout_s: float, **kw) -> list[tuple[i
     """Fail or requeue runs whose worker died (see db.reap_stale_runs) and send the requeued ones."""
     with db.transaction(settings.database_url) as s:
         out = db.reap_stale_runs(s, timeout_s, **kw)
-        prios = {rid: s.execute(select(db.Run.priority).where(db.Run.id == rid)).scalar() for rid, _, _ in out}
+        info = {rid: s.execute(select(db.Run.priority, db.Run.estimated_peak_bytes).where(db.Run.id == rid)).one()
+                for rid, _, _ in out}
     for rid, action, token in out:
         if action == "requeued":
-            send(settings, rid, token, prios.get(rid) or 0)
+            send(settings, rid, token, info[rid][0] or 0, info[rid][1])
         log.warning("run %s: worker lost, %s", rid, action)
     return out

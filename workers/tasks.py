@@ -32,7 +32,18 @@ def worker_name() -> str:
 
 
 def device_report() -> dict:
-    """This worker's device and memory, for routing and the studio's worker list."""
+    """This worker's device and memory, for routing and the studio's worker list.
+    STUDIO_WORKER_MEMORY_GB caps the memory this worker advertises (e.g. to share a GPU)."""
+    rep = _device_report()
+    cap = os.environ.get("STUDIO_WORKER_MEMORY_GB")
+    if cap:
+        cap_bytes = int(float(cap) * 1024 ** 3)
+        rep["total_memory"] = min(rep["total_memory"] or cap_bytes, cap_bytes)
+        rep["free_memory"] = min(rep["free_memory"] or cap_bytes, cap_bytes)
+    return rep
+
+
+def _device_report() -> dict:
     import torch
 
     if torch.cuda.is_available():

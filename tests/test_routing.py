@@ -1,0 +1,82 @@
+"""Scale-out: memory-aware routing and priorities, with real Redis and worker processes."""
+
+import time
+
+import pytest
+
+from conftest import Studio, studio_env, wait_status
+from workers.queue import GIB, queue_for_estimate, worker_queues
+from workers.settings import load_settings
+
+
+def cfg(name, steps=3, **over):
+    d = {"name": name, "model": "tiny-bert", "task": "classification",
+         "dataset": {"name": "demo-sentiment", "max_rows": 100},
+         "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+         "training": {"max_steps": steps, "batch_size": 8, "max_seq_len": 32, "eval_every": 0}}
+    d.update(over)
+    return d
+
+
+def test_a_run_only_reaches_queues_of_workers_that_can_hold_it():
+    s = load_settings()
+    for est in (0.3 * GIB, 1 * GIB, 5 * GIB, 30 * GIB, 79 * GIB):
+        q = queue_for_estimate(s, int(est))
+        holders = [m for m in (2, 8, 24, 48, 80) if q in worker_queues(s, m * GIB)]
+        assert holders and all(m * GIB >= est for m in holders)
+        assert all(q not in worker_queues(s, m * GIB) for m in (2, 8, 24, 48, 80) if m * GIB < est)
+    assert queue_for_estimate(s, None) == s.queue and s.queue in worker_queues(s, None)
+
+
+@pytest.mark.redis
+def test_memory_aware_routing_and_refusal(tmp_path, redis_url):
+    env = studio_env(tmp_path, STUDIO_BROKER_URL=redis_url)
+    s = Studio(env, tmp_path)
+    try:
+        small_env = dict(env, STUDIO_WORKER_MEMORY_GB="0.5")
+        big_env = dict(env, STUDIO_WORKER_MEMORY_GB="6")
+        s.env = small_env
+        s.start_worker("small@test")
+        s.env = big_env
+        s.start_worker("big@test")
+        with s.client() as c:
+            deadline = time.monotonic() + 90
+            while len(c.get("/api/workers").json()) < 2:
+                assert time.monotonic() < deadline, s.logs()
+                time.sleep(0.5)
+            mem = {w["name"]: w["total_memory"] for w in c.get("/api/workers").json()}
+            assert mem == {"small@test": GIB // 2, "big@test": 6 * GIB}
+            ids = [c.post("/api/runs", json=cfg(f"r{i}")).json()["id"] for i in range(3)]
+            for rid in ids:
+                run = wait_status(c, rid, timeout=180)
+                assert run["status"] == "succeeded", s.logs()
+                assert run["estimated_peak_bytes"] > GIB // 2
+                assert run["worker_host"] == "big@test"   # the 0.5 GiB worker cannot hold ~1 GiB
+            huge = cfg("huge", model="smollm2-135m", task="causal_lm", dataset={"name": "demo-instruct"},
+                       method={"name": "full"}, training={"max_steps": 1, "batch_size": 64, "max_seq_len": 2048})
+            r = c.post("/api/runs", json=huge)
+            assert r.status_code == 422, r.text
+            msg = r.json()["detail"]
+            assert "memory" in msg and "big@test" in msg and "GiB" in msg
+    finally:
+        s.stop()
+
+
+@pytest.mark.redis
+def test_priorities_move_queued_runs_up_and_down(tmp_path, redis_url):
+    env = studio_env(tmp_path, STUDIO_BROKER_URL=redis_url)
+    s = Studio(env, tmp_path)
+    try:
+        with s.client() as c:
+            a, b, cc = (c.post("/api/runs", json=cfg(n)).json()["id"] for n in ("a", "b", "c"))
+            assert c.post(f"/api/runs/{cc}/priority", json={"priority": 5}).json()["priority"] == 5
+            assert c.post(f"/api/runs/{a}/priority", json={"priority": -5}).status_code == 200
+            assert c.post(f"/api/runs/{a}/priority", json={"priority": 9}).status_code == 422
+            s.start_worker("only@test")
+            runs = [wait_status(c, rid, timeout=180) for rid in (a, b, cc)]
+            assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in runs), s.logs()
+            order = sorted(runs, key=lambda r: r["started_at"])
+            assert [r["name"] for r in order] == ["c", "b", "a"], s.logs()
+            assert c.post(f"/api/runs/{a}/priority", json={"priority": 1}).status_code == 422   # not queued
+    finally:
+        s.stop()
