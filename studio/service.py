@@ -162,22 +162,43 @@ def estimate_for(cfg) -> Optional[dict]:
 
 # ------------------------------------------------------------------ runs
 
-def enqueue(settings: Settings, run_id: int, token: int = 0, priority: int = 0) -> None:
+def enqueue(settings: Settings, run_id: int, token: int = 0, priority: int = 0,
+            estimate_bytes: Optional[int] = None) -> None:
     from workers.queue import enqueue_new
 
-    enqueue_new(settings, run_id, token, priority)
+    enqueue_new(settings, run_id, token, priority, estimate_bytes)
+
+
+def check_capacity(settings: Settings, estimate_bytes: Optional[int]) -> None:
+    """Refuse a run that no connected worker can hold (with no worker connected yet,
+    the run waits for one)."""
+    if not estimate_bytes:
+        return
+    workers = [w for w in list_workers(settings) if w.get("total_memory")]
+    if not workers:
+        return
+    biggest = max(workers, key=lambda w: w["total_memory"])
+    if biggest["total_memory"] < estimate_bytes:
+        gib = 1024 ** 3
+        raise SubmitError(
+            f"memory: this run needs an estimated {estimate_bytes / gib:.2f} GiB, but the largest connected worker, "
+            f"{biggest['name']} ({biggest['device']}), has {biggest['total_memory'] / gib:.2f} GiB; lower "
+            f"training.batch_size or training.max_seq_len, pick a smaller rank or a quantized method, or connect "
+            f"a bigger worker")
 
 
 def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = None, priority: int = 0) -> int:
     """Validate, record as `queued`, and put on the queue. Returns the run id."""
     cfg = validate_config(cfg_dict)
     est = estimate_for(cfg)
+    est_bytes = (est or {}).get("rows", {}).get("total")
+    check_capacity(settings, est_bytes)
     with db.transaction(settings.database_url) as s:
         run = db.create_run(s, cfg.to_dict(), owner=owner, estimate=est,
                             estimated_peak=(est or {}).get("rows", {}).get("total"), priority=priority)
         run_id = run.id
     try:
-        enqueue(settings, run_id, 0, priority)
+        enqueue(settings, run_id, 0, priority, est_bytes)
     except Exception as e:
         with db.transaction(settings.database_url) as s:
             s.execute(db.update(db.Run).where(db.Run.id == run_id, db.Run.status == "queued").values(
@@ -275,8 +296,9 @@ def set_priority(settings: Settings, run_id: int, priority: int) -> dict:
             if run is None:
                 raise NotFound(f"run {run_id} not found")
             raise SubmitError(f"run {run_id} is {run.status}; only queued runs can be reprioritized")
-        token = s.get(db.Run, run_id).queue_token
-    send(settings, run_id, token, priority)
+        run = s.get(db.Run, run_id)
+        token, est = run.queue_token, run.estimated_peak_bytes
+    send(settings, run_id, token, priority, est)
     return {"id": run_id, "priority": priority}
 
 
