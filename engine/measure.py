@@ -53,6 +53,7 @@ class Measured:
     seconds: float
     peak_allocated: Optional[int] = None           # CUDA only
     saved: list = field(default_factory=list)      # SavedTensor, largest first (when keep_saved)
+    breakdown: dict = field(default_factory=dict)  # forward_saved, loss_chunk (bytes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,6 +104,40 @@ class SavedTensorRecorder:
         self._hooks.__exit__(*exc)
 
 
+class LossChunkProbe:
+    """Our chunked cross-entropy runs each chunk of the LM head + loss under
+    `torch.utils.checkpoint`, so autograd hides what the chunk saves and
+    recomputes it at the start of backward, while every other activation is
+    still alive. This probe wraps `engine.train.checkpoint`: before each chunk it
+    runs the chunk once on detached inputs under its own recorder and keeps the
+    largest total (`peak`): the bytes the recomputed chunk holds."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.peak = 0
+        self._orig = None
+
+    def _wrapped(self, fn, *args, **kw):
+        detached = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                    else a for a in args]
+        with torch.enable_grad(), SavedTensorRecorder(self.params) as inner:
+            out = fn(*detached)
+        self.peak = max(self.peak, inner.total_bytes)
+        inner.release()
+        del out, detached
+        return self._orig(fn, *args, **kw)
+
+    def __enter__(self):
+        from . import train
+        self._orig = train.checkpoint
+        train.checkpoint = self._wrapped
+        return self
+
+    def __exit__(self, *exc):
+        from . import train
+        train.checkpoint = self._orig
+
+
 def synthetic_batch(task: str, batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2,
                     seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """A full (unpadded) batch of random token ids: every position is real, so
@@ -144,9 +179,11 @@ def set_attention(model: nn.Module, attention: str) -> None:
 
 def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, num_labels: int = 2,
                  optimizer: str = "adamw", keep_saved: bool = False, seed: int = 0,
-                 extra_loss=None) -> Measured:
+                 extra_loss=None, backward: bool = True) -> Measured:
     """One step of our training loop (compute_loss, backward, optimizer step) on
-    `model` (a method already applied), recording the estimator's rows."""
+    `model` (a method already applied), recording the estimator's rows.
+    `backward=False` records the forward only (hidden_states and weights; the
+    gradient and optimizer rows are then 0) — what the accuracy bench needs."""
     from .methods import count_parameters
     from .train import compute_loss
 
@@ -163,18 +200,20 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with SavedTensorRecorder(params, keep=keep_saved) as rec:
+    with SavedTensorRecorder(params, keep=keep_saved) as rec, LossChunkProbe(params) as chunks:
         loss = compute_loss(model, batch, task)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
-    hidden = rec.total_bytes
+    forward_saved = rec.total_bytes
+    hidden = forward_saved + chunks.peak
     saved = rec.saved() if keep_saved else []
     rec.release()
-    loss.backward()
+    if backward:
+        loss.backward()
     del loss
     grads = tensor_bytes(p.grad for p in trainable)
     opt_bytes = 0
-    if trainable and optimizer != "none":
+    if backward and trainable and optimizer != "none":
         opt = make_optimizer(optimizer, trainable)
         opt.step()
         opt_bytes = optimizer_state_bytes(opt)
@@ -186,11 +225,13 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
         peak = torch.cuda.max_memory_allocated()
     seconds = time.perf_counter() - t0
     weights = tensor_bytes(params)
+    breakdown = {"forward_saved": forward_saved, "loss_chunk": chunks.peak}
     rows = {"cuda_context": 0, "weights": weights, "gradients": grads, "hidden_states": hidden,
             "optimizer": opt_bytes}
     rows["total"] = sum(rows.values())
     return Measured(rows=rows, n_params=n_params, n_trainable=n_trainable, batch_size=batch_size, seq_len=seq_len,
-                    device=str(device), seconds=seconds, peak_allocated=peak, saved=saved)
+                    device=str(device), seconds=seconds, peak_allocated=peak, saved=saved,
+                    breakdown=breakdown)
 
 
 def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -202,12 +243,12 @@ def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimiz
 
 
 def measure_prepared(prep, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
-                     keep_saved: bool = False) -> Measured:
+                     keep_saved: bool = False, backward: bool = True) -> Measured:
     """Measure one step of a run prepared by `engine.prepare.prepare_run`."""
     num_labels = getattr(prep.model.config, "num_labels", 2)
     return measure_step(prep.model, prep.config.task, batch_size=batch_size, seq_len=seq_len,
                         num_labels=num_labels, optimizer=optimizer, keep_saved=keep_saved,
-                        extra_loss=prep.spec.extra_loss)
+                        extra_loss=prep.spec.extra_loss, backward=backward)
 
 
 def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = None, num_labels: int = 2,
@@ -240,9 +281,9 @@ def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = 
 
 def measure(model_name: str, method: dict, *, batch_size: int = 1, seq_len: int = 128, task: Optional[str] = None,
             num_labels: int = 2, attention: str = "sdpa", optimizer: str = "adamw", loaded=None,
-            keep_saved: bool = False) -> Measured:
+            keep_saved: bool = False, backward: bool = True) -> Measured:
     """Measure one training step of `method` on `model_name` (bundled or tiny)."""
     prep = prepare_for_measure(model_name, method, task=task, num_labels=num_labels, attention=attention,
                                loaded=loaded)
     return measure_prepared(prep, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-                            keep_saved=keep_saved)
+                            keep_saved=keep_saved, backward=backward)
