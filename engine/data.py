@@ -57,23 +57,86 @@ def read_table(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
         raise DataError(f"dataset.path: {p.name} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB")
     if kind in ("csv", "json"):
         check_utf8(p)
+    else:
+        check_parquet(p, max_bytes)
+    import shutil
+    import tempfile
+
     import datasets as hf_datasets
     hf_datasets.disable_progress_bars()
+    # datasets writes an Arrow copy of the file into its cache (~/.cache/huggingface):
+    # keep that copy beside the file (the data dir for uploads) and delete it afterwards
     try:
-        ds = hf_datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True)
+        cache = tempfile.mkdtemp(prefix=".read-", dir=p.parent)
+    except OSError:
+        cache = tempfile.mkdtemp(prefix="peft-studio-read-")
+    try:
+        ds = hf_datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True,
+                                      cache_dir=cache)
+        if len(ds) == 0:
+            raise DataError(f"dataset.path: {p.name} has no rows")
+        return ds.to_list()
+    except DataError:
+        raise
     except Exception as e:   # datasets raises many types for malformed files
         raise DataError(f"dataset.path: could not read {p.name} as {kind.upper()}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    if len(ds) == 0:
-        raise DataError(f"dataset.path: {p.name} has no rows")
-    return ds.to_list()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+# a Parquet file may decompress to far more than its size (a "compression bomb")
+PARQUET_MAX_EXPANSION = 10
+
+
+def check_parquet(p: Path, max_bytes: int) -> None:
+    """A real Parquet file (magic at both ends) whose data, uncompressed, stays within
+    PARQUET_MAX_EXPANSION times the size limit; read from the footer, not the data."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+        f.seek(-4, 2)
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"dataset.path: {p.name} is not a Parquet file")
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(p).metadata
+    except Exception as e:
+        raise DataError(f"dataset.path: {p.name} is not a readable Parquet file: {type(e).__name__}") from None
+    budget = PARQUET_MAX_EXPANSION * max_bytes
+
+    def too_big(total: int):
+        return DataError(f"dataset.path: {p.name} holds over {total / 2**20:.0f} MiB of data uncompressed, "
+                         f"over {PARQUET_MAX_EXPANSION}x the limit of {max_bytes / 2**20:.0f} MiB")
+
+    # the footer's sizes catch compressed pages; dictionary / run-length encoding can
+    # expand further when decoded (4.8 KB of dictionary-encoded text decodes to 20 MB),
+    # so decode in small batches and stop as soon as the budget is spent
+    total = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if total > budget:
+        raise too_big(total)
+    total = 0
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=16):
+            total += batch.nbytes
+            if total > budget:
+                raise too_big(total)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"dataset.path: {p.name} is not a readable Parquet file: {type(e).__name__}") from None
+
+
+BINARY_MAGIC = (b"\x80", b"\x1f\x8b", b"PK", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd", b"PAR1", b"\x93NUMPY")
 
 
 def check_utf8(p: Path) -> None:
+    """UTF-8 text, not a compressed, archived, pickled or Parquet file under a text name."""
     with open(p, "rb") as f:
-        head = f.read(4)
+        head = f.read(8)
         f.seek(0)
-        if head.startswith(b"\x80") or head[:2] in (b"\x1f\x8b", b"PK"):
+        if head.startswith(BINARY_MAGIC) or b"\x00" in head:
             raise DataError(f"dataset.path: {p.name} is a binary file (compressed or pickled?), not text")
         try:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,0 +1,230 @@
+"""Load bench for the scale-out setup (issue 7), not a timed test.
+
+(a) 20 runs (tiny-bert, 3-5 steps each) queued at once against two
+    `peft-studio worker` processes on PostgreSQL + Redis: all finish, each exactly
+    once (attempts == 1, metric steps 1..n with no duplicates);
+(b) 200 concurrent GET /api/estimate (llama-2-7b, lora r 8): p50 / p95 / max latency.
+
+Uses its own PostgreSQL database (created on STUDIO_BENCH_PG_ADMIN, default
+postgresql://postgres@127.0.0.1:5432/postgres, dropped afterwards) and Redis db 12
+(flushed before and after). Prints the figures and writes bench/RESULTS-load.md.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--runs 20] [--estimates 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("STUDIO_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = "redis://127.0.0.1:6379/12"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(i: int) -> dict:
+    return {"name": f"bench-load-{i}", "model": "tiny-bert", "task": "classification",
+            "dataset": {"name": "demo-sentiment", "max_rows": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+            "training": {"max_steps": 3 + i % 3, "batch_size": 4, "max_seq_len": 32, "eval_every": 0, "seed": i}}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Procs:
+    def __init__(self, env: dict, tmp: Path):
+        self.env, self.tmp, self.procs = env, tmp, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        p = subprocess.Popen([sys.executable, "-m", "studio.cli", *args], env=self.env, cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(self.tmp.glob("*.log")))
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def bench_runs(c: httpx.Client, n: int, timeout: float) -> dict:
+    t0 = time.perf_counter()
+    ids = []
+    for i in range(n):
+        r = c.post("/api/runs", json=run_config(i))
+        r.raise_for_status()
+        ids.append(r.json()["id"])
+    t_submit = time.perf_counter() - t0
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {rid: c.get(f"/api/runs/{rid}").json() for rid in ids}
+        if all(r["status"] in ("succeeded", "failed", "cancelled") for r in runs.values()):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError({k: v["status"] for k, v in runs.items()})
+        time.sleep(1)
+    wall = time.perf_counter() - t0
+    problems, per_worker = [], {}
+    for i, rid in enumerate(ids):
+        run, steps = runs[rid], 3 + i % 3
+        metric_steps = [m["step"] for m in c.get(f"/api/runs/{rid}/metrics").json()]
+        if run["status"] != "succeeded":
+            problems.append(f"run {rid}: {run['status']} {run['error']}")
+        if run["attempts"] != 1:
+            problems.append(f"run {rid}: attempts {run['attempts']}")
+        if metric_steps != list(range(1, steps + 1)):
+            problems.append(f"run {rid}: metric steps {metric_steps}")
+        per_worker[run["worker_host"]] = per_worker.get(run["worker_host"], 0) + 1
+    durations = [runs[rid]["duration_s"] or 0.0 for rid in ids]
+    return {"n": n, "submit_s": t_submit, "wall_s": wall, "problems": problems, "per_worker": per_worker,
+            "succeeded": sum(r["status"] == "succeeded" for r in runs.values()),
+            "exactly_once": sum(r["attempts"] == 1 for r in runs.values()),
+            "train_s_median": statistics.median(durations)}
+
+
+def bench_estimates(url: str, n: int) -> dict:
+    params = {"model": "llama-2-7b", "method": "lora", "r": 8}
+    with httpx.Client(base_url=url, timeout=120) as c:   # warm-up (imports, catalog) not counted
+        r = c.get("/api/estimate", params=params)
+        if r.status_code != 200:
+            return {"error": f"{r.status_code}: {r.text[:300]}"}
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    with httpx.Client(base_url=url, timeout=120, limits=limits) as c:
+        def one(_):
+            t = time.perf_counter()
+            r = c.get("/api/estimate", params=params)
+            return (time.perf_counter() - t) * 1000, r.status_code
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=n) as ex:
+            res = list(ex.map(one, range(n)))
+        wall = time.perf_counter() - t0
+    lat = [ms for ms, _ in res]
+    return {"n": n, "ok": sum(s == 200 for _, s in res), "statuses": sorted({s for _, s in res}),
+            "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "max_ms": max(lat), "wall_s": wall,
+            "rps": n / wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--estimates", type=int, default=200)
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args()
+
+    import psycopg
+    import redis
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    db_name = f"studio_bench_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    admin.execute(f'CREATE DATABASE "{db_name}"')
+    pg_url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{db_name}"
+    rds = redis.Redis.from_url(REDIS_URL)
+    rds.flushdb()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    env = os.environ.copy()
+    env.update({"STUDIO_DATA_DIR": str(tmp / "data"), "STUDIO_DATABASE_URL": pg_url, "STUDIO_BROKER_URL": REDIS_URL,
+                "STUDIO_HEARTBEAT_INTERVAL": "1", "STUDIO_HEARTBEAT_TIMEOUT": "30", "PYTHONUNBUFFERED": "1",
+                "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false",
+                "STUDIO_MODEL_CACHE": env.get("STUDIO_MODEL_CACHE", str(REPO / ".cache" / "models"))})
+    for k in ("STUDIO_USERS", "STUDIO_USERS_FILE"):
+        env.pop(k, None)
+    procs = Procs(env, tmp)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve = procs.start("serve", "serve", "--port", str(port), "--no-worker")
+        wait_http(url + "/api/health", serve)
+        procs.start("worker-w1", "worker", "--name", "w1@bench")
+        procs.start("worker-w2", "worker", "--name", "w2@bench")
+        with httpx.Client(base_url=url, timeout=120) as c:
+            runs = bench_runs(c, args.runs, args.timeout)
+        est = bench_estimates(url, args.estimates)
+    except Exception:
+        print(procs.logs(), file=sys.stderr)
+        raise
+    finally:
+        procs.stop()
+        admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db_name}'")
+        admin.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
+        admin.close()
+        rds.flushdb()
+        rds.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+    lines = [f"(a) {runs['n']} runs queued at once, 2 workers, PostgreSQL + Redis: "
+             f"{runs['succeeded']}/{runs['n']} succeeded, {runs['exactly_once']}/{runs['n']} exactly once "
+             f"(attempts == 1, metric steps 1..n); per worker {runs['per_worker']}; "
+             f"submit {runs['submit_s']:.1f} s, all finished after {runs['wall_s']:.1f} s, "
+             f"median training time per run {runs['train_s_median']:.2f} s",
+             "    problems: " + ("; ".join(runs["problems"]) or "none")]
+    if "error" in est:
+        lines.append(f"(b) GET /api/estimate: not measured, the endpoint answered {est['error']}")
+    else:
+        lines.append(f"(b) {est['n']} concurrent GET /api/estimate (llama-2-7b, lora r 8): "
+                     f"{est['ok']}/{est['n']} ok (statuses {est['statuses']}); latency p50 {est['p50_ms']:.0f} ms, "
+                     f"p95 {est['p95_ms']:.0f} ms, max {est['max_ms']:.0f} ms; {est['rps']:.0f} requests/s")
+    print("\n".join(lines))
+    out = REPO / "bench" / "RESULTS-load.md"
+    out.write_text(f"# Load bench (bench/load.py)\n\n{when}; {machine}.\n"
+                   f"One `peft-studio serve --no-worker` (uvicorn, one process) and two `peft-studio worker` "
+                   f"processes on the same machine.\n\n```\n" + "\n".join(lines) + "\n```\n")
+    return 0 if not runs["problems"] and est.get("ok") == est.get("n") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
