@@ -141,39 +141,109 @@ def read_metadata(adapter_dir: str | Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def load_peft_lora_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
-    """Import a peft-format LoRA adapter (ours or peft's) into a plain base model:
-    injects LoRA layers per adapter_config.json and loads the tensors."""
-    from .methods.lora import LoraConfig, LoraLinear, apply_lora
-    from .methods import ApplyContext
-
-    d = Path(adapter_dir)
+def read_peft_config(d: Path) -> dict:
     try:
         cfg = json.loads((d / PEFT_CONFIG).read_text())
     except FileNotFoundError:
         raise AdapterError(f"{d}: no {PEFT_CONFIG}") from None
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{d}: {PEFT_CONFIG} is not valid JSON: {e}") from None
     if not (d / PEFT_WEIGHTS).exists():
         raise AdapterError(f"{d}: no {PEFT_WEIGHTS} (pickled adapter_model.bin files are not loaded)")
-    targets = cfg["target_modules"]
-    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0,
-                      target_modules=targets if isinstance(targets, str) else list(targets))
-    task = "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
-    apply_lora(model, lcfg, ApplyContext(task=task, seed=seed))
-    load_peft_tensors(model, load_file(str(d / PEFT_WEIGHTS)))
+    return cfg
+
+
+def task_of_peft_config(cfg: dict) -> str:
+    return "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+
+
+def lora_config_from_peft(cfg: dict):
+    """Our LoRA/DoRA config for a peft LORA adapter_config.json (rank, alpha,
+    rsLoRA, DoRA, rank_pattern, alpha_pattern, target modules)."""
+    from .methods.dora import DoraConfig
+    from .methods.lora import LoraConfig
+
+    unsupported = [k for k in ("layers_to_transform", "layer_replication", "target_parameters") if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if cfg.get("lora_bias"):
+        unsupported.append("lora_bias")
+    if unsupported:
+        raise AdapterError(f"peft LoRA adapter uses options the engine does not import: {', '.join(unsupported)}")
+    targets = cfg.get("target_modules")
+    if not targets:
+        raise AdapterError("adapter_config.json: no target_modules")
+    cls = DoraConfig if cfg.get("use_dora") else LoraConfig
+    try:
+        return cls(r=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]), dropout=0.0,
+                   target_modules=targets if isinstance(targets, str) else list(targets),
+                   use_rslora=bool(cfg.get("use_rslora")), rank_pattern=cfg.get("rank_pattern") or {},
+                   alpha_pattern=cfg.get("alpha_pattern") or {})
+    except Exception as e:   # pydantic ValidationError or bad values
+        raise AdapterError(f"adapter_config.json: {e}") from None
+
+
+def load_peft_lora_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
+    """Import a peft-format LoRA adapter (ours or peft's; rsLoRA, DoRA,
+    rank_pattern/alpha_pattern, Conv1D fan-in/fan-out) into a plain base model:
+    injects the layers per adapter_config.json and loads the tensors strictly."""
+    from .methods import ApplyContext
+    from .methods.dora import apply_dora
+    from .methods.lora import apply_lora
+
+    d = Path(adapter_dir)
+    cfg = read_peft_config(d)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    lcfg = lora_config_from_peft(cfg)
+    ctx = ApplyContext(task=task_of_peft_config(cfg), seed=seed)
+    (apply_dora if cfg.get("use_dora") else apply_lora)(model, lcfg, ctx)
+    load_peft_tensors(model, load_file(str(d / PEFT_WEIGHTS)), require_all=True)
     return model
 
 
-def load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_peft_ia3_into(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Import a peft-format IA3 adapter into a plain base model."""
+    from .methods import ApplyContext
+    from .methods.ia3 import IA3Config, apply_ia3
+
+    d = Path(adapter_dir)
+    cfg = read_peft_config(d)
+    if cfg.get("peft_type") != "IA3":
+        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not IA3")
+    t, ff = cfg.get("target_modules"), cfg.get("feedforward_modules") or []
+    icfg = IA3Config(target_modules=t if isinstance(t, str) else list(t),
+                     feedforward_modules=ff if isinstance(ff, str) else list(ff))
+    apply_ia3(model, icfg, ApplyContext(task=task_of_peft_config(cfg)))
+    load_peft_tensors(model, load_file(str(d / PEFT_WEIGHTS)), require_all=True)
+    return model
+
+
+def load_peft_adapter_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
+    """Import a peft LoRA / DoRA / IA3 adapter by its peft_type."""
+    cfg = read_peft_config(Path(adapter_dir))
+    if cfg.get("peft_type") == "IA3":
+        return load_peft_ia3_into(model, adapter_dir)
+    return load_peft_lora_into(model, adapter_dir, seed)
+
+
+ADAPTER_PARAM_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")
+
+
+def load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], require_all: bool = False) -> None:
     """Copy peft-keyed tensors (`base_model.model.<path>`; `.lora_A.weight` or
-    `.lora_A.default.weight`) into the model's parameters, strictly."""
+    `.lora_A.default.weight`) into the model's parameters, strictly: every tensor
+    must fit a parameter and, with `require_all`, every adapter parameter of the
+    model must receive a tensor."""
     params = dict(model.named_parameters())
     missing = []
+    loaded = set()
     with torch.no_grad():
         for key, value in tensors.items():
             name = key.removeprefix("base_model.model.").replace(".default.", ".")
             name = name.replace(".modules_to_save.", ".")
+            if name.endswith(".default"):
+                name = name[: -len(".default")]
             if name not in params:
                 missing.append(key)
                 continue
@@ -181,8 +251,13 @@ def load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
                 raise AdapterError(f"tensor {key}: shape {tuple(value.shape)} does not fit "
                                    f"{name} {tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
+            loaded.add(name)
     if missing:
         raise AdapterError(f"adapter tensors match nothing in the model: {missing[:5]}")
+    if require_all:
+        unset = [n for n in params if any(m in n + "." for m in ADAPTER_PARAM_MARKERS) and n not in loaded]
+        if unset:
+            raise AdapterError(f"adapter lacks tensors for {len(unset)} adapter parameters, e.g. {unset[:3]}")
 
 
 def load_own_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
@@ -227,6 +302,11 @@ def merged_model_files(prep: Prepared) -> Path:
     if not prep.spec.mergeable or prep.spec.merge is None:
         raise AdapterError(f"method {prep.spec.name!r} cannot be merged into the base weights")
     prep.spec.merge(prep.model)
+    leftovers = [n for n, m in prep.model.named_modules() if hasattr(m, "unwrap_merged") or hasattr(m, "base_layer")]
+    if leftovers:
+        raise AdapterError(f"method {prep.spec.name!r}: merge left adapter layers in place: {leftovers[:3]}")
+    for p in prep.model.parameters():
+        p.requires_grad_(False)
     tmp = Path(tempfile.mkdtemp(prefix="merged-"))
     try:
         prep.model.save_pretrained(tmp, safe_serialization=True)

@@ -282,6 +282,8 @@ COUNT_METHODS = [
     {"name": "lora", "r": 8},
     {"name": "lora", "r": 4, "target_modules": "all-linear", "rank_pattern": {"v_proj|value": 2}},
     {"name": "lora", "r": 4, "target_modules": "all-linear", "random_rank": [1, 12], "random_rank_seed": 5},
+    {"name": "lora", "r": 2, "target_modules": r".*\.(q_proj|query|down_proj|output\.dense)"},
+    {"name": "lora", "r": 3, "use_rslora": True, "target_modules": r".*(k_proj|up_proj|key|intermediate\.dense)"},
     {"name": "dora", "r": 4},
     {"name": "adalora", "init_r": 6, "target_r": 2},
     {"name": "qlora", "r": 4, "target_modules": "all-linear"},
