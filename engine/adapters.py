@@ -45,14 +45,23 @@ def base_model_id(prep: Prepared) -> str:
     return str(getattr(prep.model.config, "name_or_path", "") or prep.config.model)
 
 
-def head_tensors(prep: Prepared) -> dict[str, torch.Tensor]:
+PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+
+
+def head_prefix(peft_type: str) -> str:
+    """Where peft keeps modules_to_save: prompt-learning PeftModels wrap the model
+    directly (`base_model.<head>`), tuner-based ones one level deeper."""
+    return "base_model." if peft_type in PROMPT_LEARNING_TYPES else "base_model.model."
+
+
+def head_tensors(prep: Prepared, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
     """Classification-head weights under peft's modules_to_save keys."""
     if prep.config.task != "classification" or not prep.spec.trains_head:
         return {}
     out = {}
     for name, head in head_modules(prep.model):
         for pname, p in head.named_parameters():
-            out[f"base_model.model.{name}.{pname}"] = p.detach()
+            out[f"{prefix}{name}.{pname}"] = p.detach()
     return out
 
 
@@ -78,9 +87,13 @@ def adapter_files(prep: Prepared) -> dict[str, bytes]:
         cfg.setdefault("task_type", TASK_TYPES[prep.config.task])
         cfg["base_model_name_or_path"] = base_model_id(prep)
         tensors = dict(exp.tensors)
-        heads = head_tensors(prep)
+        prefix = head_prefix(str(cfg.get("peft_type", "")))
+        heads = head_tensors(prep, prefix)
         if heads:
-            cfg["modules_to_save"] = sorted({k.split(".")[2] for k in heads})
+            cfg["modules_to_save"] = sorted({k[len(prefix):].split(".")[0] for k in heads})
+            # a method may have written its head under another prefix: keep only peft's
+            tensors = {k: v for k, v in tensors.items()
+                       if not any(k.endswith(h[len(prefix) - 1:]) and k not in heads for h in heads)}
             tensors.update(heads)
         files[PEFT_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
         files[PEFT_WEIGHTS] = safetensors_bytes(tensors)

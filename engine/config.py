@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetConfig(_Strict):
@@ -46,7 +46,7 @@ class DatasetConfig(_Strict):
 
 class TrainingConfig(_Strict):
     max_steps: Optional[int] = Field(30, gt=0, le=10_000_000)
-    epochs: Optional[float] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0, le=10_000)
     batch_size: int = Field(8, gt=0, le=4096)
     grad_accum: int = Field(1, gt=0, le=1024)
     learning_rate: float = Field(5e-4, gt=0, le=10)

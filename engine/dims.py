@@ -41,6 +41,7 @@ class ModelDims:
     mlp_bias: bool = False
     norm: str = "rmsnorm"          # "rmsnorm" (weight only) | "layernorm" (weight + bias)
     arch: Optional[Arch] = None
+    num_labels: int = 2            # classification head width
 
     @property
     def kv_dim(self) -> int:

@@ -25,6 +25,8 @@ measured accuracy (bench/estimator_accuracy.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -923,9 +925,8 @@ def estimate(model: Union[str, dict], method: Union[dict, Any], *, batch_size: i
 
     cfg = load_model_config(model)
     dims = model_dims(cfg)
-    # ModelDims has no num_labels field; count_trainable implementations that count the
-    # classification head themselves (`full`) read getattr(dims, "num_labels", 2)
-    object.__setattr__(dims, "num_labels", num_labels)
+    # count_trainable implementations that count the classification head themselves (`full`) read it
+    dims = dataclasses.replace(dims, num_labels=num_labels)
     task = task or default_task(dims)
     mcfg = _method(method)
     spec = get_method(mcfg.name)

@@ -189,7 +189,7 @@ def check_capacity(settings: Settings, estimate_bytes: Optional[int]) -> None:
 
 def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = None, priority: int = 0) -> int:
     """Validate, record as `queued`, and put on the queue. Returns the run id."""
-    cfg = validate_config(cfg_dict)
+    cfg = validate_config(cfg_dict, settings)
     est = estimate_for(cfg)
     est_bytes = (est or {}).get("rows", {}).get("total")
     check_capacity(settings, est_bytes)

@@ -761,7 +761,7 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
 
         def on_preview(*vals):
             try:
-                cfg = service.validate_config(build_config(form_dict(list(vals), method_keys)))
+                cfg = service.validate_config(build_config(form_dict(list(vals), method_keys)), settings)
             except (service.SubmitError, ValueError) as e:
                 return gr.update(visible=False), f"✗ {e}"
             return gr.update(value=cfg.to_yaml(), visible=True), "Config is valid."
@@ -780,7 +780,7 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
             try:
                 cfgs = sweep_configs(form_dict(list(vals), method_keys), text)
                 for c in cfgs:   # validate all before queuing any
-                    service.validate_config(c)
+                    service.validate_config(c, settings)
             except (service.SubmitError, ValueError) as e:
                 return f"✗ {e}"
             ids = [service.submit_run(settings, c, owner=who(request)) for c in cfgs]
