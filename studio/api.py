@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -22,13 +23,30 @@ def run_config_schema() -> dict:
     return RunConfig.model_json_schema()
 
 
+@functools.lru_cache(maxsize=4096)
+def cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, formula, optimizer,
+                    grad_checkpointing, task) -> dict:
+    """GET /api/estimate's answer, memoized: the UI asks the same few questions on
+    every form change (errors are not cached)."""
+    from engine.estimator import estimate
+
+    m: dict = {"name": method}
+    if r is not None:
+        m["r"] = r
+    if target_modules:
+        m["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
+    return estimate(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant, formula=formula,
+                    optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                    **({"task": task} if task else {})).to_json()
+
+
 def build_api(settings: Settings, current_user=None) -> FastAPI:
     """The /api application. `current_user(request) -> Optional[str]` names the
     user (None when login is off); it raises 401 itself when login is on."""
     api = FastAPI(title="PEFT Studio API", version="0.1.0", openapi_url="/openapi.json", docs_url="/docs",
                   redoc_url=None)
 
-    def user(request: Request) -> Optional[str]:
+    async def user(request: Request) -> Optional[str]:
         return current_user(request) if current_user else None
 
     is_admin = getattr(getattr(current_user, "__self__", None), "is_admin", lambda _u: False)
@@ -150,20 +168,18 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         return {"id": run_id, "deleted": True}
 
     @api.get("/estimate")
-    def estimate(model: str = Query(..., min_length=1, max_length=500),
-                 method: str = Query(..., min_length=1, max_length=40),
-                 r: Optional[int] = Query(None, ge=1, le=4096),
-                 target_modules: Optional[str] = Query(None, max_length=1000),
-                 batch: int = Query(1, ge=1, le=65536), seq: int = Query(512, ge=1, le=1048576),
-                 dtype: Literal["fp32", "fp16", "bf16"] = "bf16",
-                 quant: Literal["none", "nf4", "nf4-dq"] = "none",
-                 formula: Literal["slide", "appendix", "model"] = "model",
-                 optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
-                 grad_checkpointing: bool = False,
-                 task: Optional[Literal["classification", "causal_lm"]] = None,
-                 u: Optional[str] = Depends(user)) -> dict:
-        from engine.estimator import estimate as run_estimate
-
+    async def estimate(model: str = Query(..., min_length=1, max_length=500),
+                       method: str = Query(..., min_length=1, max_length=40),
+                       r: Optional[int] = Query(None, ge=1, le=4096),
+                       target_modules: Optional[str] = Query(None, max_length=1000),
+                       batch: int = Query(1, ge=1, le=65536), seq: int = Query(512, ge=1, le=1048576),
+                       dtype: Literal["fp32", "fp16", "bf16"] = "bf16",
+                       quant: Literal["none", "nf4", "nf4-dq"] = "none",
+                       formula: Literal["slide", "appendix", "model"] = "model",
+                       optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
+                       grad_checkpointing: bool = False,
+                       task: Optional[Literal["classification", "causal_lm"]] = None,
+                       u: Optional[str] = Depends(user)) -> dict:
         # hostile input: the estimator reads any config.json it is pointed at; a path is
         # only read under the allowed model roots (STUDIO_MODEL_ROOTS), like a run's model
         if "/" in model or "\\" in model or model.startswith((".", "~")) or "\x00" in model:
@@ -175,20 +191,13 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
             if not any(real == r or r in real.parents for r in roots):
                 raise HTTPException(422, f"model: {model[:200]!r} is outside the allowed model roots; "
                                          f"set STUDIO_MODEL_ROOTS")
-        m: dict = {"name": method}
-        if r is not None:
-            m["r"] = r
-        if target_modules:
-            m["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
         try:
-            est = run_estimate(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant, formula=formula,
-                               optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                               **({"task": task} if task else {}))
+            return cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, formula, optimizer,
+                                   grad_checkpointing, task)
         except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
             raise HTTPException(422, str(e))
         except OSError as e:   # fuzzing: a 500-character name raised ENAMETOOLONG (a 500)
             raise HTTPException(422, f"model: cannot be read ({e.strerror or e})")
-        return est.to_json()
 
     @api.post("/datasets", status_code=201)
     def upload_dataset(file: UploadFile = File(...), u: Optional[str] = Depends(user)) -> dict:

@@ -113,7 +113,9 @@ def test_killed_embedded_worker_fails_its_run_and_is_restarted(studio):
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_redis_and_postgres_with_separate_workers(tmp_path, pg_url, redis_url):
-    env = studio_env(tmp_path, STUDIO_DATABASE_URL=pg_url, STUDIO_BROKER_URL=redis_url)
+    secret = "s3cret-Pw"   # the local server trusts loopback; the password must still never be logged
+    url = pg_url.replace("postgres@", f"postgres:{secret}@")
+    env = studio_env(tmp_path, STUDIO_DATABASE_URL=url, STUDIO_BROKER_URL=redis_url)
     s = Studio(env, tmp_path)
     try:
         s.start_worker("w1@test")
@@ -131,5 +133,7 @@ def test_redis_and_postgres_with_separate_workers(tmp_path, pg_url, redis_url):
             s.workers[0].send_signal(signal.SIGKILL)
             run = wait_status(c, rid, timeout=60)
             assert run["status"] == "failed" and "heartbeat" in run["error"], run
+            assert "postgres:***@" in s.logs() and secret not in s.logs()
+            assert secret not in json.dumps(c.get("/api/runs").json())
     finally:
         s.stop()

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..arch import arch_of, set_submodule
 from .base import ApplyContext, MethodConfig, freeze_all
-from .targeting import is_conv1d, linear_like, resolve_targets, resolve_targets_in_dims
+from .targeting import check_target_list, is_conv1d, linear_like, resolve_targets, resolve_targets_in_dims
 from .lora import dense_weight, layer_compute_dtype, layer_features
 
 
@@ -47,9 +47,7 @@ class AdaLoraConfig(MethodConfig):
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("must name at least one module")
-        return v
+        return check_target_list(v)
 
     @model_validator(mode="after")
     def _budget(self):

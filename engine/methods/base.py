@@ -81,3 +81,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return total, trainable
+
+
+class WrapsBaseLayer:
+    """Mixin for a module that wraps a frozen layer as `self.base_layer` and must still
+    look like it to code that reads `.weight` / `.bias` (transformers' init and dtype
+    checks, tied-weight lookups)."""
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..arch import Arch, arch_of, blocks, set_submodule
-from .base import ApplyContext, MethodConfig, freeze_all
+from .base import WrapsBaseLayer, ApplyContext, MethodConfig, freeze_all
 
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -124,7 +124,7 @@ def bottleneck_params(dim: int, width: int) -> int:
     return 2 * dim * width + width + dim
 
 
-class SerialAdapter(nn.Module):
+class SerialAdapter(WrapsBaseLayer, nn.Module):
     """A projection followed by a residual bottleneck adapter: y = base(x); y + adapter(y)."""
 
     def __init__(self, base: nn.Module, adapter: Bottleneck):
@@ -132,13 +132,6 @@ class SerialAdapter(nn.Module):
         self.base_layer = base
         self.adapter = adapter
 
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)

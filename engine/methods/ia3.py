@@ -28,7 +28,7 @@ from torch import nn
 from ..arch import arch_of, set_submodule
 from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
 from .lora import base_linear_names, layer_features
-from .targeting import (TargetModulesError, is_conv1d, linear_like, peft_target_list, resolve_targets,
+from .targeting import (check_target_list, TargetModulesError, is_conv1d, linear_like, peft_target_list, resolve_targets,
                         resolve_targets_in_dims, select_names)
 
 DEFAULTS = {
@@ -48,9 +48,7 @@ class IA3Config(MethodConfig):
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("must name at least one module")
-        return v
+        return check_target_list(v)
 
 
 class IA3Linear(nn.Module):

@@ -36,8 +36,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
-from .targeting import is_conv1d, linear_like, peft_target_list, resolve_targets, resolve_targets_in_dims
+from .base import WrapsBaseLayer, ApplyContext, MethodConfig, PeftExport, freeze_all
+from .targeting import (check_target_list, is_conv1d, linear_like, peft_target_list, resolve_targets,
+                        resolve_targets_in_dims)
 
 Init = Literal["kaiming", "gaussian", "pissa"]
 
@@ -60,11 +61,7 @@ class LoraConfig(MethodConfig):
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("must name at least one module")
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("must not be empty")
-        return v
+        return check_target_list(v)
 
     @field_validator("rank_pattern")
     @classmethod
@@ -159,7 +156,7 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_conv1d(base) else base.weight
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrapsBaseLayer, nn.Module):
     """A linear layer with a low-rank residual: y = base(x) + s * B(A(dropout(x)))."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, *,
@@ -191,13 +188,6 @@ class LoraLinear(nn.Module):
     def out_features(self):
         return layer_features(self.base_layer)[1]
 
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str) -> None:

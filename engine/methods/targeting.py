@@ -156,3 +156,13 @@ def peft_target_list(all_names: Sequence[str], chosen: Sequence[str]) -> list[st
     if selected == set(chosen):
         return shorts
     return sorted(chosen)
+
+
+def check_target_list(v):
+    """Validator body shared by every config with `target_modules`: an empty list or
+    string names nothing (None means the architecture's default)."""
+    if isinstance(v, list) and not v:
+        raise ValueError("must name at least one module")
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("must not be empty")
+    return v
