@@ -81,6 +81,8 @@ def build_api(settings: Settings, current_user=None) -> FastAPI:
         # parsing the body"; every 4xx detail names the field, so say "body: ..."
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             exc = StarletteHTTPException(400, "body: not valid JSON", headers=exc.headers)
+        elif exc.status_code == 400 and isinstance(exc.detail, str) and "multipart" in exc.detail.lower():
+            exc = StarletteHTTPException(400, f"file: {exc.detail[0].lower()}{exc.detail[1:]}", headers=exc.headers)
         return await http_exception_handler(req, exc)
 
     @api.exception_handler(service.SubmitError)

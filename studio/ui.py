@@ -625,6 +625,9 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
                 with gr.Row(elem_classes=["runs-actions"]):
                     run_id = gr.Number(label="Selected run id", precision=0, elem_id="run-id", scale=1)
                     cancel_btn = gr.Button("Cancel", elem_id="cancel", variant="stop")
+                    resume_btn = gr.Button("Resume", elem_id="resume")
+                    up_btn = gr.Button("Priority ↑", elem_id="priority-up")
+                    down_btn = gr.Button("Priority ↓", elem_id="priority-down")
                     clone_btn = gr.Button("Clone into Launch", elem_id="clone")
                     delete_btn = gr.Button("Delete", elem_id="delete")
                     dl_btn = gr.DownloadButton("Download adapter", value=None, interactive=False,
@@ -642,6 +645,7 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
                                           autoscroll=True)
                 table_sig = gr.State(None)
                 run_sig = gr.State(None)
+                workers_md = gr.Markdown(elem_id="workers")
 
             # ====================================================== Compare
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
@@ -888,6 +892,48 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
                 return f"✗ {e}"
             return f"Run {int(rid)}: {st if st != 'running' else 'stopping at the next step'}"
         cancel_btn.click(on_cancel, run_id, run_md)
+
+        def run_action(rid, request, action):
+            """Resume / reprioritize the selected run, with the service's error as the message."""
+            if not rid:
+                return "Select a run first."
+            try:
+                run = service.get_run(settings, int(rid))
+                if not may_see(run, request):
+                    raise service.NotFound(f"run {int(rid)} not found")
+                if action == "resume":
+                    r = service.resume_run(settings, int(rid))
+                    return f"Run {int(rid)} queued again; it continues from step {r['from_step']}."
+                prio = max(-5, min(5, int(run.get("priority") or 0) + (1 if action == "up" else -1)))
+                service.set_priority(settings, int(rid), prio)
+                return f"Run {int(rid)}: priority {prio} (higher runs first)."
+            except (service.NotFound, service.SubmitError) as e:
+                return f"✗ {e}"
+
+        def on_resume(rid, request: gr.Request = None):
+            return run_action(rid, request, "resume")
+
+        def on_up(rid, request: gr.Request = None):
+            return run_action(rid, request, "up")
+
+        def on_down(rid, request: gr.Request = None):
+            return run_action(rid, request, "down")
+        resume_btn.click(on_resume, run_id, run_md)
+        up_btn.click(on_up, run_id, run_md)
+        down_btn.click(on_down, run_id, run_md)
+
+        def show_workers():
+            ws = service.list_workers(settings)
+            if not ws:
+                return "**Workers:** none connected yet."
+            gib = 1024 ** 3
+            rows = "\n".join(f"| {w['name']} | {w['device']} | "
+                              f"{(w['total_memory'] or 0) / gib:.1f} GiB | {(w['free_memory'] or 0) / gib:.1f} GiB | "
+                              f"{w['heartbeat_at']} |" for w in ws)
+            return ("**Connected workers**\n\n| worker | device | memory | free | last heartbeat (UTC) |\n"
+                    "|---|---|---|---|---|\n" + rows)
+        demo.load(show_workers, None, workers_md)
+        gr.Timer(10.0).tick(show_workers, None, workers_md, show_progress="hidden")
 
         def on_delete(rid, request: gr.Request = None):
             if not rid:
