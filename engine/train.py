@@ -106,25 +106,66 @@ def causal_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy of `h @ weight.T` without keeping the logits:
+    each chunk's logits are made, turned into the loss and into the gradients for h
+    (and for the weight, when it trains) right away, and dropped. Backward only
+    scales the stored gradients, so nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk):
+        n = y.numel()
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            logits = (hc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            p = torch.exp(logits - lse[:, None])                      # softmax, in place of the logits
+            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0
+            p /= n
+            if grad_h is not None:
+                grad_h[i:i + chunk] = (p.to(w.dtype) @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += p.t() @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
 def chunked_causal_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy without keeping the full fp32 logits: the head is
-    applied to LOSS_CHUNK tokens at a time and recomputed in backward."""
+    """Next-token cross-entropy without materializing all fp32 logits: LOSS_CHUNK
+    tokens at a time, with gradients computed in the same pass (no recompute)."""
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != -100
-    h, y = h[keep], y[keep]
-    n = y.numel()
-    if n == 0:
+    if not bool(keep.all()):
+        h, y = h[keep], y[keep]
+    if y.numel() == 0:
         return hidden.sum() * 0.0
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        return _LinearCrossEntropy.apply(h, lm_head.weight, y, LOSS_CHUNK)
+    total = hidden.new_zeros((), dtype=torch.float32)     # heads with a bias or wrappers: recompute per chunk
 
     def piece(hc, yc):
         return F.cross_entropy(lm_head(hc).float(), yc, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, LOSS_CHUNK):
+    for i in range(0, y.numel(), LOSS_CHUNK):
         hc, yc = h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK]
         total = total + (checkpoint(piece, hc, yc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, yc))
-    return total / n
+    return total / y.numel()
 
 
 def compute_loss(model: nn.Module, batch: dict, task: str) -> torch.Tensor:

@@ -196,3 +196,35 @@ def test_playground_shows_base_and_adapter_side_by_side(page, served):
     wait_text(page, "#pg-msg", rf"Run {rid} · classification", timeout_s=60)
     for sel in ("#pg-base-label", "#pg-adapter-label"):
         wait_text(page, sel, r"(positive|negative)")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_the_ui_on_postgres_and_redis_with_a_separate_worker(browser, tmp_path, pg_url, redis_url):
+    """The same form-to-succeeded path on the scale-out setup, and the worker list."""
+    s = Studio(studio_env(tmp_path, STUDIO_DATABASE_URL=pg_url, STUDIO_BROKER_URL=redis_url), tmp_path)
+    try:
+        s.start_worker("gpu-box-1@test")
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = ctx.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        page.goto(s.url + "/")
+        page.wait_for_selector("#estimate-plot .js-plotly-plot")
+        page.locator("#run-name").get_by_role("textbox").fill("pg-redis-form")
+        page.locator("#max-steps input").fill("6")
+        page.locator("#launch").click()
+        rid = int(re.search(r"Run (\d+) queued", wait_text(page, "#launch-msg", r"Run \d+ queued")).group(1))
+        open_tab(page, "Runs")
+        row = page.locator("#runs-table [role=row]", has_text="pg-redis-form").first
+        deadline = time.monotonic() + 180
+        while "succeeded" not in row.inner_text():
+            assert "failed" not in row.inner_text(), s.logs()
+            assert time.monotonic() < deadline, s.logs()
+            time.sleep(1)
+        wait_text(page, "#workers", r"gpu-box-1@test", timeout_s=40)
+        with s.client() as c:
+            run = c.get(f"/api/runs/{rid}").json()
+            assert run["worker_host"] == "gpu-box-1@test" and run["status"] == "succeeded"
+        ctx.close()
+    finally:
+        s.stop()
