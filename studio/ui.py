@@ -880,27 +880,17 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
         demo.load(restore_selection, selected_store, run_id)
         demo.load(show_run, view_inputs, run_outs)
 
-        def on_cancel(rid, request: gr.Request = None):
-            if not rid:
-                return "Select a run first."
-            try:
-                run = service.get_run(settings, int(rid))
-                if not may_see(run, request):
-                    raise service.NotFound(f"run {int(rid)} not found")
-                st = service.cancel_run(settings, int(rid))
-            except service.NotFound as e:
-                return f"✗ {e}"
-            return f"Run {int(rid)}: {st if st != 'running' else 'stopping at the next step'}"
-        cancel_btn.click(on_cancel, run_id, run_md)
-
         def run_action(rid, request, action):
-            """Resume / reprioritize the selected run, with the service's error as the message."""
+            """Cancel / resume / reprioritize the selected run; the service's error is the message."""
             if not rid:
                 return "Select a run first."
             try:
                 run = service.get_run(settings, int(rid))
                 if not may_see(run, request):
                     raise service.NotFound(f"run {int(rid)} not found")
+                if action == "cancel":
+                    st = service.cancel_run(settings, int(rid))
+                    return f"Run {int(rid)}: {st if st != 'running' else 'stopping at the next step'}"
                 if action == "resume":
                     r = service.resume_run(settings, int(rid))
                     return f"Run {int(rid)} queued again; it continues from step {r['from_step']}."
@@ -909,6 +899,10 @@ def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
                 return f"Run {int(rid)}: priority {prio} (higher runs first)."
             except (service.NotFound, service.SubmitError) as e:
                 return f"✗ {e}"
+
+        def on_cancel(rid, request: gr.Request = None):
+            return run_action(rid, request, "cancel")
+        cancel_btn.click(on_cancel, run_id, run_md)
 
         def on_resume(rid, request: gr.Request = None):
             return run_action(rid, request, "resume")
