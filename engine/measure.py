@@ -105,12 +105,12 @@ class SavedTensorRecorder:
 
 
 class LossChunkProbe:
-    """Our chunked cross-entropy runs each chunk of the LM head + loss under
-    `torch.utils.checkpoint`, so autograd hides what the chunk saves and
-    recomputes it at the start of backward, while every other activation is
-    still alive. This probe wraps `engine.train.checkpoint`: before each chunk it
-    runs the chunk once on detached inputs under its own recorder and keeps the
-    largest total (`peak`): the bytes the recomputed chunk holds."""
+    """The loss's working set on top of the saved activations. Our chunked
+    cross-entropy makes one chunk of fp32 logits at a time while every activation
+    is still alive (the single-pass path reports each chunk through
+    `engine.train.observe_loss_chunk`; heads with a bias go through
+    `torch.utils.checkpoint`, which this probe wraps and runs once under its own
+    recorder). `peak` is the largest such chunk in bytes."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -127,15 +127,20 @@ class LossChunkProbe:
         del out, detached
         return self._orig(fn, *args, **kw)
 
+    def _observe(self, logits: torch.Tensor) -> None:
+        self.peak = max(self.peak, logits.numel() * logits.element_size())
+
     def __enter__(self):
         from . import train
         self._orig = train.checkpoint
         train.checkpoint = self._wrapped
+        train.observe_loss_chunk = self._observe     # the single-pass path: its chunk of fp32 logits
         return self
 
     def __exit__(self, *exc):
         from . import train
         train.checkpoint = self._orig
+        train.observe_loss_chunk = None
 
 
 def synthetic_batch(task: str, batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2,

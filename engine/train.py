@@ -21,6 +21,8 @@ from .data import BatchStream, encode_examples, iter_batches
 from .prepare import Prepared
 
 LOSS_CHUNK = 1024   # tokens per chunk of the chunked cross-entropy
+# Set by engine.measure: called with each chunk's fp32 logits, the loss's largest transient tensor.
+observe_loss_chunk = None
 
 
 @dataclass
@@ -122,11 +124,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, n, chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
             logits = (hc @ w.t()).float()
+            if observe_loss_chunk is not None:
+                observe_loss_chunk(logits)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
             if grad_h is None and grad_w is None:
                 continue
-            p = torch.exp(logits - lse[:, None])                      # softmax, in place of the logits
+            p = logits.sub_(lse[:, None]).exp_()                      # softmax, in place of the logits
             p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0
             p /= n
             if grad_h is not None:
