@@ -70,7 +70,7 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(tmp_path):
 
 def test_cancel_then_resume_continues_the_curve(studio):
     with studio.client() as c:
-        rid = c.post("/api/runs", json=cfg_dict("resumable", 60, checkpoint_every=5)).json()["id"]
+        rid = c.post("/api/runs", json=cfg_dict("resumable", 300, checkpoint_every=5)).json()["id"]
         wait_steps(c, rid, 12, studio=studio)
         c.post(f"/api/runs/{rid}/cancel")
         run = wait_status(c, rid)
@@ -79,20 +79,20 @@ def test_cancel_then_resume_continues_the_curve(studio):
         r = c.post(f"/api/runs/{rid}/resume")
         assert r.status_code == 200 and r.json()["from_step"] == stopped_at, r.text
         run = wait_status(c, rid, timeout=180)
-        assert run["status"] == "succeeded" and run["steps_done"] == 60 and run["attempts"] == 2
-        assert_contiguous_metrics(c, rid, 60)
+        assert run["status"] == "succeeded" and run["steps_done"] == 300 and run["attempts"] == 2
+        assert_contiguous_metrics(c, rid, 300)
         assert c.post(f"/api/runs/{rid}/resume").status_code == 422   # succeeded: nothing to resume
 
 
 def test_killed_worker_with_retries_is_requeued_and_resumes(studio):
     with studio.client() as c:
-        rid = c.post("/api/runs", json=cfg_dict("retry", 80, checkpoint_every=4, retries=1)).json()["id"]
+        rid = c.post("/api/runs", json=cfg_dict("retry", 300, checkpoint_every=4, retries=1)).json()["id"]
         run = wait_steps(c, rid, 10, studio=studio)
         os.kill(run["worker_pid"], signal.SIGKILL)
         run = wait_status(c, rid, timeout=180)
         assert run["status"] == "succeeded", (run, studio.logs())
-        assert run["attempts"] == 2 and run["steps_done"] == 80
-        assert_contiguous_metrics(c, rid, 80)
+        assert run["attempts"] == 2 and run["steps_done"] == 300
+        assert_contiguous_metrics(c, rid, 300)
 
 
 # ------------------------------------------------------------------ Redis restart
@@ -209,7 +209,7 @@ def test_studio_restart_embedded_requeues_and_resumes(tmp_path):
     env = studio_env(tmp_path)
     s = Studio(env, tmp_path)
     with s.client() as c:
-        rid = c.post("/api/runs", json=cfg_dict("survivor", 120, checkpoint_every=10)).json()["id"]
+        rid = c.post("/api/runs", json=cfg_dict("survivor", 400, checkpoint_every=10)).json()["id"]
         queued = c.post("/api/runs", json=cfg_dict("waiting", 3)).json()["id"]
         wait_steps(c, rid, 8, studio=s)
     s.stop()        # SIGTERM: the worker checkpoints and gives the run back to the queue
@@ -220,8 +220,8 @@ def test_studio_restart_embedded_requeues_and_resumes(tmp_path):
                 run = wait_status(c, r, timeout=240)
                 assert run["status"] == "succeeded", s2.logs()
             run = c.get(f"/api/runs/{rid}").json()
-            assert run["steps_done"] == 120 and run["attempts"] == 2
-            assert_contiguous_metrics(c, rid, 120)
+            assert run["steps_done"] == 400 and run["attempts"] == 2
+            assert_contiguous_metrics(c, rid, 400)
     finally:
         s2.stop()
 
