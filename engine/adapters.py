@@ -149,9 +149,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_metadata(adapter_dir: str | Path) -> dict:
-    p = Path(adapter_dir) / METADATA
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def read_peft_config(d: Path) -> dict:
@@ -303,10 +300,6 @@ def extract_zip_safely(data: bytes, dest: str | Path, max_total: int = 4 << 30) 
     return dest
 
 
-def copy_tokenizer_and_config(model: nn.Module, tokenizer, out: Path) -> None:
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
 
 
 def merged_model_files(prep: Prepared) -> Path:

@@ -87,8 +87,6 @@ def arch_of(model: nn.Module) -> Arch:
     return arch_for_model_type(model.config.model_type)
 
 
-def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

@@ -82,8 +82,8 @@ def load_model_config(name_or_path: Union[str, dict, Path]) -> dict:
         return json.loads((CATALOG_DIR / f"{name}.json").read_text())
     from .models import TINY_MODELS
     if name in TINY_MODELS:
-        from .models import model_config_dict
-        return model_config_dict(name)
+        from .models import tiny_config_dict
+        return tiny_config_dict(name)
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         p = p / "config.json"

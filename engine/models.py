@@ -33,6 +33,7 @@ TINY_MODELS = {
     "tiny-bert": "bert",
 }
 SMOLLM2_CACHE_VERSION = "v1"
+TINY_VOCAB = 30522   # the tiny models use MiniLM's WordPiece tokenizer
 
 
 class ModelLoadError(ValueError):
@@ -235,19 +236,6 @@ def _tokenizer_from_dir(d: Path):
     return tok
 
 
-def model_config_dict(name: str, **kw) -> dict:
-    """The config.json of a model without loading weights (for the estimator)."""
-    import json
-
-    if name in TINY_MODELS:
-        tok_vocab = 30522
-        return tiny_config(TINY_MODELS[name], tok_vocab).to_dict()
-    if name == "smollm2-135m":
-        cached = default_cache_dir() / f"smollm2-135m-{SMOLLM2_CACHE_VERSION}" / "config.json"
-        if cached.exists():
-            return json.loads(cached.read_text())
-        return None   # the catalog has it
-    src = resolve_model_dir(name, **kw)
-    if isinstance(src, str):
-        raise ModelLoadError(f"model: {name!r} is not a bundled model, catalog name or local directory")
-    return json.loads((Path(src) / "config.json").read_text())
+def tiny_config_dict(name: str) -> dict:
+    """config.json of a tiny test model (its vocabulary is MiniLM's tokenizer's)."""
+    return tiny_config(TINY_MODELS[name], TINY_VOCAB).to_dict()

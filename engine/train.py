@@ -61,16 +61,7 @@ class TrainResult:
     last_state: Optional[dict] = field(default=None, repr=False)   # resumable state when cancelled
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("history", "last_state")}
-        return json_ready(d)
-
-
-def json_ready(d: dict) -> dict:
-    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-
-
-class Cancelled(Exception):
-    pass
+        return {k: v for k, v in self.__dict__.items() if k not in ("history", "last_state")}
 
 
 def pick_device(pref: str) -> torch.device:

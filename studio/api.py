@@ -40,16 +40,17 @@ def cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, 
                     **({"task": task} if task else {})).to_json()
 
 
-def build_api(settings: Settings, current_user=None) -> FastAPI:
-    """The /api application. `current_user(request) -> Optional[str]` names the
-    user (None when login is off); it raises 401 itself when login is on."""
+def build_api(settings: Settings, auth=None) -> FastAPI:
+    """The /api application. With `auth` (a studio.auth.Auth with users), every
+    route needs credentials and non-admins see only their own runs."""
     api = FastAPI(title="PEFT Studio API", version="0.1.0", openapi_url="/openapi.json", docs_url="/docs",
                   redoc_url=None)
 
     async def user(request: Request) -> Optional[str]:
-        return current_user(request) if current_user else None
+        return auth.api_user(request) if auth else None
 
-    is_admin = getattr(getattr(current_user, "__self__", None), "is_admin", lambda _u: False)
+    def is_admin(u: Optional[str]) -> bool:
+        return bool(auth) and auth.is_admin(u)
 
     def owner_filter(u: Optional[str]) -> Optional[str]:
         return None if u is None or is_admin(u) else u

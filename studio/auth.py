@@ -102,7 +102,3 @@ class Auth:
 
     def gradio_check(self, name: str, password: str) -> bool:
         return self.check(name, password, "ui")
-
-    def install(self, app) -> None:
-        """Nothing to add on the outer app: /api checks per route, Gradio has its login page."""
-        return None

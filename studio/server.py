@@ -41,11 +41,9 @@ def build_app(settings: Settings) -> FastAPI:
 
     auth = Auth.from_env()
     app = FastAPI(title="PEFT Studio", docs_url=None, redoc_url=None, openapi_url=None)
-    api = build_api(settings, current_user=auth.api_user if auth.enabled else None)
+    api = build_api(settings, auth if auth.enabled else None)
     app.mount("/api", api)
-    if auth.enabled:
-        auth.install(app)
-    demo = build_ui(settings, user_of=auth.ui_user if auth.enabled else None)
+    demo = build_ui(settings, auth if auth.enabled else None)
     kw = {"auth": auth.gradio_check, "auth_message": "PEFT Studio login"} if auth.enabled else {}
     gr.mount_gradio_app(app, demo, path="/", footer_links=[], **kw)
     app.state.auth = auth

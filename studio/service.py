@@ -80,17 +80,13 @@ def check_dataset_path(settings: Settings, path: str, field: str) -> None:
 
 def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional[dict]:
     """config.json of a model without weights: bundled/tiny/catalog/local; None for a hub id."""
-    from engine.models import TINY_MODELS, ModelLoadError, check_local_model_dir, minilm_dir, tiny_config
+    from engine.models import ModelLoadError, check_local_model_dir
     import json
 
     # fuzzing: a 5000-character name made Path.exists() raise OSError (ENAMETOOLONG, a 500),
     # and control characters (NUL ...) were queued as hub ids; neither names a model
     if len(name) > 500 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise ModelLoadError("model: not a model name (over 500 characters or control characters)")
-    if name in TINY_MODELS:
-        return tiny_config(TINY_MODELS[name], 30522).to_dict()
-    if name == "minilm":
-        return json.loads((minilm_dir() / "config.json").read_text())
     # a path is checked against the allowed model roots before anything reads it: the
     # estimator's loader would read any config.json, so it only gets names (catalog)
     if "/" not in name and "\\" not in name and not name.startswith((".", "~")):

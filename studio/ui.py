@@ -492,15 +492,17 @@ def compare_view(settings: Settings, ids: list[int], x_axis: str, diff_only: boo
 
 # ------------------------------------------------------------------ the Blocks app
 
-def build_ui(settings: Settings, user_of=None) -> gr.Blocks:
-    """The Blocks app. `user_of(request) -> Optional[str]` names the logged-in user."""
-    auth = getattr(user_of, "__self__", None)
-    is_admin = getattr(auth, "is_admin", lambda _u: False)
+def build_ui(settings: Settings, auth=None) -> gr.Blocks:
+    """The Blocks app. With `auth` (a studio.auth.Auth with users), each request's
+    logged-in user is recorded on runs and non-admins see only their own runs."""
+
+    def is_admin(u: Optional[str]) -> bool:
+        return bool(auth) and auth.is_admin(u)
 
     def who(request: Optional[gr.Request]) -> Optional[str]:
-        if user_of is None or request is None:
+        if auth is None or request is None:
             return None
-        return user_of(request)
+        return auth.ui_user(request)
 
     def visible_owner(request) -> Optional[str]:
         """Whose runs this user sees: None = everyone's (no login, or an admin)."""

@@ -4,7 +4,6 @@ from `queued` to `running` trains it."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,10 +20,6 @@ from .celery_app import app
 from .settings import Settings, load_settings
 
 log = logging.getLogger("peft_studio.worker")
-
-
-class RunCancelled(Exception):
-    pass
 
 
 def worker_name() -> str:
