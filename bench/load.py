@@ -3,7 +3,9 @@
 (a) 20 runs (tiny-bert, 3-5 steps each) queued at once against two
     `peft-studio worker` processes on PostgreSQL + Redis: all finish, each exactly
     once (attempts == 1, metric steps 1..n with no duplicates);
-(b) 200 concurrent GET /api/estimate (llama-2-7b, lora r 8): p50 / p95 / max latency.
+(b) 200 concurrent GET /api/estimate (llama-2-7b, lora r 8): p50 / p95 / max latency,
+    from a separate client process (asyncio, one new connection per request); then
+    200 distinct queries (r 1..200), each computed, for the uncached figure.
 
 Uses its own PostgreSQL database (created on STUDIO_BENCH_PG_ADMIN, default
 postgresql://postgres@127.0.0.1:5432/postgres, dropped afterwards) and Redis db 12
@@ -27,7 +29,6 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -132,28 +133,59 @@ def bench_runs(c: httpx.Client, n: int, timeout: float) -> dict:
             "train_s_median": statistics.median(durations)}
 
 
-def bench_estimates(url: str, n: int) -> dict:
-    params = {"model": "llama-2-7b", "method": "lora", "r": 8}
-    with httpx.Client(base_url=url, timeout=120) as c:   # warm-up (imports, catalog) not counted
-        r = c.get("/api/estimate", params=params)
+ESTIMATE_QUERY = "model=llama-2-7b&method=lora&r=8"
+
+
+async def concurrent_gets(host: str, port: int, queries: list[str]) -> list[tuple[float, int]]:
+    """Every query on its own new connection, all sent at once: (latency ms, status)."""
+    import asyncio
+
+    async def one(q: str) -> tuple[float, int]:
+        t = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET /api/estimate?{q} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = await reader.read()
+        writer.close()
+        status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+        return (time.perf_counter() - t) * 1000, status
+
+    return await asyncio.gather(*[one(q) for q in queries])
+
+
+def estimate_client(port: int, n: int, distinct: bool) -> None:
+    """Runs in its own process (the server keeps its own core): prints the latencies."""
+    import asyncio
+    import json
+
+    asyncio.run(concurrent_gets("127.0.0.1", port, [ESTIMATE_QUERY]))     # warm-up: imports, catalog
+    queries = ([f"model=llama-2-7b&method=lora&r={i + 1}&seq=2048" for i in range(n)] if distinct
+               else [ESTIMATE_QUERY] * n)
+    t0 = time.perf_counter()
+    res = asyncio.run(concurrent_gets("127.0.0.1", port, queries))
+    print(json.dumps({"lat": [ms for ms, _ in res], "status": [s for _, s in res],
+                      "wall": time.perf_counter() - t0}))
+
+
+def bench_estimates(url: str, n: int, distinct: bool = False) -> dict:
+    """n concurrent GET /api/estimate from a separate client process (asyncio, raw
+    HTTP/1.1, one new connection per request). Same query n times (the UI's pattern:
+    the studio serves repeats from its encoded-answer cache), or with `distinct`, n
+    different queries, each computed by the estimator."""
+    import json
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = c.get("/api/estimate?" + ESTIMATE_QUERY)
         if r.status_code != 200:
             return {"error": f"{r.status_code}: {r.text[:300]}"}
-
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    with httpx.Client(base_url=url, timeout=120, limits=limits) as c:
-        def one(_):
-            t = time.perf_counter()
-            r = c.get("/api/estimate", params=params)
-            return (time.perf_counter() - t) * 1000, r.status_code
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=n) as ex:
-            res = list(ex.map(one, range(n)))
-        wall = time.perf_counter() - t0
-    lat = [ms for ms, _ in res]
-    return {"n": n, "ok": sum(s == 200 for _, s in res), "statuses": sorted({s for _, s in res}),
-            "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "max_ms": max(lat), "wall_s": wall,
-            "rps": n / wall}
+    port = int(url.rsplit(":", 1)[1])
+    out = subprocess.run([sys.executable, __file__, "--estimate-client", str(port), str(n),
+                          "distinct" if distinct else "same"], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    lat, statuses = res["lat"], res["status"]
+    return {"n": n, "ok": sum(s == 200 for s in statuses), "statuses": sorted(set(statuses)),
+            "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "max_ms": max(lat), "wall_s": res["wall"],
+            "rps": n / res["wall"]}
 
 
 def main() -> int:
@@ -161,7 +193,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--estimates", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--estimate-client", nargs=3, metavar=("PORT", "N", "same|distinct"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.estimate_client:
+        port, n, kind = args.estimate_client
+        estimate_client(int(port), int(n), kind == "distinct")
+        return 0
 
     import psycopg
     import redis
@@ -192,6 +229,7 @@ def main() -> int:
         with httpx.Client(base_url=url, timeout=120) as c:
             runs = bench_runs(c, args.runs, args.timeout)
         est = bench_estimates(url, args.estimates)
+        cold = bench_estimates(url, args.estimates, distinct=True)
     except Exception:
         print(procs.logs(), file=sys.stderr)
         raise
@@ -218,6 +256,10 @@ def main() -> int:
         lines.append(f"(b) {est['n']} concurrent GET /api/estimate (llama-2-7b, lora r 8): "
                      f"{est['ok']}/{est['n']} ok (statuses {est['statuses']}); latency p50 {est['p50_ms']:.0f} ms, "
                      f"p95 {est['p95_ms']:.0f} ms, max {est['max_ms']:.0f} ms; {est['rps']:.0f} requests/s")
+    if "error" not in cold:
+        lines.append(f"    {cold['n']} concurrent distinct queries (llama-2-7b, lora r 1..{cold['n']}, seq 2048; "
+                     f"each computed): {cold['ok']}/{cold['n']} ok; latency p50 {cold['p50_ms']:.0f} ms, "
+                     f"p95 {cold['p95_ms']:.0f} ms, max {cold['max_ms']:.0f} ms; {cold['rps']:.0f} requests/s")
     print("\n".join(lines))
     out = REPO / "bench" / "RESULTS-load.md"
     out.write_text(f"# Load bench (bench/load.py)\n\n{when}; {machine}.\n"

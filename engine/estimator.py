@@ -829,11 +829,15 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
     # blocks
     dropout_p = float(cfg.get("attention_dropout", 0.0) or 0.0)
     per_layer = []
+    seen: dict = {}      # most blocks share one plan: work each distinct (plan, grad-in) out once
     for lp in plan.layers:
-        if dims.family == "llama":
-            nbytes, rg, _ = llama_block(lp, dims, shape, rg, dropout_p)
-        else:
-            nbytes, rg, _ = bert_block(lp, dims, shape, rg, cfg)
+        key = (repr(lp), rg)
+        if key not in seen:
+            if dims.family == "llama":
+                seen[key] = llama_block(lp, dims, shape, rg, dropout_p)[:2]
+            else:
+                seen[key] = bert_block(lp, dims, shape, rg, cfg)[:2]
+        nbytes, rg = seen[key]
         per_layer.append(nbytes)
     if grad_checkpointing:
         # each block keeps only its input; one block is recomputed at a time in backward

@@ -45,16 +45,18 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer):
-        ctx.layer = layer
+        # compute in the layer's compute dtype, answer in the input's (as bitsandbytes'
+        # Linear4bit does): a bf16 projection next to fp32 ones would break attention
+        ctx.layer, ctx.x_dtype = layer, x.dtype
         w = layer.dequantize()
-        return F.linear(x.to(w.dtype), w)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None
         w = ctx.layer.dequantize()
-        return grad.to(w.dtype) @ w, None
+        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
 
 
 class NF4Linear(nn.Module):

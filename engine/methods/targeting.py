@@ -136,10 +136,23 @@ def linears_in_dims(dims, task: str, num_labels: Optional[int] = None) -> list[N
     return out
 
 
+_RESOLVED: dict = {}
+
+
 def resolve_targets_in_dims(dims, targets: TargetSpec, task: str) -> list[NamedLinear]:
-    layers = linears_in_dims(dims, task)
-    by_name = {l.name: l for l in layers}
-    return [by_name[n] for n in select_names([l.name for l in layers], targets, dims.arch)]
+    """The linears `targets` selects in the model `dims` describes. Memoized on the
+    config, the target spec and the task (not the rank): an estimate for a 70B model
+    matches a few hundred names, and the UI asks again on every change of rank."""
+    key = (repr(dims), targets if isinstance(targets, str) else tuple(targets), task)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        layers = linears_in_dims(dims, task)
+        by_name = {l.name: l for l in layers}
+        hit = tuple(by_name[n] for n in select_names([l.name for l in layers], targets, dims.arch))
+        if len(_RESOLVED) >= 256:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return list(hit)
 
 
 def short_names(full_names: Iterable[str]) -> list[str]:
