@@ -80,7 +80,11 @@ class SavedTensorRecorder:
                 op = type(t.grad_fn).__name__ if t.grad_fn is not None else ""
                 self._seen[ptr] = SavedTensor(tuple(t.shape), str(t.dtype).replace("torch.", ""), st.nbytes(), op)
                 self._alive.append(t)
-        return t
+        # what pack returns is what the graph keeps: the tensor itself would tie a
+        # saved output to its own grad_fn (a cycle through C++ that gc cannot see, so
+        # a forward-only measurement leaked all its activations); a detached alias
+        # shares the storage and the version counter without the grad_fn
+        return t.detach() if isinstance(t, torch.Tensor) else t
 
     @staticmethod
     def _unpack(t):
