@@ -13,6 +13,7 @@ from torch import nn
 from .arch import arch_of
 from .config import RunConfig
 from .data import Examples, load_examples
+from .kernels import fuse_swiglu_mlps
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .models import LoadedModel, load_model
 
@@ -40,7 +41,10 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyContext) -> nn.Module:
-    """Apply a method; classification heads stay trainable (peft's modules_to_save)."""
+    """Apply a method; classification heads stay trainable (peft's modules_to_save).
+    The model's SwiGLU MLPs are first swapped for the fused, leaner-memory version
+    (engine.kernels; same math and parameter names)."""
+    fuse_swiglu_mlps(model)
     replaced = spec.apply(model, method_cfg, ctx)
     model = replaced if isinstance(replaced, nn.Module) else model
     if ctx.task == "classification" and spec.trains_head:

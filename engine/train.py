@@ -117,13 +117,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ w.t()).float()
             if observe_loss_chunk is not None:
                 observe_loss_chunk(logits)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            # log-sum-exp and softmax in place of the logits: one chunk-sized buffer and
+            # one exp per chunk (torch.logsumexp makes its own shifted and exp'd copies)
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            sums = e.sum(dim=-1, keepdim=True)
+            total += (top.squeeze(1) + sums.log().squeeze(1) - target).sum()
             if grad_h is None and grad_w is None:
                 continue
-            p = logits.sub_(lse[:, None]).exp_()                      # softmax, in place of the logits
-            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0
-            p /= n
+            p = e.div_(sums * n)                                      # softmax / n
+            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0 / n
             if grad_h is not None:
                 grad_h[i:i + chunk] = (p.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:

@@ -235,7 +235,14 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
         if self.merged:
             return y
         dt = self.lora_A.weight.dtype
-        return y + self.lora_out(x if x.dtype == dt else x.to(dt)).to(y.dtype)
+        # scale the r-wide activation rather than the out-wide update, and add the update
+        # into a plain Linear's output in place (nothing saves that output for backward):
+        # two fewer output-sized temporaries per adapted layer
+        a = self.lora_A(self.lora_dropout(x if x.dtype == dt else x.to(dt)))
+        update = self.lora_B(a * self.scaling).to(y.dtype)
+        if type(self.base_layer) is nn.Linear:
+            return y.add_(update)
+        return y + update
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight

@@ -35,8 +35,8 @@ from torch import nn
 
 from ..arch import arch_of, blocks
 from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
-from .prompts import (_as_kwargs, backbone, cache_length, check_shape, extend_mask, load_named_tensors,
-                      peft_head_tensors)
+from .prompts import (_as_kwargs, backbone, cache_length, check_shape, extend_mask, get_cache, load_named_tensors,
+                      peft_head_tensors, set_cache)
 
 BANK_ATTR = "studio_prefix"
 
@@ -150,14 +150,14 @@ def new_cache(model_config):
 def prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     bank: PrefixBank = getattr(module, BANK_ATTR)
     kw = _as_kwargs(module, args, kwargs)
-    past = kw.get("past_key_values")
+    past = get_cache(kw)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     batch, cur = ref.shape[0], ref.shape[1]
     if cache_length(past) == 0:
         if past is None:
             past = new_cache(module.config)
-            kw["past_key_values"] = past
+            set_cache(module, kw, past)
         like = embeds if embeds is not None else module.get_input_embeddings().weight
         bank.fill(past, batch, like.detach().new_empty(0))
     s = bank.slots
@@ -190,7 +190,7 @@ def make_slot_mask_hook(layer: int):
         if used >= s:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        past = kwargs.get("past_key_values")
+        past = get_cache(kwargs)
         kv_len = cache_length_of_layer(past, layer) + hidden.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 4:

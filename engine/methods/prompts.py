@@ -26,6 +26,8 @@ positions.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Literal, Optional
 
 import torch
@@ -170,6 +172,26 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_param(forward_owner: type) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def get_cache(kw: dict):
+    """The key/value cache a backbone call carries: transformers 5.2x calls the
+    argument `cache` (`past_key_values` is its deprecated alias); both are read."""
+    past = kw.get("cache")
+    return past if past is not None else kw.get("past_key_values")
+
+
+def set_cache(module: nn.Module, kw: dict, past) -> None:
+    """Put `past` under the name `module.forward` takes, dropping the other spelling."""
+    name = _cache_param(type(module))
+    kw.pop("past_key_values" if name == "cache" else "cache", None)
+    kw[name] = past
+
+
 def cache_length(past) -> int:
     return 0 if past is None else int(past.get_seq_length())
 
@@ -185,7 +207,7 @@ def prompt_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     source = getattr(module, PROMPT_ATTR)
     n = source.num_tokens
     kw = _as_kwargs(module, args, kwargs)
-    past = kw.get("past_key_values")
+    past = get_cache(kw)
     past_len = cache_length(past)
     first = past_len == 0
     module._studio_strip = n if first else 0
