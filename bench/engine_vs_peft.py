@@ -114,12 +114,19 @@ def release_free_memory() -> None:
         pass
 
 
-def run_child(side, case_name, method, steps, warmup) -> dict:
+def run_child(side, case_name, method, steps, warmup, repeats: int = 1) -> dict:
+    """Peak RSS of `repeats` fresh processes for one side: the median, and the spread
+    (the glibc heap makes a process's peak vary by up to ~0.1 GB from run to run)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, __file__, "--child", side, case_name, json.dumps(method),
-                          "--steps", str(steps), "--warmup", str(warmup)],
-                         capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--child", side, case_name, json.dumps(method),
+                              "--steps", str(steps), "--warmup", str(warmup)],
+                             capture_output=True, text=True, env=env, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    peaks = sorted(r["peak_rss"] for r in runs)
+    return {"peak_rss": statistics.median(peaks), "peak_min": peaks[0], "peak_max": peaks[-1],
+            "median_s": statistics.median(r["median_s"] for r in runs)}
 
 
 def interleaved_times(a: tuple, b: tuple, case: dict, steps: int, warmup: int) -> tuple[float, float]:
@@ -144,6 +151,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per side for peak RSS (median)")
     a = ap.parse_args()
     if a.child:
         child(*a.child, a.steps, a.warmup)
@@ -155,11 +163,11 @@ def main() -> None:
         if time_in_process:
             ta, tb = interleaved_times(build(side_a, case, meth_a), build(side_b, case, meth_b), case,
                                        a.steps, a.warmup)
-        ma = run_child(side_a, case_name, meth_a, a.steps, a.warmup)
-        mb = run_child(side_b, case_name, meth_b, a.steps, a.warmup)
+        ma = run_child(side_a, case_name, meth_a, a.steps, a.warmup, a.repeats)
+        mb = run_child(side_b, case_name, meth_b, a.steps, a.warmup, a.repeats)
         if not time_in_process:
             ta, tb = ma["median_s"], mb["median_s"]
-        rows.append((label, ta, tb, ma["peak_rss"], mb["peak_rss"]))
+        rows.append((label, ta, tb, ma, mb))
         print(f"{label}: {ta:.3f} s vs {tb:.3f} s ({ta / tb:.2f}x); peak RSS {gb(ma['peak_rss'])} vs "
               f"{gb(mb['peak_rss'])} ({ma['peak_rss'] / mb['peak_rss']:.2f}x)", flush=True)
 
@@ -173,12 +181,17 @@ def main() -> None:
          time_in_process=False)
 
     print()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU fp32, "
-          f"median of {a.steps} steps after {a.warmup} warm-up")
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"CPU fp32, median of {a.steps} steps after {a.warmup} warm-up; peak RSS: median of {a.repeats} "
+          f"processes per side (min-max)")
     print("| case | A step (s) | B step (s) | time A/B | A peak RSS | B peak RSS | memory A/B |")
     print("|---|---|---|---|---|---|---|")
     for label, ta, tb, ma, mb in rows:
-        print(f"| {label.strip()} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} | {gb(ma)} | {gb(mb)} | {ma / mb:.2f} |")
+        def cell(m):
+            return f"{gb(m['peak_rss'])} ({m['peak_min'] / 1e9:.2f}-{m['peak_max'] / 1e9:.2f})"
+        print(f"| {label.strip()} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} | {cell(ma)} | {cell(mb)} | "
+              f"{ma['peak_rss'] / mb['peak_rss']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -857,6 +857,10 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
             tail.add("loss.index", n * 9)                      # kept-token mask and indices
             chunk = min(n, LOSS_CHUNK)
             tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
+            if plan.lm_head:
+                # a training LM head: the single-pass loss accumulates its fp32 weight
+                # gradient during forward and keeps it for backward
+                tail.add("loss.head_grad_fp32", dims.vocab_size * h * 4)
             if a != 4:
                 tail.add("loss.logits_chunk", chunk * dims.vocab_size * a)
         else:

@@ -400,3 +400,15 @@ def test_short_real_run(model_name, task, dataset, method, tmp_path):
     assert result.steps == 3 and result.final_loss is not None and result.eval
     save_adapter(prep, tmp_path)
     assert (tmp_path / (PEFT_WEIGHTS if prep.spec.peft_export else OWN_WEIGHTS)).exists()
+
+
+def test_prompt_tokens_beyond_absolute_positions_are_a_clear_error():
+    from engine.measure import prepare_for_measure
+    prep = prepare_for_measure("tiny-bert", {"name": "prompt_tuning", "num_virtual_tokens": 4},
+                               task="classification")
+    limit = prep.model.config.max_position_embeddings
+    ids = torch.ones(1, limit - 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="num_virtual_tokens: 4 virtual tokens.*positions"):
+        prep.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ids = torch.ones(1, limit - 4, dtype=torch.long)         # exactly fits
+    assert prep.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape[0] == 1

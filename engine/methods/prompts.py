@@ -203,6 +203,20 @@ def extend_mask(mask: Optional[torch.Tensor], n: int, want_len: int) -> Optional
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
+def check_absolute_positions(module: nn.Module, n_virtual: int, seq: int) -> None:
+    """Models with learned absolute positions (BERT: 512) cannot take more tokens
+    than they have positions, and the virtual tokens count: say so instead of
+    failing deep in the embedding layer."""
+    cfg = getattr(module, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if cfg is None or limit is None or getattr(cfg, "model_type", "") not in ("bert", "roberta", "deberta-v2"):
+        return
+    if n_virtual + seq > limit:
+        raise ValueError(f"method.num_virtual_tokens: {n_virtual} virtual tokens + sequences of {seq} tokens "
+                         f"exceed this model's {limit} positions; lower training.max_seq_len to "
+                         f"{limit - n_virtual} or use fewer virtual tokens")
+
+
 def prompt_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     source = getattr(module, PROMPT_ATTR)
     n = source.num_tokens
@@ -215,6 +229,7 @@ def prompt_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     if first:
         if embeds is None:
             embeds = module.get_input_embeddings()(ids)
+        check_absolute_positions(module, n, embeds.shape[1])
         b = embeds.shape[0]
         prompt = source().to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
         kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
