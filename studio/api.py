@@ -84,11 +84,46 @@ class EstimateFastPath:
         await self.app(scope, receive, send)
 
 
+class UploadSizeLimit:
+    """Pure-ASGI middleware: a POST /datasets whose Content-Length already says it is
+    over the upload limit is answered 413 before a byte of the body is read
+    (Starlette would otherwise spool the whole multipart body first). Bodies sent
+    without a length are still counted and refused by the route."""
+
+    FRAMING = 64 << 10     # multipart boundaries and part headers on top of the file
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path == "/datasets":
+                length = dict(scope.get("headers") or []).get(b"content-length")
+                try:
+                    too_big = length is not None and int(length) > self.limit + self.FRAMING
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    body = json.dumps({"detail": f"upload: over the limit of {self.limit / 2**20:.0f} MiB "
+                                                 f"(Content-Length {int(length)} bytes)"}).encode()
+                    await send({"type": "http.response.start", "status": 413,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()),
+                                            (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+
 def build_api(settings: Settings, auth=None) -> FastAPI:
     """The /api application. With `auth` (a studio.auth.Auth with users), every
     route needs credentials and non-admins see only their own runs."""
     api = FastAPI(title="PEFT Studio API", version="0.1.0", openapi_url="/openapi.json", docs_url="/docs",
                   redoc_url=None)
+    api.add_middleware(UploadSizeLimit, limit=settings.max_upload_bytes)
     fast_path = None if auth else EstimateAnswers()
     if fast_path is not None:
         api.add_middleware(EstimateFastPath, answers=fast_path)

@@ -317,3 +317,28 @@ def test_no_trust_remote_code_and_no_torch_load_in_product_code():
             if re.search(r"use_safetensors\s*=\s*False|weights_only\s*=\s*False", code):
                 offenders.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_an_upload_announced_over_the_limit_is_refused_before_its_body_is_read(env):
+    import asyncio
+
+    from studio.api import build_api
+
+    app = build_api(env.settings)
+    sent, reads = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/datasets", "raw_path": b"/datasets", "query_string": b"",
+             "root_path": "", "server": ("t", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"t"), (b"content-type", b"multipart/form-data; boundary=x"),
+                         (b"content-length", str(50 << 30).encode())]}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and reads == []
+    assert b"over the limit" in sent[1]["body"]
