@@ -412,3 +412,9 @@ def test_prompt_tokens_beyond_absolute_positions_are_a_clear_error():
         prep.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     ids = torch.ones(1, limit - 4, dtype=torch.long)         # exactly fits
     assert prep.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape[0] == 1
+    # prefix slots take positions too (BERT numbers the new tokens after the cache)
+    prep = prepare_for_measure("tiny-bert", {"name": "prefix_tuning", "num_virtual_tokens": 4},
+                               task="classification")
+    ids = torch.ones(1, limit, dtype=torch.long)
+    with pytest.raises(ValueError, match="num_virtual_tokens: 4 virtual tokens"):
+        prep.model(input_ids=ids, attention_mask=torch.ones_like(ids))

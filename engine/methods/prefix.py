@@ -35,8 +35,8 @@ from torch import nn
 
 from ..arch import arch_of, blocks
 from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
-from .prompts import (_as_kwargs, backbone, cache_length, check_shape, extend_mask, get_cache, load_named_tensors,
-                      peft_head_tensors, set_cache)
+from .prompts import (_as_kwargs, backbone, cache_length, check_absolute_positions, check_shape, extend_mask,
+                      get_cache, load_named_tensors, peft_head_tensors, set_cache)
 
 BANK_ATTR = "studio_prefix"
 
@@ -155,6 +155,7 @@ def prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     ref = ids if ids is not None else embeds
     batch, cur = ref.shape[0], ref.shape[1]
     if cache_length(past) == 0:
+        check_absolute_positions(module, bank.slots, cur)
         if past is None:
             past = new_cache(module.config)
             set_cache(module, kw, past)
