@@ -263,8 +263,11 @@ def main() -> int:
     print("\n".join(lines))
     out = REPO / "bench" / "RESULTS-load.md"
     out.write_text(f"# Load bench (bench/load.py)\n\n{when}; {machine}.\n"
-                   f"One `peft-studio serve --no-worker` (uvicorn, one process) and two `peft-studio worker` "
-                   f"processes on the same machine.\n\n```\n" + "\n".join(lines) + "\n```\n")
+                   "One `peft-studio serve --no-worker` (uvicorn with uvloop + httptools, one process) and two "
+                   "`peft-studio worker` processes on the same machine; the estimate requests come from a separate "
+                   "client process (asyncio, raw HTTP/1.1, a new connection per request, all sent at once). Repeats "
+                   "of one query are served from the studio's encoded-answer cache "
+                   "(`studio.api.EstimateFastPath`); the distinct queries are each computed.\n\n```\n" + "\n".join(lines) + "\n```\n")
     return 0 if not runs["problems"] and est.get("ok") == est.get("n") else 1
 
 
