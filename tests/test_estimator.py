@@ -333,3 +333,26 @@ def test_measured_minilm_lora_matches_model_formula():
     e = estimate("minilm", method, batch_size=2, seq_len=128, device="cpu")
     assert abs(e.rows["hidden_states"] / m.rows["hidden_states"] - 1) < 0.10
     assert m.n_trainable == e.n_trainable
+
+
+def test_a_forward_only_measurement_frees_its_activations():
+    """The measuring hooks must not tie saved tensors to their own grad_fn (a cycle
+    through C++ that gc cannot collect): the accuracy grid was OOM-killed by it."""
+    import gc
+
+    from engine.measure import measure_prepared, prepare_for_measure
+    from engine.models import load_model
+
+    loaded = load_model("tiny-llama", "causal_lm")
+
+    def live_activations() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dim() == 3 and o.shape[:2] == (4, 64))
+
+    before = live_activations()
+    for method in ("lora", "dora", "lora"):
+        prep = prepare_for_measure("tiny-llama", {"name": method}, loaded=loaded)
+        m = measure_prepared(prep, batch_size=4, seq_len=64, backward=False)
+        assert m.rows["hidden_states"] > 0
+        del prep, m
+    assert live_activations() == before
