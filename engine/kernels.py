@@ -56,8 +56,7 @@ class SwiGLUMLP(nn.Module):
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
     return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-            and type(module).forward is not SwiGLUMLP.forward)
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:

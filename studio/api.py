@@ -41,6 +41,20 @@ def cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, 
                     **({"task": task} if task else {})).to_json()
 
 
+def route_path(scope) -> str:
+    """The request path below the app's mount point (/api)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+async def send_json(send, status: int, body: bytes, *extra_headers: tuple) -> None:
+    """Answer an ASGI request with encoded JSON, bypassing the framework."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class EstimateAnswers:
     """Encoded 200 answers of GET /api/estimate keyed by the raw query string.
 
@@ -70,16 +84,10 @@ class EstimateFastPath:
         self.app, self.answers = app, answers
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            body = self.answers.get(scope.get("query_string", b"")) if path == "/estimate" else None
+        if scope["type"] == "http" and scope["method"] == "GET" and route_path(scope) == "/estimate":
+            body = self.answers.get(scope.get("query_string", b""))
             if body is not None:
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_json(send, 200, body)
                 return
         await self.app(scope, receive, send)
 
@@ -96,25 +104,17 @@ class UploadSizeLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            if path == "/datasets":
-                length = dict(scope.get("headers") or []).get(b"content-length")
-                try:
-                    too_big = length is not None and int(length) > self.limit + self.FRAMING
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    body = json.dumps({"detail": f"upload: over the limit of {self.limit / 2**20:.0f} MiB "
-                                                 f"(Content-Length {int(length)} bytes)"}).encode()
-                    await send({"type": "http.response.start", "status": 413,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode()),
-                                            (b"connection", b"close")]})
-                    await send({"type": "http.response.body", "body": body})
-                    return
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) == "/datasets":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            try:
+                too_big = length is not None and int(length) > self.limit + self.FRAMING
+            except ValueError:
+                too_big = False
+            if too_big:
+                body = json.dumps({"detail": f"upload: over the limit of {self.limit / 2**20:.0f} MiB "
+                                             f"(Content-Length {int(length)} bytes)"}).encode()
+                await send_json(send, 413, body, (b"connection", b"close"))
+                return
         await self.app(scope, receive, send)
 
 

@@ -228,18 +228,17 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # the scale goes on the r-wide activation, not on the out-wide update: one
+        # output-sized temporary fewer per adapted layer
+        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
         dt = self.lora_A.weight.dtype
-        # scale the r-wide activation rather than the out-wide update, and add the update
-        # into a plain Linear's output in place (nothing saves that output for backward):
-        # two fewer output-sized temporaries per adapted layer
-        a = self.lora_A(self.lora_dropout(x if x.dtype == dt else x.to(dt)))
-        update = self.lora_B(a * self.scaling).to(y.dtype)
+        update = self.lora_out(x if x.dtype == dt else x.to(dt)).to(y.dtype)
+        # a plain Linear's output is saved by nothing for backward: add in place
         if type(self.base_layer) is nn.Linear:
             return y.add_(update)
         return y + update

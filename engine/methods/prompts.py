@@ -27,7 +27,6 @@ positions.
 from __future__ import annotations
 
 import functools
-
 from typing import Literal, Optional
 
 import torch
