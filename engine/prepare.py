@@ -13,7 +13,7 @@ from torch import nn
 from .arch import arch_of
 from .config import RunConfig
 from .data import Examples, load_examples
-from .kernels import fuse_swiglu_mlps
+from .kernels import fuse_swiglu_mlps, use_fast_linears
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .models import LoadedModel, load_model
 
@@ -42,11 +42,13 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyContext) -> nn.Module:
     """Apply a method; classification heads stay trainable (peft's modules_to_save).
-    The model's SwiGLU MLPs are first swapped for the fused, leaner-memory version
-    (engine.kernels; same math and parameter names)."""
+    The model's SwiGLU MLPs are first swapped for the fused, leaner-memory version,
+    and its plain nn.Linear layers then compute on oneDNN on CPU (engine.kernels;
+    same math and parameter names)."""
     fuse_swiglu_mlps(model)
     replaced = spec.apply(model, method_cfg, ctx)
     model = replaced if isinstance(replaced, nn.Module) else model
+    use_fast_linears(model)
     if ctx.task == "classification" and spec.trains_head:
         for _, head in head_modules(model):
             for p in head.parameters():

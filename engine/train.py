@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels import matmul, matmul_t
 from .data import BatchStream, encode_examples, iter_batches
 from .prepare import Prepared
 
@@ -114,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
-            logits = (hc @ w.t()).float()
+            logits = matmul_t(hc, w).float()
             if observe_loss_chunk is not None:
                 observe_loss_chunk(logits)
             # log-sum-exp and softmax in place of the logits: one chunk-sized buffer and
@@ -129,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p = e.div_(sums * n)                                      # softmax / n
             p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0 / n
             if grad_h is not None:
-                grad_h[i:i + chunk] = (p.to(w.dtype) @ w).to(h.dtype)
+                grad_h[i:i + chunk] = matmul(p.to(w.dtype), w).to(h.dtype)
             if grad_w is not None:
                 grad_w += p.t() @ hc.float()
         ctx.save_for_backward(grad_h, grad_w)

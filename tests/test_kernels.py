@@ -58,3 +58,90 @@ def test_fused_mlp_keeps_names_values_and_gradients_and_saves_less():
 def test_bert_has_no_swiglu_to_fuse():
     model = load_model("tiny-bert", "classification").model
     assert fuse_swiglu_mlps(model) == 0
+
+
+# --- FastLinear: fp32 CPU matmuls on oneDNN -------------------------------------------
+
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from engine.kernels import FastLinear, linear, onednn_enabled, set_onednn_enabled, use_fast_linears  # noqa: E402
+
+needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this torch build has no oneDNN linear")
+
+
+def ops_run(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_linear_matches_float64_reference_in_values_and_gradients(shape, bias, weight_trains):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(16, 24, generator=g, requires_grad=weight_trains)
+    b = torch.randn(16, generator=g, requires_grad=weight_trains) if bias else None
+    out = linear(x, w, b)
+    assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w, b))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(weight_trains)
+    b64 = b.detach().double().requires_grad_(weight_trains) if bias else None
+    ref = torch.nn.functional.linear(x64, w64, b64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(upstream.float())
+    ref.backward(upstream)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    if weight_trains:
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+        if bias:
+            torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+    else:
+        assert w.grad is None
+
+
+@needs_onednn
+def test_linear_saves_what_autograd_saves_for_f_linear():
+    """A frozen weight: nothing but the weight itself (the input is not kept)."""
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    for trains in (False, True):
+        w = torch.randn(64, 32, requires_grad=trains)
+        with SavedTensorRecorder([w]) as ours:
+            linear(x, w)
+        with SavedTensorRecorder([w]) as theirs:
+            torch.nn.functional.linear(x, w)
+        assert ours.total_bytes == theirs.total_bytes
+        assert (ours.total_bytes > 0) == trains
+
+
+def test_linear_falls_back_to_f_linear_where_onednn_does_not_apply():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear, (x, w))                       # float64: F.linear, exact
+    assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):                     # autocast keeps its own rules
+        assert linear(x.float(), w.float()).dtype == torch.bfloat16
+    was = onednn_enabled()
+    set_onednn_enabled(False)
+    try:
+        xf, wf = x.detach().float(), w.detach().float()
+        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(xf, wf))
+        assert torch.equal(linear(xf, wf), torch.nn.functional.linear(xf, wf))
+    finally:
+        set_onednn_enabled(was)
+
+
+def test_fast_linears_keep_names_state_and_logits():
+    model = load_model("tiny-llama", "causal_lm").model.float()
+    ref = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n = use_fast_linears(model)
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in ref.modules()) and n > 0
+    assert use_fast_linears(model) == 0
+    assert all(isinstance(m, FastLinear) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.state_dict().keys() == state.keys()
+    ids = torch.randint(5, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import linear
 from .base import ApplyContext, PeftExport
 from .lora import LoraConfig, LoraLinear, apply_lora, count_lora_trainable, dense_weight, lora_peft_export, \
     lora_targets_in_dims
@@ -58,13 +58,13 @@ class DoraLinear(LoraLinear):
         scale = self.magnitude_scale()
         bias = self.base_layer.bias
         if isinstance(self.lora_dropout, nn.Identity):
-            out = scale * (F.linear(xin, w) + self.lora_out(xin))
+            out = scale * (linear(xin, w) + self.lora_out(xin))
             if bias is not None:
                 out = out + bias.to(dt)
             return out.to(x.dtype)
         dx = self.lora_dropout(xin)
         y = self.base_layer(x).to(dt)
-        return (y + (scale - 1) * F.linear(dx, w) + scale * (self.lora_B(self.lora_A(dx)) * self.scaling)).to(x.dtype)
+        return (y + (scale - 1) * linear(dx, w) + scale * (self.lora_B(self.lora_A(dx)) * self.scaling)).to(x.dtype)
 
     def _set_base(self, w_out_in: torch.Tensor) -> None:
         wt = self.base_layer.weight

@@ -36,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
+from ..kernels import output_is_unsaved
 from .base import WrapsBaseLayer, ApplyContext, MethodConfig, PeftExport, freeze_all
 from .targeting import (check_target_list, is_conv1d, linear_like, peft_target_list, resolve_targets,
                         resolve_targets_in_dims)
@@ -239,7 +240,7 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
         dt = self.lora_A.weight.dtype
         update = self.lora_out(x if x.dtype == dt else x.to(dt)).to(y.dtype)
         # a plain Linear's output is saved by nothing for backward: add in place
-        if type(self.base_layer) is nn.Linear:
+        if output_is_unsaved(self.base_layer):
             return y.add_(update)
         return y + update
 

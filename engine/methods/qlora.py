@@ -19,11 +19,11 @@ import copy
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from ..arch import arch_of, set_submodule
+from ..kernels import linear
 from .base import ApplyContext, PeftExport, freeze_all
 from .lora import LoraConfig, LoraLinear, count_lora_trainable, dense_weight, export_lora_peft, inject_lora, \
     lora_target_names, merge_and_unload, ranks_and_alphas
@@ -49,14 +49,14 @@ class _NF4Matmul(torch.autograd.Function):
         # Linear4bit does): a bf16 projection next to fp32 ones would break attention
         ctx.layer, ctx.x_dtype = layer, x.dtype
         w = layer.dequantize()
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return linear(x.to(w.dtype), w).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None
         w = ctx.layer.dequantize()
-        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
+        return linear(grad.to(w.dtype), w.t()).to(ctx.x_dtype), None
 
 
 class NF4Linear(nn.Module):
