@@ -246,6 +246,38 @@ def test_qlora_stores_4bit_weights_counts_them_and_trains_on_cpu():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def file_mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map `path`."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == str(path):
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_qlora_keeps_no_tensor_in_the_weights_file_mapping(tmp_path):
+    """The fp32 weights quantized away must not stay resident through the safetensors
+    mapping that the embedding (or any other tensor left in it) keeps alive."""
+    d = tmp_path / "tiny"
+    lm = load_model("tiny-llama", "causal_lm")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    weights = (d / "model.safetensors").resolve()
+    m = load_model(str(d), "causal_lm", allowed_roots=[tmp_path]).model
+    def in_mapping(t):
+        return any(lo <= t.data_ptr() < hi for lo, hi in file_mapped_ranges(weights))
+    # transformers does map the file (else this test would prove nothing)
+    assert any(in_mapping(p) for p in m.parameters())
+    m, _, _ = apply(m, {"name": "qlora", "r": 4})
+    assert not [n for n, t in list(m.named_parameters()) + list(m.named_buffers()) if in_mapping(t)]
+    b = batch(m.config.vocab_size)
+    assert torch.isfinite(out(m, b)).all()
+
+
 def test_qlora_bf16_compute():
     m, _, _ = apply(tiny(), {"name": "qlora", "r": 4, "compute_dtype": "bf16"})
     b = batch(m.config.vocab_size)
