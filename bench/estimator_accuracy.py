@@ -3,8 +3,8 @@
 For every registered method (engine.methods.METHODS, read at run time) on both
 bundled models, this measures the activations of one real forward of our
 training loop (engine.measure: saved-for-backward tensors, deduplicated by
-storage, parameters excluded, plus the recomputed chunk of our chunked
-cross-entropy) and sets the `model` and `appendix` formulas beside it.
+storage, parameters excluded, plus the largest chunk of fp32 logits our
+chunked cross-entropy holds at once) and sets the `model` and `appendix` formulas beside it.
 
     .venv/bin/python bench/estimator_accuracy.py            # seq {128, 512, 1024} x batch {1, 4}
     .venv/bin/python bench/estimator_accuracy.py --quick    # seq 128 x batch {1, 4}
@@ -117,8 +117,8 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         f"({seconds:.0f} s).",
         "",
         "Measured = bytes of the tensors autograd saves during one forward of our training loop "
-        "(`engine.train.compute_loss`), deduplicated by storage, parameters excluded, plus the tensors the "
-        "recomputed chunk of our chunked cross-entropy holds (`engine.measure`). fp32, SDPA attention, "
+        "(`engine.train.compute_loss`), deduplicated by storage, parameters excluded, plus the largest "
+        "chunk of fp32 logits our chunked cross-entropy holds at once (`engine.measure`). fp32, SDPA attention, "
         "every method with its default config (LoRA family on the architecture's default targets), "
         "full (unpadded) random batches. Estimates use `device='cpu'` (CPU dropout masks are fp32 and CPU SDPA "
         "under dropout falls back to the math kernel, as on the machine that measured).",
