@@ -13,7 +13,7 @@ from torch import nn
 from .arch import arch_of
 from .config import RunConfig
 from .data import Examples, load_examples
-from .kernels import fuse_swiglu_mlps, use_fast_linears
+from .kernels import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .models import LoadedModel, load_model
 
@@ -49,6 +49,7 @@ def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyConte
     replaced = spec.apply(model, method_cfg, ctx)
     model = replaced if isinstance(replaced, nn.Module) else model
     use_fast_linears(model)
+    use_fused_layers(model)
     if ctx.task == "classification" and spec.trains_head:
         for _, head in head_modules(model):
             for p in head.parameters():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .kernels import matmul, matmul_t
 from .data import BatchStream, encode_examples, iter_batches
 from .prepare import Prepared
@@ -100,6 +101,24 @@ def causal_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
+def xent_sum_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad: bool) -> torch.Tensor:
+    """Summed cross-entropy of one chunk of fp32 logits; with `grad`, the logits are
+    overwritten by (softmax - onehot) * scale. One fused pass per row on CPU
+    (engine.fused), else log-sum-exp and softmax in place with torch ops: one
+    chunk-sized buffer either way (torch.logsumexp makes its own shifted copies)."""
+    if fused.applies(logits) and logits.is_contiguous():
+        return fused.softmax_xent_(logits, target, scale, grad).sum()
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(top).exp_()
+    sums = e.sum(dim=-1, keepdim=True)
+    loss = (top.squeeze(1) + sums.log().squeeze(1) - picked).sum()
+    if grad:
+        e.div_(sums / scale)
+        e[torch.arange(e.shape[0], device=e.device), target] -= scale
+    return loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean next-token cross-entropy of `h @ weight.T` without keeping the logits:
     each chunk's logits are made, turned into the loss and into the gradients for h
@@ -118,17 +137,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = matmul_t(hc, w).float()
             if observe_loss_chunk is not None:
                 observe_loss_chunk(logits)
-            # log-sum-exp and softmax in place of the logits: one chunk-sized buffer and
-            # one exp per chunk (torch.logsumexp makes its own shifted and exp'd copies)
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()
-            sums = e.sum(dim=-1, keepdim=True)
-            total += (top.squeeze(1) + sums.log().squeeze(1) - target).sum()
-            if grad_h is None and grad_w is None:
+            want_grad = grad_h is not None or grad_w is not None
+            total += xent_sum_and_grad_(logits, yc, 1.0 / n, want_grad)
+            if not want_grad:
                 continue
-            p = e.div_(sums * n)                                      # softmax / n
-            p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0 / n
+            p = logits                                                # (softmax - onehot) / n
             if grad_h is not None:
                 grad_h[i:i + chunk] = matmul(p.to(w.dtype), w).to(h.dtype)
             if grad_w is not None:

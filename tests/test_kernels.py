@@ -64,9 +64,19 @@ def test_bert_has_no_swiglu_to_fuse():
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from engine.kernels import FastLinear, linear, onednn_enabled, set_onednn_enabled, use_fast_linears  # noqa: E402
+from engine import kernels  # noqa: E402
+from engine.kernels import (FastLinear, _BackendTrial, gemm_mode, linear, matmul, matmul_t, onednn_enabled,  # noqa: E402
+                            set_gemm_mode, set_onednn_enabled, use_fast_linears)
 
 needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture
+def always_onednn():
+    was = gemm_mode()
+    set_gemm_mode("onednn")
+    yield
+    set_gemm_mode(was)
 
 
 def ops_run(fn) -> set[str]:
@@ -79,7 +89,7 @@ def ops_run(fn) -> set[str]:
 @pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("weight_trains", [True, False])
-def test_linear_matches_float64_reference_in_values_and_gradients(shape, bias, weight_trains):
+def test_linear_matches_float64_reference_in_values_and_gradients(shape, bias, weight_trains, always_onednn):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, requires_grad=True)
     w = torch.randn(16, 24, generator=g, requires_grad=weight_trains)
@@ -103,7 +113,7 @@ def test_linear_matches_float64_reference_in_values_and_gradients(shape, bias, w
 
 
 @needs_onednn
-def test_linear_saves_what_autograd_saves_for_f_linear():
+def test_linear_saves_what_autograd_saves_for_f_linear(always_onednn):
     """A frozen weight: nothing but the weight itself (the input is not kept)."""
     x = torch.randn(4, 8, 32, requires_grad=True)
     for trains in (False, True):
@@ -145,3 +155,61 @@ def test_fast_linears_keep_names_state_and_logits():
     ids = torch.randint(5, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- the backend trial: each GEMM shape on whichever backend ran it faster ---------------------
+
+def test_backend_trial_alternates_skips_first_calls_and_keeps_the_faster():
+    trial = _BackendTrial()
+    picks = []
+    for _ in range(2 * (trial.SAMPLES + 1)):
+        backend = trial.next_backend()
+        picks.append(backend)
+        # oneDNN 3 ms, BLAS 2 ms, except a slow first oneDNN call (primitive set-up)
+        seconds = (0.5 if len(trial.times[0]) == 0 else 0.003) if backend == 0 else 0.002
+        decided = trial.record(backend, seconds)
+    assert picks == [0, 1] * (trial.SAMPLES + 1)
+    assert decided is False                                    # BLAS was faster
+    slow_blas = _BackendTrial()
+    for _ in range(2 * (slow_blas.SAMPLES + 1)):
+        b = slow_blas.next_backend()
+        decided = slow_blas.record(b, 0.001 if b == 0 else 0.004)
+    assert decided is True
+
+
+def test_backend_trial_decides_a_long_gemm_on_one_call_each():
+    trial = _BackendTrial()
+    assert trial.record(trial.next_backend(), 0.120) is None   # oneDNN
+    assert trial.record(trial.next_backend(), 0.100) is False  # BLAS, decided at once
+
+
+@needs_onednn
+def test_auto_mode_times_both_backends_in_place_then_sticks_to_one():
+    was = gemm_mode()
+    set_gemm_mode("auto")
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, w = torch.randn(256, 128, generator=g), torch.randn(192, 128, generator=g)
+        ref = a.double() @ w.double().t()
+        key = ("a@wT", 256, 128, 192)
+        for i in range(2 * (_BackendTrial.SAMPLES + 1)):
+            assert not isinstance(kernels._FASTER_ON_ONEDNN.get(key), bool)
+            torch.testing.assert_close(matmul_t(a, w).double(), ref, rtol=1e-5, atol=1e-4)
+        choice = kernels._FASTER_ON_ONEDNN[key]
+        assert isinstance(choice, bool)
+        ops = ops_run(lambda: matmul_t(a, w))
+        assert ("mkldnn::_linear_pointwise" in ops) == choice
+        torch.testing.assert_close(matmul(a, w.t().contiguous()).double(), ref, rtol=1e-5, atol=1e-4)
+        small = torch.randn(4, 8, generator=g)                # below TUNE_MIN_MACS: BLAS, untimed
+        matmul_t(small, torch.randn(8, 8, generator=g))
+        assert ("a@wT", 4, 8, 8) not in kernels._FASTER_ON_ONEDNN
+    finally:
+        set_gemm_mode(was)
+
+
+def test_gemm_mode_rejects_unknown_values(monkeypatch):
+    with pytest.raises(ValueError, match="GEMM mode 'fast'"):
+        set_gemm_mode("fast")
+    monkeypatch.setenv("STUDIO_ONEDNN_LINEAR", "maybe")
+    with pytest.raises(ValueError, match="STUDIO_ONEDNN_LINEAR='maybe'"):
+        kernels._mode_from_env()
