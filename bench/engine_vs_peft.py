@@ -104,8 +104,11 @@ def child(side: str, case_name: str, method_json: str, steps: int, warmup: int) 
     release_free_memory()
     with PeakRSS(interval=0.01) as rss:
         times = [step(b) for _ in range(warmup + steps)][warmup:]
+    from engine import fused, kernels
+    decided = [v for v in kernels._FASTER_ON_ONEDNN.values() if isinstance(v, bool)]
     print(json.dumps({"peak_rss": rss.peak, "lifetime_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "median_s": statistics.median(times)}))
+                      "median_s": statistics.median(times), "gemm_shapes": len(decided),
+                      "gemm_shapes_onednn": sum(decided), "fused_kernels": fused.library() is not None}))
 
 
 def release_free_memory() -> None:
@@ -134,7 +137,9 @@ def summarize(runs: list[dict]) -> dict:
     the per-process medians."""
     peaks = sorted(r["peak_rss"] for r in runs)
     return {"peak_rss": statistics.median(peaks), "peak_min": peaks[0], "peak_max": peaks[-1],
-            "median_s": statistics.median(r["median_s"] for r in runs)}
+            "median_s": statistics.median(r["median_s"] for r in runs),
+            "gemm": f"{runs[0]['gemm_shapes_onednn']} of {runs[0]['gemm_shapes']}",
+            "fused": runs[0]["fused_kernels"]}
 
 
 def run_children(a: tuple, b: tuple, case_name: str, steps: int, warmup: int, repeats: int) -> tuple[dict, dict]:
@@ -201,9 +206,11 @@ def main() -> None:
 
     print()
     import transformers
-    from engine.kernels import onednn_enabled
+    from engine.kernels import gemm_mode
+    engine_run = rows[0][2]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU fp32, engine linears on {'oneDNN' if onednn_enabled() else 'F.linear (BLAS)'}; step time: median "
+          f"CPU fp32; engine GEMM backend mode {gemm_mode()} (SmolLM2 LoRA: oneDNN kept for {engine_run['gemm']} "
+          f"shapes timed, BLAS for the rest), fused C kernels {'on' if engine_run['fused'] else 'OFF'}; step time: median "
           f"of {a.steps} steps after {a.warmup} warm-up per process, median over {a.repeats} fresh processes per "
           f"side run alternately (A, B, A, B, ...); peak RSS: median of the same processes (min-max)")
     print("| case | A step (s) | B step (s) | time A/B | time A/B interleaved in one process | A peak RSS | "

@@ -112,8 +112,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
     lib.rope_apply.argtypes = [p, p, p, p, i64, i64, i64, i32, i32]
     lib.softmax_xent.argtypes = [p, p, p, i64, i64, f32, i32, i32]
+    lib.nf4_dequantize.argtypes = [p, p, p, p, i64, i64, i32]
     for fn in (lib.rms_norm_forward, lib.rms_norm_backward, lib.swiglu_forward, lib.swiglu_backward,
-               lib.rope_apply, lib.softmax_xent):
+               lib.rope_apply, lib.softmax_xent, lib.nf4_dequantize):
         fn.restype = None
     return lib
 
@@ -300,3 +301,20 @@ def softmax_xent_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad
     library().softmax_xent(_ptr(logits), _ptr(target), _ptr(loss), logits.shape[0], logits.shape[1], float(scale),
                            int(grad), torch.get_num_threads())
     return loss
+
+
+# ---- NF4 dequantization ----------------------------------------------------------------------
+
+def nf4_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, numel: int,
+                   block: int) -> torch.Tensor:
+    """The first `numel` weights of an NF4 tensor as fp32: packed uint8 codes (two per
+    byte, high nibble first), the 16 code values, one fp32 absmax per `block` weights.
+    CPU tensors; check `applies(absmax)` first."""
+    if packed.dtype != torch.uint8 or code.numel() != 16 or packed.numel() * 2 < numel \
+            or absmax.numel() * block < numel or block % 2:
+        raise ValueError(f"nf4_dequantize: {packed.numel()} packed bytes, {absmax.numel()} blocks of {block} "
+                         f"for {numel} weights")
+    out = torch.empty(numel, dtype=torch.float32)
+    library().nf4_dequantize(_ptr(packed.contiguous()), _ptr(code.float().contiguous()),
+                             _ptr(absmax.float().contiguous()), _ptr(out), numel, block, torch.get_num_threads())
+    return out

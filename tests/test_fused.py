@@ -214,3 +214,21 @@ def test_kernels_build_once_into_the_cache_and_the_switch_skips_them(tmp_path):
     assert json.loads(off.stdout.strip().splitlines()[-1]) == {"applies": False, "reason": None, "warnings": []}
     bad = run_python(PROBE, STUDIO_FUSED_KERNELS="sometimes")
     assert bad.returncode != 0 and "STUDIO_FUSED_KERNELS='sometimes'" in bad.stderr
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (7, 9), (3, 65)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_dequantize_is_bit_identical_to_the_torch_path(shape, double_quant):
+    from engine.methods import nf4
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    qs = nf4.quantize_nf4(w, nf4.BLOCK, double_quant)
+    got = nf4.dequantize_nf4(qs)
+    fused.set_enabled(False)
+    try:
+        want = nf4.dequantize_nf4(qs)
+    finally:
+        fused.set_enabled(True)
+    assert got.shape == want.shape == w.shape and torch.equal(got, want)
+    assert (got - w).abs().max() > 0                           # it is the quantized weight, not a copy
+    with pytest.raises(ValueError, match="nf4_dequantize"):
+        fused.nf4_dequantize(qs.packed, nf4.nf4_code(), torch.ones(0), qs.numel, nf4.BLOCK)

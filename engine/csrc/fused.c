@@ -249,3 +249,35 @@ void softmax_xent(float *logits, const int64_t *target, float *loss, int64_t row
     xent_t a = {logits, target, loss, vocab, scale, grad};
     parallel_for(xent_rows, &a, rows, threads, 1);
 }
+
+/* ---- NF4 dequantization ------------------------------------------------------------
+   packed[j] holds the 4-bit codes of elements 2j (high nibble) and 2j+1 (low);
+   out[i] = code[nibble(i)] * absmax[i / block]. One pass writing the fp32 weight,
+   where torch ops make an int64 index tensor, a gathered copy and a scaled copy. */
+
+typedef struct {
+    const uint8_t *packed;
+    const float *code, *absmax;
+    float *out;
+    int64_t numel, block;
+} nf4_t;
+
+static void nf4_blocks(void *p, int64_t begin, int64_t end) {
+    const nf4_t *a = (const nf4_t *)p;
+    float table[16];
+    for (int k = 0; k < 16; k++) table[k] = a->code[k];
+    for (int64_t b = begin; b < end; b++) {
+        const float s = a->absmax[b];
+        const int64_t start = b * a->block, stop = start + a->block < a->numel ? start + a->block : a->numel;
+        for (int64_t i = start; i < stop; i++) {
+            const uint8_t byte = a->packed[i >> 1];
+            a->out[i] = table[(i & 1) ? (byte & 0x0F) : (byte >> 4)] * s;
+        }
+    }
+}
+
+void nf4_dequantize(const uint8_t *packed, const float *code, const float *absmax, float *out, int64_t numel,
+                    int64_t block, int threads) {
+    nf4_t a = {packed, code, absmax, out, numel, block};
+    parallel_for(nf4_blocks, &a, (numel + block - 1) / block, threads, 64);
+}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import fused
+
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -109,11 +111,13 @@ def dequantize_nf4(qs: QuantState, dtype: torch.dtype = torch.float32, packed=No
     packed = qs.packed if packed is None else packed
     absmax = qs.absmax if absmax is None else absmax
     absmax_scale = qs.absmax_scale if absmax_scale is None else absmax_scale
-    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1).long()
     code = nf4_code(packed.device)
-    vals = code[idx].view(-1, qs.block_size)
     if absmax_scale is not None:
         absmax = dequantize_absmax(absmax, absmax_scale, qs.dq_block_size)
+    if fused.applies(absmax.float()):                 # one C pass on CPU (engine.fused)
+        return fused.nf4_dequantize(packed, code, absmax, qs.numel, qs.block_size).view(qs.shape).to(dtype)
+    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1).long()
+    vals = code[idx].view(-1, qs.block_size)
     w = (vals * absmax[:, None].float()).view(-1)[: qs.numel]
     return w.view(qs.shape).to(dtype)
 
