@@ -110,7 +110,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.rms_norm_backward.argtypes = [p, p, p, p, p, i64, i64, i32]
     lib.swiglu_forward.argtypes = [p, p, p, i64, i32]
     lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
-    lib.rope_apply.argtypes = [p, p, p, p, i64, i64, i64, i32, i32]
+    lib.rope_apply.argtypes = [p, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.softmax_xent.argtypes = [p, p, p, i64, i64, f32, i32, i32]
     lib.nf4_dequantize.argtypes = [p, p, p, p, i64, i64, i32]
     for fn in (lib.rms_norm_forward, lib.rms_norm_backward, lib.swiglu_forward, lib.swiglu_backward,
@@ -248,8 +248,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
     out = torch.empty_like(x)
     tokens, heads, dim = x.shape[0] * x.shape[1], x.shape[2], x.shape[3]
-    library().rope_apply(_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), tokens, heads, dim, int(transpose),
-                         torch.get_num_threads())
+    library().rope_apply(_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), tokens, heads, dim, cos.numel() // dim,
+                         int(transpose), torch.get_num_threads())
     return out
 
 
@@ -277,9 +277,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rope: inputs of shape {tuple(x.shape)} with cos of shape {tuple(cos.shape)}")
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: cos and sin must not require a gradient")
-    shape = (x.shape[0], x.shape[1], x.shape[3])
-    cos, sin = cos.expand(shape).contiguous(), sin.expand(shape).contiguous()
-    x = x.contiguous()
+    if cos.shape[0] not in (1, x.shape[0]) or cos.shape[1:] != (x.shape[1], x.shape[3]) or sin.shape != cos.shape:
+        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} for inputs of shape {tuple(x.shape)}")
+    # one cos/sin for the whole batch stays one tensor (no per-layer copies to save)
+    cos, sin, x = cos.contiguous(), sin.contiguous(), x.contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
         return _RoPE.apply(x, cos, sin)
     return _rope(x, cos, sin, transpose=False)

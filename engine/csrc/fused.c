@@ -166,14 +166,15 @@ void swiglu_backward(const float *dh, const float *g, const float *u, float *dg,
 
 /* ---- rotary position embedding ---------------------------------------------------
    x: [tokens, heads, dim] (the projection's output before the head transpose),
-   cos, sin: [tokens, dim]. With x = (x1, x2) the two halves of a head,
+   cos, sin: [cos_rows, dim], token t using row t % cos_rows (cos_rows = seq when one
+   cos serves the whole batch). With x = (x1, x2) the two halves of a head,
    out = x * cos + (-x2, x1) * sin, as transformers' rotate_half computes it. The
    backward applies the transposed rotation: dx = g * cos + (g2 * sin2, -g1 * sin1). */
 
 typedef struct {
     const float *x, *cos, *sin;
     float *out;
-    int64_t heads, dim;
+    int64_t heads, dim, cos_rows;
     int transpose;
 } rope_t;
 
@@ -181,7 +182,8 @@ static void rope_rows(void *p, int64_t begin, int64_t end) {
     const rope_t *a = (const rope_t *)p;
     const int64_t d = a->dim, half = d / 2;
     for (int64_t t = begin; t < end; t++) {
-        const float *restrict c = a->cos + t * d, *restrict s = a->sin + t * d;
+        const int64_t row = t % a->cos_rows;
+        const float *restrict c = a->cos + row * d, *restrict s = a->sin + row * d;
         for (int64_t h = 0; h < a->heads; h++) {
             const float *restrict x = a->x + (t * a->heads + h) * d;
             float *restrict o = a->out + (t * a->heads + h) * d;
@@ -203,8 +205,8 @@ static void rope_rows(void *p, int64_t begin, int64_t end) {
 }
 
 void rope_apply(const float *x, const float *cos, const float *sin, float *out, int64_t tokens, int64_t heads,
-                int64_t dim, int transpose, int threads) {
-    rope_t a = {x, cos, sin, out, heads, dim, transpose};
+                int64_t dim, int64_t cos_rows, int transpose, int threads) {
+    rope_t a = {x, cos, sin, out, heads, dim, cos_rows, transpose};
     parallel_for(rope_rows, &a, tokens, threads, 4);
 }
 
