@@ -307,15 +307,19 @@ def softmax_xent_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad
 # ---- NF4 dequantization ----------------------------------------------------------------------
 
 def nf4_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, numel: int,
-                   block: int) -> torch.Tensor:
+                   block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The first `numel` weights of an NF4 tensor as fp32: packed uint8 codes (two per
-    byte, high nibble first), the 16 code values, one fp32 absmax per `block` weights.
-    CPU tensors; check `applies(absmax)` first."""
+    byte, high nibble first), the 16 code values, one fp32 absmax per `block` weights;
+    written into `out` (fp32, contiguous, `numel` elements) when given. CPU tensors;
+    check `applies(absmax)` first."""
     if packed.dtype != torch.uint8 or code.numel() != 16 or packed.numel() * 2 < numel \
             or absmax.numel() * block < numel or block % 2:
         raise ValueError(f"nf4_dequantize: {packed.numel()} packed bytes, {absmax.numel()} blocks of {block} "
                          f"for {numel} weights")
-    out = torch.empty(numel, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.numel() != numel or not out.is_contiguous():
+        raise ValueError(f"nf4_dequantize: out must be a contiguous fp32 tensor of {numel} elements")
     library().nf4_dequantize(_ptr(packed.contiguous()), _ptr(code.float().contiguous()),
                              _ptr(absmax.float().contiguous()), _ptr(out), numel, block, torch.get_num_threads())
     return out

@@ -353,8 +353,9 @@ class FastLinear(nn.Linear):
 
 
 def output_is_unsaved(layer: nn.Module) -> bool:
-    """True for layers whose output no backward needs, so it may be changed in place."""
-    return type(layer) in (nn.Linear, FastLinear)
+    """True for layers whose output no backward needs, so it may be changed in place
+    (plain linears, and layers that declare it with `output_unsaved = True`)."""
+    return type(layer) in (nn.Linear, FastLinear) or getattr(type(layer), "output_unsaved", False)
 
 
 def use_fast_linears(model: nn.Module) -> int:

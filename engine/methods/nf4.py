@@ -105,9 +105,11 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK, double_quant: bo
 
 
 def dequantize_nf4(qs: QuantState, dtype: torch.dtype = torch.float32, packed=None, absmax=None,
-                   absmax_scale=None) -> torch.Tensor:
+                   absmax_scale=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight back, in `dtype`. The tensors may be given explicitly (when a
-    module holds them as parameters/buffers that moved device)."""
+    module holds them as parameters/buffers that moved device). `out`: an fp32
+    buffer of `numel` elements to write into, where the fused CPU kernel applies
+    (ignored otherwise)."""
     packed = qs.packed if packed is None else packed
     absmax = qs.absmax if absmax is None else absmax
     absmax_scale = qs.absmax_scale if absmax_scale is None else absmax_scale
@@ -115,7 +117,9 @@ def dequantize_nf4(qs: QuantState, dtype: torch.dtype = torch.float32, packed=No
     if absmax_scale is not None:
         absmax = dequantize_absmax(absmax, absmax_scale, qs.dq_block_size)
     if fused.applies(absmax.float()):                 # one C pass on CPU (engine.fused)
-        return fused.nf4_dequantize(packed, code, absmax, qs.numel, qs.block_size).view(qs.shape).to(dtype)
+        if dtype is not torch.float32:
+            out = None
+        return fused.nf4_dequantize(packed, code, absmax, qs.numel, qs.block_size, out).view(qs.shape).to(dtype)
     idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1).long()
     vals = code[idx].view(-1, qs.block_size)
     w = (vals * absmax[:, None].float()).view(-1)[: qs.numel]
