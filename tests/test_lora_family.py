@@ -278,6 +278,20 @@ def test_qlora_keeps_no_tensor_in_the_weights_file_mapping(tmp_path):
     assert torch.isfinite(out(m, b)).all()
 
 
+def test_qlora_keeps_each_nf4_tensor_once():
+    """The NF4 data of a layer is held by its weight and absmax only: its quantization
+    state keeps empty placeholders, not views pinning another copy (which held 55 MB
+    on SmolLM2)."""
+    from engine.methods.qlora import NF4Linear
+    m, _, _ = apply(tiny(), {"name": "qlora", "r": 4})
+    layers = [mod for mod in m.modules() if isinstance(mod, NF4Linear)]
+    assert layers
+    for layer in layers:
+        assert layer.qstate.packed.untyped_storage().nbytes() == 0
+        assert layer.qstate.absmax.untyped_storage().nbytes() == 0
+        assert layer.weight.untyped_storage().nbytes() == layer.weight.numel()   # 2 codes per byte, no more
+
+
 def test_qlora_bf16_compute():
     m, _, _ = apply(tiny(), {"name": "qlora", "r": 4, "compute_dtype": "bf16"})
     b = batch(m.config.vocab_size)

@@ -90,8 +90,10 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
         self.compute_dtype = compute_dtype
         qs = quantize_nf4(w, block_size, double_quant)
-        self.qstate = QuantState(qs.shape, qs.numel, qs.packed[:0], qs.absmax[:0], None, qs.block_size,
-                                 qs.dq_block_size)
+        # the tensors themselves live on as the parameter and buffers below; the state
+        # keeps empty placeholders (a [:0] view would pin the storage of the originals)
+        self.qstate = QuantState(qs.shape, qs.numel, qs.packed.new_empty(0), qs.absmax.new_empty(0), None,
+                                 qs.block_size, qs.dq_block_size)
         self.weight = nn.Parameter(qs.packed, requires_grad=False)
         self.weight.quant_numel = qs.numel          # counted as the parameters it stands for
         self.register_buffer("absmax", qs.absmax)
@@ -182,9 +184,13 @@ def own_unquantized_tensors(model: nn.Module) -> None:
     that live in that mapping; while any of them (the embedding, say) is alive, the
     whole mapping stays, and the pages of the fp32 weights just quantized away keep
     counting as resident memory: 0.4 GB on SmolLM2-135M, more than the 4-bit saving
-    would be worth. Tied parameters stay tied (each Parameter is visited once)."""
+    would be worth. Tied parameters stay tied (each Parameter is visited once). The
+    NF4 tensors were made in process memory and are left as they are."""
+    made_here = {id(t) for m in model.modules() if isinstance(m, NF4Linear)
+                 for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
     for t in list(model.parameters()) + list(model.buffers()):
-        if not isinstance(t.data, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+        if (id(t) in made_here or not isinstance(t.data, torch.Tensor) or t.device.type != "cpu"
+                or t.numel() == 0):
             continue
         t.data = t.data.clone()
 
