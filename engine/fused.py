@@ -10,8 +10,8 @@ Here each is one loop forward and one backward, with the same saved tensors.
 The C file is built with the machine's C compiler the first time a process needs it
 (about a second; `-O3 -march=native`, cached under STUDIO_KERNEL_CACHE, default
 ~/.cache/peft-studio/kernels, keyed by source, flags, compiler and CPU) and loaded
-with ctypes. No compiler, a failed build, `STUDIO_FUSED_KERNELS=0`, non-fp32 or
-non-CPU tensors: the callers use torch ops instead (a warning says why, once).
+with ctypes. No compiler or a failed build (a warning says why, once),
+`STUDIO_FUSED_KERNELS=0`, non-fp32 or non-CPU tensors: the callers use torch ops.
 """
 
 from __future__ import annotations
@@ -193,19 +193,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check `applies(x)` first)."""
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for inputs of width {x.shape[-1]}")
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)
-    with torch.no_grad():
-        return _RMSNorm.forward(_NoCtx(), x, weight, eps)
-
-
-class _NoCtx:
-    """Stands in for autograd's ctx when the forward runs without a graph."""
-
-    needs_input_grad = (False,) * 8
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
+    return _RMSNorm.apply(x, weight, eps)       # without a graph, apply keeps nothing
 
 
 # ---- SwiGLU product --------------------------------------------------------------------------
@@ -219,7 +207,7 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         h = torch.empty_like(gate)
         library().swiglu_forward(_ptr(gate), _ptr(up), _ptr(h), gate.numel(), torch.get_num_threads())
-        need_gate, need_up = ctx.needs_input_grad[:2]
+        need_gate, need_up = ctx.needs_input_grad
         ctx.save_for_backward(gate if (need_gate or need_up) else None, up if need_gate else None)
         return h
 
@@ -237,10 +225,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (fp32 CPU tensors of one shape; check `applies(gate, up)` first)."""
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLU.apply(gate, up)
-    with torch.no_grad():
-        return _SwiGLU.forward(_NoCtx(), gate, up)
+    return _SwiGLU.apply(gate, up)
 
 
 # ---- rotary position embedding ---------------------------------------------------------------
@@ -280,10 +265,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if cos.shape[0] not in (1, x.shape[0]) or cos.shape[1:] != (x.shape[1], x.shape[3]) or sin.shape != cos.shape:
         raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} for inputs of shape {tuple(x.shape)}")
     # one cos/sin for the whole batch stays one tensor (no per-layer copies to save)
-    cos, sin, x = cos.contiguous(), sin.contiguous(), x.contiguous()
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RoPE.apply(x, cos, sin)
-    return _rope(x, cos, sin, transpose=False)
+    return _RoPE.apply(x.contiguous(), cos.contiguous(), sin.contiguous())
 
 
 # ---- softmax cross-entropy -------------------------------------------------------------------

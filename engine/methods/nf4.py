@@ -116,7 +116,7 @@ def dequantize_nf4(qs: QuantState, dtype: torch.dtype = torch.float32, packed=No
     code = nf4_code(packed.device)
     if absmax_scale is not None:
         absmax = dequantize_absmax(absmax, absmax_scale, qs.dq_block_size)
-    if fused.applies(absmax.float()):                 # one C pass on CPU (engine.fused)
+    if fused.applies(absmax):                         # one C pass on CPU (engine.fused)
         if dtype is not torch.float32:
             out = None
         return fused.nf4_dequantize(packed, code, absmax, qs.numel, qs.block_size, out).view(qs.shape).to(dtype)
