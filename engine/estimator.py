@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .dims import ModelDims, dims_from_config
+from .methods.plan import LayerPlan, Plan
 
 GiB = 1 << 30
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -52,7 +53,7 @@ NF4_DQ_BLOCK = 256                    # 8-bit absmax constants per fp32 scale (d
 NF4_BITS = 4 + 32 / NF4_BLOCK                                   # 4.5 bits / weight
 NF4_DQ_BITS = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_BLOCK)  # 4.127 bits / weight
 ADAM8_BLOCK = 2048                    # block-wise 8-bit optimizer states (Dettmers et al. 2022)
-LOSS_CHUNK = 1024                     # engine.train.LOSS_CHUNK (tokens per chunk of the chunked CE)
+from .loss import LOSS_CHUNK  # noqa: E402
 
 GPU_PRESETS = (
     ("16 GB (V100 16GB, T4, A4000)", 16 * GiB),
@@ -353,38 +354,6 @@ def optimizer_bytes(n_tr: int, size: int, optimizer: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # The `model` formula: hidden states (activations saved for backward)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class LayerPlan:
-    """What trains in one block, as far as saved activations are concerned."""
-
-    full: set = field(default_factory=set)         # block-relative paths of linears whose weight trains
-    lora: dict = field(default_factory=dict)       # path -> (rank, dropout)
-    dora: bool = False
-    ia3: set = field(default_factory=set)          # "k", "v", "ff": scaled tensors (IA³)
-    norms: bool = False                            # block norms train (ln_tuning, full, houlsby)
-    adapters: list = field(default_factory=list)   # ("serial"|"parallel", site "attn"|"ffn", width)
-    prefix: int = 0                                # extra key/value positions (prefix tuning, llama-adapter)
-    adaption_prompt: int = 0                       # llama-adapter's gated adapter tokens
-    bias: bool = False                             # linear biases train (BitFit): grads flow, nothing extra saved
-
-    def trains_anything(self) -> bool:
-        return bool(self.full or self.lora or self.ia3 or self.norms or self.adapters or self.prefix
-                    or self.adaption_prompt or self.bias)
-
-
-@dataclass
-class Plan:
-    layers: list                                   # LayerPlan per block
-    prompt_tokens: int = 0                         # virtual tokens prepended to the input
-    embeddings: bool = False                       # embeddings train (full)
-    input_grad: bool = False                       # the input embeddings require grad (prompts, bitfit on BERT)
-    final_norm: bool = False
-    lm_head: bool = False
-    pooler: bool = False
-    head: bool = True                              # classification head
-    notes: list = field(default_factory=list)
-
 
 def _block_paths(dims: ModelDims) -> list[str]:
     return [s.path for s in dims.block_linears()]

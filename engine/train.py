@@ -22,7 +22,7 @@ from .kernels import matmul, matmul_t
 from .data import BatchStream, encode_examples, iter_batches
 from .prepare import Prepared
 
-LOSS_CHUNK = 1024   # tokens per chunk of the chunked cross-entropy
+from .loss import LOSS_CHUNK  # noqa: E402  (re-exported: tokens per chunk of the chunked CE)
 # Set by engine.measure: called with each chunk's fp32 logits, the loss's largest transient tensor.
 observe_loss_chunk = None
 

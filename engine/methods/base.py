@@ -4,14 +4,15 @@ frozen base model into one with trainable adapter parameters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-if False:  # typing only
+if TYPE_CHECKING:
     import torch
     from ..dims import ModelDims
+    from .plan import Plan
 
 
 class MethodConfig(BaseModel):
@@ -59,6 +60,12 @@ class MethodSpec:
     count_trainable: Optional[Callable[["ModelDims", MethodConfig, str], int]] = None   # (dims, cfg, task)
     # Load weights saved by `engine.adapters` back into a model with the method applied (default: by name)
     load_state: Optional[Callable[[nn.Module, dict], None]] = None
+    # What the rest of the product asks of a method instead of testing its name:
+    family: str = "selective"     # "lora" | "ia3" | "adapter" | "prompt" | "selective" (charts, loaders)
+    adds_params: bool = True      # False: trains parameters the base model already has (full, top_k, bitfit, ...)
+    quantizes_base: bool = False  # the frozen base is stored quantized (QLoRA's NF4)
+    # What each block trains, for the estimator's saved-activation model (engine.methods.plan.Plan):
+    plan: Optional[Callable[["ModelDims", MethodConfig, str], "Plan"]] = None   # (dims, cfg, task)
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -24,6 +24,17 @@ class TargetModulesError(ValueError):
     pass
 
 
+def parse_target_list(text: Union[str, Sequence[str], None]) -> Optional[list[str]]:
+    """`"q_proj, v_proj"` -> `["q_proj", "v_proj"]`: the one parser of comma-separated
+    target-module lists (REST query, CLI flag, Launch form). None or blank -> None; a
+    list passes through with blanks dropped."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    out = [p.strip() for p in parts if p and p.strip()]
+    return out or None
+
+
 def linear_like(module: nn.Module) -> bool:
     """nn.Linear or GPT-2's Conv1D (a linear layer with a transposed weight)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
