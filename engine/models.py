@@ -52,8 +52,9 @@ def default_cache_dir() -> Path:
     """Where converted models are cached: STUDIO_MODEL_CACHE, else <STUDIO_DATA_DIR>/models."""
     if os.environ.get("STUDIO_MODEL_CACHE"):
         return Path(os.environ["STUDIO_MODEL_CACHE"]).expanduser()
-    base = os.environ.get("STUDIO_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".peft-studio")
-    return Path(base) / "models"
+    from .paths import default_data_dir
+
+    return default_data_dir() / "models"
 
 
 def package_dir(package: str) -> Path:

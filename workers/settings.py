@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from engine.paths import default_data_dir
+
 
 def _env(name: str, default: Optional[str] = None) -> Optional[str]:
     v = os.environ.get(name)
@@ -68,7 +70,7 @@ class Settings:
 
 
 def load_settings() -> Settings:
-    data_dir = Path(_env("STUDIO_DATA_DIR", os.path.join(os.path.expanduser("~"), ".peft-studio"))).expanduser()
+    data_dir = default_data_dir()
     db = _env("STUDIO_DATABASE_URL", f"sqlite:///{(data_dir / 'studio.db').as_posix()}")
     broker = _env("STUDIO_BROKER_URL")
     if broker in ("embedded", "filesystem"):
