@@ -1,0 +1,341 @@
+"""The `model` formula's hidden states: the bytes autograd saves for backward in one
+forward of our training loop, walked block by block from a method's Plan (which
+tensors require grad, grouped-query attention, gated FFN width, SDPA vs eager
+attention, dropout masks, RMSNorm's fp32 upcast, the chunked cross-entropy, and
+each method's own tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dims import ModelDims
+from ..loss import LOSS_CHUNK
+from ..methods.plan import LayerPlan, Plan
+
+
+def _block_paths(dims: ModelDims) -> list[str]:
+    return [s.path for s in dims.block_linears()]
+
+
+@dataclass
+class Shape:
+    """Sizes of one forward pass."""
+
+    batch: int
+    seq: int            # real tokens
+    prompt: int         # virtual tokens prepended
+    prefix: int         # extra key/value positions (per layer; set per block)
+    a: int              # bytes per activation element (training dtype)
+    device: str
+    attention: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * (self.seq + self.prompt)
+
+    @property
+    def q_len(self) -> int:
+        return self.seq + self.prompt
+
+
+class Saved:
+    """Adds bytes of saved storages, each named once (autograd keeps one storage
+    however many ops save it)."""
+
+    def __init__(self):
+        self.parts: dict[str, int] = {}
+
+    def add(self, key: str, nbytes: int) -> None:
+        if key not in self.parts:
+            self.parts[key] = int(nbytes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def dropout_mask_bytes(shape: Shape) -> int:
+    """Bytes per element of a dropout mask: CUDA keeps a bool mask, CPU's
+    dropout multiplies by a noise tensor of the activation dtype."""
+    return 1 if shape.device == "cuda" else shape.a
+
+
+def linear_site(lp: LayerPlan, path: str, saved: Saved, x_key: str, x_numel: int, out_numel_per_tok: int,
+                shape: Shape, rg_in: bool) -> bool:
+    """One linear layer reading x: what it saves (its input when its weight
+    trains; LoRA's input, dropout and rank-r output; DoRA's scaled output) and
+    whether its output requires grad."""
+    a, T = shape.a, shape.tokens
+    trains = path in lp.full
+    if trains:
+        saved.add(x_key, x_numel * a)
+    if path in lp.lora:
+        r, p = lp.lora[path]
+        if p > 0:
+            saved.add(f"{path}.lora_dropout_mask", x_numel * dropout_mask_bytes(shape))
+            saved.add(f"{path}.lora_dropout_out", x_numel * a)
+        else:
+            saved.add(x_key, x_numel * a)
+        saved.add(f"{path}.lora_A_out", T * r * a)
+        if lp.dora:
+            saved.add(f"{path}.dora_sum", T * out_numel_per_tok * a)
+        return True
+    return rg_in or trains
+
+
+def norm_site(saved: Saved, key: str, shape: Shape, dims: ModelDims, rg: bool, trains: bool, n_tok: int) -> bool:
+    """RMSNorm (Llama: upcast to fp32, x·rsqrt, weight·x) or LayerNorm (input,
+    mean, rstd). Returns whether the output requires grad."""
+    h, a = dims.hidden_size, shape.a
+    if not (rg or trains):
+        return False
+    if dims.norm == "rmsnorm":
+        if rg:
+            saved.add(key + ".in_fp32", n_tok * h * 4)        # x.float() (same storage as x in fp32)
+            saved.add(key + ".rsqrt", n_tok * 4)
+        if trains:
+            saved.add(key + ".normed", n_tok * h * a)
+    else:
+        saved.add(key + ".in", n_tok * h * a)
+        saved.add(key + ".stats", n_tok * 8)                  # mean and rstd, fp32
+    return True
+
+
+def uses_math_kernel(shape: Shape, dropout_p: float) -> bool:
+    """CPU SDPA falls back to the math kernel (which keeps the seq² probabilities)
+    when attention dropout is on; CUDA's memory-efficient kernel does dropout itself."""
+    return shape.device == "cpu" and dropout_p > 0 and shape.attention != "eager"
+
+
+def attention_output_key(shape: Shape, dropout_p: float) -> str:
+    """SDPA's fused kernels return the output already laid out (batch, seq, heads,
+    dim): o_proj reads the same storage SDPA saved. Eager / math attention make a
+    contiguous copy."""
+    return "attn_ctx" if shape.attention == "eager" or uses_math_kernel(shape, dropout_p) else "attn.out"
+
+
+def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, rg_q: bool, rg_k: bool,
+                   rg_v: bool, dropout_p: float, causal_rope: bool) -> None:
+    """What attention saves, given which of q, k, v require grad."""
+    if not (rg_q or rg_k or rg_v):
+        return
+    a, B = shape.a, shape.batch
+    S = shape.q_len
+    Skv = S + lp.prefix + lp.adaption_prompt
+    hq = dims.num_heads * dims.head_dim
+    kv = dims.kv_dim
+    heads = dims.num_heads
+    T = B * S
+    eager = shape.attention == "eager"
+    math_path = uses_math_kernel(shape, dropout_p)
+    if eager or math_path:
+        n_rep = heads // dims.num_kv_heads
+        saved.add("attn.q", T * hq * a)
+        # eager attention repeats grouped k/v to every head (a copy when n_rep > 1)
+        saved.add("attn.k", B * Skv * (hq if n_rep > 1 else kv) * a)
+        saved.add("attn.v", B * Skv * (hq if n_rep > 1 else kv) * a)
+        probs = B * heads * S * Skv
+        if dims.family == "llama" and eager:
+            saved.add("attn.probs_fp32", probs * 4)           # softmax in fp32, cast back for p @ v
+            if a != 4:
+                saved.add("attn.probs_cast", probs * a)
+        else:
+            saved.add("attn.probs", probs * a)
+        if dropout_p > 0:
+            saved.add("attn.dropout_mask", probs * dropout_mask_bytes(shape))
+            saved.add("attn.probs_dropped", probs * a)
+        return
+    # SDPA flash / memory-efficient: q, k, v, output and the fp32 log-sum-exp; no seq² tensor.
+    # With an explicit mask (prefix slots) transformers repeats grouped k/v to every head and
+    # the kernel keeps the float mask.
+    masked = lp.prefix > 0
+    kv_w = hq if masked else kv
+    saved.add("attn.q", T * hq * a)
+    saved.add("attn.k", B * Skv * kv_w * a)
+    saved.add("attn.v", B * Skv * kv_w * a)
+    if masked:
+        saved.add("attn.mask", B * S * Skv * a)
+    saved.add("attn.out", T * hq * a)
+    saved.add("attn.lse", B * heads * S * 4)
+
+
+def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: ModelDims, x_key: str) -> bool:
+    """Bottleneck adapters at `site`: input (shared with the sublayer's when
+    parallel), down-projection output, activation output."""
+    any_ = False
+    T, a, h = shape.tokens, shape.a, dims.hidden_size
+    for kind, s, width in lp.adapters:
+        if s != site:
+            continue
+        any_ = True
+        saved.add(f"{site}.adapter.in" if kind == "serial" else x_key, T * h * a)
+        saved.add(f"{site}.adapter.down", T * width * a)
+        saved.add(f"{site}.adapter.act", T * width * a)
+    return any_
+
+
+def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float) -> tuple[int, bool, dict]:
+    """Saved bytes of one Llama block given whether its input requires grad."""
+    s = Saved()
+    T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
+    hq, kv = dims.num_heads * dims.head_dim, dims.kv_dim
+    p = {x.short: x.path for x in dims.block_linears()}
+    rg_n1 = norm_site(s, "ln1", shape, dims, rg, lp.norms, T) or lp.bias
+    rg_q = linear_site(lp, p["q_proj"], s, "n1", T * h, hq, shape, rg_n1)
+    rg_k = linear_site(lp, p["k_proj"], s, "n1", T * h, kv, shape, rg_n1)
+    rg_v = linear_site(lp, p["v_proj"], s, "n1", T * h, kv, shape, rg_n1)
+    if "k" in lp.ia3:
+        s.add("ia3.k", T * kv * a)
+        rg_k = True
+    if "v" in lp.ia3:
+        s.add("ia3.v", T * kv * a)
+        rg_v = True
+    if lp.prefix:
+        rg_k = rg_v = True
+    attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, dropout_p, True)
+    rg_attn = rg_q or rg_k or rg_v
+    if lp.adaption_prompt:       # LLaMA-Adapter's gated prompt attention: its own q, fp32 softmax, gated probs
+        probs = shape.batch * dims.num_heads * shape.q_len * lp.adaption_prompt
+        s.add("adaption.q", T * hq * a)
+        s.add("adaption.probs_fp32", probs * 4)
+        s.add("adaption.probs_gated", probs * a)
+        s.add("adaption.out", T * hq * a)
+        rg_attn = True
+    rg_o = linear_site(lp, p["o_proj"], s, attention_output_key(shape, dropout_p), T * hq, h, shape, rg_attn)
+    rg_o = adapter_site(lp, "attn", s, shape, dims, "attn_o") or rg_o
+    rg2 = rg or rg_o
+    rg_n2 = norm_site(s, "ln2", shape, dims, rg2, lp.norms, T) or lp.bias
+    par = adapter_site(lp, "ffn", s, shape, dims, "n2") if any(k == "parallel" for k, *_ in lp.adapters) else False
+    rg_g = linear_site(lp, p["gate_proj"], s, "n2", T * h, i, shape, rg_n2)
+    rg_u = linear_site(lp, p["up_proj"], s, "n2", T * h, i, shape, rg_n2)
+    # the engine's fused SwiGLU (engine.kernels) keeps silu's input, not its output:
+    # gate(x) for either gradient, up(x) for gate's
+    if rg_g or rg_u:
+        s.add("mlp.gate", T * i * a)
+    if rg_g:
+        s.add("mlp.up", T * i * a)
+    rg_prod = rg_g or rg_u
+    if "ff" in lp.ia3:
+        s.add("ia3.ff", T * i * a)
+        rg_prod = True
+    rg_d = linear_site(lp, p["down_proj"], s, "mlp.prod", T * i, h, shape, rg_prod)
+    if any(k == "serial" for k, *_ in lp.adapters):
+        rg_d = adapter_site(lp, "ffn", s, shape, dims, "ffn_out") or rg_d
+    return s.total, rg2 or rg_d or par, s.parts
+
+
+def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict) -> tuple[int, bool, dict]:
+    """Saved bytes of one post-LayerNorm BERT block (dropout on in training)."""
+    s = Saved()
+    T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
+    pd = float(cfg.get("hidden_dropout_prob", cfg.get("resid_pdrop", 0.1)) or 0.0)
+    ad = float(cfg.get("attention_probs_dropout_prob", cfg.get("attn_pdrop", 0.1)) or 0.0)
+    paths = _block_paths(dims)
+    q_p, k_p, v_p, o_p, in_p, out_p = paths[:6] if dims.family == "bert" else (paths[0],) * 3 + tuple(paths[1:4])
+    rg_x = rg or lp.bias
+    rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x)
+    rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x)
+    rg_v = linear_site(lp, v_p, s, "x", T * h, h, shape, rg_x)
+    if "k" in lp.ia3:
+        s.add("ia3.k", T * h * a)
+        rg_k = True
+    if "v" in lp.ia3:
+        s.add("ia3.v", T * h * a)
+        rg_v = True
+    if lp.prefix:
+        rg_k = rg_v = True
+    attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, ad, False)
+    rg_att = rg_q or rg_k or rg_v
+    rg_o = linear_site(lp, o_p, s, attention_output_key(shape, ad), T * h, h, shape, rg_att)
+    if rg_o and pd > 0:
+        s.add("attn.out_dropout_mask", T * h * dropout_mask_bytes(shape))
+    rg_o = adapter_site(lp, "attn", s, shape, dims, "attn_o") or rg_o
+    rg1 = norm_site(s, "ln1", shape, dims, rg or rg_o or lp.bias, lp.norms, T)
+    par = adapter_site(lp, "ffn", s, shape, dims, "ln1_out") if any(k == "parallel" for k, *_ in lp.adapters) \
+        else False
+    rg_in = linear_site(lp, in_p, s, "ln1_out", T * h, i, shape, rg1)
+    if rg_in:
+        s.add("ffn.gelu_in", T * i * a)
+    rg_ff = rg_in
+    if "ff" in lp.ia3:
+        s.add("ia3.ff", T * i * a)
+        rg_ff = True
+    rg_out = linear_site(lp, out_p, s, "ffn.act", T * i, h, shape, rg_ff)
+    if rg_out and pd > 0:
+        s.add("ffn.out_dropout_mask", T * h * dropout_mask_bytes(shape))
+    if any(k == "serial" for k, *_ in lp.adapters):
+        rg_out = adapter_site(lp, "ffn", s, shape, dims, "ffn_out") or rg_out
+    rg2 = norm_site(s, "ln2", shape, dims, rg1 or rg_out or par, lp.norms, T)
+    return s.total, rg2, s.parts
+
+
+def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, seq: int, size: int, task: str,
+                        attention: str, device: str, grad_checkpointing: bool) -> tuple[int, dict]:
+    """Bytes autograd saves during one forward of our training loop; with a
+    breakdown {part: bytes}."""
+    shape = Shape(batch=batch, seq=seq, prompt=plan.prompt_tokens, prefix=0, a=size, device=device,
+                  attention="eager" if attention == "eager" else "sdpa")
+    T, h, a = shape.tokens, dims.hidden_size, size
+    parts: dict[str, int] = {}
+    # embeddings
+    rg = plan.input_grad or plan.prompt_tokens > 0
+    emb = Saved()
+    if plan.embeddings:
+        emb.add("embed.ids", batch * seq * 8)
+        rg = True
+    if dims.family == "bert":
+        rg = norm_site(emb, "embed.ln", shape, dims, rg, plan.embeddings or plan.input_grad, T) or rg
+        pd = float(cfg.get("hidden_dropout_prob", 0.1) or 0.0)
+        if rg and pd > 0:
+            emb.add("embed.dropout_mask", T * h * dropout_mask_bytes(shape))
+    parts["embeddings"] = emb.total
+    # blocks
+    dropout_p = float(cfg.get("attention_dropout", 0.0) or 0.0)
+    per_layer = []
+    seen: dict = {}      # most blocks share one plan: work each distinct (plan, grad-in) out once
+    for lp in plan.layers:
+        key = (repr(lp), rg)
+        if key not in seen:
+            if dims.family == "llama":
+                seen[key] = llama_block(lp, dims, shape, rg, dropout_p)[:2]
+            else:
+                seen[key] = bert_block(lp, dims, shape, rg, cfg)[:2]
+        nbytes, rg = seen[key]
+        per_layer.append(nbytes)
+    if grad_checkpointing:
+        # each block keeps only its input; one block is recomputed at a time in backward
+        parts["layer_inputs"] = sum(T * h * a for n in per_layer if n)
+        parts["recomputed_block"] = max(per_layer) if per_layer else 0
+    else:
+        parts["blocks"] = sum(per_layer)
+    # tail: final norm, heads, loss
+    tail = Saved()
+    if dims.family == "llama":
+        rg_f = norm_site(tail, "final_norm", shape, dims, rg, plan.final_norm, T)
+        if task == "causal_lm":
+            n = batch * (seq - 1)
+            tail.add("loss.hidden", T * h * a)                 # final hidden and its shifted copy
+            if batch > 1 or plan.prompt_tokens:
+                tail.add("loss.shifted", n * h * a)
+            tail.add("loss.index", n * 9)                      # kept-token mask and indices
+            chunk = min(n, LOSS_CHUNK)
+            tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
+            if plan.lm_head:
+                # a training LM head: the single-pass loss accumulates its fp32 weight
+                # gradient during forward and keeps it for backward
+                tail.add("loss.head_grad_fp32", dims.vocab_size * h * 4)
+            if a != 4:
+                tail.add("loss.logits_chunk", chunk * dims.vocab_size * a)
+        else:
+            if plan.head or rg_f:
+                tail.add("score.in", T * h * a)
+    else:
+        if task == "classification":
+            tail.add("pooler", batch * h * a * 2 + batch * h * dropout_mask_bytes(shape))
+        else:
+            n = batch * seq
+            tail.add("mlm.transform", T * h * a * 3)
+            tail.add("loss.logits_fp32", n * dims.vocab_size * 4)
+    parts["head_and_loss"] = tail.total
+    return sum(parts.values()), parts
+
