@@ -322,3 +322,72 @@ def merged_model_files(prep: Prepared) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+def adapter_labels(adapter_dir: str | Path) -> list[str]:
+    """The class labels a classification adapter was trained with (from peft_studio.json)."""
+    meta_path = Path(adapter_dir) / METADATA
+    if not meta_path.exists():
+        return []
+    return list(json.loads(meta_path.read_text()).get("labels") or [])
+
+
+def load_adapter(model: nn.Module, cfg, adapter_dir: str | Path) -> nn.Module:
+    """Put the trained adapter in `adapter_dir` into `model`, its freshly loaded base
+    model, for run config `cfg`. A peft-format LoRA/DoRA/IA3 adapter goes through the
+    peft importers (the layers are built from adapter_config.json); every other
+    method is applied from the run config and its tensors loaded by name (the
+    method's own `load_state` when it has one). Returns the model to use."""
+    from .methods import ApplyContext, get_method
+    from .prepare import apply_method
+
+    d = Path(adapter_dir)
+    spec = get_method(cfg.method.name)
+    if (d / PEFT_CONFIG).exists():
+        peft_type = read_peft_config(d).get("peft_type")
+        # the peft importers rebuild full-precision layers: a quantized base (QLoRA's NF4)
+        # is applied by its own method instead, then gets the same tensors
+        if peft_type in ("LORA", "IA3") and spec.family in ("lora", "ia3") and not spec.quantizes_base:
+            return load_peft_adapter_into(model, d, seed=cfg.training.seed)
+        tensors = load_file(str(d / PEFT_WEIGHTS))
+        model = apply_method(model, spec, cfg.method, ApplyContext(task=cfg.task, seed=cfg.training.seed))
+        if spec.load_state is not None:
+            spec.load_state(model, tensors)
+        else:
+            load_peft_tensors(model, tensors)
+        return model
+    if not (d / OWN_WEIGHTS).exists():
+        raise AdapterError(f"{d}: holds neither {PEFT_WEIGHTS} nor {OWN_WEIGHTS}")
+    model = apply_method(model, spec, cfg.method, ApplyContext(task=cfg.task, seed=cfg.training.seed))
+    if spec.load_state is not None:
+        spec.load_state(model, load_file(str(d / OWN_WEIGHTS)))
+    else:
+        load_own_adapter(model, d)
+    return model
+
+
+def load_base(cfg, labels: list[str], *, allowed_roots=None, cache_dir: Optional[Path] = None):
+    """The base model of run config `cfg` as its worker loaded it (same seed, same
+    class labels): an engine.models.LoadedModel."""
+    from .models import load_model
+
+    id2label = dict(enumerate(labels)) if cfg.task == "classification" and labels else None
+    return load_model(cfg.model, cfg.task, num_labels=max(2, len(labels)), allowed_roots=allowed_roots,
+                      cache_dir=cache_dir, seed=cfg.training.seed, id2label=id2label)
+
+
+def load_trained(cfg, adapter_dir: str | Path, *, allowed_roots=None, cache_dir: Optional[Path] = None) -> Prepared:
+    """A finished run rebuilt from its base model and its adapter directory, in eval
+    mode, as a Prepared (so merging and export apply). It holds no training rows:
+    `examples` carries only the class labels."""
+    from .data import Examples
+    from .methods import ApplyContext, count_parameters, get_method
+
+    labels = adapter_labels(adapter_dir)
+    loaded = load_base(cfg, labels, allowed_roots=allowed_roots, cache_dir=cache_dir)
+    model = load_adapter(loaded.model, cfg, adapter_dir)
+    model.eval()
+    n_params, n_trainable = count_parameters(model)
+    return Prepared(cfg, model, loaded.tokenizer, Examples(cfg.task, [], [], labels), get_method(cfg.method.name),
+                    ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer),
+                    n_params, n_trainable)

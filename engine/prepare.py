@@ -74,3 +74,28 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     model = apply_method(loaded.model, spec, cfg.method, ctx)
     n_params, n_trainable = count_parameters(model)
     return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable)
+
+
+def dry_run(cfg: RunConfig, model_config: dict) -> tuple[int, int]:
+    """(n_params, n_trainable) of `cfg` applied to a weightless copy of the model
+    described by `model_config` (a config.json dict with `model_type`), built on
+    the meta device: checks that the method fits the model (target modules exist)
+    without loading or allocating weights. A config Transformers cannot build is a
+    ValueError naming `model`; the method's own errors pass through."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    conf = dict(model_config)
+    mt = conf.pop("model_type", None)
+    if not mt:
+        raise ValueError("model: the model's config.json has no model_type")
+    try:
+        hf_conf = AutoConfig.for_model(mt, **{k: v for k, v in conf.items()
+                                              if k not in ("architectures", "transformers_version", "_name_or_path")})
+    except Exception as e:
+        raise ValueError(f"model: unsupported config: {e}") from None
+    cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(hf_conf)
+    model = apply_method(model, get_method(cfg.method.name), cfg.method,
+                         ApplyContext(task=cfg.task, seed=cfg.training.seed))
+    return count_parameters(model)
