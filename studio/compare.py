@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from engine.methods import METHODS
+
 GIB = 1024 ** 3
 TABLE_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable params", "trainable %",
                  "metric", "best metric", "final loss", "est. peak GiB", "measured peak GiB", "tokens/s",
@@ -119,7 +121,10 @@ def parse_run_ids(selection: list) -> list[int]:
 
 
 def is_lora_run(run: dict) -> bool:
-    return run.get("method") in ("lora", "dora", "qlora") and run.get("status") == "succeeded"
+    """A finished run of the LoRA family (LoRA, DoRA, AdaLoRA, QLoRA, ...): its adapter
+    holds the low-rank `A` matrices that the subspace similarity reads."""
+    spec = METHODS.get(run.get("method") or "")
+    return spec is not None and spec.family == "lora" and run.get("status") == "succeeded"
 
 
 def subspace_similarity(settings, run_a: int, run_b: int) -> dict[str, list[list[float]]]:

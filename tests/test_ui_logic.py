@@ -12,18 +12,20 @@ import zipfile
 import pytest
 
 from engine.methods import METHODS, parse_method_config
-from studio import compare, service, ui
+from engine.estimator import GPU_PRESETS
+from studio import charts, compare, service
+from studio.ui import compare_tab, forms, launch_tab, runs_tab
 
 
 def launch_form(**over) -> dict:
-    """The Launch form as it stands on first load (tiny-bert, LoRA), plus overrides."""
+    """The Launch form with its first-load values, but on the fast random tiny-bert, plus overrides."""
     form = {"run_name": "", "model": "tiny-bert", "task": "classification", "method": "lora", "extra_method": "",
             "ds_source": "bundled", "ds_name": "demo-sentiment", "upload_path": "", "text_col": None,
             "label_col": None, "prompt_col": None, "response_col": None, "max_rows": 0, "max_steps": 30,
             "batch": 8, "lr": 5e-4, "seq": 64, "eval_every": 10, "seed": 0}
     method = over.get("method", "lora")
-    for f in ui.METHOD_FIELDS:
-        form[f] = ui.field_default(method, f, over.get("model", "tiny-bert")) if f in ui.method_fields(method) else None
+    for f in forms.METHOD_FIELDS:
+        form[f] = forms.field_default(method, f, over.get("model", "tiny-bert")) if f in forms.method_fields(method) else None
     form.update(over)
     return form
 
@@ -31,76 +33,90 @@ def launch_form(**over) -> dict:
 # ------------------------------------------------------------------ method controls
 
 def test_controls_come_from_each_methods_config_class():
-    assert {"r", "alpha", "dropout", "target_modules", "use_rslora", "init"} <= ui.method_fields("lora")
-    assert "r" not in ui.method_fields("bitfit") and "r" not in ui.method_fields("prompt_tuning")
-    assert "num_virtual_tokens" in ui.method_fields("prompt_tuning")
-    assert "k" in ui.method_fields("top_k")
+    assert {"r", "alpha", "dropout", "target_modules", "use_rslora", "init"} <= forms.method_fields("lora")
+    assert "r" not in forms.method_fields("bitfit") and "r" not in forms.method_fields("prompt_tuning")
+    assert "num_virtual_tokens" in forms.method_fields("prompt_tuning")
+    assert "k" in forms.method_fields("top_k")
     for name, spec in METHODS.items():
-        assert ui.method_fields(name) <= set(spec.config_cls.model_fields)
-    assert ui.field_default("adalora", "alpha") == 32.0 and ui.field_default("lora", "alpha") == 16.0
-    assert ui.field_default("lora", "target_modules", "smollm2-135m") == "q_proj,v_proj"
-    assert ui.field_choices("lora", "init") == ["kaiming", "gaussian", "pissa"]
-    assert "rank" not in ui.method_help("lora") or "Hu et al." in ui.method_help("lora")
+        assert forms.method_fields(name) <= set(spec.config_cls.model_fields)
+    assert forms.field_default("adalora", "alpha") == 32.0 and forms.field_default("lora", "alpha") == 16.0
+    assert forms.field_default("lora", "target_modules", "smollm2-135m") == "q_proj,v_proj"
+    assert forms.field_choices("lora", "init") == ["kaiming", "gaussian", "pissa"]
+    assert "rank" not in forms.method_help("lora") or "Hu et al." in forms.method_help("lora")
+
+
+def test_first_load_is_a_real_model_on_real_data_with_lora():
+    """The default Launch form trains MiniLM on the sentiment demo with LoRA, and is valid as it stands."""
+    assert (forms.DEFAULT_MODEL, forms.DEFAULT_DATASET, forms.DEFAULT_METHOD) == ("minilm", "demo-sentiment", "lora")
+    assert forms.MODEL_CHOICES[0] == "minilm" and {"tiny-bert", "tiny-llama"} <= set(forms.MODEL_CHOICES)
+    form = launch_form(model=forms.DEFAULT_MODEL, task=forms.default_task(forms.DEFAULT_MODEL))
+    cfg = forms.build_config(form)
+    assert cfg["model"] == "minilm" and cfg["task"] == "classification"
+    assert cfg["dataset"] == {"name": "demo-sentiment"} and cfg["method"]["target_modules"] == ["query", "value"]
+    assert service.validate_config(cfg).method.name == "lora"
+    assert forms.default_task("smollm2-135m") == "causal_lm" and forms.default_dataset("causal_lm") == "demo-instruct"
+    assert forms.default_task("some/hub-model") is None and forms.default_targets("some/hub-model") == ""
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_builds_a_valid_method_section_from_its_defaults(method):
-    m = ui.build_method(method, {f: ui.field_default(method, f, "tiny-bert") for f in ui.method_fields(method)})
+    m = forms.build_method(method, {f: forms.field_default(method, f, "tiny-bert") for f in forms.method_fields(method)})
     assert parse_method_config(m).name == method
 
 
 def test_form_to_config_validates_and_round_trips():
-    cfg = ui.build_config(launch_form(r=4, target_modules="query, value", max_rows=100))
+    cfg = forms.build_config(launch_form(r=4, target_modules="query, value", max_rows=100))
     assert cfg["name"] == "tiny-bert-lora-r4"
     assert cfg["method"]["r"] == 4 and cfg["method"]["target_modules"] == ["query", "value"]
     assert cfg["dataset"] == {"name": "demo-sentiment", "max_rows": 100}
     parsed = service.validate_config(cfg)
     assert parsed.method.r == 4
-    back = ui.form_from_config(parsed.to_dict())
-    again = ui.build_config({**launch_form(), **back})
+    back = forms.form_from_config(parsed.to_dict())
+    again = forms.build_config({**launch_form(), **back})
     assert again["method"]["r"] == 4 and again["name"] == "tiny-bert-lora-r4-copy"
     assert again["method"]["target_modules"] == ["query", "value"]
 
 
 def test_form_errors_name_the_field():
     with pytest.raises(service.SubmitError, match="method.target_modules"):
-        service.validate_config(ui.build_config(launch_form(target_modules="query,valeu")))
+        service.validate_config(forms.build_config(launch_form(target_modules="query,valeu")))
     with pytest.raises(service.SubmitError, match="learning_rate"):
-        ui.build_config(launch_form(lr="fast"))
+        forms.build_config(launch_form(lr="fast"))
     with pytest.raises(service.SubmitError, match="upload a file"):
-        ui.build_config(launch_form(ds_source="upload"))
+        forms.build_config(launch_form(ds_source="upload"))
     with pytest.raises(service.SubmitError, match="YAML"):
-        ui.build_config(launch_form(extra_method="a: [1"))
-    assert ui.build_config(launch_form(extra_method="rank_pattern: {query: 2}"))["method"]["rank_pattern"] == {"query": 2}
-    assert ui.parse_targets("re:.*query") == ".*query" and ui.parse_targets("all-linear") == "all-linear"
+        forms.build_config(launch_form(extra_method="a: [1"))
+    assert forms.build_config(launch_form(extra_method="rank_pattern: {query: 2}"))["method"]["rank_pattern"] == {"query": 2}
+    assert forms.parse_modules("re:.*query") == ".*query" and forms.parse_modules("all-linear") == "all-linear"
+    assert forms.parse_modules(" query , value ,") == ["query", "value"]
 
 
 def test_sweeps_queue_one_config_per_value():
-    cfgs = ui.sweep_configs(launch_form(), "r: 4, 8, 16")
+    cfgs = forms.sweep_configs(launch_form(), "r: 4, 8, 16")
     assert [c["method"]["r"] for c in cfgs] == [4, 8, 16]
     assert [c["name"] for c in cfgs] == ["tiny-bert-lora-r4", "tiny-bert-lora-r8", "tiny-bert-lora-r16"]
-    cfgs = ui.sweep_configs(launch_form(run_name="cmp"), "method: lora, ia3, bitfit")
+    cfgs = forms.sweep_configs(launch_form(run_name="cmp"), "method: lora, ia3, bitfit")
     assert [c["method"]["name"] for c in cfgs] == ["lora", "ia3", "bitfit"]
     assert [c["name"] for c in cfgs] == ["cmp-lora", "cmp-ia3", "cmp-bitfit"]
     assert "r" not in cfgs[2]["method"]
     for c in cfgs:
         service.validate_config(c)
-    cfgs = ui.sweep_configs(launch_form(), "learning_rate: 1e-4, 5e-4")
+    cfgs = forms.sweep_configs(launch_form(), "learning_rate: 1e-4, 5e-4")
     assert [c["training"]["learning_rate"] for c in cfgs] == [1e-4, 5e-4]
     for bad, msg in (("", "give the values"), ("depth: 1, 2", "sweep: write"), ("r:", "no values"),
                      ("method: lora, nope", "unknown method")):
         with pytest.raises(service.SubmitError, match=msg):
-            ui.sweep_configs(launch_form(), bad)
+            forms.sweep_configs(launch_form(), bad)
     with pytest.raises(service.SubmitError, match="no rank"):
-        ui.sweep_configs(launch_form(method="bitfit"), "r: 4, 8")
+        forms.sweep_configs(launch_form(method="bitfit"), "r: 4, 8")
 
 
 # ------------------------------------------------------------------ estimate panel
 
 def estimate_text(**over):
     form = launch_form(**over)
-    fields = {f: form[f] for f in ui.METHOD_FIELDS}
-    fig, text = ui.estimate_view(form["model"], form["task"], form["method"], fields, "", over.get("batch", 8), 64,
+    fields = {f: form[f] for f in forms.METHOD_FIELDS}
+    fig, text = launch_tab.estimate_view(form["model"], form["task"], form["method"], fields, "", over.get("batch", 8), 64,
                                  over.get("formula", "model"), str(int(24e9)), "fp32", "none", "24 GB")
     return fig, text
 
@@ -124,10 +140,10 @@ def test_estimate_panel_follows_the_rank_and_reports_fit():
 def test_gpu_choices_add_worker_gpus():
     workers = [{"name": "w1", "device": "cuda:NVIDIA H100 80GB HBM3", "total_memory": 85_000_000_000},
                {"name": "cpu1", "device": "cpu", "total_memory": 24_000_000_000}]
-    ch = ui.gpu_choices(workers)
-    assert [v for _, v in ch[:5]] == [str(int(x)) for x in (16e9, 24e9, 40e9, 48e9, 80e9)]
+    ch = launch_tab.gpu_choices(workers)
+    assert [v for _, v in ch[:5]] == [str(int(b)) for _, b in GPU_PRESETS]     # the estimator's presets
     assert len(ch) == 6 and ch[-1] == ("w1: NVIDIA H100 80GB HBM3 (85 GB)", "85000000000")
-    assert ui.gpu_label("85000000000", workers).startswith("w1:")
+    assert launch_tab.gpu_label("85000000000", workers).startswith("w1:")
 
 
 # ------------------------------------------------------------------ runs table and compare
@@ -144,13 +160,13 @@ def fake_run(i, **kw):
 
 
 def test_runs_table_filters_and_sorts():
-    rows = [ui.run_row(fake_run(1)), ui.run_row(fake_run(2, status="failed", owner=None)),
-            ui.run_row(fake_run(3, method="dora", tokens_per_s=None))]
-    assert [r[0] for r in ui.filter_sort(rows)] == [3, 2, 1]
-    assert [r[0] for r in ui.filter_sort(rows, status="failed")] == [2]
-    assert [r[0] for r in ui.filter_sort(rows, query="dora")] == [3]
-    assert [r[0] for r in ui.filter_sort(rows, query="lora alice")] == [1]
-    assert [r[0] for r in ui.filter_sort(rows, sort_by="tokens/s", descending=False)] == [1, 2, 3]  # None last
+    rows = [runs_tab.run_row(fake_run(1)), runs_tab.run_row(fake_run(2, status="failed", owner=None)),
+            runs_tab.run_row(fake_run(3, method="dora", tokens_per_s=None))]
+    assert [r[0] for r in runs_tab.filter_sort(rows)] == [3, 2, 1]
+    assert [r[0] for r in runs_tab.filter_sort(rows, status="failed")] == [2]
+    assert [r[0] for r in runs_tab.filter_sort(rows, query="dora")] == [3]
+    assert [r[0] for r in runs_tab.filter_sort(rows, query="lora alice")] == [1]
+    assert [r[0] for r in runs_tab.filter_sort(rows, sort_by="tokens/s", descending=False)] == [1, 2, 3]  # None last
     assert rows[1][-1] == "–" and rows[0][6] == 1.0
 
 
@@ -169,6 +185,16 @@ def test_compare_helpers():
     assert pts == [{"step": 1, "tokens_per_s": 10.0, "elapsed_s": 2.0, "loss": 1.0, "x": 20.0}]
     assert compare.parse_run_ids(["#3 a (lora, succeeded)", "#3 again", 5, "junk"]) == [3, 5]
     assert compare.metric_name_of([a, b]) == "accuracy"
+
+
+def test_lora_runs_are_those_of_the_lora_family():
+    """The subspace heatmap is offered for finished runs whose method's spec says family 'lora'."""
+    for name, spec in METHODS.items():
+        assert compare.is_lora_run(fake_run(1, method=name)) == (spec.family == "lora"), name
+    assert {n for n in METHODS if compare.is_lora_run(fake_run(1, method=n))} >= {"lora", "dora", "qlora"}
+    assert not compare.is_lora_run(fake_run(1, method="ia3"))
+    assert not compare.is_lora_run(fake_run(1, status="failed"))
+    assert not compare.is_lora_run(fake_run(1, method="no-such-method"))
 
 
 # ------------------------------------------------------------------ artifacts from real runs
@@ -242,7 +268,7 @@ def test_playground_compares_base_and_adapter(finished):
 
 def test_compare_view_of_two_lora_runs(finished):
     settings, (a, b, c) = finished
-    v = ui.compare_view(settings, [a, b, c], "tokens seen", True)
+    v = compare_tab.compare_view(settings, [a, b, c], "tokens seen", True)
     assert len(v["loss"].data) == 3 and v["loss"].layout.xaxis.title.text == "tokens seen"
     assert v["tradeoff"].layout.xaxis.type == "log"
     assert [r["id"] for r in v["lora_pair"]] == [a, b]
@@ -250,8 +276,30 @@ def test_compare_view_of_two_lora_runs(finished):
     phi = compare.subspace_similarity(settings, a, b)
     m = phi["bert.encoder.layer.0.attention.self.query"]
     assert len(m) == 4 and len(m[0]) == 8 and all(0 <= x <= 1 for row in m for x in row)
-    fig = ui.charts.similarity_heatmap(m, "q", "a", "b")
+    fig = charts.similarity_heatmap(m, "q", "a", "b")
     assert fig.data[0].type == "heatmap"
+
+
+def test_the_run_guard_hides_other_peoples_runs(finished):
+    """Ctx.visible_run: the one check every Runs / Playground action makes before touching a run."""
+    import gradio as gr
+
+    from studio.auth import Auth
+    from studio.ui.common import Ctx, NoRunSelected, error_text
+
+    settings, (a, _b, _c) = finished
+    ctx = Ctx(settings, Auth(users={"alice": "x", "bob": "y", "root": "z"}, admins={"root"}))
+    assert ctx.visible_run(a, gr.Request(username="alice"))["id"] == a
+    assert ctx.visible_run(str(a), gr.Request(username="root"))["id"] == a
+    with pytest.raises(service.NotFound, match=f"run {a} not found"):
+        ctx.visible_run(a, gr.Request(username="bob"))
+    with pytest.raises(service.NotFound, match="run 999999 not found"):
+        ctx.visible_run(999999, gr.Request(username="alice"))
+    with pytest.raises(NoRunSelected) as e:
+        ctx.visible_run(None, gr.Request(username="alice"))
+    assert error_text(e.value).startswith("Select a run") and error_text(service.NotFound("x")) == "✗ x"
+    assert [r["id"] for r in ctx.visible_runs(gr.Request(username="bob"))] == []
+    assert Ctx(settings).visible_run(a, None)["id"] == a       # no login: everyone sees everything
 
 
 def test_merged_route_over_rest(finished):

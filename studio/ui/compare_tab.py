@@ -1,0 +1,147 @@
+"""The Compare tab: two or more runs side by side — curves against step,
+tokens seen or epoch, metric against trainable parameters, memory, speed,
+adapter size, the config differences, a CSV of the table, and the subspace
+similarity of two LoRA adapters."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from workers.settings import Settings
+
+from .. import charts, compare, service
+from .common import Ctx, run_choices, write_download
+
+COMPARE_STATUSES = ("succeeded", "running", "failed", "cancelled")
+
+
+def compare_view(settings: Settings, ids: list[int], x_axis: str, diff_only: bool) -> dict:
+    """Everything the Compare tab shows for runs `ids` (charts, tables, CSV path, LoRA modules)."""
+    runs = []
+    for rid in ids:
+        try:
+            runs.append(service.get_run(settings, rid))
+        except service.NotFound:
+            continue
+    x = compare.X_AXES.get(x_axis, "step")
+    labels = [compare.run_label(r) for r in runs]
+    metrics = {compare.run_label(r): compare.with_x(service.get_metrics(settings, r["id"]), x) for r in runs}
+    metric = compare.metric_name_of(runs)
+    points = [{"label": compare.run_label(r), "method": r["method"], "n_trainable": r.get("n_trainable"),
+               "metric": r.get("best_metric")} for r in runs]
+    cfg_header, cfg_rows = compare.config_table(runs, diff_only)
+    table = compare.comparison_table(runs)
+    csv_path = write_download(compare.to_csv(compare.TABLE_COLUMNS, table).encode(), "comparison.csv") if runs else None
+    loras = [r for r in runs if compare.is_lora_run(r)]
+    return {
+        "runs": runs,
+        "loss": charts.loss_curves(metrics, x="x", xlabel=x_axis, title="Training loss"),
+        "eval": charts.eval_curves(metrics, metric, x="x", xlabel=x_axis),
+        "tradeoff": charts.metric_vs_trainable(points, metric),
+        "memory": charts.memory_compare(labels, [r.get("estimated_peak_bytes") for r in runs],
+                                        [r.get("measured_peak_bytes") for r in runs],
+                                        next((r.get("memory_kind") for r in runs if r.get("memory_kind")), "")),
+        "speed": charts.simple_bars(labels, [r.get("tokens_per_s") for r in runs], "Throughput", "tokens/s"),
+        "size": charts.simple_bars(labels, [((r.get("adapter") or {}).get("size") or 0) / 1024 for r in runs],
+                                   "Adapter size", "KiB", color="#8b5cf6"),
+        "table": table, "cfg_header": cfg_header, "cfg_rows": cfg_rows, "csv": csv_path,
+        "lora_pair": loras[:2] if len(loras) >= 2 else [],
+    }
+
+
+def similarity_of(settings: Settings, pair: list[dict]) -> tuple[dict, str]:
+    """({'a', 'b', 'phi'} for the heatmap, or {}; a note when it cannot be computed)."""
+    if not pair:
+        return {}, ""
+    a, b = pair
+    try:
+        return {"a": compare.run_label(a), "b": compare.run_label(b),
+                "phi": compare.subspace_similarity(settings, a["id"], b["id"])}, ""
+    except Exception as e:   # different base models, no shared module...
+        return {}, f"  \nSubspace similarity unavailable: {e}"
+
+
+class CompareTab:
+    """The Compare tab's components (built inside the current gr.Tab) and its events."""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        with gr.Row():
+            self.runs = gr.Dropdown([], multiselect=True, label="Runs to compare (two or more)",
+                                    elem_id="compare-runs", scale=4)
+            self.x = gr.Radio(list(compare.X_AXES), value="step", label="x axis", elem_id="compare-x", scale=2)
+            self.refresh = gr.Button("Refresh", elem_id="compare-refresh", scale=1)
+        self.msg = gr.Markdown(elem_id="compare-msg")
+        with gr.Row():
+            self.loss = gr.Plot(label="Loss", elem_id="compare-loss")
+            self.eval = gr.Plot(label="Validation metric", elem_id="compare-eval")
+        with gr.Row():
+            self.tradeoff = gr.Plot(label="Metric vs trainable parameters", elem_id="compare-tradeoff")
+            self.memory = gr.Plot(label="Memory", elem_id="compare-memory")
+        with gr.Row():
+            self.speed = gr.Plot(label="Throughput", elem_id="compare-speed")
+            self.size = gr.Plot(label="Adapter size", elem_id="compare-size")
+        self.table = gr.Dataframe(headers=compare.TABLE_COLUMNS, interactive=False, label="Side by side",
+                                  elem_id="compare-table", wrap=True)
+        self.csv = gr.DownloadButton("Download table (CSV)", value=None, interactive=False, elem_id="compare-csv")
+        self.diff = gr.Checkbox(True, label="differences only", elem_id="compare-diff")
+        self.cfg = gr.Dataframe(interactive=False, label="Configs", elem_id="compare-config", wrap=True)
+        with gr.Group(visible=False) as self.sim_group:
+            gr.Markdown("**Subspace similarity of the two LoRA adapters' A matrices** "
+                        "(Hu et al. 2021, Sec. 7.2): φ(i, j) = ‖U_i^T U_j‖²_F / min(i, j)")
+            self.sim_module = gr.Dropdown([], label="module", elem_id="similarity-module")
+            self.sim_plot = gr.Plot(label="Subspace similarity", elem_id="similarity-plot")
+        self.sim_data = gr.State({})
+        self.charts = {"loss": self.loss, "eval": self.eval, "tradeoff": self.tradeoff, "memory": self.memory,
+                       "speed": self.speed, "size": self.size}
+
+    def empty(self) -> dict:
+        e = charts.empty("", "pick two or more runs")
+        return {self.msg: "Pick two or more runs to compare.", **{c: e for c in self.charts.values()},
+                self.table: None, self.csv: gr.update(value=None, interactive=False), self.cfg: None,
+                self.sim_group: gr.update(visible=False), self.sim_module: gr.update(choices=[], value=None),
+                self.sim_plot: None, self.sim_data: {}}
+
+    def view(self, ids: list[int], x_axis: str, diff_only: bool) -> dict:
+        import pandas as pd
+
+        settings = self.ctx.settings
+        v = compare_view(settings, ids, x_axis, diff_only)
+        header = v["cfg_header"]
+        cfg = pd.DataFrame(v["cfg_rows"] or [["(no differences)"] + [""] * (len(header) - 1)], columns=header)
+        sim, note = similarity_of(settings, v["lora_pair"])
+        mods = list(sim.get("phi", {}))
+        heat = charts.similarity_heatmap(sim["phi"][mods[0]], mods[0], sim["a"], sim["b"]) if mods else None
+        return {self.msg: f"Comparing {len(v['runs'])} runs." + note,
+                **{comp: v[key] for key, comp in self.charts.items()},
+                self.table: pd.DataFrame(v["table"], columns=compare.TABLE_COLUMNS),
+                self.csv: gr.update(value=v["csv"], interactive=bool(v["csv"])), self.cfg: cfg,
+                self.sim_group: gr.update(visible=bool(mods)),
+                self.sim_module: gr.update(choices=mods, value=mods[0] if mods else None),
+                self.sim_plot: heat, self.sim_data: sim}
+
+    def wire(self, demo: gr.Blocks) -> None:
+        ctx = self.ctx
+
+        def choices(request: gr.Request = None):
+            return gr.update(choices=run_choices(ctx.visible_runs(request), statuses=COMPARE_STATUSES))
+        self.refresh.click(choices, None, self.runs)
+        demo.load(choices, None, self.runs)
+
+        outs = [self.msg, *self.charts.values(), self.table, self.csv, self.cfg, self.sim_group, self.sim_module,
+                self.sim_plot, self.sim_data]
+
+        def on_compare(sel, x_axis, diff_only, request: gr.Request = None):
+            ids = compare.parse_run_ids(sel)
+            if ctx.visible_owner(request) is not None:
+                mine = {r["id"] for r in ctx.visible_runs(request)}
+                ids = [i for i in ids if i in mine]
+            return self.empty() if len(ids) < 2 else self.view(ids, x_axis, diff_only)
+        for c in (self.runs, self.x, self.diff):
+            c.change(on_compare, [self.runs, self.x, self.diff], outs)
+
+        def on_module(mod, sim):
+            if not mod or not sim or mod not in sim.get("phi", {}):
+                return gr.skip()
+            return charts.similarity_heatmap(sim["phi"][mod], mod, sim["a"], sim["b"])
+        self.sim_module.change(on_module, [self.sim_module, self.sim_data], self.sim_plot)

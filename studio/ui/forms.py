@@ -1,0 +1,307 @@
+"""The Launch form as data: which controls each method shows (read from its
+config class), the form -> run config (and back, for 'clone'), and sweeps.
+Pure functions, tested without a browser (tests/test_ui_logic.py)."""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Any, Optional
+
+import yaml
+
+from engine.arch import arch_for_model_type
+from engine.data import BUNDLED_DATASETS
+from engine.methods import METHODS
+from engine.methods.targeting import parse_target_list
+from engine.models import BUNDLED_MODELS, TINY_MODELS
+
+from .. import service
+
+# A newcomer's first click trains a real model on real data: MiniLM on the sentiment demo with LoRA.
+DEFAULT_METHOD = "lora"
+DEFAULT_MODEL = "minilm"
+DEFAULT_DATASET = "demo-sentiment"
+MODEL_CHOICES = list(BUNDLED_MODELS) + list(TINY_MODELS)    # the random test models stay selectable
+
+SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr"}
+SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr"}
+MAX_SWEEP = 12
+
+# the non-method part of the Launch form, in the order the event handlers receive it
+FORM_KEYS = ["run_name", "model", "task", "method", "extra_method", "ds_source", "ds_name", "upload_path",
+             "text_col", "label_col", "prompt_col", "response_col", "max_rows", "max_steps", "batch", "lr", "seq",
+             "eval_every", "seed"]
+FORM_HIDDEN = {"name", "random_rank_seed"}   # left to the YAML box
+
+
+# ------------------------------------------------------------------ the bundled models
+
+def model_family(model: str) -> Optional[str]:
+    """'bert' / 'llama' for a bundled or tiny model; None for anything else."""
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model]["family"]
+    return TINY_MODELS.get(model)
+
+
+def default_task(model: str) -> Optional[str]:
+    """The task a bundled model is set up for: encoders classify, decoders generate."""
+    fam = model_family(model)
+    return None if fam is None else ("classification" if fam == "bert" else "causal_lm")
+
+
+def default_dataset(task: str) -> str:
+    """The first bundled dataset of `task`."""
+    return next((n for n, meta in BUNDLED_DATASETS.items() if meta["task"] == task), DEFAULT_DATASET)
+
+
+def default_targets(model: str) -> str:
+    """The architecture's usual LoRA targets for a bundled model ('' otherwise)."""
+    fam = model_family(model)
+    return ",".join(arch_for_model_type(fam).default_lora_targets) if fam else ""
+
+
+# ------------------------------------------------------------------ method fields -> form controls
+
+def _kind_of(annotation) -> tuple[Optional[str], list]:
+    """How a method-config field is edited in the form: int, float, bool,
+    choice (with choices), text, modules (names or regex), intlist; None for
+    structured fields (left to the YAML box)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _kind_of(rest[0])
+        if set(map(typing.get_origin, rest)) | set(rest) >= {list, str}:
+            return "modules", []
+        return None, []
+    if origin is typing.Literal:
+        return "choice", list(args)
+    if origin is list and args == (int,):
+        return "intlist", []
+    if origin is list and args == (str,):
+        return "modules", []
+    return {int: "int", float: "float", bool: "bool", str: "text"}.get(annotation), []
+
+
+def method_field_kinds() -> dict[str, str]:
+    """Every editable field of every method, by name, in a stable order."""
+    kinds: dict[str, str] = {}
+    for spec in METHODS.values():
+        for fname, info in spec.config_cls.model_fields.items():
+            if fname in FORM_HIDDEN or fname in kinds:
+                continue
+            kind, _ = _kind_of(info.annotation)
+            if kind:
+                kinds[fname] = kind
+    return kinds
+
+
+METHOD_FIELDS = method_field_kinds()
+
+
+def method_fields(name: str) -> set[str]:
+    """The fields of method `name` that the form shows."""
+    spec = METHODS.get(name)
+    return {f for f in spec.config_cls.model_fields if f in METHOD_FIELDS} if spec else set()
+
+
+def _config_default(method: str, fname: str) -> Any:
+    info = METHODS[method].config_cls.model_fields[fname]
+    return None if info.is_required() else info.get_default(call_default_factory=True)
+
+
+def field_default(method: str, fname: str, model: str = "") -> Any:
+    """The value a control shows when `method` is picked."""
+    default = _config_default(method, fname)
+    kind = METHOD_FIELDS[fname]
+    if fname == "target_modules" and default is None and "r" in method_fields(method):
+        return default_targets(model)
+    if kind in ("modules", "intlist", "text"):
+        if default is None:
+            return ""
+        return ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return default
+
+
+def field_choices(method: str, fname: str) -> list:
+    return _kind_of(METHODS[method].config_cls.model_fields[fname].annotation)[1]
+
+
+def method_help(name: str) -> str:
+    spec = METHODS.get(name)
+    if not spec:
+        return ""
+    merge = "mergeable into the base weights" if spec.mergeable else "not mergeable"
+    return f"**{spec.name}** — {spec.summary} Trains: {spec.trains}; {merge}.  \n_{spec.paper}_"
+
+
+def parse_modules(text: str):
+    """`all-linear`, `re:<regex>` (the regex), or a comma-separated list of module name suffixes."""
+    t = text.strip()
+    if t == "all-linear":
+        return t
+    if t.startswith("re:"):
+        return t[3:]
+    return parse_target_list(t) or []
+
+
+def convert_field(fname: str, value: Any) -> Any:
+    """A control's value as the method config wants it; None means 'leave out'."""
+    kind = METHOD_FIELDS[fname]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return bool(value)
+    if kind == "modules":
+        return parse_modules(str(value))
+    if kind == "intlist":
+        try:
+            return [int(x) for x in re.split(r"[,\s]+", str(value).strip()) if x]
+        except ValueError:
+            raise service.SubmitError(f"method.{fname}: give whole numbers separated by commas") from None
+    return value
+
+
+def build_method(method: str, fields: dict[str, Any], extra_yaml: str = "") -> dict:
+    """The method section of a run config from the controls the method uses,
+    plus any extra options given as YAML."""
+    if method not in METHODS:
+        raise service.SubmitError(f"method.name: unknown method {method!r}")
+    m: dict[str, Any] = {"name": method}
+    order = list(METHODS[method].config_cls.model_fields)
+    for fname in sorted(method_fields(method), key=order.index):
+        v = convert_field(fname, fields.get(fname))
+        if v is not None and (v != _config_default(method, fname) or fname in ("r", "target_modules")):
+            m[fname] = v     # other defaults stay implicit
+    if extra_yaml and extra_yaml.strip():
+        try:
+            extra = yaml.safe_load(extra_yaml)
+        except yaml.YAMLError as e:
+            raise service.SubmitError(f"method options: not valid YAML: {e}") from None
+        if not isinstance(extra, dict):
+            raise service.SubmitError("method options: must be a mapping like `k: 2`")
+        m.update(extra)
+    return m
+
+
+# ------------------------------------------------------------------ the form -> a run config
+
+def form_dict(values: list, method_keys: list[str]) -> dict:
+    """Positional handler arguments -> {key: value} (FORM_KEYS, then method fields)."""
+    return dict(zip(FORM_KEYS + method_keys, values))
+
+
+def _int(form: dict, key: str, field: str) -> int:
+    try:
+        return int(form[key])
+    except (TypeError, ValueError):
+        raise service.SubmitError(f"training.{field}: give a whole number") from None
+
+
+def build_config(form: dict) -> dict:
+    """The run config dict from the form (validated later by the same schema as REST/CLI)."""
+    method = form["method"]
+    m = build_method(method, {k: form.get(k) for k in METHOD_FIELDS}, form.get("extra_method") or "")
+    if form.get("ds_source") == "upload":
+        if not form.get("upload_path"):
+            raise service.SubmitError("dataset: upload a file first (CSV, JSONL or Parquet)")
+        ds: dict[str, Any] = {"path": form["upload_path"]}
+        for k, key in (("text_column", "text_col"), ("label_column", "label_col"),
+                       ("prompt_column", "prompt_col"), ("response_column", "response_col")):
+            v = form.get(key)
+            if v and str(v).strip():
+                ds[k] = str(v).strip()
+    else:
+        ds = {"name": form.get("ds_name")}
+    if form.get("max_rows"):
+        ds["max_rows"] = _int(form, "max_rows", "max_rows")
+    try:
+        lr = float(form["lr"])
+    except (TypeError, ValueError):
+        raise service.SubmitError("training.learning_rate: give a number like 5e-4") from None
+    model = (form.get("model") or "").strip()
+    auto = f"{model}-{method}" + (f"-r{m['r']}" if "r" in m else "")
+    return {"name": (form.get("run_name") or "").strip() or auto, "model": model, "task": form["task"],
+            "dataset": ds, "method": m,
+            "training": {"max_steps": _int(form, "max_steps", "max_steps"),
+                         "batch_size": _int(form, "batch", "batch_size"),
+                         "learning_rate": lr, "max_seq_len": _int(form, "seq", "max_seq_len"),
+                         "eval_every": _int(form, "eval_every", "eval_every"), "seed": _int(form, "seed", "seed")}}
+
+
+def parse_sweep(text: str) -> tuple[Optional[str], list[str]]:
+    """'r: 4, 8, 16' -> ('r', ['4', '8', '16']); '' -> (None, [])."""
+    t = (text or "").strip()
+    if not t:
+        return None, []
+    key, sep, vals = t.partition(":")
+    key = key.strip().lower()
+    if not sep or key not in SWEEP_KEYS:
+        raise service.SubmitError("sweep: write `r: 4, 8, 16`, `method: lora, dora` or `learning_rate: 1e-4, 5e-4`")
+    values = [v.strip() for v in re.split(r"[,\s]+", vals) if v.strip()]
+    if not values:
+        raise service.SubmitError(f"sweep: no values after `{key}:`")
+    if len(values) > MAX_SWEEP:
+        raise service.SubmitError(f"sweep: at most {MAX_SWEEP} values")
+    return SWEEP_KEYS[key], values
+
+
+def sweep_configs(form: dict, text: str) -> list[dict]:
+    """One run config per sweep value, each validated-ready (names get a suffix)."""
+    key, values = parse_sweep(text)
+    if key is None:
+        raise service.SubmitError("sweep: give the values to sweep, e.g. `r: 4, 8, 16`")
+    out = []
+    for v in values:
+        f = dict(form)
+        if key == "method" and v not in METHODS:
+            raise service.SubmitError(f"sweep: unknown method {v!r}; choose from {', '.join(METHODS)}")
+        if key == "r" and "r" not in method_fields(form["method"]):
+            raise service.SubmitError(f"sweep: method {form['method']!r} has no rank r")
+        f[key] = v
+        if key == "method" and v != form["method"] and "target_modules" in method_fields(v) \
+                and not (f.get("target_modules") or "").strip():
+            f["target_modules"] = default_targets(form.get("model") or "")
+        cfg = build_config(f)
+        if (form.get("run_name") or "").strip():
+            cfg["name"] = f"{form['run_name'].strip()}-{SWEEP_SUFFIX[key]}{v}"
+        elif key == "lr":
+            cfg["name"] += f"-lr{v}"
+        out.append(cfg)
+    return out
+
+
+def form_from_config(cfg: dict) -> dict:
+    """The inverse of build_config, for 'clone into Launch'."""
+    m = dict(cfg.get("method") or {})
+    ds = cfg.get("dataset") or {}
+    t = cfg.get("training") or {}
+    form: dict[str, Any] = {
+        "run_name": f"{cfg.get('name', 'run')}-copy", "model": cfg.get("model"), "task": cfg.get("task"),
+        "method": m.get("name"), "ds_source": "upload" if ds.get("path") else "bundled",
+        "ds_name": ds.get("name") or DEFAULT_DATASET, "upload_path": ds.get("path") or "",
+        "text_col": ds.get("text_column") or "", "label_col": ds.get("label_column") or "",
+        "prompt_col": ds.get("prompt_column") or "", "response_col": ds.get("response_column") or "",
+        "max_rows": ds.get("max_rows"), "max_steps": t.get("max_steps") or 30, "batch": t.get("batch_size", 8),
+        "lr": t.get("learning_rate", 5e-4), "seq": t.get("max_seq_len", 64), "eval_every": t.get("eval_every", 10),
+        "seed": t.get("seed", 0)}
+    extra = {}
+    for k, v in m.items():
+        if k == "name":
+            continue
+        if k in METHOD_FIELDS:
+            kind = METHOD_FIELDS[k]
+            if kind in ("modules", "intlist") and isinstance(v, list):
+                v = ", ".join(map(str, v))
+            elif kind == "modules" and isinstance(v, str) and v != "all-linear":
+                v = f"re:{v}"
+            form[k] = v
+        else:
+            extra[k] = v
+    form["extra_method"] = yaml.safe_dump(extra, sort_keys=False) if extra else ""
+    return form

@@ -1,0 +1,307 @@
+"""The Launch tab: the run form (method controls come from the method's config
+class), dataset upload and preview, sweeps, and the live memory estimate."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gradio as gr
+
+from engine.data import BUNDLED_DATASETS
+from engine.estimator import GPU_PRESETS
+from engine.methods import METHODS
+
+from .. import charts, service
+from .common import GIB, Ctx
+from .forms import (DEFAULT_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES,
+                    build_config, build_method, default_dataset, default_task, field_choices, field_default,
+                    form_from_config, method_fields, method_help, sweep_configs)
+
+DEFAULT_GPU = next(b for name, b in GPU_PRESETS if name.startswith("24 GB"))
+MAX_BATCH_SHOWN = 4096
+
+
+# ------------------------------------------------------------------ the estimate panel
+
+def gpu_choices(workers: list[dict]) -> list[tuple[str, str]]:
+    """(label, bytes as text) for the GPU dropdown: the estimator's presets, then every GPU a live worker reports."""
+    out = [(name, str(int(b))) for name, b in GPU_PRESETS]
+    for w in workers:
+        dev, total = w.get("device") or "", w.get("total_memory")
+        if total and dev.startswith("cuda"):
+            out.append((f"{w['name']}: {dev.removeprefix('cuda:')} ({total / 1e9:.0f} GB)", str(int(total))))
+    return out
+
+
+def gpu_label(value: str, workers: list[dict]) -> str:
+    return next((label for label, v in gpu_choices(workers) if v == str(value)), f"{int(value) / 1e9:.0f} GB")
+
+
+def preview_frame(rows: list[dict]):
+    """First rows of a dataset as a table (long text cut)."""
+    import pandas as pd
+
+    return pd.DataFrame([{k: (v[:120] + "…") if isinstance(v, str) and len(v) > 120 else v for k, v in r.items()}
+                         for r in rows])
+
+
+def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, formula, gpu, dtype, quant,
+                  gpu_name: str = "") -> tuple:
+    """(plotly figure, markdown) for the estimate panel; errors become a message, never an exception."""
+    from engine.estimator import estimate, largest_batch_that_fits
+
+    try:
+        m = build_method(method, fields, extra_yaml or "")
+        kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task)
+        est = estimate(model, m, batch_size=int(batch), **kw)
+    except Exception as e:
+        return charts.empty("Memory estimate", "no estimate"), f"⚠ Estimate unavailable: {e}"
+    d = est.to_dict()
+    gpu_bytes = int(float(gpu)) if gpu else None
+    name = gpu_name or (f"{gpu_bytes / 1e9:.0f} GB" if gpu_bytes else "")
+    fits = ""
+    if gpu_bytes:
+        ok = d["rows"]["total"] <= gpu_bytes
+        try:
+            best = largest_batch_that_fits(gpu_bytes, model, m, max_batch=MAX_BATCH_SHOWN, **kw)
+        except Exception:
+            best = None
+        best_text = "none" if best == 0 else (f"≥ {best}" if best == MAX_BATCH_SHOWN else str(best))
+        fits = (f"**{'✓ fits' if ok else '✗ does not fit'}** on {name}"
+                + (f" · largest batch that fits: **{best_text}**" if best is not None else ""))
+    rows = " · ".join(f"{charts.ROW_LABELS[k]} {v / GIB:.3f}" for k, v in d["rows"].items() if k in charts.ROW_LABELS)
+    notes = "".join(f"  \n_note: {n}_" for n in d.get("notes", [])[:3])
+    text = (f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({formula} formula, batch {int(batch)}, "
+            f"seq {int(seq)}, {dtype})  \n{fits}  \n"
+            f"Trainable: **{d['n_trainable']:,}** of {d['n_params']:,} parameters "
+            f"(**{d['trainable_percent']:.4f}%**)  \nGiB — {rows}{notes}")
+    return charts.memory_bar(d["rows"], gpu_bytes, name, title=f"{model} · {method}"), text
+
+
+def bundled_preview(name: str):
+    from engine.data import read_bundled
+    try:
+        return preview_frame(read_bundled(name, "train")[:5])
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------ the tab
+
+def method_control(fname: str, kind: str) -> gr.components.Component:
+    """The control of one method-config field, set up for the default method."""
+    vis = fname in method_fields(DEFAULT_METHOD)
+    val = field_default(DEFAULT_METHOD, fname, DEFAULT_MODEL) if vis else None
+    common = dict(label=fname, visible=vis, elem_id=f"mf-{fname}", min_width=150)
+    if fname == "r":
+        return gr.Slider(1, 256, value=val or 8, step=1, label="rank r", visible=vis, elem_id="rank", min_width=260)
+    if kind == "int":
+        return gr.Number(val, precision=0, **common)
+    if kind == "float":
+        return gr.Number(val, **common)
+    if kind == "bool":
+        return gr.Checkbox(bool(val), **common)
+    if kind == "choice":
+        owner = DEFAULT_METHOD if vis else next(n for n, s in METHODS.items() if fname in s.config_cls.model_fields)
+        ch = field_choices(owner, fname)
+        return gr.Dropdown(ch, value=val if vis else ch[0], **common)
+    if fname == "target_modules":
+        common.update(label="target modules", elem_id="targets", min_width=260,
+                      info="comma-separated suffixes, re:<regex>, or all-linear")
+    return gr.Textbox(val or "", **common)
+
+
+class LaunchTab:
+    """The Launch tab's components (built inside the current gr.Tab) and its events."""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        with gr.Row():
+            with gr.Column(scale=3):
+                self._form_column()
+            with gr.Column(scale=2):
+                self._estimate_column()
+
+    def _form_column(self) -> None:
+        with gr.Row():
+            self.model = gr.Dropdown(MODEL_CHOICES, value=DEFAULT_MODEL, label="Model", allow_custom_value=True,
+                                     info="bundled model, local Hugging Face directory, or hub id", elem_id="model")
+            self.task = gr.Radio(["classification", "causal_lm"], value=default_task(DEFAULT_MODEL), label="Task",
+                                 elem_id="task")
+        with gr.Row():
+            self.method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method", elem_id="method")
+            self.run_name = gr.Textbox(label="Run name", placeholder="auto", elem_id="run-name")
+        self.method_md = gr.Markdown(method_help(DEFAULT_METHOD), elem_id="method-help")
+        with gr.Row(elem_id="method-fields"):
+            self.fields = {fname: method_control(fname, kind) for fname, kind in METHOD_FIELDS.items()}
+        self.extra_method = gr.Textbox("", label="More method options (YAML)", lines=2,
+                                       placeholder="e.g. rank_pattern: {query: 4}", elem_id="method-extra")
+        with gr.Group():
+            with gr.Row():
+                self.ds_source = gr.Radio(["bundled", "upload"], value="bundled", label="Dataset", elem_id="ds-source")
+                self.ds_name = gr.Dropdown(list(BUNDLED_DATASETS), value=DEFAULT_DATASET, label="Bundled dataset",
+                                           elem_id="ds-name")
+                self.max_rows = gr.Number(0, label="max rows (0 = all)", precision=0, minimum=0, elem_id="max-rows")
+            self.upload = gr.File(label="Upload CSV / JSONL / Parquet", file_types=[".csv", ".jsonl", ".parquet"],
+                                  visible=False, elem_id="upload")
+            self.upload_path = gr.Textbox(visible=False, elem_id="upload-path")
+            with gr.Row(visible=False) as self.colmap:
+                col_kw = dict(choices=[], allow_custom_value=True, elem_classes=["colmap"])
+                self.text_col = gr.Dropdown(label="text column", elem_id="text-col", **col_kw)
+                self.label_col = gr.Dropdown(label="label column", elem_id="label-col", **col_kw)
+                self.prompt_col = gr.Dropdown(label="prompt column", elem_id="prompt-col", **col_kw)
+                self.response_col = gr.Dropdown(label="response column", elem_id="response-col", **col_kw)
+            self.preview = gr.Dataframe(label="First rows", interactive=False, elem_id="preview", max_height=220,
+                                        wrap=True)
+        with gr.Row():
+            self.max_steps = gr.Number(30, label="max steps", precision=0, minimum=1, elem_id="max-steps")
+            self.batch = gr.Number(8, label="batch size", precision=0, minimum=1, elem_id="batch")
+            self.lr = gr.Number(5e-4, label="learning rate", elem_id="lr")
+            self.seq = gr.Number(64, label="max seq len", precision=0, minimum=8, elem_id="seq")
+            self.eval_every = gr.Number(10, label="eval every", precision=0, minimum=0, elem_id="eval-every")
+            self.seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
+        with gr.Row():
+            self.preview_btn = gr.Button("Preview config", elem_id="preview-config")
+            self.launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
+        with gr.Row():
+            self.sweep_text = gr.Textbox(label="Sweep", placeholder="r: 4, 8, 16  ·  method: lora, dora  ·  "
+                                         "learning_rate: 1e-4, 5e-4", elem_id="sweep", scale=3)
+            self.sweep_btn = gr.Button("Launch sweep", elem_id="launch-sweep", scale=1)
+        self.msg = gr.Markdown("", elem_id="launch-msg")
+        self.config_yaml = gr.Code(language="yaml", label="Config (what `peft-studio train` would run)",
+                                   visible=False, elem_id="config-yaml")
+        # the form by key: FORM_KEYS, then the method fields
+        self.form = {key: getattr(self, key) for key in FORM_KEYS} | self.fields
+
+    def _estimate_column(self) -> None:
+        with gr.Row():
+            self.formula = gr.Radio(["model", "appendix", "slide"], value="model", label="Formula", elem_id="formula")
+            self.dtype = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="Precision", elem_id="dtype")
+        with gr.Row():
+            self.gpu = gr.Dropdown(gpu_choices([]), value=str(int(DEFAULT_GPU)), label="GPU", elem_id="gpu")
+            self.quant = gr.Radio(["none", "nf4", "nf4-dq"], value="none", label="Base weights", elem_id="quant")
+        self.est_plot = gr.Plot(label="Memory estimate", elem_id="estimate-plot")
+        self.est_md = gr.Markdown(elem_id="estimate-text")
+
+    # -------------------------------------------------------------- helpers for events
+
+    def values(self, data: dict) -> dict[str, Any]:
+        """{form key: value} from the {component: value} dict a handler with set inputs receives."""
+        return {key: data[c] for key, c in self.form.items() if c in data}
+
+    def method_updates(self, mname: str, model: str, values: dict | None = None) -> dict:
+        """Show the controls of method `mname` (with `values`, else its defaults); hide the rest."""
+        fs = method_fields(mname)
+        out: dict = {self.method_md: method_help(mname)}
+        for fname, comp in self.fields.items():
+            if fname not in fs:
+                out[comp] = gr.update(visible=False)
+                continue
+            val = (values or {}).get(fname, field_default(mname, fname, model))
+            kw: dict[str, Any] = {"visible": True, "value": val}
+            if METHOD_FIELDS[fname] == "choice":
+                kw["choices"] = field_choices(mname, fname)
+            out[comp] = gr.update(**kw)
+        return out
+
+    def fill_from(self, cfg: dict) -> dict:
+        """Updates that put run config `cfg` into the form ('clone into Launch')."""
+        form = form_from_config(cfg)
+        out = {self.form[key]: gr.update(value=form.get(key)) for key in FORM_KEYS}
+        return out | self.method_updates(form["method"], form["model"], form)
+
+    # -------------------------------------------------------------- events
+
+    def wire(self, demo: gr.Blocks, run_id: gr.Number) -> None:
+        ctx, form_inputs = self.ctx, set(self.form.values())
+        targets = self.fields["target_modules"]
+
+        def on_model(m, mname):
+            task = default_task(m)
+            out: dict = {}
+            if task:
+                out[self.task] = task
+                out[self.ds_name] = default_dataset(task)
+            if "target_modules" in method_fields(mname):
+                out[targets] = field_default(mname, "target_modules", m)
+            return out or gr.skip()
+        self.model.input(on_model, [self.model, self.method], [self.task, self.ds_name, targets])
+
+        def on_method(mname, m):
+            return self.method_updates(mname, m)
+        self.method.input(on_method, [self.method, self.model], [self.method_md] + list(self.fields.values()))
+
+        def on_source(src):
+            up = src == "upload"
+            return {self.ds_name: gr.update(visible=not up), self.upload: gr.update(visible=up),
+                    self.colmap: gr.update(visible=up)}
+        self.ds_source.change(on_source, self.ds_source, [self.ds_name, self.upload, self.colmap])
+
+        col_guesses = {self.text_col: ("text", "sentence", "content"),
+                       self.label_col: ("label", "labels", "target", "class"),
+                       self.prompt_col: ("prompt", "instruction", "question", "input"),
+                       self.response_col: ("response", "output", "answer", "completion")}
+
+        def on_upload(f, request: gr.Request):
+            if f is None:
+                return {self.upload_path: "", self.preview: None, self.msg: ""}
+            path = f if isinstance(f, str) else getattr(f, "name", None)
+            try:
+                info = service.save_upload(ctx.settings, os.path.basename(path), path, owner=ctx.user(request))
+            except service.SubmitError as e:
+                return {self.upload_path: "", self.preview: None, self.msg: f"✗ {e}"}
+            cols = info["columns"]
+            out = {self.upload_path: info["path"], self.preview: preview_frame(info["preview"]),
+                   self.msg: f"Uploaded **{info['name']}**: {info['rows']} rows; columns: {', '.join(cols)}"}
+            for comp, names in col_guesses.items():
+                out[comp] = gr.update(choices=cols, value=next((c for c in cols if c.lower() in names), None))
+            return out
+        self.upload.upload(on_upload, self.upload, [self.upload_path, self.preview, self.msg, *col_guesses])
+
+        self.ds_name.change(bundled_preview, self.ds_name, self.preview)
+
+        def on_preview(data):
+            try:
+                cfg = service.validate_config(build_config(self.values(data)), ctx.settings)
+            except (service.SubmitError, ValueError) as e:
+                return {self.config_yaml: gr.update(visible=False), self.msg: f"✗ {e}"}
+            return {self.config_yaml: gr.update(value=cfg.to_yaml(), visible=True), self.msg: "Config is valid."}
+        self.preview_btn.click(on_preview, form_inputs, [self.config_yaml, self.msg])
+
+        def on_launch(data, request: gr.Request = None):
+            try:
+                rid = service.submit_run(ctx.settings, build_config(self.values(data)), owner=ctx.user(request))
+            except (service.SubmitError, ValueError) as e:
+                return {self.msg: f"✗ {e}"}
+            return {self.msg: f"✓ Run **{rid}** queued — follow it in the Runs tab.", run_id: rid}
+        self.launch_btn.click(on_launch, form_inputs, [self.msg, run_id])
+
+        def on_sweep(data, request: gr.Request = None):
+            try:
+                cfgs = sweep_configs(self.values(data), data[self.sweep_text])
+                for c in cfgs:   # validate all before queuing any
+                    service.validate_config(c, ctx.settings)
+            except (service.SubmitError, ValueError) as e:
+                return f"✗ {e}"
+            ids = [service.submit_run(ctx.settings, c, owner=ctx.user(request)) for c in cfgs]
+            return f"✓ Sweep queued {len(ids)} runs: " + ", ".join(f"**{i}**" for i in ids)
+        self.sweep_btn.click(on_sweep, form_inputs | {self.sweep_text}, self.msg)
+
+        est_inputs = {self.model, self.task, self.method, self.extra_method, self.batch, self.seq, self.formula,
+                      self.gpu, self.dtype, self.quant, *self.fields.values()}
+
+        def on_estimate(data):
+            g = data[self.gpu]
+            fig, text = estimate_view(data[self.model], data[self.task], data[self.method],
+                                      {k: data[c] for k, c in self.fields.items()}, data[self.extra_method],
+                                      data[self.batch], data[self.seq], data[self.formula], g, data[self.dtype],
+                                      data[self.quant], gpu_name=gpu_label(g, ctx.workers()) if g else "")
+            return {self.est_plot: fig, self.est_md: text}
+        est_outs = [self.est_plot, self.est_md]
+        gr.on([c.change for c in est_inputs], on_estimate, est_inputs, est_outs, show_progress="hidden",
+              trigger_mode="always_last")
+
+        def on_load(ds):
+            return {self.gpu: gr.update(choices=gpu_choices(ctx.workers())), self.preview: bundled_preview(ds)}
+        demo.load(on_load, self.ds_name, [self.gpu, self.preview]).then(on_estimate, est_inputs, est_outs)
