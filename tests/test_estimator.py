@@ -1,4 +1,4 @@
-"""The memory estimator (engine/estimator.py) and its measuring tool (engine/measure.py).
+"""The memory estimator (engine/estimator/) and its measuring tool (engine/measure.py).
 
 Fast tests need no model weights (configs only, tiny models, meta-device
 instantiation); the ones that run a real training step are marked slow."""
@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from engine import estimator as est  # noqa: E402
 from engine.estimator import (  # noqa: E402
     GiB, catalog_names, count_total_params, estimate, gpu_fits, largest_batch_that_fits, load_model_config,
+    smallest_world_size_that_fits,
 )
 from engine.methods import METHODS, ApplyContext, count_parameters, parse_method_config  # noqa: E402
 
@@ -210,7 +211,9 @@ def test_invalid_method_names_the_field(method, field):
 
 @pytest.mark.parametrize("kw,field", [({"dtype": "fp8"}, "dtype"), ({"quant": "int3"}, "quant"),
                                       ({"optimizer": "lion"}, "optimizer"), ({"formula": "magic"}, "formula"),
-                                      ({"batch_size": 0}, "batch_size"), ({"task": "seq2seq"}, "task")])
+                                      ({"batch_size": 0}, "batch_size"), ({"task": "seq2seq"}, "task"),
+                                      ({"world_size": 0}, "world_size"), ({"world_size": 2.0}, "world_size"),
+                                      ({"world_size": True}, "world_size"), ({"strategy": "zero3"}, "strategy")])
 def test_invalid_inputs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         estimate("smollm2-135m", LORA_QV, **kw)
@@ -273,8 +276,9 @@ def test_model_formula_effects():
     assert full.rows["hidden_states"] > lora.rows["hidden_states"]
     assert full.rows["optimizer"] == 2 * 2 * full.n_trainable
     assert estimate("llama-2-7b", {"name": "full"}, optimizer="sgd", **base).rows["optimizer"] == 0
-    a8 = estimate("llama-2-7b", {"name": "full"}, optimizer="adamw8bit", **base).rows["optimizer"]
+    a8 = estimate("llama-2-7b", {"name": "full"}, optimizer="adamw_8bit", **base).rows["optimizer"]
     assert 2 * full.n_trainable < a8 < 2.01 * full.n_trainable
+    assert estimate("llama-2-7b", {"name": "full"}, optimizer="adamw8bit", **base).rows["optimizer"] == a8
     # the model formula is far below the appendix for long sequences (SDPA keeps no seq² tensor)
     app = estimate("llama-2-7b", LORA_QV, formula="appendix", **base)
     assert app.rows["hidden_states"] > 1.5 * lora.rows["hidden_states"]
@@ -310,6 +314,133 @@ def test_largest_batch_and_gpu_fits():
     assert all(f["fits"] for f in fits)
     full70 = gpu_fits("llama-2-70b", {"name": "full"}, batch_size=1, **kw)
     assert not any(f["fits"] for f in full70)
+
+
+
+# ---- per device: DDP and FSDP -----------------------------------------------------------------------
+
+# Llama-2-7B by hand: a block is q, k, v, o (4096 x 4096 each), gate, up, down (4096 x 11008 each) and two
+# RMSNorm weights; the root (what is not in a block) is the embeddings, the untied LM head and the final norm.
+L7_BLOCK = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+L7_ROOT = 2 * 32000 * 4096 + 4096
+L7_LORA_PER_BLOCK = 4_194_304 // 32            # r=8 on q and v: 2 x (8 x 4096 + 4096 x 8)
+
+
+def test_llama_2_7b_by_hand():
+    assert 32 * L7_BLOCK + L7_ROOT == 6_738_415_616
+
+
+def test_ddp_rows_per_device_equal_one_device():
+    kw = dict(batch_size=2, seq_len=512, dtype="bf16")
+    one = estimate("llama-2-7b", LORA_QV, **kw)
+    for n in (2, 4, 8):
+        ddp = estimate("llama-2-7b", LORA_QV, world_size=n, strategy="ddp", **kw)
+        assert ddp.to_json() == one.to_json()
+        assert any("replica" in note for note in ddp.notes)
+    # FSDP on one device is one process: no process group, nothing sharded
+    assert estimate("llama-2-7b", LORA_QV, world_size=1, strategy="fsdp", **kw).to_json() == one.to_json()
+
+
+def test_fsdp_lora_rows_for_four_devices_are_a_quarter_plus_the_gathered_units():
+    """Each rank keeps a quarter of every row that shards, and holds in full: the root's
+    parameters (kept gathered by FSDP2), the running block and the prefetched one (each
+    with its LoRA matrices), and one block's LoRA gradients."""
+    kw = dict(batch_size=1, seq_len=1024, dtype="bf16")
+    one = estimate("llama-2-7b", LORA_QV, **kw).rows
+    four = estimate("llama-2-7b", LORA_QV, world_size=4, strategy="fsdp", **kw).rows
+    gathered_w = 2 * L7_ROOT + 2 * 2 * (L7_BLOCK + L7_LORA_PER_BLOCK)
+    assert one["weights"] / 4 < four["weights"] <= one["weights"] / 4 + gathered_w + 1
+    assert four["weights"] == -(-one["weights"] // 4) + gathered_w
+    assert four["weights"] < 0.36 * one["weights"]           # about a quarter: the overhead is 1.3 GB of 13.5
+    assert four["gradients"] == -(-one["gradients"] // 4) + 2 * L7_LORA_PER_BLOCK
+    assert four["optimizer"] == -(-one["optimizer"] // 4)
+    assert four["hidden_states"] == one["hidden_states"] and four["cuda_context"] == one["cuda_context"]
+    assert four["total"] == sum(v for k, v in four.items() if k != "total")
+
+
+def test_fsdp_full_fine_tuning_shards_gradients_and_optimizer():
+    kw = dict(batch_size=1, seq_len=512, dtype="bf16")
+    one = estimate("llama-2-7b", {"name": "full"}, **kw).rows
+    four = estimate("llama-2-7b", {"name": "full"}, world_size=4, strategy="fsdp", **kw).rows
+    assert four["weights"] == -(-one["weights"] // 4) + 2 * L7_ROOT + 2 * 2 * L7_BLOCK
+    # one block's full gradient until its reduce-scatter, the root's until the end of backward
+    assert four["gradients"] == -(-one["gradients"] // 4) + 2 * (L7_BLOCK + L7_ROOT)
+    assert four["optimizer"] == -(-one["optimizer"] // 4)
+    for row in ("weights", "gradients", "optimizer"):
+        assert 0.25 <= four[row] / one[row] < 0.36, row
+    eight = estimate("llama-2-7b", {"name": "full"}, world_size=8, strategy="fsdp", **kw).rows
+    assert eight["total"] < four["total"] < one["total"]
+
+
+def test_fsdp_qlora_gathers_nf4_blocks():
+    kw = dict(batch_size=1, seq_len=512, dtype="bf16")
+    method = {"name": "qlora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    one = estimate("llama-2-70b", method, **kw).rows
+    four = estimate("llama-2-70b", method, world_size=4, strategy="fsdp", **kw).rows
+    cfg = load_model_config("llama-2-70b")
+    dims = est.model_dims(cfg)
+    block_bf16 = 2 * est.block_params(dims)
+    overhead = four["weights"] - -(-one["weights"] // 4)
+    root = 2 * (est.count_total_params(cfg, "causal_lm") - dims.num_layers * est.block_params(dims))
+    # two gathered blocks stored in NF4 (about 4.1 bits a weight), far less than in bf16
+    assert root < overhead < root + 2 * block_bf16 * 0.3
+    assert four["weights"] < 0.31 * one["weights"]          # 70B QLoRA: 36.4 GB on one device, 11.0 on each of 4
+
+
+def test_eight_bit_adamw_is_a_quarter_of_fp32_adamw():
+    kw = dict(batch_size=1, seq_len=128, dtype="fp32")
+    for model, method in (("llama-2-7b", LORA_QV), ("smollm2-135m", {"name": "full"})):
+        fp32 = estimate(model, method, **kw)
+        n = fp32.n_trainable
+        assert fp32.rows["optimizer"] == 8 * n
+        for opt in ("adamw_8bit", "paged_adamw_8bit"):
+            o8 = estimate(model, method, optimizer=opt, **kw).rows["optimizer"]
+            # two 1-byte states, plus two fp32 scales per block of 2048 values
+            assert fp32.rows["optimizer"] / 4 <= o8 <= fp32.rows["optimizer"] / 4 + n / 256 + 8
+    paged = estimate("llama-2-7b", LORA_QV, optimizer="paged_adamw_8bit", **kw)
+    assert any("paged" in note for note in paged.notes)
+
+
+def test_smallest_world_size_that_fits():
+    kw = dict(batch_size=1, seq_len=512, dtype="bf16")
+    full70 = {"name": "full"}
+    n = smallest_world_size_that_fits(80 * GiB, "llama-2-70b", full70, **kw)
+    assert n > 1
+    assert estimate("llama-2-70b", full70, world_size=n, strategy="fsdp", **kw).total <= 80 * GiB
+    assert estimate("llama-2-70b", full70, world_size=n - 1, strategy="fsdp", **kw).total > 80 * GiB
+    # DDP replicates: more devices never make it fit
+    assert smallest_world_size_that_fits(80 * GiB, "llama-2-70b", full70, strategy="ddp", **kw) == 0
+    assert smallest_world_size_that_fits(80 * GiB, "llama-2-7b", LORA_QV, strategy="ddp", **kw) == 1
+    # the activations of the per-device batch never shard: too long a sequence fits on no number of devices
+    assert smallest_world_size_that_fits(1 * GiB, "llama-2-7b", LORA_QV, max_world_size=64, **kw) == 0
+
+
+# ---- one cache, one home for the GPU presets ---------------------------------------------------------
+
+def test_repeated_estimates_are_served_from_the_cache_and_are_independent_copies():
+    est.clear_estimate_cache()
+    a = estimate("smollm2-135m", LORA_QV, batch_size=3)
+    before = est.estimate_cache_info()
+    b = estimate("smollm2-135m", dict(LORA_QV), batch_size=3)
+    after = est.estimate_cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+    assert a.to_dict() == b.to_dict() and a is not b
+    a.rows["total"] = -1
+    a.notes.append("changed by a caller")
+    c = estimate("smollm2-135m", LORA_QV, batch_size=3)
+    assert c.rows["total"] == b.rows["total"] > 0 and "changed by a caller" not in c.notes
+    # a config dict with the same content is the same question; a changed one is not
+    cfg = load_model_config("smollm2-135m")
+    d = estimate(cfg, LORA_QV, batch_size=3)
+    assert d.rows == b.rows
+    cfg["num_hidden_layers"] = 2
+    assert estimate(cfg, LORA_QV, batch_size=3).rows["weights"] < b.rows["weights"]
+    assert est.estimate_cache_info().currsize <= est.CACHE_SIZE
+
+
+def test_gpu_presets_are_in_gib():
+    assert [nbytes for _, nbytes in est.GPU_PRESETS] == [g * GiB for g in (16, 24, 40, 48, 80)]
+    assert all(isinstance(label, str) and label for label, _ in est.GPU_PRESETS)
 
 
 # ---- measurement against the estimate (real model, slow) --------------------------------------------
