@@ -44,6 +44,14 @@ class DatasetConfig(_Strict):
         return self
 
 
+class DistributedConfig(_Strict):
+    """One run over several processes (engine.distributed): `ddp` replicates the model
+    and averages gradients; `fsdp` shards weights, gradients and optimizer states."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    world_size: int = Field(1, ge=1, le=1024, description="processes (one per device); 1: no process group")
+
+
 class TrainingConfig(_Strict):
     max_steps: Optional[int] = Field(30, gt=0, le=10_000_000)
     epochs: Optional[float] = Field(None, gt=0, le=10_000)
@@ -62,6 +70,7 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
     retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

@@ -1,7 +1,8 @@
 """The training loop: AdamW, warm-up + linear/cosine schedule, gradient
 accumulation, clipping, periodic evaluation, seeds, CPU or CUDA (bf16 autocast),
 cancellation and a progress callback. No database or queue knowledge: the
-caller passes callbacks."""
+caller passes callbacks. With training.distributed.world_size > 1 the same loop
+runs in every rank of a process group (engine.distributed)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import distributed as D
 from . import fused
-from .kernels import matmul, matmul_t
-from .data import BatchStream, encode_examples, iter_batches
+from .data import BatchStream, collate, encode_examples
+from .gemm import matmul, matmul_t
 from .prepare import Prepared
 
 from .loss import LOSS_CHUNK  # noqa: E402  (re-exported: tokens per chunk of the chunked CE)
@@ -59,6 +61,8 @@ class TrainResult:
     n_params: int
     n_trainable: int
     cancelled: bool = False
+    world_size: int = 1
+    rank_peak_memory_bytes: Optional[list] = None   # every rank's peak (world size > 1)
     history: list = field(default_factory=list)
     last_state: Optional[dict] = field(default=None, repr=False)   # resumable state when cancelled
 
@@ -191,34 +195,63 @@ def compute_loss(model: nn.Module, batch: dict, task: str) -> torch.Tensor:
     return chunked_causal_loss(hidden, head, batch["labels"])
 
 
+class TaskLoss(nn.Module):
+    """The model's task loss as one module, so that DDP and FSDP see every forward
+    (the chunked loss calls the decoder and the head directly). forward(batch) gives
+    (mean task loss, the method's extra loss or None); forward(batch, sums=True), for
+    evaluation, gives [loss, correct, count] of the batch: the loss summed over its rows
+    (classification) or averaged over its `count` tokens (causal LM)."""
+
+    def __init__(self, model: nn.Module, task: str, extra_loss=None):
+        super().__init__()
+        self.model, self.task, self.extra_loss = model, task, extra_loss
+
+    def forward(self, batch: dict, sums: bool = False):
+        if not sums:
+            loss = compute_loss(self.model, batch, self.task)
+            return loss, (self.extra_loss(self.model) if self.extra_loss is not None else None)
+        if self.task == "classification":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return torch.stack([F.cross_entropy(logits.float(), batch["labels"], reduction="sum"),
+                                (logits.argmax(-1) == batch["labels"]).sum().float(),
+                                torch.tensor(float(batch["labels"].numel()), device=logits.device)])
+        n = (batch["labels"][:, 1:] != -100).sum().float()      # mean over n tokens, not the sum
+        return torch.stack([compute_loss(self.model, batch, self.task).float(), n.new_zeros(()), n])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, encoded: list[dict], task: str, batch_size: int, pad_id: int,
-             device: torch.device, amp: Optional[torch.dtype], max_batches: Optional[int] = None) -> dict:
+             device: torch.device, amp: Optional[torch.dtype], max_batches: Optional[int] = None,
+             dist: Optional["D.Dist"] = None, runner: Optional[nn.Module] = None) -> dict:
+    """Mean validation loss and accuracy / perplexity over the first `max_batches`
+    batches. Distributed: each rank scores its share and the sums are all-reduced
+    (`runner` is the wrapped TaskLoss that forward must go through)."""
     if not encoded:
         return {}
+    if max_batches:   # a batch is global: batch_size rows on each rank
+        encoded = encoded[:max_batches * batch_size * (dist.world_size if dist is not None else 1)]
+    runner = runner if runner is not None else TaskLoss(model, task)
     was_training = model.training
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    tokens = 0
-    for i, batch in enumerate(iter_batches(encoded, batch_size, pad_id)):
-        if max_batches and i >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
+    mine = D.shard_rows(encoded, dist)
+    most = -(-len(encoded) // (dist.world_size if dist is not None else 1))   # rows of the largest share
+    n_batches = -(-most // batch_size)
+    acc = [0.0, 0.0, 0.0]
+    for i in range(n_batches):   # the same number of forwards on every rank (FSDP gathers in each)
+        rows = mine[i * batch_size:(i + 1) * batch_size]
+        batch = {k: v.to(device) for k, v in collate(rows or encoded[:1], pad_id).items()}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            if task == "classification":
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-                total += batch["labels"].numel()
-            else:
-                n = (batch["labels"][:, 1:] != -100).sum().item()
-                loss_sum += compute_loss(model, batch, task).item() * n
-                tokens += n
+            s = runner(batch, sums=True)
+        if rows:
+            loss, correct, count = s.tolist()
+            acc = [acc[0] + (loss if task == "classification" else loss * count), acc[1] + correct, acc[2] + count]
+    if dist is not None:
+        acc = dist.all_reduce_sum(acc)
     model.train(was_training)
+    loss_sum, correct, count = acc
     if task == "classification":
-        return {"eval_loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
-    mean = loss_sum / max(tokens, 1)
+        return {"eval_loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+    mean = loss_sum / max(count, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
@@ -272,18 +305,31 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
           resume_state: Optional[dict] = None,
           on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
     """Train a prepared run. `on_step` is called after every optimizer step;
-    `should_stop` is polled before every step (True ends the run as cancelled)."""
+    `should_stop` is polled before every step (True ends the run as cancelled).
+    In a process group (training.distributed.world_size > 1) every rank calls this;
+    only rank 0 should pass `on_step` / `on_checkpoint` / `progress`, and any
+    rank's `should_stop` stops them all at the same step."""
     cfg, t = prep.config, prep.config.training
+    dist = D.init(t.distributed, pick_device(t.device))
+    if dist is not None:
+        D.check_method(prep.spec, dist)
+    world = dist.world_size if dist is not None else 1
+    main = dist is None or dist.is_main
     torch.manual_seed(t.seed)
-    device = pick_device(t.device)
+    device = dist.device if dist is not None else pick_device(t.device)
     amp = autocast_dtype(t.precision, device)
     model = prep.model.to(device)
     tok = prep.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_enc = encode_examples(tok, prep.examples.train, cfg.task, t.max_seq_len, prep.examples.labels)
     val_enc = encode_examples(tok, prep.examples.validation, cfg.task, t.max_seq_len, prep.examples.labels)
-    stream = BatchStream(train_enc, t.batch_size, pad_id, t.seed)
+    stream = BatchStream(train_enc, t.batch_size * world, pad_id, t.seed)   # yields global batches
     steps = total_steps(prep, stream.batches_per_epoch)
+    if resume_state:
+        restore_trainable(resume_state, model)
+    runner = TaskLoss(model, cfg.task, prep.spec.extra_loss)
+    if dist is not None:
+        runner = D.wrap(runner, model, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
@@ -291,40 +337,60 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, t.warmup_steps, steps))
     start_step = 0
     if resume_state:
-        start_step = restore_training_state(resume_state, model, opt, sched, stream)
+        start_step = restore_loop_state(resume_state, opt, sched, stream, params)
     metric_name, higher = primary_metric(cfg.task)
     history: list[dict] = []
     best: Optional[float] = None
     last_eval: dict = {}
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start_step, desc=cfg.name, unit="step")
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     tokens_seen, loss_val, cancelled = 0, None, False
     t0 = time.perf_counter()
     step = start_step
+
+    def snapshot() -> dict:   # a collective under FSDP: every rank builds it, rank 0 keeps it
+        return training_state(model, opt, sched, stream, step)
+
     with PeakRSS() as rss:
         while step < steps:
-            if should_stop and should_stop():
+            stop = bool(should_stop and should_stop())
+            if dist is not None:
+                stop = dist.any(stop)
+            if stop:
                 cancelled = True
                 break
             loss_acc = 0.0
             step_tokens = 0
-            for _ in range(t.grad_accum):
-                batch = {k: v.to(device) for k, v in stream.next().items()}
+            for micro in range(t.grad_accum):
+                batch = stream.next()
                 step_tokens += int(batch["attention_mask"].sum())
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = compute_loss(model, batch, cfg.task)
-                    if prep.spec.extra_loss is not None:
-                        loss = loss + prep.spec.extra_loss(model)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
-                                             f"try a lower training.learning_rate")
-                (loss / t.grad_accum).backward()
-                loss_acc += loss.item() / t.grad_accum
+                weight = 1.0
+                if dist is not None:
+                    batch, weight = D.shard_batch(batch, dist, cfg.task)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with D.no_grad_sync(runner, dist, micro == t.grad_accum - 1):
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        task_loss, extra = runner(batch)
+                        if dist is None:
+                            loss = task_loss if extra is None else task_loss + extra
+                        else:   # this rank's share of the global mean; DDP/FSDP average over ranks
+                            loss = task_loss * weight if extra is None else task_loss * weight + extra
+                    if not torch.isfinite(task_loss if dist is not None else loss):
+                        raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
+                                                 f"try a lower training.learning_rate")
+                    (loss / t.grad_accum).backward()
+                if dist is None:
+                    loss_acc += loss.item() / t.grad_accum
+                else:
+                    loss_acc += (task_loss.item() * weight / world
+                                 + (extra.item() / world if extra is not None else 0.0)) / t.grad_accum
+            if dist is not None:
+                loss_acc = dist.all_reduce_sum([loss_acc])[0]
             if prep.spec.after_backward is not None:
                 prep.spec.after_backward(model, step, steps)
             if t.max_grad_norm:
@@ -341,8 +407,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             elapsed = time.perf_counter() - t0
             done = step - start_step
             eval_now = (t.eval_every and step % t.eval_every == 0) or step == steps
-            ev = evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches) \
-                if eval_now else None
+            ev = evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
+                          dist=dist, runner=D.eval_module(runner, dist)) if eval_now else None
             if ev:
                 last_eval = ev
                 m = ev.get(metric_name)
@@ -356,23 +422,29 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", **({metric_name: f"{ev[metric_name]:.4f}"} if ev else {}))
-            if on_step:
+            if on_step and main:
                 on_step(sm)
-            if on_checkpoint and t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                on_checkpoint(step, training_state(model, opt, sched, stream, step))
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps \
+                    and (on_checkpoint or dist is not None):
+                state = snapshot()
+                if on_checkpoint and main:
+                    on_checkpoint(step, state)
+        last_state = snapshot() if cancelled else None
+        D.unshard_for_export(runner, dist)
     if bar is not None:
         bar.close()
     duration = time.perf_counter() - t0
     if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
         peak, kind = rss.peak, "cpu_peak_rss"
+    peaks = [int(x) for x in dist.gather_objects(int(peak))] if dist is not None else None
     model.eval()
     return TrainResult(steps=step, max_steps=steps, final_loss=loss_val, eval=last_eval, best_metric=best,
                        metric_name=metric_name, tokens_per_s=tokens_seen / duration if duration > 0 else 0.0,
                        duration_s=duration, peak_memory_bytes=int(peak), memory_kind=kind, device=device_name(device),
-                       n_params=prep.n_params, n_trainable=prep.n_trainable, cancelled=cancelled, history=history,
-                       last_state=training_state(model, opt, sched, stream, step) if cancelled else None)
+                       n_params=prep.n_params, n_trainable=prep.n_trainable, cancelled=cancelled, world_size=world,
+                       rank_peak_memory_bytes=peaks, history=history, last_state=last_state)
 
 
 def device_name(device: torch.device) -> str:
@@ -382,22 +454,37 @@ def device_name(device: torch.device) -> str:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable tensor, whole (gathered from FSDP shards: a collective then)."""
+    return {n: D.full(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def training_state(model, opt, sched, stream, step: int) -> dict:
-    return {"step": step, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
+    """A resumable state in one format for every world size: whole tensors, the
+    optimizer state indexed like the trainable parameters, the global data position."""
+    return {"step": step, "trainable": trainable_state(model), "optimizer": D.full_optimizer_state(opt),
             "scheduler": sched.state_dict(), "data": stream.state(),
             "rng": torch.get_rng_state()}
 
 
-def restore_training_state(state: dict, model, opt, sched, stream) -> int:
+def restore_trainable(state: dict, model: nn.Module) -> None:
     params = dict(model.named_parameters())
+    missing = sorted(set(state["trainable"]) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint does not fit this model: no parameter {missing[0]!r}")
     with torch.no_grad():
         for n, v in state["trainable"].items():
             params[n].copy_(v.to(params[n].device))
-    opt.load_state_dict(state["optimizer"])
+
+
+def restore_loop_state(state: dict, opt, sched, stream, params: list) -> int:
+    D.load_full_optimizer_state(opt, state["optimizer"], params)
     sched.load_state_dict(state["scheduler"])
     stream.restore(state["data"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def restore_training_state(state: dict, model, opt, sched, stream) -> int:
+    """Parameters, optimizer, schedule, data position and RNG from `training_state`."""
+    restore_trainable(state, model)
+    return restore_loop_state(state, opt, sched, stream, [p for p in model.parameters() if p.requires_grad])
