@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .prepare import Prepared, head_modules
+from .arch import head_modules
+from .methods.base import QuantizedLayer, WrapsBaseLayer
+from .prepare import Prepared
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -308,7 +310,7 @@ def merged_model_files(prep: Prepared) -> Path:
     if not prep.spec.mergeable or prep.spec.merge is None:
         raise AdapterError(f"method {prep.spec.name!r} cannot be merged into the base weights")
     prep.spec.merge(prep.model)
-    leftovers = [n for n, m in prep.model.named_modules() if hasattr(m, "unwrap_merged") or hasattr(m, "base_layer")]
+    leftovers = [n for n, m in prep.model.named_modules() if isinstance(m, (WrapsBaseLayer, QuantizedLayer))]
     if leftovers:
         raise AdapterError(f"method {prep.spec.name!r}: merge left adapter layers in place: {leftovers[:3]}")
     for p in prep.model.parameters():

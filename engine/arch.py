@@ -87,6 +87,10 @@ def arch_of(model: nn.Module) -> Arch:
     return arch_for_model_type(model.config.model_type)
 
 
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The classification head(s) of a sequence-classification model (not the LM heads)."""
+    names = [n for n in arch_of(model).head_names if hasattr(model, n)]
+    return [(n, getattr(model, n)) for n in names if n not in ("lm_head", "cls")]
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

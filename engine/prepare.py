@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .arch import arch_of
+from .arch import head_modules
 from .config import RunConfig
 from .data import Examples, load_examples
 from .kernels import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
@@ -32,12 +32,6 @@ class Prepared:
     @property
     def trainable_ratio(self) -> float:
         return self.n_trainable / self.n_params if self.n_params else 0.0
-
-
-def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The classification head(s) of a sequence-classification model."""
-    names = [n for n in arch_of(model).head_names if hasattr(model, n)]
-    return [(n, getattr(model, n)) for n in names if n not in ("lm_head", "cls")]
 
 
 def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyContext) -> nn.Module:

@@ -19,7 +19,8 @@ from engine.methods import ApplyContext, count_parameters, get_method, parse_met
 from engine.methods.prefix import prefix_bank
 from engine.methods.s4 import group_sizes
 from engine.models import load_model, minilm_dir
-from engine.prepare import Prepared, apply_method, head_modules
+from engine.arch import head_modules
+from engine.prepare import Prepared, apply_method
 from engine.train import compute_loss
 
 # small settings so the tiny models (hidden 32, 2 layers, 4 heads / 2 kv heads) stay fast

@@ -1,8 +1,7 @@
-"""The PEFT method registry: one module per method family registers its specs.
-
-`METHODS[name]` gives a MethodSpec (config class, apply function, paper, whether
-it merges, peft export). `parse_method_config(dict)` validates a method section
-of a run config against the right class.
+"""The PEFT methods. `METHODS[name]` gives a MethodSpec (config class, apply function,
+paper, family, whether it merges, peft export, exact count, activation plan), built
+from the explicit list in `registry.SPECS`. `parse_method_config(dict)` validates a
+method section of a run config against the right class.
 """
 
 from __future__ import annotations
@@ -10,13 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, count_parameters, freeze_all
+from .registry import SPECS
 
-METHODS: dict[str, MethodSpec] = {}
+
+def _by_name(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
+    out: dict[str, MethodSpec] = {}
+    for spec in specs:
+        if spec.name in out:
+            raise ValueError(f"engine.methods.registry: method {spec.name!r} is listed twice")
+        out[spec.name] = spec
+    return out
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    METHODS[spec.name] = spec
-    return spec
+METHODS: dict[str, MethodSpec] = _by_name(SPECS)
 
 
 def method_names() -> list[str]:
@@ -39,9 +44,7 @@ def parse_method_config(data: Any) -> MethodConfig:
     return spec.config_cls.model_validate(data)
 
 
-from . import registry as _registry  # noqa: E402,F401  (registers the built-in methods)
-
 __all__ = [
     "METHODS", "ApplyContext", "MethodConfig", "MethodSpec", "PeftExport",
-    "count_parameters", "freeze_all", "get_method", "method_names", "parse_method_config", "register",
+    "count_parameters", "freeze_all", "get_method", "method_names", "parse_method_config",
 ]

@@ -25,7 +25,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from .base import ApplyContext, MethodConfig, freeze_all
+from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, freeze_all, merge_and_unload
+from .plan import Plan, low_rank_plan
 from .targeting import check_target_list, is_conv1d, linear_like, resolve_targets, resolve_targets_in_dims
 from .lora import dense_weight, layer_compute_dtype, layer_features
 
@@ -56,12 +57,11 @@ class AdaLoraConfig(MethodConfig):
         return self
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(AdapterLayer):
     """y = base(x) + (alpha / r) * B diag(E) A dropout(x)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.r = r
         self.scaling = alpha / r
         self.fan_in_fan_out = is_conv1d(base)
@@ -71,7 +71,6 @@ class SVDLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.randn(r, fin, device=dev, dtype=dt) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.randn(fout, r, device=dev, dtype=dt) * 0.02)
-        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
@@ -83,17 +82,21 @@ class SVDLinear(nn.Module):
         dx = self.lora_dropout(x.to(self.lora_A.dtype))
         return y + ((dx @ (self.lora_A * self.lora_E).T) @ self.lora_B.T * self.scaling).to(y.dtype)
 
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w += (delta.T if self.fan_in_fan_out else delta).to(w.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            d = self.delta_weight()
-            w = self.base_layer.weight
-            w += (d.T if self.fan_in_fan_out else d).to(w.dtype)
+            self._add_to_base(self.delta_weight())
             self.merged = True
 
-    def unwrap_merged(self) -> nn.Module:
-        self.merge()
-        return self.base_layer
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
 
     def active_rank(self) -> int:
         return int((self.lora_E.detach() != 0).sum())
@@ -226,6 +229,20 @@ def rank_summary(model: nn.Module) -> dict[str, int]:
     return {n: l.active_rank() for n, l in svd_layers(model)}
 
 
-def merge_adalora(model: nn.Module) -> None:
-    from .lora import merge_and_unload
-    merge_and_unload(model)
+def plan_adalora(dims, cfg: AdaLoraConfig, task: str) -> Plan:
+    """Every target at the starting rank init_r (masked triplets stay in the tensors)."""
+    targets = cfg.target_modules or list(dims.arch.default_lora_targets)
+    ranks = {l.name: cfg.init_r for l in resolve_targets_in_dims(dims, targets, task)}
+    return low_rank_plan(dims, ranks, float(cfg.dropout or 0.0))
+
+
+SPEC = MethodSpec(
+    name="adalora", config_cls=AdaLoraConfig, apply=apply_adalora,
+    paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
+          "(arXiv:2303.10512)",
+    summary="SVD-form low-rank updates whose rank budget is re-allocated by importance during training.",
+    trains="P, Λ, Q of each target layer (singular values masked to the budget)",
+    mergeable=True, merge=merge_and_unload, count_trainable=count_adalora_trainable,
+    extra_loss=orthogonal_regularization, after_backward=adalora_after_backward, after_step=adalora_after_step,
+    family="lora", plan=plan_adalora,
+)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..arch import set_submodule
+
 if TYPE_CHECKING:
     import torch
     from ..dims import ModelDims
@@ -40,6 +42,9 @@ class PeftExport:
     tensors: dict
 
 
+FAMILIES = ("lora", "ia3", "adapter", "prompt", "selective")
+
+
 @dataclass
 class MethodSpec:
     name: str
@@ -64,8 +69,15 @@ class MethodSpec:
     family: str = "selective"     # "lora" | "ia3" | "adapter" | "prompt" | "selective" (charts, loaders)
     adds_params: bool = True      # False: trains parameters the base model already has (full, top_k, bitfit, ...)
     quantizes_base: bool = False  # the frozen base is stored quantized (QLoRA's NF4)
+    trains_base_weights: bool = False   # the block linear weights themselves train (full, top_k): never quantized
     # What each block trains, for the estimator's saved-activation model (engine.methods.plan.Plan):
     plan: Optional[Callable[["ModelDims", MethodConfig, str], "Plan"]] = None   # (dims, cfg, task)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"method {self.name!r}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.mergeable and self.merge is None:
+            raise ValueError(f"method {self.name!r}: mergeable methods need a merge function")
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -90,10 +102,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-class WrapsBaseLayer:
-    """Mixin for a module that wraps a frozen layer as `self.base_layer` and must still
-    look like it to code that reads `.weight` / `.bias` (transformers' init and dtype
-    checks, tied-weight lookups)."""
+class WrapsBaseLayer(nn.Module):
+    """A module that wraps a frozen layer as `self.base_layer` (adapter layers, bottleneck
+    wrappers) and still looks like it to code that reads `.weight` / `.bias`
+    (transformers' init and dtype checks, tied-weight lookups)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
 
     @property
     def weight(self):
@@ -102,3 +118,44 @@ class WrapsBaseLayer:
     @property
     def bias(self):
         return self.base_layer.bias
+
+
+class AdapterLayer(WrapsBaseLayer):
+    """The protocol of a mergeable adapter layer (LoRA, DoRA, AdaLoRA, IA³, QLoRA): a
+    frozen `base_layer` plus a trainable update that `merge()` folds into the base
+    weight and `unmerge()` takes out again; `merged` says which state it is in.
+    (After peft's BaseTunerLayer.)"""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.merged = False
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement merge()")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement unmerge()")
+
+    def unwrap_merged(self) -> nn.Module:
+        """Merge and return the plain base layer (to put back in the model)."""
+        self.merge()
+        return self.base_layer
+
+
+class QuantizedLayer(nn.Module):
+    """A frozen layer kept in a compressed form (QLoRA's NF4); `to_float_layer()`
+    gives back a plain full-precision layer with the dequantized weight."""
+
+    def to_float_layer(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement to_float_layer()")
+
+
+def merge_and_unload(model: nn.Module) -> None:
+    """Fold every adapter layer into its base weight and put the plain layer back;
+    quantized layers come back dequantized. Innermost first, so an adapter over a
+    quantized layer merges into the dequantized weight. The one merge function of
+    every mergeable method (for methods that train existing weights it changes nothing)."""
+    wrapped = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (AdapterLayer, QuantizedLayer))]
+    for name, layer in sorted(wrapped, key=lambda t: -t[0].count(".")):
+        plain = layer.unwrap_merged() if isinstance(layer, AdapterLayer) else layer.to_float_layer()
+        set_submodule(model, name, plain)

@@ -1,4 +1,5 @@
-"""Bottleneck adapters: serial (Houlsby) and parallel (He et al.).
+"""Bottleneck adapters, serial (Houlsby) and parallel (He et al.): the layers and
+insertion code that the houlsby, parallel_adapter, mam and s4 methods share.
 
 Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", ICML 2019,
 arXiv:1902.00751 — a small bottleneck network (down-projection, nonlinearity,
@@ -34,7 +35,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..arch import Arch, arch_of, blocks, set_submodule
-from .base import WrapsBaseLayer, ApplyContext, MethodConfig, freeze_all
+from .base import MethodConfig, WrapsBaseLayer
+from .plan import Plan, empty_plan, layers_subset
 
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -61,20 +63,6 @@ class BottleneckSize(MethodConfig):
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError("method.layers: duplicate layer index")
         return self
-
-
-class HoulsbyConfig(BottleneckSize):
-    name: Literal["houlsby"] = "houlsby"
-    placement: Literal["both", "attn", "ffn"] = Field(
-        "both", description="after the attention sublayer, after the FFN, or both (the paper)")
-    train_layernorm: bool = Field(True, description="also train the blocks' layer norms (the paper does)")
-    init_std: float = Field(1e-2, gt=0, le=1.0, description="std of the near-identity initialisation")
-
-
-class ParallelAdapterConfig(BottleneckSize):
-    name: Literal["parallel_adapter"] = "parallel_adapter"
-    placement: Literal["ffn", "attn", "both"] = Field("ffn", description="beside the FFN (the paper's best) or attention")
-    scale: float = Field(4.0, gt=0, le=1000, description="s in h + s * adapter(x) (He et al. use 4)")
 
 
 def bottleneck_width(hidden: int, size: Optional[int], reduction: Optional[float]) -> int:
@@ -124,27 +112,24 @@ def bottleneck_params(dim: int, width: int) -> int:
     return 2 * dim * width + width + dim
 
 
-class SerialAdapter(WrapsBaseLayer, nn.Module):
+class SerialAdapter(WrapsBaseLayer):
     """A projection followed by a residual bottleneck adapter: y = base(x); y + adapter(y)."""
 
     def __init__(self, base: nn.Module, adapter: Bottleneck):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.adapter = adapter
-
 
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
         return y + self.adapter(y)
 
 
-class ParallelBeside(nn.Module):
+class ParallelBeside(WrapsBaseLayer):
     """A sublayer whose output is a tensor (Llama mlp) or a tuple whose first item is
     the output (Llama self_attn): out + scale * adapter(input)."""
 
     def __init__(self, base: nn.Module, adapter: Bottleneck, scale: float):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.adapter = adapter
         self.scale = scale
 
@@ -157,13 +142,12 @@ class ParallelBeside(nn.Module):
         return out + extra
 
 
-class ParallelIntoResidual(nn.Module):
+class ParallelIntoResidual(WrapsBaseLayer):
     """BERT's BertOutput / BertSelfOutput: forward(h, x) = LayerNorm(dropout(dense(h)) + x)
     with x the sublayer input; the parallel adapter adds scale * adapter(x) to the residual."""
 
     def __init__(self, base: nn.Module, adapter: Bottleneck, scale: float):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.adapter = adapter
         self.scale = scale
 
@@ -237,41 +221,16 @@ def check_family(model: nn.Module, method: str, families=("llama", "bert")) -> A
     return arch
 
 
-def apply_houlsby(model: nn.Module, cfg: HoulsbyConfig, ctx: ApplyContext) -> None:
-    check_family(model, "houlsby")
-    freeze_all(model)
-    torch.manual_seed(ctx.seed)
-    layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
-    width = bottleneck_width(model.config.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
-    add_serial_adapters(model, width, cfg.activation, layers, cfg.placement, cfg.init_std, cfg.train_layernorm)
-
-
-def apply_parallel_adapter(model: nn.Module, cfg: ParallelAdapterConfig, ctx: ApplyContext) -> None:
-    check_family(model, "parallel_adapter")
-    freeze_all(model)
-    torch.manual_seed(ctx.seed)
-    layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
-    width = bottleneck_width(model.config.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
-    add_parallel_adapters(model, width, cfg.activation, layers, cfg.placement, cfg.scale)
-
-
 def layernorm_params_per_block(dims) -> int:
     per = dims.hidden_size * (2 if dims.norm == "layernorm" else 1)
     return 2 * per
 
 
-def count_houlsby(dims, cfg: HoulsbyConfig, task: str) -> int:
-    layers = chosen_layers(dims.num_layers, cfg.layers)
+def adapter_plan(dims, cfg: BottleneckSize, kind: str, placement: str) -> Plan:
+    """Bottleneck adapters ("serial" | "parallel") at the placement's sites of the chosen blocks."""
     width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
-    sites = 2 if cfg.placement == "both" else 1
-    per = sites * bottleneck_params(dims.hidden_size, width)
-    if cfg.train_layernorm:
-        per += layernorm_params_per_block(dims)
-    return len(layers) * per
-
-
-def count_parallel_adapter(dims, cfg: ParallelAdapterConfig, task: str) -> int:
-    layers = chosen_layers(dims.num_layers, cfg.layers)
-    width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
-    sites = 2 if cfg.placement == "both" else 1
-    return len(layers) * sites * bottleneck_params(dims.hidden_size, width)
+    sites = ["attn", "ffn"] if placement == "both" else [placement]
+    plan = empty_plan(dims)
+    for i in layers_subset(dims, cfg.layers):
+        plan.layers[i].adapters = [(kind, s, width) for s in sites]
+    return plan

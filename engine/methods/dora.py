@@ -18,10 +18,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..kernels import linear
-from .base import ApplyContext, PeftExport
-from .lora import LoraConfig, LoraLinear, apply_lora, count_lora_trainable, dense_weight, lora_peft_export, \
-    lora_targets_in_dims
+from ..gemm import linear
+from .base import ApplyContext, MethodSpec, PeftExport, merge_and_unload
+from .lora import LoraConfig, LoraLinear, apply_lora, count_lora_trainable, dense_weight, lora_family_plan, \
+    lora_peft_export, lora_targets_in_dims
+from .plan import Plan
 
 
 class DoraConfig(LoraConfig):
@@ -106,3 +107,17 @@ def export_dora_peft(model: nn.Module, cfg: DoraConfig, ctx: ApplyContext) -> Pe
     layers = dora_layers(model)
     mags = {f"base_model.model.{n}.lora_magnitude_vector": l.lora_magnitude_vector.detach() for n, l in layers}
     return lora_peft_export(model, layers, cfg, extra_tensors=mags, use_dora=True)
+
+
+def plan_dora(dims, cfg: DoraConfig, task: str) -> Plan:
+    return lora_family_plan(dims, cfg, task, dora=True)
+
+
+SPEC = MethodSpec(
+    name="dora", config_cls=DoraConfig, apply=apply_dora,
+    paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)",
+    summary="LoRA on the direction of each weight plus a learned magnitude vector; mergeable.",
+    trains="A, B and a magnitude per output feature on the target linear layers",
+    mergeable=True, merge=merge_and_unload, peft_export=export_dora_peft, count_trainable=count_dora_trainable,
+    family="lora", plan=plan_dora,
+)

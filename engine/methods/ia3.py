@@ -26,7 +26,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
+from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
+from .plan import Plan, empty_plan
 from .lora import base_linear_names, layer_features
 from .targeting import (check_target_list, TargetModulesError, is_conv1d, linear_like, peft_target_list, resolve_targets,
                         resolve_targets_in_dims, select_names)
@@ -51,10 +52,11 @@ class IA3Config(MethodConfig):
         return check_target_list(v)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
+    """y = l * base(x) (attention targets) or y = base(l * x) (feed-forward targets)."""
+
     def __init__(self, base: nn.Module, feedforward: bool):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.is_feedforward = feedforward
         self.fan_in_fan_out = is_conv1d(base)
         fin, fout = layer_features(base)
@@ -62,7 +64,6 @@ class IA3Linear(nn.Module):
         w = base.weight
         self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=w.dtype if w.is_floating_point()
                                              else torch.float32))
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -96,10 +97,6 @@ class IA3Linear(nn.Module):
         if not self.is_feedforward and self.base_layer.bias is not None:
             self.base_layer.bias.div_(l.flatten().to(w.dtype))
         self.merged = False
-
-    def unwrap_merged(self) -> nn.Module:
-        self.merge()
-        return self.base_layer
 
 
 def default_targets(family: str) -> tuple[list[str], list[str]]:
@@ -146,11 +143,6 @@ def ia3_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
 
 
-def merge_ia3(model: nn.Module) -> None:
-    from .lora import merge_and_unload
-    merge_and_unload(model)
-
-
 def export_ia3_peft(model: nn.Module, cfg: IA3Config, ctx: ApplyContext) -> PeftExport:
     layers = ia3_layers(model)
     if not layers:
@@ -184,3 +176,23 @@ def peft_ff_list(chosen: list[str], ff: list[str], target_list: list[str]) -> li
     if set(target_list) >= set(shorts) and {n for n in chosen if any(n.endswith(s) for s in shorts)} == ff_set:
         return shorts
     return sorted(ff)
+
+
+def plan_ia3(dims, cfg: IA3Config, task: str) -> Plan:
+    """Keys, values and (unless feedforward_modules is an empty list) the FFN input scaled in every block."""
+    plan = empty_plan(dims)
+    ff = cfg.feedforward_modules
+    for lp in plan.layers:
+        lp.ia3 = {"k", "v", "ff"} if ff is None or ff else {"k", "v"}
+    return plan
+
+
+SPEC = MethodSpec(
+    name="ia3", config_cls=IA3Config, apply=apply_ia3,
+    paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
+          "Learning (arXiv:2205.05638)",
+    summary="Learned vectors rescale keys, values and the FFN intermediate activation; mergeable.",
+    trains="one scaling vector per target layer",
+    mergeable=True, merge=merge_and_unload, peft_export=export_ia3_peft, count_trainable=count_ia3_trainable,
+    family="ia3", plan=plan_ia3,
+)

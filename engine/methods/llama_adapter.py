@@ -28,7 +28,8 @@ from pydantic import Field
 from torch import nn
 
 from ..arch import arch_of, blocks
-from .base import ApplyContext, MethodConfig, freeze_all
+from .base import ApplyContext, MethodConfig, MethodSpec, freeze_all
+from .plan import Plan, empty_plan
 
 ATTR = "adaption_prompt"
 
@@ -112,3 +113,20 @@ def count_llama_adapter(dims, cfg: LlamaAdapterConfig, task: str) -> int:
     if cfg.adapter_layers > dims.num_layers:
         raise ValueError(f"method.adapter_layers: {cfg.adapter_layers} is more than the model's {dims.num_layers} layers")
     return cfg.adapter_layers * (cfg.adapter_len * dims.hidden_size + dims.num_heads)
+
+
+def plan_llama_adapter(dims, cfg: LlamaAdapterConfig, task: str) -> Plan:
+    plan = empty_plan(dims)
+    for lp in plan.layers[max(0, dims.num_layers - int(cfg.adapter_layers)):]:
+        lp.adaption_prompt = int(cfg.adapter_len)
+    return plan
+
+
+SPEC = MethodSpec(
+    name="llama_adapter", config_cls=LlamaAdapterConfig, apply=apply_llama_adapter,
+    paper="Zhang et al. 2023, LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention "
+          "(arXiv:2303.16199)",
+    summary="Adaption prompts in the top L layers, joined through zero-initialised per-head gates (Llama only).",
+    trains="per-layer adaption prompts (adapter_len x hidden) and gates (one per head)",
+    count_trainable=count_llama_adapter, family="prompt", plan=plan_llama_adapter,
+)

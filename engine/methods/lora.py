@@ -36,8 +36,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from ..kernels import output_is_unsaved
-from .base import WrapsBaseLayer, ApplyContext, MethodConfig, PeftExport, freeze_all
+from ..swaps import output_is_unsaved
+from .base import (AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, QuantizedLayer, freeze_all,
+                   merge_and_unload)
+from .plan import Plan, low_rank_plan
 from .targeting import (check_target_list, is_conv1d, linear_like, peft_target_list, resolve_targets,
                         resolve_targets_in_dims)
 
@@ -157,15 +159,14 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_conv1d(base) else base.weight
 
 
-class LoraLinear(WrapsBaseLayer, nn.Module):
+class LoraLinear(AdapterLayer):
     """A linear layer with a low-rank residual: y = base(x) + s * B(A(dropout(x)))."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, *,
                  use_rslora: bool = False, init: str = "kaiming"):
-        super().__init__()
+        super().__init__(base)
         if r <= 0:
             raise ValueError(f"method.r: must be > 0, got {r}")
-        self.base_layer = base
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
@@ -177,7 +178,6 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
         self.lora_A = nn.Linear(fin, r, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(r, fout, bias=False, device=dev, dtype=dt)
         self.init = init
-        self.merged = False
         self.reset_lora_parameters(init)
 
     # peft-like conveniences
@@ -260,11 +260,6 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
             self._add_to_base(-self.delta_weight())
             self.merged = False
 
-    def unwrap_merged(self) -> nn.Module:
-        """Merge and return the plain base layer (to put back in the model)."""
-        self.merge()
-        return self.base_layer
-
 
 # ---- injection -----------------------------------------------------------------------------------
 
@@ -315,19 +310,6 @@ def lora_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
-def merge_and_unload(model: nn.Module) -> None:
-    """Fold every adapter layer that knows how (`unwrap_merged`) into its base weight
-    and put the plain layer back, innermost first."""
-    wrapped = [(n, m) for n, m in model.named_modules() if n and hasattr(m, "unwrap_merged")]
-    for name, layer in sorted(wrapped, key=lambda t: -t[0].count(".")):
-        set_submodule(model, name, layer.unwrap_merged())
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight and put the plain Linear back."""
-    merge_and_unload(model)
-
-
 # ---- exact trainable count from the config -------------------------------------------------------
 
 def lora_targets_in_dims(dims, cfg: LoraConfig, task: str):
@@ -341,6 +323,18 @@ def count_lora_trainable(dims, cfg: LoraConfig, task: str) -> int:
         r, _ = module_rank_alpha(cfg, lin.name)
         total += r * (lin.in_features + lin.out_features)
     return total
+
+
+# ---- activation plan for the estimator -----------------------------------------------------------
+
+def lora_family_plan(dims, cfg: LoraConfig, task: str, dora: bool = False) -> Plan:
+    """Each target linear's rank (per-module patterns and random ranks included)."""
+    ranks = {lin.name: module_rank_alpha(cfg, lin.name)[0] for lin in lora_targets_in_dims(dims, cfg, task)}
+    return low_rank_plan(dims, ranks, float(cfg.dropout or 0.0), dora=dora)
+
+
+def plan_lora(dims, cfg: LoraConfig, task: str) -> Plan:
+    return lora_family_plan(dims, cfg, task)
 
 
 # ---- peft export ---------------------------------------------------------------------------------
@@ -375,7 +369,7 @@ def base_linear_names(model: nn.Module) -> list[str]:
     for n, m in model.named_modules():
         if not n or any(n.startswith(w + ".") for w in inside):
             continue
-        if hasattr(m, "unwrap_merged"):
+        if isinstance(m, (AdapterLayer, QuantizedLayer)):
             inside.append(n)
             out.append(n)
         elif linear_like(m):
@@ -417,3 +411,14 @@ def lora_peft_export(model: nn.Module, layers, cfg, *, extra_tensors=None, use_d
 
 def export_lora_peft(model: nn.Module, cfg: LoraConfig, ctx: ApplyContext) -> PeftExport:
     return lora_peft_export(model, lora_layers(model), cfg)
+
+
+SPEC = MethodSpec(
+    name="lora", config_cls=LoraConfig, apply=apply_lora,
+    paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)",
+    summary="Trains a low-rank update B·A beside frozen linear layers (rsLoRA, PiSSA, per-module and "
+            "random ranks); mergeable.",
+    trains="low-rank matrices A and B on the target linear layers",
+    mergeable=True, merge=merge_and_unload, peft_export=export_lora_peft, count_trainable=count_lora_trainable,
+    family="lora", plan=plan_lora,
+)

@@ -18,9 +18,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import ApplyContext, freeze_all
-from .bottleneck import (BottleneckSize, add_parallel_adapters, bottleneck_params, bottleneck_width, check_family,
+from .base import ApplyContext, MethodSpec, freeze_all
+from .bottleneck import (BottleneckSize, adapter_plan, add_parallel_adapters, bottleneck_params, bottleneck_width, check_family,
                          chosen_layers)
+from .plan import Plan
 from .prefix import add_prefix_groups, check_prefix_family, count_prefix_group
 
 
@@ -51,3 +52,21 @@ def count_mam(dims, cfg: MamConfig, task: str) -> int:
     layers = chosen_layers(dims.num_layers, cfg.layers)
     width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
     return prefix + len(layers) * bottleneck_params(dims.hidden_size, width)
+
+
+def plan_mam(dims, cfg: MamConfig, task: str) -> Plan:
+    """Parallel FFN adapters in the chosen blocks, the prefix in every block."""
+    plan = adapter_plan(dims, cfg, "parallel", "ffn")
+    for lp in plan.layers:
+        lp.prefix = int(cfg.num_virtual_tokens)
+    return plan
+
+
+SPEC = MethodSpec(
+    name="mam", config_cls=MamConfig, apply=apply_mam,
+    paper="He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning (arXiv:2110.04366), "
+          "Mix-And-Match adapter",
+    summary="Prefix tuning on attention plus a scaled parallel adapter beside the FFN.",
+    trains="prefixes (with their MLP) and parallel FFN adapters",
+    count_trainable=count_mam, family="adapter", plan=plan_mam,
+)

@@ -41,3 +41,44 @@ class Plan:
     pooler: bool = False
     head: bool = True                              # classification head
     notes: list = field(default_factory=list)
+
+
+# ---- helpers the methods' plan functions share ----------------------------------------------------
+
+def empty_plan(dims) -> Plan:
+    """A plan in which nothing in the blocks trains (one LayerPlan per block)."""
+    return Plan(layers=[LayerPlan() for _ in range(dims.num_layers)])
+
+
+def block_paths(dims) -> list[str]:
+    """Block-relative paths of a block's linear layers."""
+    return [s.path for s in dims.block_linears()]
+
+
+def layers_subset(dims, layers) -> list[int]:
+    """The block indices a `layers` option names (None or empty: every block); indices
+    out of range are left out (the method's own count reports them)."""
+    return list(range(dims.num_layers)) if not layers else [i for i in layers if 0 <= i < dims.num_layers]
+
+
+def ranks_per_layer(dims, ranks: dict) -> dict[int, dict[str, int]]:
+    """{full module name: rank} -> {block index: {block-relative path: rank}}; names
+    outside the blocks are dropped."""
+    prefix = dims.arch.blocks_path + "."
+    out: dict[int, dict[str, int]] = {}
+    for name, r in ranks.items():
+        if not name.startswith(prefix):
+            continue
+        i, path = name[len(prefix):].split(".", 1)
+        out.setdefault(int(i), {})[path] = r
+    return out
+
+
+def low_rank_plan(dims, ranks: dict, dropout: float, dora: bool = False) -> Plan:
+    """The plan of the LoRA family: each target linear gets a rank-r update (and DoRA's
+    magnitude scaling) on its input, with the method's dropout."""
+    plan = empty_plan(dims)
+    for i, d in ranks_per_layer(dims, ranks).items():
+        plan.layers[i].lora = {p: (r, dropout) for p, r in d.items()}
+        plan.layers[i].dora = dora
+    return plan

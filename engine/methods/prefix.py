@@ -34,8 +34,9 @@ from pydantic import Field
 from torch import nn
 
 from ..arch import arch_of, blocks
-from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
-from .prompts import (_as_kwargs, backbone, cache_length, check_absolute_positions, check_shape, extend_mask,
+from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all
+from .plan import Plan, empty_plan
+from .prompts import (as_kwargs, backbone, cache_length, check_absolute_positions, check_shape, extend_mask,
                       get_cache, load_named_tensors, peft_head_tensors, set_cache)
 
 BANK_ATTR = "studio_prefix"
@@ -149,7 +150,7 @@ def new_cache(model_config):
 
 def prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     bank: PrefixBank = getattr(module, BANK_ATTR)
-    kw = _as_kwargs(module, args, kwargs)
+    kw = as_kwargs(module, args, kwargs)
     past = get_cache(kw)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     ref = ids if ids is not None else embeds
@@ -310,3 +311,20 @@ def load_prefix_state(model: nn.Module, tensors: dict) -> None:
     (group,) = prefix_bank(model).groups
     group.load_folded(flat)
     load_named_tensors(model, rest)
+
+
+def plan_prefix_tuning(dims, cfg: PrefixTuningConfig, task: str) -> Plan:
+    plan = empty_plan(dims)
+    for lp in plan.layers:
+        lp.prefix = int(cfg.num_virtual_tokens)
+    return plan
+
+
+SPEC = MethodSpec(
+    name="prefix_tuning", config_cls=PrefixTuningConfig, apply=apply_prefix_tuning,
+    paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation (arXiv:2101.00190)",
+    summary="Trainable key/value prefixes in every attention layer (through the KV cache); MLP folded for saving.",
+    trains="the prefix embeddings and their MLP reparameterisation (saved folded: N x layers*2*kv_heads*head_dim)",
+    peft_export=export_prefix_peft, count_trainable=count_prefix_tuning, load_state=load_prefix_state,
+    family="prompt", plan=plan_prefix_tuning,
+)

@@ -1,14 +1,5 @@
-"""Soft prompts: prompt tuning and P-tuning.
-
-Lester, Al-Rfou & Constant 2021, "The Power of Scale for Parameter-Efficient
-Prompt Tuning", EMNLP 2021, arXiv:2104.08691 — N trainable "virtual token"
-embeddings prepended to the input embeddings; the model stays frozen.
-
-Liu, Zheng, Du, Ding, Qian, Yang & Tang 2021, "GPT Understands, Too",
-arXiv:2103.10385 (P-tuning) — the virtual tokens are produced by a small prompt
-encoder (a bidirectional LSTM followed by an MLP, or an MLP alone) from
-trainable input embeddings; after training the encoder's output is all that is
-needed (we fold it for saving, as peft does).
+"""Soft prompts: the machinery prompt tuning (engine.methods.prompt_tuning) and
+P-tuning (engine.methods.p_tuning) share, and prefix tuning partly reuses.
 
 How the virtual tokens get in: a forward pre-hook on the backbone (LlamaModel
 `model.model`, BertModel `model.bert`) turns `input_ids` into embeddings and
@@ -27,115 +18,19 @@ positions.
 from __future__ import annotations
 
 import functools
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from ..arch import arch_of
-from .base import ApplyContext, MethodConfig, PeftExport, freeze_all
+from ..arch import arch_of, head_modules
+from .base import ApplyContext
+from .plan import Plan, empty_plan
 
 PROMPT_ATTR = "studio_prompt"
 
 
-class PromptTuningConfig(MethodConfig):
-    name: Literal["prompt_tuning"] = "prompt_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, le=4096, description="N virtual tokens prepended to every input")
-    init: Literal["random", "text"] = Field("random", description="random, or the embeddings of init_text")
-    init_text: Optional[str] = Field(None, description="text whose token embeddings initialise the prompt")
-
-    @model_validator(mode="after")
-    def _text_init(self):
-        if self.init == "text" and not (self.init_text and self.init_text.strip()):
-            raise ValueError("method.init_text: required (non-empty) when method.init is 'text'")
-        if self.init == "random" and self.init_text is not None:
-            raise ValueError("method.init_text: only used with method.init: text")
-        return self
-
-
-class PTuningConfig(MethodConfig):
-    name: Literal["p_tuning"] = "p_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, le=4096)
-    encoder_type: Literal["mlp", "lstm"] = Field("mlp", description="prompt encoder: MLP, or bi-LSTM + MLP (the paper)")
-    encoder_hidden_size: Optional[int] = Field(None, gt=0, le=65536, description="default: the model's hidden size")
-    encoder_num_layers: int = Field(2, gt=0, le=8, description="LSTM layers (lstm only)")
-    encoder_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LSTM dropout between layers (lstm only)")
-
-    @model_validator(mode="after")
-    def _lstm_only(self):
-        if self.encoder_type == "mlp":
-            if "encoder_num_layers" in self.model_fields_set:
-                raise ValueError("method.encoder_num_layers: only used with method.encoder_type: lstm")
-            if "encoder_dropout" in self.model_fields_set:
-                raise ValueError("method.encoder_dropout: only used with method.encoder_type: lstm")
-        return self
-
-
-# ---- the virtual-token sources ------------------------------------------------------------------
-
-class SoftPrompt(nn.Module):
-    """N trainable embeddings."""
-
-    def __init__(self, init: torch.Tensor):
-        super().__init__()
-        self.embedding = nn.Parameter(init.clone())
-
-    @property
-    def num_tokens(self) -> int:
-        return self.embedding.shape[0]
-
-    def forward(self) -> torch.Tensor:
-        return self.embedding
-
-    @torch.no_grad()
-    def load_folded(self, prompt: torch.Tensor) -> None:
-        check_shape("prompt_embeddings", prompt, self.embedding.shape)
-        self.embedding.copy_(prompt.to(self.embedding.dtype))
-
-
-class PromptEncoder(nn.Module):
-    """P-tuning: trainable input embeddings -> (bi-LSTM ->) MLP -> virtual tokens.
-    After `load_folded`, the encoder is gone and a fixed tensor is returned."""
-
-    def __init__(self, n: int, dim: int, hidden: int, kind: str, lstm_layers: int, dropout: float,
-                 *, device=None, dtype=None):
-        super().__init__()
-        kw = dict(device=device, dtype=dtype)
-        self.kind = kind
-        self.embedding = nn.Parameter(torch.empty(n, dim, **kw))
-        nn.init.normal_(self.embedding)
-        if kind == "lstm":
-            self.lstm = nn.LSTM(dim, hidden, num_layers=lstm_layers, dropout=dropout if lstm_layers > 1 else 0.0,
-                                bidirectional=True, batch_first=True, **kw)
-            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden, **kw), nn.ReLU(),
-                                     nn.Linear(2 * hidden, dim, **kw))
-        else:
-            self.lstm = None
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden, **kw), nn.ReLU(), nn.Linear(hidden, hidden, **kw),
-                                     nn.ReLU(), nn.Linear(hidden, dim, **kw))
-        self.folded: Optional[nn.Parameter] = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.embedding.shape[0]
-
-    def forward(self) -> torch.Tensor:
-        if self.folded is not None:
-            return self.folded
-        x = self.embedding.unsqueeze(0)
-        if self.lstm is not None:
-            x = self.lstm(x)[0]
-        return self.mlp(x)[0]
-
-    @torch.no_grad()
-    def load_folded(self, prompt: torch.Tensor) -> None:
-        """Replace the encoder by its output (what peft saves as `prompt_embeddings`)."""
-        check_shape("prompt_embeddings", prompt, self.embedding.shape)
-        self.folded = nn.Parameter(prompt.to(self.embedding.dtype).clone(), requires_grad=False)
-        self.lstm = None
-        self.mlp = None
-
+# ---- shapes ---------------------------------------------------------------------------------------
 
 def check_shape(key: str, t: torch.Tensor, want) -> None:
     if tuple(t.shape) != tuple(want):
@@ -154,13 +49,7 @@ def backbone(model: nn.Module) -> nn.Module:
     raise ValueError(f"method: prompt methods support llama and bert models, not {fam}")
 
 
-def _get(args: tuple, kwargs: dict, name: str, pos: int):
-    if name in kwargs:
-        return kwargs[name]
-    return args[pos] if len(args) > pos else None
-
-
-def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+def as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Positional arguments of a backbone forward turned into keywords."""
     if not args:
         return dict(kwargs)
@@ -219,7 +108,7 @@ def check_absolute_positions(module: nn.Module, n_virtual: int, seq: int) -> Non
 def prompt_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     source = getattr(module, PROMPT_ATTR)
     n = source.num_tokens
-    kw = _as_kwargs(module, args, kwargs)
+    kw = as_kwargs(module, args, kwargs)
     past = get_cache(kw)
     past_len = cache_length(past)
     first = past_len == 0
@@ -274,72 +163,6 @@ def prompt_source(model: nn.Module) -> nn.Module:
     return getattr(backbone(model), PROMPT_ATTR)
 
 
-# ---- initialisation -----------------------------------------------------------------------------
-
-def text_init_embeddings(model: nn.Module, tokenizer, text: str, n: int) -> torch.Tensor:
-    """The embeddings of `text`'s tokens, repeated / truncated to n rows."""
-    if tokenizer is None:
-        raise ValueError("method.init: 'text' needs the model's tokenizer, and none was given")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"method.init_text: {text!r} gives no tokens")
-    ids = (ids * (n // len(ids) + 1))[:n]
-    emb = model.get_input_embeddings().weight
-    return emb[torch.tensor(ids, device=emb.device)].detach().clone()
-
-
-def random_init_embeddings(model: nn.Module, n: int) -> torch.Tensor:
-    """Random vectors with the scale of the model's word embeddings."""
-    emb = model.get_input_embeddings().weight
-    std = 1.0 if emb.is_meta else float(emb.detach().float().std())
-    return torch.randn(n, emb.shape[1], device=emb.device, dtype=emb.dtype) * std
-
-
-def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, ctx: ApplyContext) -> None:
-    backbone(model)
-    freeze_all(model)
-    torch.manual_seed(ctx.seed)
-    n = cfg.num_virtual_tokens
-    init = text_init_embeddings(model, ctx.tokenizer, cfg.init_text, n) if cfg.init == "text" \
-        else random_init_embeddings(model, n)
-    attach_prompt(model, SoftPrompt(init))
-
-
-def apply_p_tuning(model: nn.Module, cfg: PTuningConfig, ctx: ApplyContext) -> None:
-    backbone(model)
-    freeze_all(model)
-    torch.manual_seed(ctx.seed)
-    dim = model.config.hidden_size
-    w = model.get_input_embeddings().weight
-    enc = PromptEncoder(cfg.num_virtual_tokens, dim, cfg.encoder_hidden_size or dim, cfg.encoder_type,
-                        cfg.encoder_num_layers, cfg.encoder_dropout, device=w.device, dtype=w.dtype)
-    attach_prompt(model, enc)
-
-
-# ---- counts ------------------------------------------------------------------------------------
-
-def count_prompt_tuning(dims, cfg: PromptTuningConfig, task: str) -> int:
-    return cfg.num_virtual_tokens * dims.hidden_size
-
-
-def lstm_params(inp: int, hidden: int, layers: int) -> int:
-    """A bidirectional nn.LSTM: per direction and layer 4h x (in + h) weights and two 4h biases."""
-    total = 0
-    for i in range(layers):
-        d_in = inp if i == 0 else 2 * hidden
-        total += 2 * (4 * hidden * (d_in + hidden) + 8 * hidden)
-    return total
-
-
-def count_p_tuning(dims, cfg: PTuningConfig, task: str) -> int:
-    d = dims.hidden_size
-    e = cfg.encoder_hidden_size or d
-    n = cfg.num_virtual_tokens * d
-    if cfg.encoder_type == "lstm":
-        return n + lstm_params(d, e, cfg.encoder_num_layers) + (2 * e * 2 * e + 2 * e) + (2 * e * d + d)
-    return n + (d * e + e) + (e * e + e) + (e * d + d)
-
-
 # ---- peft format ------------------------------------------------------------------------------
 
 def prompt_learning_fields(model: nn.Module, n: int) -> dict:
@@ -359,27 +182,8 @@ def peft_head_tensors(model: nn.Module, ctx: ApplyContext) -> dict:
     (`base_model.<head>.<param>`: there the PeftModel wraps the transformers model directly)."""
     if ctx.task != "classification":
         return {}
-    from ..prepare import head_modules
     return {f"base_model.{name}.{pname}": p.detach().clone()
             for name, head in head_modules(model) for pname, p in head.named_parameters()}
-
-
-def export_prompt_tuning_peft(model: nn.Module, cfg: PromptTuningConfig, ctx: ApplyContext) -> PeftExport:
-    src = prompt_source(model)
-    config = {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
-              **prompt_learning_fields(model, src.num_tokens)}
-    with torch.no_grad():
-        return PeftExport(config, {"prompt_embeddings": src().detach().clone(), **peft_head_tensors(model, ctx)})
-
-
-def export_p_tuning_peft(model: nn.Module, cfg: PTuningConfig, ctx: ApplyContext) -> PeftExport:
-    src = prompt_source(model)
-    config = {"peft_type": "P_TUNING", "encoder_reparameterization_type": cfg.encoder_type.upper(),
-              "encoder_hidden_size": cfg.encoder_hidden_size or model.config.hidden_size,
-              "encoder_num_layers": cfg.encoder_num_layers, "encoder_dropout": cfg.encoder_dropout,
-              **prompt_learning_fields(model, src.num_tokens)}
-    with torch.no_grad():
-        return PeftExport(config, {"prompt_embeddings": src().detach().clone(), **peft_head_tensors(model, ctx)})
 
 
 def load_named_tensors(model: nn.Module, tensors: dict) -> None:
@@ -406,3 +210,11 @@ def load_prompt_state(model: nn.Module, tensors: dict) -> None:
         raise ValueError("adapter: no 'prompt_embeddings' tensor")
     prompt_source(model).load_folded(prompt)
     load_named_tensors(model, rest)
+
+
+def prompt_plan(dims, n: int) -> Plan:
+    """n virtual tokens in front of the input; the gradient reaches the input embeddings."""
+    plan = empty_plan(dims)
+    plan.prompt_tokens = int(n)
+    plan.input_grad = True
+    return plan

@@ -24,10 +24,10 @@ from pydantic import Field
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from ..kernels import matmul, matmul_t
-from .base import ApplyContext, PeftExport, freeze_all
+from ..gemm import matmul, matmul_t
+from .base import ApplyContext, MethodSpec, PeftExport, QuantizedLayer, freeze_all, merge_and_unload
 from .lora import LoraConfig, LoraLinear, count_lora_trainable, dense_weight, export_lora_peft, inject_lora, \
-    lora_target_names, merge_and_unload, ranks_and_alphas
+    lora_target_names, plan_lora, ranks_and_alphas
 from .nf4 import BLOCK, QuantState, dequantize_nf4, quantize_nf4, summarize_errors
 from .targeting import is_conv1d, linear_like
 
@@ -77,7 +77,7 @@ class _NF4Matmul(torch.autograd.Function):
         return matmul(grad.to(w.dtype), w).to(ctx.x_dtype), None
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLayer):
     """A frozen linear layer whose weight is stored as NF4."""
 
     output_unsaved = True        # _NF4Matmul and the bias add keep nothing of the output
@@ -136,9 +136,6 @@ class NF4Linear(nn.Module):
             if self.bias is not None:
                 layer.bias.copy_(self.bias.float())
         return layer
-
-    def unwrap_merged(self) -> nn.Module:
-        return self.to_float_layer()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, " \
@@ -226,15 +223,6 @@ def quantization_report(model: nn.Module) -> dict:
     return rep
 
 
-def measure_quantization_error(model: nn.Module, double_quant: bool = True) -> dict:
-    """Quantize a copy of every block linear weight of an fp32 model and report the
-    error against the original, without changing the model."""
-    from .nf4 import quantization_error
-    mods = {n: quantization_error(dense_weight(model.get_submodule(n)), double_quant=double_quant)
-            for n in quantizable_names(model)}
-    return {"modules": mods, "total": summarize_errors(mods)}
-
-
 def dequantized_base(model: nn.Module) -> nn.Module:
     """A copy of the base model as the qlora layers see it: NF4 weights dequantized
     to fp32, LoRA layers removed (not merged). peft's LoRA export loads onto this
@@ -247,12 +235,18 @@ def dequantized_base(model: nn.Module) -> nn.Module:
     return m
 
 
-def merge_qlora(model: nn.Module) -> None:
-    merge_and_unload(model)
-
-
 def export_qlora_peft(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> PeftExport:
     return export_lora_peft(model, cfg, ctx)
 
 
 count_qlora_trainable = count_lora_trainable
+
+
+SPEC = MethodSpec(
+    name="qlora", config_cls=QLoraConfig, apply=apply_qlora,
+    paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)",
+    summary="LoRA over a base whose linear weights are stored as 4-bit NF4 (double-quantized constants).",
+    trains="low-rank matrices A and B; the NF4 base stays frozen",
+    mergeable=True, merge=merge_and_unload, peft_export=export_qlora_peft, count_trainable=count_qlora_trainable,
+    family="lora", quantizes_base=True, plan=plan_lora,
+)

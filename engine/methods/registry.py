@@ -1,5 +1,29 @@
-"""Registration of the built-in methods. Each family module keeps its own code;
-the two registry modules below only list them."""
+"""The built-in methods: one line per method, in the order the studio lists them.
+Adding a method is one new module in engine/methods/ ending with its `SPEC`, and
+one line here (see docs/adding-a-method.md)."""
 
-from . import registry_lora_family  # noqa: F401  lora, dora, adalora, qlora, ia3, bitfit, ln_tuning, full, top_k
-from . import registry_adapters_prompts  # noqa: F401  houlsby, parallel_adapter, prompt/p/prefix tuning, llama_adapter, mam, s4
+from __future__ import annotations
+
+from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuning, lora, mam, p_tuning,
+               parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
+from .base import MethodSpec
+
+SPECS: list[MethodSpec] = [
+    lora.SPEC,
+    dora.SPEC,
+    adalora.SPEC,
+    qlora.SPEC,
+    ia3.SPEC,
+    bitfit.SPEC,
+    ln_tuning.SPEC,
+    full.SPEC,
+    top_k.SPEC,
+    houlsby.SPEC,
+    parallel_adapter.SPEC,
+    prompt_tuning.SPEC,
+    p_tuning.SPEC,
+    prefix.SPEC,
+    llama_adapter.SPEC,
+    mam.SPEC,
+    s4.SPEC,
+]

@@ -39,9 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from ..arch import arch_of, blocks
-from .base import ApplyContext, MethodConfig, freeze_all
+from .base import ApplyContext, MethodConfig, MethodSpec, freeze_all
 from .bottleneck import add_serial_adapters, bottleneck_params, check_family
 from .lora import inject_lora
+from .plan import Plan, empty_plan
 from .prefix import add_prefix_groups, check_prefix_family, count_prefix_group
 
 Strategy = Literal["adapter", "prefix", "bitfit", "lora"]
@@ -188,7 +189,35 @@ def count_s4(dims, cfg: S4Config, task: str) -> int:
     return total
 
 
-def describe_groups(num_layers: int, cfg: S4Config) -> list[dict]:
-    """[{layers, strategies}] for display."""
-    return [{"layers": layers, "strategies": list(g.strategies)}
-            for g, layers in zip(cfg.groups, group_layers(num_layers, cfg.pattern))]
+def plan_s4(dims, cfg: S4Config, task: str) -> Plan:
+    """Per layer group: serial adapters, prefix, BitFit, LoRA on the query and value
+    projections. Every layer gets the longest prefix's slots (masked where its group has none)."""
+    plan = empty_plan(dims)
+    groups = cfg.groups
+    sites = ["attn", "ffn"] if cfg.adapter_placement == "both" else [cfg.adapter_placement]
+    qv = [x.path for x in dims.block_linears()][0:3:2] if dims.family != "gpt2" else [dims.block_linears()[0].path]
+    n_max = max([g.prefix_tokens for g in groups if "prefix" in g.strategies] or [0])
+    for g, idx in zip(groups, group_layers(dims.num_layers, cfg.pattern)):
+        for i in idx:
+            lp = plan.layers[i]
+            if "adapter" in g.strategies:
+                lp.adapters = [("serial", site, g.adapter_size) for site in sites]
+            if "prefix" in g.strategies:
+                lp.prefix = n_max
+            if "lora" in g.strategies:
+                lp.lora = {p: (g.lora_r, 0.0) for p in qv}
+            if "bitfit" in g.strategies:
+                lp.bias = True
+    if n_max:
+        for lp in plan.layers:
+            lp.prefix = lp.prefix or n_max
+    return plan
+
+
+SPEC = MethodSpec(
+    name="s4", config_cls=S4Config, apply=apply_s4,
+    paper="Chen et al. 2023, Parameter-Efficient Fine-Tuning Design Spaces (arXiv:2301.01821)",
+    summary="Layers in 4 groups (spindle by default), each with its own mix of Adapter, Prefix, BitFit and LoRA.",
+    trains="per group: adapters, prefixes, LoRA on query/value, biases (added zero biases on Llama)",
+    count_trainable=count_s4, family="adapter", plan=plan_s4,
+)

@@ -61,11 +61,6 @@ def candidates_from_names(names: Sequence[str], blocks_path: str) -> list[str]:
     return sorted(out)
 
 
-def candidate_names(model: nn.Module) -> list[str]:
-    names = [n for n, m in model.named_modules() if n and linear_like(m)]
-    return candidates_from_names(names, arch_of(model).blocks_path)
-
-
 def select_names(names: Sequence[str], targets: TargetSpec, arch: Arch) -> list[str]:
     """The names among `names` (module order) that `targets` selects.
 
