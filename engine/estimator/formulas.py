@@ -13,7 +13,7 @@ ROWS = ("cuda_context", "weights", "gradients", "hidden_states", "optimizer", "t
 FORMULAS = ("slide", "appendix", "model")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QUANTS = ("none", "nf4", "nf4-dq")
-# The run config's optimizers (DESIGN.md), and plain SGD without momentum for comparisons.
+# The run config's optimizers (training.optimizer), and plain SGD without momentum for comparisons.
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 OPTIMIZER_ALIASES = {"adamw8bit": "adamw_8bit"}       # the estimator's earlier spelling
 TASKS = ("classification", "causal_lm")

@@ -208,7 +208,7 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
     par = adapter_site(lp, "ffn", s, shape, dims, "n2") if any(k == "parallel" for k, *_ in lp.adapters) else False
     rg_g = linear_site(lp, p["gate_proj"], s, "n2", T * h, i, shape, rg_n2)
     rg_u = linear_site(lp, p["up_proj"], s, "n2", T * h, i, shape, rg_n2)
-    # the engine's fused SwiGLU (engine.kernels) keeps silu's input, not its output:
+    # the engine's fused SwiGLU (engine.swaps.SwiGLUMLP) keeps silu's input, not its output:
     # gate(x) for either gradient, up(x) for gate's
     if rg_g or rg_u:
         s.add("mlp.gate", T * i * a)
