@@ -11,7 +11,8 @@ The C file is built with the machine's C compiler the first time a process needs
 (about a second; `-O3 -march=native`, cached under STUDIO_KERNEL_CACHE, default
 ~/.cache/peft-studio/kernels, keyed by source, flags, compiler and CPU) and loaded
 with ctypes. No compiler or a failed build (a warning says why, once),
-`STUDIO_FUSED_KERNELS=0`, non-fp32 or non-CPU tensors: the callers use torch ops.
+`STUDIO_FUSED_KERNELS=0`, non-fp32 or non-CPU tensors: torch ops instead (`swiglu`
+chooses by itself; the other kernels' callers check `applies` first).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "fused.c"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
@@ -199,8 +201,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ---- SwiGLU product --------------------------------------------------------------------------
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only (silu is recomputed in backward),
-    and `up` only when gate needs a gradient."""
+    """silu(gate) * up in one C loop each way, saving gate and up only (silu is
+    recomputed in backward), and `up` only when gate needs a gradient."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -223,9 +225,34 @@ class _SwiGLU(torch.autograd.Function):
         return dg, du
 
 
+class _SwiGLUTorch(torch.autograd.Function):
+    """The same product and saved tensors in torch ops, for tensors the C loop does
+    not take (CUDA, bf16, float64, kernels off)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        need_gate, need_up = ctx.needs_input_grad
+        ctx.save_for_backward(gate if (need_gate or need_up) else None, up if need_gate else None)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+        d_up = grad * F.silu(gate) if need_up else None
+        return d_gate, d_up
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (fp32 CPU tensors of one shape; check `applies(gate, up)` first)."""
-    return _SwiGLU.apply(gate, up)
+    """silu(gate) * up for tensors of one shape: the C loop where `applies(gate, up)`,
+    else torch ops; under autograd either keeps only gate and up for backward
+    (autograd's default also keeps silu(gate), a third tensor of the FFN's width)."""
+    if applies(gate, up):
+        return _SwiGLU.apply(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUTorch.apply(gate, up)
+    return F.silu(gate) * up
 
 
 # ---- rotary position embedding ---------------------------------------------------------------

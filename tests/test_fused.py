@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import fused
-from engine.kernels import fuse_swiglu_mlps, use_fused_layers
+from engine.swaps import fuse_swiglu_mlps, use_fused_layers
 from engine.measure import SavedTensorRecorder
 from engine.models import load_model
 
