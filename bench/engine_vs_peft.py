@@ -3,8 +3,10 @@
 Each side runs in fresh processes, alternately (A, B, A, B, ...; `--repeats` per
 side): a child loads the model the same way, returns freed loading buffers to the
 OS (malloc_trim), then times its steps (median after warm-up) while sampling its
-resident set every 10 ms (warm-up included). Reported: the median step time over
-the processes, and the median peak RSS. The LoRA rows are also timed the way the
+resident set every 10 ms (warm-up included). Each process is printed as it ends:
+its step times, peak and the engine's GEMM backend picks (engine.gemm.picks).
+Reported: the median step time over the processes (default 5 per side) with their
+range, and the median peak RSS. The LoRA rows are also timed the way the
 issue first asked, both models in one process with their steps interleaved; that
 figure is printed next to it but not used for the ratio: in one process the two
 models disturb each other unevenly (SmolLM2: peft's MKL steps 15-25% slower than
@@ -104,11 +106,12 @@ def child(side: str, case_name: str, method_json: str, steps: int, warmup: int) 
     release_free_memory()
     with PeakRSS(interval=0.01) as rss:
         times = [step(b) for _ in range(warmup + steps)][warmup:]
-    from engine import fused, kernels
-    decided = [v for v in kernels._FASTER_ON_ONEDNN.values() if isinstance(v, bool)]
+    from engine import fused, gemm
+    picks = gemm.picks()
     print(json.dumps({"peak_rss": rss.peak, "lifetime_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "median_s": statistics.median(times), "gemm_shapes": len(decided),
-                      "gemm_shapes_onednn": sum(decided), "fused_kernels": fused.library() is not None}))
+                      "median_s": statistics.median(times), "times_s": [round(t, 4) for t in times],
+                      "gemm_shapes": len(picks), "gemm_shapes_onednn": sum(p["backend"] == "onednn" for p in picks.values()),
+                      "gemm_picks": picks, "fused_kernels": fused.library() is not None}))
 
 
 def release_free_memory() -> None:
@@ -134,12 +137,24 @@ def one_child(side, case_name, method, steps, warmup) -> dict:
 def summarize(runs: list[dict]) -> dict:
     """Peak RSS: the median over processes and its spread (the glibc heap makes a
     process's peak vary by up to ~0.1 GB from run to run); step time: the median of
-    the per-process medians."""
+    the per-process medians, and their range; GEMM picks: how many distinct sets of
+    backend picks the processes made (1: every process picked alike)."""
     peaks = sorted(r["peak_rss"] for r in runs)
+    steps = sorted(r["median_s"] for r in runs)
+    pick_sets = {json.dumps({k: p["backend"] for k, p in r["gemm_picks"].items()}, sort_keys=True) for r in runs}
     return {"peak_rss": statistics.median(peaks), "peak_min": peaks[0], "peak_max": peaks[-1],
-            "median_s": statistics.median(r["median_s"] for r in runs),
-            "gemm": f"{runs[0]['gemm_shapes_onednn']} of {runs[0]['gemm_shapes']}",
+            "median_s": statistics.median(steps), "step_min": steps[0], "step_max": steps[-1],
+            "gemm": f"{runs[0]['gemm_shapes_onednn']} of {runs[0]['gemm_shapes']}", "gemm_pick_sets": len(pick_sets),
             "fused": runs[0]["fused_kernels"]}
+
+
+def describe_process(side: str, r: dict) -> str:
+    """One line per fresh process: its step time, peak and GEMM backend picks."""
+    picks = r["gemm_picks"]
+    ratios = sorted(p["onednn_over_blas"] for p in picks.values())
+    span = f", oneDNN/BLAS time {ratios[0]:.2f}-{ratios[-1]:.2f}" if ratios else ""
+    return (f"  {side:>6}: step {r['median_s']:.3f} s (steps {', '.join(f'{t:.3f}' for t in r['times_s'])}), "
+            f"peak {gb(r['peak_rss'])}, GEMM oneDNN for {r['gemm_shapes_onednn']} of {r['gemm_shapes']} shapes{span}")
 
 
 def run_children(a: tuple, b: tuple, case_name: str, steps: int, warmup: int, repeats: int) -> tuple[dict, dict]:
@@ -148,7 +163,9 @@ def run_children(a: tuple, b: tuple, case_name: str, steps: int, warmup: int, re
     runs_a, runs_b = [], []
     for _ in range(repeats):
         runs_a.append(one_child(a[0], case_name, a[1], steps, warmup))
+        print(describe_process(a[0], runs_a[-1]), flush=True)
         runs_b.append(one_child(b[0], case_name, b[1], steps, warmup))
+        print(describe_process(b[0], runs_b[-1]), flush=True)
     return summarize(runs_a), summarize(runs_b)
 
 
@@ -174,7 +191,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per side for peak RSS (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="fresh processes per side (median)")
     a = ap.parse_args()
     if a.child:
         child(*a.child, a.steps, a.warmup)
@@ -191,7 +208,8 @@ def main() -> None:
         rows.append((label, inter, ma, mb))
         also = f"; interleaved in one process {inter[0]:.3f} s vs {inter[1]:.3f} s ({inter[0] / inter[1]:.2f}x)" \
             if inter else ""
-        print(f"{label}: {ma['median_s']:.3f} s vs {mb['median_s']:.3f} s ({ma['median_s'] / mb['median_s']:.2f}x)"
+        print(f"{label}: {ma['median_s']:.3f} s vs {mb['median_s']:.3f} s ({ma['median_s'] / mb['median_s']:.2f}x; "
+              f"per process {ma['step_min']:.3f}-{ma['step_max']:.3f} vs {mb['step_min']:.3f}-{mb['step_max']:.3f})"
               f"{also}; peak RSS {gb(ma['peak_rss'])} vs {gb(mb['peak_rss'])} "
               f"({ma['peak_rss'] / mb['peak_rss']:.2f}x)", flush=True)
 
@@ -206,11 +224,12 @@ def main() -> None:
 
     print()
     import transformers
-    from engine.kernels import gemm_mode
+    from engine.gemm import gemm_mode
     engine_run = rows[0][2]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"CPU fp32; engine GEMM backend mode {gemm_mode()} (SmolLM2 LoRA: oneDNN kept for {engine_run['gemm']} "
-          f"shapes timed, BLAS for the rest), fused C kernels {'on' if engine_run['fused'] else 'OFF'}; step time: median "
+          f"shapes timed, BLAS for the rest; {engine_run['gemm_pick_sets']} distinct pick set(s) over the "
+          f"{a.repeats} processes), fused C kernels {'on' if engine_run['fused'] else 'OFF'}; step time: median "
           f"of {a.steps} steps after {a.warmup} warm-up per process, median over {a.repeats} fresh processes per "
           f"side run alternately (A, B, A, B, ...); peak RSS: median of the same processes (min-max)")
     print("| case | A step (s) | B step (s) | time A/B | time A/B interleaved in one process | A peak RSS | "
