@@ -15,7 +15,6 @@ name -> 2D list, rows i = 1..r1, columns j = 1..r2) for the studio to chart.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Union
 
@@ -69,7 +68,3 @@ def adapter_subspace_similarity(first: Source, second: Source) -> dict[str, list
     if not shared:
         raise ValueError("the two adapters share no LoRA module")
     return {n: subspace_similarity(a[n], b[n]) for n in shared}
-
-
-def similarity_json(result: dict[str, list[list[float]]]) -> str:
-    return json.dumps(result)
