@@ -100,7 +100,12 @@ def select_run_row(page, name: str) -> None:
 # ------------------------------------------------------------------ tests
 
 def test_launch_lora_from_the_form_and_watch_it_succeed(page, served):
+    """A newcomer's first click: the default form (MiniLM, demo-sentiment, LoRA), shortened."""
+    assert page.locator("#model input").input_value() == "minilm"
+    assert page.locator("#method input").input_value() == "lora"
+    assert page.locator("#ds-name input").input_value() == "demo-sentiment"
     page.locator("#run-name").get_by_role("textbox").fill("form-lora")
+    page.locator("#max-rows input").fill("160")
     page.locator("#max-steps input").fill("8")
     page.locator("#eval-every input").fill("4")
     page.locator("#seq input").fill("32")
@@ -114,7 +119,7 @@ def test_launch_lora_from_the_form_and_watch_it_succeed(page, served):
         assert "failed" not in row.inner_text(), served.logs()
         assert time.monotonic() < deadline, f"run {rid} did not succeed in the table: {row.inner_text()}"
         time.sleep(1)
-    assert "tiny-bert" in row.inner_text() and "lora" in row.inner_text()
+    assert "minilm" in row.inner_text() and "lora" in row.inner_text()
     # the selected run (the one just launched) shows its curves and config
     wait_text(page, "#run-status", rf"Run {rid} · form-lora — succeeded")
     assert page.locator("#loss-plot .js-plotly-plot").count() == 1
@@ -125,11 +130,11 @@ def test_launch_lora_from_the_form_and_watch_it_succeed(page, served):
 
 def test_changing_the_rank_changes_the_estimate(page):
     before = wait_text(page, "#estimate-text", r"Trainable: [\d,]+ of")
-    assert "Trainable: 2,114 of" in before                       # tiny-bert, LoRA r=8 on query,value
+    assert "Trainable: 74,498 of 22,713,986" in before           # MiniLM, LoRA r=8 on query,value
     rank = page.locator("#rank input[type=number]")
     rank.fill("32")
     rank.press("Enter")
-    after = wait_text(page, "#estimate-text", r"Trainable: 8,258 of")
+    after = wait_text(page, "#estimate-text", r"Trainable: 295,682 of")
     assert after != before and "fits on 24 GB" in after and "largest batch that fits" in after
     page.locator("#formula").get_by_text("slide").click()
     wait_text(page, "#estimate-text", r"slide formula")
