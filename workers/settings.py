@@ -10,6 +10,10 @@ STUDIO_DATA_ROOTS     directories a run config's dataset.path may point into (de
 STUDIO_MAX_UPLOAD_MB  largest accepted dataset upload (default 200)
 STUDIO_HEARTBEAT_TIMEOUT  seconds without a heartbeat before a running run is failed (default 45)
 STUDIO_QUEUE          the Celery queue name (default "studio")
+STUDIO_ARTIFACT_URL   the artifact store every machine reaches (default file://<data dir>/artifacts;
+                      s3://bucket/prefix, or file:///mnt/shared/... for a shared mount)
+STUDIO_S3_ENDPOINT_URL  an S3-compatible endpoint (MinIO, Ceph, ...); credentials come from the
+                      standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class Settings:
     heartbeat_timeout_s: float
     heartbeat_interval_s: float
     queue: str
+    artifact_url: str = ""
+    s3_endpoint_url: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -58,11 +64,12 @@ class Settings:
         return Path(cache).expanduser() if cache else self.data_dir / "models"
 
     @property
-    def checkpoints_dir(self) -> Path:
-        return self.data_dir / "checkpoints"
+    def cache_dir(self) -> Path:
+        """This machine's copies of artifacts it downloaded from the store, by sha256."""
+        return self.data_dir / "cache" / "artifacts"
 
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.uploads_dir, self.models_dir, self.checkpoints_dir):
+        for d in (self.data_dir, self.uploads_dir, self.models_dir):
             d.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
             (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
@@ -90,6 +97,8 @@ def load_settings() -> Settings:
         heartbeat_timeout_s=float(_env("STUDIO_HEARTBEAT_TIMEOUT", "45")),
         heartbeat_interval_s=float(_env("STUDIO_HEARTBEAT_INTERVAL", "5")),
         queue=_env("STUDIO_QUEUE", "studio"),
+        artifact_url=_env("STUDIO_ARTIFACT_URL", (data_dir / "artifacts").resolve().as_uri()),
+        s3_endpoint_url=_env("STUDIO_S3_ENDPOINT_URL"),
     )
 
 
