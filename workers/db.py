@@ -16,7 +16,7 @@ import socket
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -75,6 +75,8 @@ class Run(Base):
     tokens_per_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     duration_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     results: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
+    # the checkpoint step the current attempt started from (None: it started fresh)
+    resumed_from_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
 
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan",
                                                    passive_deletes=True)
@@ -100,11 +102,13 @@ class Metric(Base):
 
 
 class Adapter(Base):
+    """A run's trained adapter (or full / top-k weights): a zip in the artifact store."""
+
     __tablename__ = "adapters"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), unique=True, index=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    key: Mapped[str] = mapped_column(String(500))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     files: Mapped[list] = mapped_column(JSON)
@@ -119,12 +123,31 @@ class Upload(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(255))        # sanitized original name, display only
     stored_name: Mapped[str] = mapped_column(String(100), unique=True)
+    # its object in the artifact store (None: an upload whose file was missing at the upgrade)
+    key: Mapped[Optional[str]] = mapped_column(String(500), nullable=True)
     format: Mapped[str] = mapped_column(String(16))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     rows: Mapped[int] = mapped_column(Integer)
     columns: Mapped[list] = mapped_column(JSON)
     owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Artifact(Base):
+    """Another object of a run in the artifact store: its latest checkpoint
+    (kind "checkpoint", with the step) or a merged model (kind "merged")."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("key", name="uq_artifacts_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    key: Mapped[str] = mapped_column(String(500))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -241,7 +264,7 @@ def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str, toke
         cond.append(Run.queue_token == token)
     res = s.execute(update(Run).where(*cond).values(
         status="running", started_at=now, heartbeat_at=now, worker_host=host, worker_pid=pid, device=device,
-        attempts=Run.attempts + 1, error=None))
+        attempts=Run.attempts + 1, error=None, resumed_from_step=None))
     return res.rowcount == 1
 
 
@@ -339,12 +362,16 @@ def live_workers(s: Session, within_s: float) -> list[WorkerRow]:
     return list(s.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= cutoff)))
 
 
-def store_adapter(s: Session, run_id: int, data: bytes, sha: str, files: list[str]) -> None:
+def store_adapter(s: Session, run_id: int, key: str, size: int, sha: str, files: list[str]) -> Optional[str]:
+    """Record a run's adapter object; returns the key it replaced (to delete), if any."""
     existing = s.scalar(select(Adapter).where(Adapter.run_id == run_id))
     if existing:
-        existing.data, existing.size, existing.sha256, existing.files = data, len(data), sha, files
-    else:
-        s.add(Adapter(run_id=run_id, data=data, size=len(data), sha256=sha, files=files))
+        old = existing.key if existing.key != key else None
+        existing.key, existing.size, existing.sha256, existing.files = key, size, sha, files
+        existing.created_at = utcnow()
+        return old
+    s.add(Adapter(run_id=run_id, key=key, size=size, sha256=sha, files=files))
+    return None
 
 
 def run_to_dict(run: Run, *, with_config: bool = True) -> dict:
