@@ -3,7 +3,6 @@ runs; estimates; dataset uploads. Everything reads the database, never a worker.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -60,22 +59,14 @@ def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
 def check_dataset_path(settings: Settings, path: str, field: str) -> None:
     """The worker's rules for a dataset path (an upload reference, or a file under
     STUDIO_DATA_ROOTS), applied at submit time; a missing upload is refused too."""
-    from workers.tasks import resolve_dataset_path
+    from workers.datasets import check_dataset_path as check
 
     try:
-        if "\x00" in path or len(path) > 4096:
-            raise ValueError(f"dataset.path: {path[:80]!r} is not a valid path")
-        resolve_dataset_path(settings, path)
-    except (ValueError, OSError) as e:
+        check(settings, path)
+    except (ValueError, LookupError, OSError) as e:
         msg = str(e)
         msg = msg if msg.startswith("dataset.path: ") else f"dataset.path: {path[:200]!r} is not a valid path ({msg})"
         raise SubmitError(msg.replace("dataset.path: ", f"{field}: ", 1)) from None
-    if path.startswith("upload:"):
-        with db.transaction(settings.database_url) as s:
-            known = s.scalar(select(func.count()).select_from(db.Upload)
-                             .where(db.Upload.stored_name == path[len("upload:"):]))
-        if not known:
-            raise SubmitError(f"{field}: no uploaded dataset {path!r}; upload it first (POST /api/datasets)")
 
 
 def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional[dict]:
@@ -104,42 +95,24 @@ def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional
 
 
 def check_against_model(cfg, settings: Optional[Settings] = None) -> Optional[tuple[int, int]]:
-    """Apply the method to a weightless copy of the model; returns (n_params,
-    n_trainable) or None when the model's config is not available here."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from engine.methods import ApplyContext, count_parameters, get_method
+    """Apply the method to a weightless copy of the model (engine.prepare.dry_run);
+    returns (n_params, n_trainable) or None when the model's config is not available here."""
     from engine.models import ModelLoadError
-    from engine.prepare import apply_method
+    from engine.prepare import dry_run
 
     try:
         conf = model_config_for(cfg.model, settings)
     except ModelLoadError as e:
         raise SubmitError(str(e)) from None
-    if conf is None:
-        return None
-    conf = dict(conf)
-    mt = conf.pop("model_type", None)
-    if mt is None:
+    if conf is None or not conf.get("model_type"):
         return None
     try:
-        hf_conf = AutoConfig.for_model(mt, **{k: v for k, v in conf.items()
-                                              if k not in ("architectures", "transformers_version", "_name_or_path")})
-    except Exception as e:
-        raise SubmitError(f"model: unsupported config: {e}") from None
-    cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
-    spec = get_method(cfg.method.name)
-    try:
-        with torch.device("meta"):
-            model = cls.from_config(hf_conf)
-        model = apply_method(model, spec, cfg.method, ApplyContext(task=cfg.task, seed=cfg.training.seed))
+        return dry_run(cfg, conf)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise SubmitError(str(e)) from None
     except Exception as e:   # a method that cannot run on the meta device: checked by the worker instead
         log.info("meta-device check skipped for %s: %s", cfg.method.name, e)
         return None
-    return count_parameters(model)
 
 
 def estimate_for(cfg) -> Optional[dict]:
@@ -217,13 +190,15 @@ def list_runs(settings: Settings, *, owner: Optional[str] = None, status: Option
 
 
 def get_run(settings: Settings, run_id: int) -> dict:
+    """A run's row, its adapter's metadata (`adapter`: size, sha256, files, key) and
+    `resumed_from_step` (the checkpoint step the current attempt started from, or None)."""
     with db.transaction(settings.database_url) as s:
         run = s.get(db.Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} not found")
         d = db.run_to_dict(run)
         ad = s.scalar(select(db.Adapter).where(db.Adapter.run_id == run_id))
-        d["adapter"] = {"size": ad.size, "sha256": ad.sha256, "files": ad.files} if ad else None
+        d["adapter"] = {"size": ad.size, "sha256": ad.sha256, "files": ad.files, "key": ad.key} if ad else None
         return d
 
 
@@ -237,7 +212,8 @@ def get_metrics(settings: Settings, run_id: int, after_step: int = 0) -> list[di
                  "elapsed_s": m.elapsed_s, "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval} for m in rows]
 
 
-def get_adapter(settings: Settings, run_id: int) -> tuple[bytes, str]:
+def adapter_object(settings: Settings, run_id: int) -> tuple[str, str, int, str]:
+    """(key, sha256, size, download name) of a run's adapter zip in the artifact store."""
     with db.transaction(settings.database_url) as s:
         run = s.get(db.Run, run_id)
         if run is None:
@@ -245,7 +221,23 @@ def get_adapter(settings: Settings, run_id: int) -> tuple[bytes, str]:
         ad = s.scalar(select(db.Adapter).where(db.Adapter.run_id == run_id))
         if ad is None:
             raise NotFound(f"run {run_id} has no adapter (status {run.status})")
-        return ad.data, safe_filename(f"{run.name}-run{run.id}-{run.method}.zip")
+        return ad.key, ad.sha256, ad.size, safe_filename(f"{run.name}-run{run.id}-{run.method}.zip")
+
+
+def adapter_file(settings: Settings, run_id: int) -> tuple[Path, str]:
+    """A local, sha256-verified copy of a run's adapter zip (this machine's cache of
+    the artifact store) and its download name. Raises workers.store.ArtifactCorrupt
+    for bytes changed in the store."""
+    from workers.store import get_store
+
+    key, sha, _size, name = adapter_object(settings, run_id)
+    return get_store(settings).get_file(key, sha, suffix=".zip"), name
+
+
+def get_adapter(settings: Settings, run_id: int) -> tuple[bytes, str]:
+    """A run's adapter zip as bytes (small adapters; stream adapter_file for big ones)."""
+    path, name = adapter_file(settings, run_id)
+    return path.read_bytes(), name
 
 
 def cancel_run(settings: Settings, run_id: int) -> str:
@@ -305,9 +297,19 @@ def delete_run(settings: Settings, run_id: int) -> None:
             raise NotFound(f"run {run_id} not found")
         if run.status == "running":
             raise SubmitError(f"run {run_id} is running; cancel it first")
+        keys = [k for k in s.scalars(select(db.Adapter.key).where(db.Adapter.run_id == run_id))]
+        keys += [k for k in s.scalars(select(db.Artifact.key).where(db.Artifact.run_id == run_id))]
         s.execute(delete(db.Metric).where(db.Metric.run_id == run_id))
         s.execute(delete(db.Adapter).where(db.Adapter.run_id == run_id))
+        s.execute(delete(db.Artifact).where(db.Artifact.run_id == run_id))
         s.delete(run)
+    from workers.store import StoreError, get_store
+
+    for key in keys:   # the rows are gone first: no run points at a deleted object
+        try:
+            get_store(settings).delete(key)
+        except StoreError as e:
+            log.warning("run %s deleted, but its object could not be removed: %s", run_id, e)
 
 
 def list_workers(settings: Settings) -> list[dict]:
@@ -355,8 +357,9 @@ def sniff_upload(head: bytes, suffix: str) -> None:
 
 
 def save_upload(settings: Settings, filename: str, source_path: str | Path, *, owner: Optional[str] = None) -> dict:
-    """Store an uploaded dataset under a generated name in the data dir, validate
-    that it parses, and record it. Returns its description with preview rows."""
+    """Validate that an uploaded dataset parses, put it into the artifact store under
+    a generated name, and record it (key, size, sha256). Returns its description
+    with preview rows. Nothing is kept in the studio's data dir."""
     from engine.data import DataError
 
     src = Path(source_path)
@@ -380,35 +383,34 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
                           f"{settings.max_upload_bytes / 2**20:.0f} MiB")
     with open(src, "rb") as f:
         sniff_upload(f.read(16), suffix)
+    from workers.datasets import publish_upload
+    from workers.store import get_store
+
     settings.ensure_dirs()
     stored = f"{uuid.uuid4().hex}{'.jsonl' if suffix == '.json' else suffix}"
-    dest = settings.uploads_dir / stored
-    h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=settings.uploads_dir)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
                 out.write(chunk)
         try:
             rows = _read_checked(tmp, suffix, settings.max_upload_bytes)
         except DataError as e:
             raise SubmitError(str(e).replace(Path(tmp).name, display)) from None
-        os.replace(tmp, dest)
-    except BaseException:
+        obj = publish_upload(settings, tmp, stored)   # a StoreError names the store (the API: 503)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     columns = list(rows[0].keys())
     try:
         with db.transaction(settings.database_url) as s:
-            up = db.Upload(name=display, stored_name=stored, format=ALLOWED_UPLOADS[suffix], size=size,
-                           sha256=h.hexdigest(), rows=len(rows), columns=columns, owner=owner)
+            up = db.Upload(name=display, stored_name=stored, key=obj.key, format=ALLOWED_UPLOADS[suffix],
+                           size=obj.size, sha256=obj.sha256, rows=len(rows), columns=columns, owner=owner)
             s.add(up)
             s.flush()
             uid = up.id
-    except BaseException:   # not recorded: no orphan file either
-        dest.unlink(missing_ok=True)
+    except BaseException:   # not recorded: no orphan object either
+        get_store(settings).delete(obj.key)
         raise
     return {"id": uid, "name": display, "path": f"upload:{stored}", "rows": len(rows), "columns": columns,
             "preview": [{k: _short(v) for k, v in r.items()} for r in rows[:5]]}

@@ -84,9 +84,13 @@ def env(tmp_path, monkeypatch):
 
     e.upload, e.rebuild = upload, rebuild
     yield e
-    # nothing half-written, nothing elsewhere: the uploads dir holds exactly the accepted
-    # files, the temp dir and the datasets cache nothing
-    assert sorted(p.name for p in settings.uploads_dir.iterdir()) == sorted(e.accepted)
+    # nothing half-written, nothing elsewhere: the artifact store holds exactly the accepted
+    # files (and no temporary object), the studio's uploads staging dir, the temp dir and
+    # the datasets cache nothing
+    store = settings.data_dir / "artifacts"
+    assert sorted(p.name for p in (store / "datasets").glob("*")) == sorted(e.accepted)
+    assert not any((store / ".tmp").glob("*"))
+    assert list(settings.uploads_dir.iterdir()) == []
     # (torch keeps its own compile cache there, torchinductor_<user>; no user data)
     assert [p for p in systmp.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert not hfcache.exists() or not any(hfcache.rglob("*")), list(hfcache.rglob("*"))[:5]
@@ -102,14 +106,14 @@ def assert_refused(r, *words, status=422):
 
 # ------------------------------------------------------------------ accepted files
 
-def test_good_uploads_are_stored_under_new_names_inside_the_data_dir(env):
+def test_good_uploads_are_stored_under_new_names_in_the_artifact_store(env):
     rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
     for name, data in [("reviews.csv", CSV), ("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
                        ("rows.json", json.dumps(rows).encode()), ("t.parquet", parquet_bytes()),
                        ("日本語 データ.csv", CSV)]:
         info = env.upload(name, data, ok=True).json()
         assert info["columns"] == ["text", "label"] and info["rows"] >= 2
-        stored = env.settings.uploads_dir / info["path"].removeprefix("upload:")
+        stored = env.settings.data_dir / "artifacts" / "datasets" / info["path"].removeprefix("upload:")
         assert stored.is_file() and re.fullmatch(r"[0-9a-f]{32}\.(csv|jsonl|parquet)", stored.name)
     names = [u["name"] for u in env.client.get("/datasets").json()]
     assert "file.csv" in names   # a non-Latin name keeps its type, loses the odd characters
