@@ -19,6 +19,8 @@ from conftest import Studio, free_port, studio_env, wait_status
 from engine.config import parse_run_config
 from engine.prepare import prepare_run
 from engine.train import train
+from studio.runtime import prepare_database
+from workers import db
 from workers.checkpoints import load_checkpoint, save_checkpoint
 from workers.settings import load_settings
 
@@ -57,8 +59,11 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(tmp_path):
     first = prepare_run(cfg)
     train(first, on_checkpoint=lambda step, st: saved.setdefault(step, st), should_stop=lambda: 6 in saved)
     settings = load_settings()
-    save_checkpoint(settings, 1, saved[6])
-    state = load_checkpoint(settings, 1)
+    prepare_database(settings)
+    with db.transaction(settings.database_url) as s:
+        rid = db.create_run(s, cfg.to_dict()).id
+    save_checkpoint(settings, rid, saved[6])       # through the artifact store, verified on the way back
+    state = load_checkpoint(settings, rid)
     second = prepare_run(cfg)
     res = train(second, resume_state=state)
     assert res.steps == 12 and [h["step"] for h in res.history] == list(range(7, 13))
@@ -80,6 +85,7 @@ def test_cancel_then_resume_continues_the_curve(studio):
         assert r.status_code == 200 and r.json()["from_step"] == stopped_at, r.text
         run = wait_status(c, rid, timeout=180)
         assert run["status"] == "succeeded" and run["steps_done"] == 300 and run["attempts"] == 2
+        assert run["resumed_from_step"] == stopped_at
         assert_contiguous_metrics(c, rid, 300)
         assert c.post(f"/api/runs/{rid}/resume").status_code == 422   # succeeded: nothing to resume
 
@@ -91,7 +97,7 @@ def test_killed_worker_with_retries_is_requeued_and_resumes(studio):
         os.kill(run["worker_pid"], signal.SIGKILL)
         run = wait_status(c, rid, timeout=180)
         assert run["status"] == "succeeded", (run, studio.logs())
-        assert run["attempts"] == 2 and run["steps_done"] == 300
+        assert run["attempts"] == 2 and run["steps_done"] == 300 and run["resumed_from_step"] >= 8
         assert_contiguous_metrics(c, rid, 300)
 
 
