@@ -172,6 +172,13 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     async def _submit_error(_req, exc):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    from workers.store import ArtifactCorrupt, StoreError
+
+    @api.exception_handler(StoreError)
+    async def _store_error(_req, exc):
+        # corrupt bytes are refused for good (500); an unreachable store may come back (503)
+        return JSONResponse({"detail": str(exc)}, status_code=500 if isinstance(exc, ArtifactCorrupt) else 503)
+
     @api.get("/health")
     def health() -> dict:
         return {"status": "ok", "runs": service.count_runs(settings)}
@@ -205,13 +212,15 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     @api.get("/runs/{run_id}/adapter", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
     def adapter(run_id: int, u: Optional[str] = Depends(user)):
+        """The adapter zip, streamed from this studio's verified copy of the store's object."""
+        from fastapi.responses import FileResponse
+
         load_run_for(run_id, u)
         try:
-            data, name = service.get_adapter(settings, run_id)
+            path, name = service.adapter_file(settings, run_id)
         except service.NotFound as e:
             raise HTTPException(404, str(e))
-        return Response(data, media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return FileResponse(path, media_type="application/zip", filename=name)
 
     @api.get("/runs/{run_id}/merged", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})

@@ -1,19 +1,25 @@
-"""Things built from a finished run on demand: the trained model rebuilt from
-the base model and the stored adapter zip (for the playground and merging), and
-a zip of the merged model for methods that merge into the base weights."""
+"""Things built from a finished run on demand: the trained model rebuilt from the
+base model and the stored adapter (for the playground and merging), and the merged
+model zip for methods that merge into the base weights. The adapter comes from the
+artifact store (verified by sha256); a merged zip is built once per adapter and
+kept in the store beside it, so any studio process serves it."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Optional
 
+from sqlalchemy import select
+
+from workers import db
 from workers.settings import Settings
 
 from . import service
@@ -21,6 +27,7 @@ from . import service
 log = logging.getLogger("peft_studio.artifacts")
 _BUILD_LOCKS: dict[int, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+MERGED = "merged"
 
 
 class ArtifactError(ValueError):
@@ -31,68 +38,22 @@ def adapter_dir_for(settings: Settings, run_id: int, dest: Path) -> Path:
     """Unpack run `run_id`'s adapter zip into `dest` (safely: plain files only)."""
     from engine.adapters import extract_zip_safely
 
-    data, _name = service.get_adapter(settings, run_id)
-    return extract_zip_safely(data, dest)
-
-
-def adapter_labels(adapter_dir: Path) -> list[str]:
-    meta_path = adapter_dir / "peft_studio.json"
-    if not meta_path.exists():
-        return []
-    return list(json.loads(meta_path.read_text()).get("labels") or [])
+    path, _name = service.adapter_file(settings, run_id)
+    return extract_zip_safely(path.read_bytes(), dest)
 
 
 def load_base(settings: Settings, cfg, labels: list[str]):
     """The base model of a run, as the worker loaded it (same seed, same labels)."""
-    from engine.models import load_model
+    from engine.adapters import load_base as engine_load_base
 
-    id2label = dict(enumerate(labels)) if cfg.task == "classification" and labels else None
-    return load_model(cfg.model, cfg.task, num_labels=max(2, len(labels)), allowed_roots=settings.model_roots,
-                      cache_dir=settings.models_dir, seed=cfg.training.seed, id2label=id2label)
-
-
-def load_adapter_into(model, cfg, adapter_dir: Path):
-    """Put the trained adapter of a run into its freshly loaded base model.
-    peft-format LoRA/DoRA/IA3 go through the engine's peft importers; other
-    methods are applied from the run config and their weights loaded by name."""
-    from safetensors.torch import load_file
-
-    from engine.adapters import OWN_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, load_own_adapter, load_peft_adapter_into, \
-        load_peft_tensors, read_peft_config
-    from engine.methods import ApplyContext, get_method
-    from engine.prepare import apply_method
-
-    spec = get_method(cfg.method.name)
-    if (adapter_dir / PEFT_CONFIG).exists():
-        peft_type = read_peft_config(adapter_dir).get("peft_type")
-        if peft_type in ("LORA", "IA3") and cfg.method.name != "qlora":
-            return load_peft_adapter_into(model, adapter_dir, seed=cfg.training.seed)
-        ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed)
-        model = apply_method(model, spec, cfg.method, ctx)
-        tensors = load_file(str(adapter_dir / PEFT_WEIGHTS))
-        if spec.load_state is not None:
-            spec.load_state(model, tensors)
-        else:
-            load_peft_tensors(model, tensors)
-        return model
-    if not (adapter_dir / OWN_WEIGHTS).exists():
-        raise ArtifactError("the adapter zip holds neither adapter_model.safetensors nor studio_adapter.safetensors")
-    ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed)
-    model = apply_method(model, spec, cfg.method, ctx)
-    if spec.load_state is not None:
-        spec.load_state(model, load_file(str(adapter_dir / OWN_WEIGHTS)))
-    else:
-        load_own_adapter(model, adapter_dir)
-    return model
+    return engine_load_base(cfg, labels, allowed_roots=settings.model_roots, cache_dir=settings.models_dir)
 
 
 def load_trained(settings: Settings, run_id: int):
-    """(Prepared, base LoadedModel-free) — the run's model with its adapter, in eval mode.
-    Returns an engine Prepared so engine helpers (merge, export) apply."""
+    """The run's model with its adapter, in eval mode, as an engine Prepared (so
+    engine helpers, merge and export, apply); `examples` holds only the labels."""
+    from engine.adapters import load_trained as engine_load_trained
     from engine.config import parse_run_config
-    from engine.data import Examples
-    from engine.methods import ApplyContext, count_parameters, get_method
-    from engine.prepare import Prepared
 
     run = service.get_run(settings, run_id)
     if run["status"] != "succeeded":
@@ -101,17 +62,9 @@ def load_trained(settings: Settings, run_id: int):
     tmp = Path(tempfile.mkdtemp(prefix=f"adapter-run{run_id}-"))
     try:
         d = adapter_dir_for(settings, run_id, tmp)
-        labels = adapter_labels(d)
-        loaded = load_base(settings, cfg, labels)
-        model = load_adapter_into(loaded.model, cfg, d)
+        return engine_load_trained(cfg, d, allowed_roots=settings.model_roots, cache_dir=settings.models_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    model.eval()
-    spec = get_method(cfg.method.name)
-    n_params, n_trainable = count_parameters(model)
-    return Prepared(cfg, model, loaded.tokenizer, Examples(cfg.task, [], [], labels), spec,
-                    ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer),
-                    n_params, n_trainable)
 
 
 def merged_name(run: dict) -> str:
@@ -126,15 +79,15 @@ def merged_readme(run: dict) -> str:
             f"model = {auto}.from_pretrained('path/to/this/unzipped/folder')\n```\n")
 
 
-def zip_dir(d: Path, extra: Optional[dict[str, bytes]] = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+def zip_dir_to(path: Path, d: Path, extra: Optional[dict[str, bytes]] = None) -> None:
+    """Zip a directory's files (and `extra`) into `path` on disk, file by file."""
+    with zipfile.ZipFile(path, "w") as z:
         for p in sorted(d.iterdir()):
             if p.is_file():
-                z.write(p, p.name)
+                kind = zipfile.ZIP_STORED if p.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                z.write(p, p.name, compress_type=kind)
         for name, data in (extra or {}).items():
-            z.writestr(name, data)
-    return buf.getvalue()
+            z.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED)
 
 
 def _lock_for(run_id: int) -> threading.Lock:
@@ -142,10 +95,20 @@ def _lock_for(run_id: int) -> threading.Lock:
         return _BUILD_LOCKS.setdefault(run_id, threading.Lock())
 
 
+def merged_object(settings: Settings, run_id: int, prefix: str) -> Optional[tuple[str, str]]:
+    """(key, sha256) of the merged zip recorded for this adapter, if built already."""
+    with db.transaction(settings.database_url) as s:
+        row = s.scalar(select(db.Artifact).where(db.Artifact.run_id == run_id, db.Artifact.kind == MERGED,
+                                                 db.Artifact.key.startswith(prefix)).order_by(db.Artifact.id))
+        return (row.key, row.sha256) if row else None
+
+
 def merged_zip_path(settings: Settings, run_id: int) -> tuple[Path, str]:
-    """Build (once per adapter) and return the merged model zip of a run: its path and download name."""
+    """The merged model zip of a run (built on first request, then kept in the
+    store): a local verified copy and its download name."""
     from engine.adapters import merged_model_files
     from engine.methods import get_method
+    from workers.store import get_store
 
     run = service.get_run(settings, run_id)
     spec = get_method(run["method"])
@@ -154,23 +117,30 @@ def merged_zip_path(settings: Settings, run_id: int) -> tuple[Path, str]:
                             f"download the adapter instead")
     if run["status"] != "succeeded" or not run.get("adapter"):
         raise ArtifactError(f"run {run_id} is {run['status']}; only succeeded runs can be merged")
-    out_dir = settings.data_dir / "merged"
-    out = out_dir / f"run{run_id}-{run['adapter']['sha256'][:16]}.zip"
+    store = get_store(settings)
+    prefix = f"runs/{int(run_id)}/merged-{run['adapter']['sha256'][:16]}-"
     with _lock_for(run_id):
-        if out.exists():
-            return out, merged_name(run)
+        found = merged_object(settings, run_id, prefix)
+        if found:
+            return store.get_file(found[0], found[1], ".zip"), merged_name(run)
         prep = load_trained(settings, run_id)
         merged = merged_model_files(prep)
+        fd, tmp = tempfile.mkstemp(prefix=f".merged-{run_id}-", suffix=".zip", dir=store.scratch_dir())
+        os.close(fd)
         try:
             readme = merged_readme(run).encode()
             cfg = json.dumps(run["config"], indent=2).encode()
-            data = zip_dir(merged, {"README.md": readme, "run_config.json": cfg})
+            zip_dir_to(Path(tmp), merged, {"README.md": readme, "run_config.json": cfg})
+            obj = store.put_file(f"{prefix}{uuid.uuid4().hex[:8]}.zip", tmp)
         finally:
             shutil.rmtree(merged, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".merged-", dir=out_dir)
-        with open(fd, "wb") as f:
-            f.write(data)
-        Path(tmp).replace(out)
-        log.info("run %s: merged model built (%d bytes)", run_id, len(data))
-    return out, merged_name(run)
+            os.unlink(tmp)
+        try:
+            with db.transaction(settings.database_url) as s:
+                s.add(db.Artifact(run_id=run_id, kind=MERGED, key=obj.key, size=obj.size, sha256=obj.sha256))
+        except BaseException:   # not recorded (e.g. the run was deleted meanwhile): no orphan object
+            store.delete(obj.key)
+            raise
+        log.info("run %s: merged model built (%d bytes, %s)", run_id, obj.size, obj.key)
+        found = merged_object(settings, run_id, prefix)
+    return store.get_file(found[0], found[1], ".zip"), merged_name(run)

@@ -25,10 +25,28 @@ def prepare_database(settings: Settings) -> None:
     db.upgrade(settings.database_url)
 
 
+def store_problem(settings: Settings) -> Optional[str]:
+    """None when the artifact store takes a write, read and delete; else the error
+    (it names the store by its URL with secrets redacted)."""
+    from workers.store import StoreError, get_store
+
+    try:
+        get_store(settings).check()
+    except StoreError as e:
+        return str(e)
+    return None
+
+
 def run_worker(name: Optional[str] = None, loglevel: str = "INFO") -> int:
     """A Celery worker consuming the studio queue, one run at a time (solo pool:
     training runs in the main thread; cancellation is cooperative)."""
     settings = load_settings()
+    problem = store_problem(settings)
+    if problem:
+        log.error("worker not started: %s", problem)
+        print(f"error: {problem}; set STUDIO_ARTIFACT_URL (and STUDIO_S3_ENDPOINT_URL / AWS credentials for s3://)",
+              file=sys.stderr)
+        return 2
     if settings.database_url.startswith("sqlite"):
         prepare_database(settings)
     name = name or f"worker-{os.getpid()}@{db.hostname()}"

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import threading
 
 import uvicorn
@@ -15,7 +16,7 @@ from fastapi import FastAPI
 
 from workers.settings import Settings, load_settings, redact_url
 
-from .runtime import WorkerSupervisor, prepare_database, reaper_loop
+from .runtime import WorkerSupervisor, prepare_database, reaper_loop, store_problem
 
 log = logging.getLogger("peft_studio.server")
 
@@ -62,10 +63,17 @@ def serve(host: str = "127.0.0.1", port: int = 7860, allow_public: bool = False,
         print(f"error: refusing to serve on non-loopback address {host!r} without login; set STUDIO_USERS "
               f"(user:password,...) or STUDIO_USERS_FILE, or pass --allow-public-without-login")
         return 2
+    problem = store_problem(settings)   # first: upgrading the database may move adapters into the store
+    if problem:
+        log.error("studio not started: %s", problem)
+        print(f"error: {problem}; set STUDIO_ARTIFACT_URL (and STUDIO_S3_ENDPOINT_URL / AWS credentials for s3://)",
+              file=sys.stderr)
+        return 2
     prepare_database(settings)
-    log.info("database %s · broker %s · data dir %s", redact_url(settings.database_url),
+    from workers.store import get_store
+    log.info("database %s · broker %s · artifact store %s · data dir %s", redact_url(settings.database_url),
              "embedded (filesystem)" if settings.embedded_broker else redact_url(settings.broker_url),
-             settings.data_dir)
+             get_store(settings).shown, settings.data_dir)
     stop = threading.Event()
     threading.Thread(target=reaper_loop, args=(settings, stop), daemon=True, name="reaper").start()
     sup = WorkerSupervisor(settings).start() if (settings.embedded_broker and embedded_worker) else None

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 import traceback
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -53,21 +56,6 @@ def _device_report() -> dict:
         return {"device": "cpu", "total_memory": None, "free_memory": None}
 
 
-def resolve_dataset_path(settings: Settings, path: str) -> Path:
-    """`upload:<stored name>` → the uploads dir; other paths must lie under the data dir."""
-    if path.startswith("upload:"):
-        name = path[len("upload:"):]
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"dataset.path: invalid upload reference {path!r}")
-        return settings.uploads_dir / name
-    p = Path(path).expanduser().resolve()
-    roots = [Path(r).resolve() for r in settings.data_roots]
-    if not any(p == r or r in p.parents for r in roots):
-        raise ValueError(f"dataset.path: {path!r} is outside the allowed data directories "
-                         f"({', '.join(map(str, roots))}); upload the file through the studio or set STUDIO_DATA_ROOTS")
-    return p
-
-
 def model_card(cfg: dict, result: dict, run_id: int, peft_format: bool) -> str:
     """README.md of the adapter zip: what it is, its config and metrics, how to load it."""
     method = cfg["method"]["name"]
@@ -88,14 +76,36 @@ def model_card(cfg: dict, result: dict, run_id: int, peft_format: bool) -> str:
             f"## Run config\n\n```yaml\n{yaml.safe_dump(cfg, sort_keys=False)}```\n")
 
 
-def adapter_zip(prep, cfg: dict, result_dict: dict, history: list, run_id: int) -> tuple[bytes, list[str]]:
-    from engine.adapters import adapter_files, zip_files
+def write_zip(path: str | Path, files: dict[str, bytes]) -> None:
+    """A zip on disk (not in memory); weights are stored, text is deflated."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name in sorted(files):
+            kind = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+            z.writestr(name, files[name], compress_type=kind)
+
+
+def publish_adapter(settings: Settings, prep, cfg: dict, result_dict: dict, history: list, run_id: int):
+    """The adapter zip (weights, model-card README, run config, metrics) put into the
+    artifact store. Returns (Stored, file names)."""
+    from engine.adapters import adapter_files
+
+    from .store import get_store
 
     files = adapter_files(prep)
     files["README.md"] = model_card(cfg, result_dict, run_id, "adapter_config.json" in files).encode()
     files["run_config.yaml"] = yaml.safe_dump(cfg, sort_keys=False).encode()
     files["metrics.jsonl"] = "".join(json.dumps(h) + "\n" for h in history).encode()
-    return zip_files(files), sorted(files)
+    store = get_store(settings)
+    fd, tmp = tempfile.mkstemp(prefix=f".adapter-{run_id}-", suffix=".zip", dir=store.scratch_dir())
+    os.close(fd)
+    names = sorted(files)
+    try:
+        write_zip(tmp, files)
+        del files
+        obj = store.put_file(f"runs/{int(run_id)}/adapter-{uuid.uuid4().hex[:12]}.zip", tmp)
+    finally:
+        os.unlink(tmp)
+    return obj, names
 
 
 class RunMonitor:
@@ -196,9 +206,15 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         if resume is not None:
             log.info("run %s: resuming from the checkpoint at step %s", run_id, resume["step"])
             with_db_retry(lambda: drop_metrics_after(url, run_id, resume["step"]), what=f"run {run_id}: resume")
+
+            def mark_resumed():
+                with db.transaction(url) as s:
+                    db.heartbeat(s, run_id, resumed_from_step=int(resume["step"]))
+            with_db_retry(mark_resumed, what=f"run {run_id}: resume")
         else:
             with_db_retry(lambda: drop_metrics_after(url, run_id, 0), what=f"run {run_id}: restart")
         with RunMonitor(settings, run_id) as mon:
+            from .datasets import resolve_dataset_path
             prep = prepare_run(cfg, allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
                                path_resolver=lambda p: resolve_dataset_path(settings, p),
                                max_data_bytes=settings.max_upload_bytes)
@@ -247,12 +263,12 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
             log.info("run %s: cancelled at step %s", run_id, result.steps)
             return "cancelled"
         history = with_db_retry(lambda: metrics_history(url, run_id), what=f"run {run_id}: history")
-        data, names = adapter_zip(prep, cfg.to_dict(), rd, history, run_id)
-        from engine.adapters import sha256
+        obj, names = publish_adapter(settings, prep, cfg.to_dict(), rd, history, run_id)
+        replaced = []
 
         def finish_ok():
             with db.transaction(url) as s:
-                db.store_adapter(s, run_id, data, sha256(data), names)
+                replaced[:] = [db.store_adapter(s, run_id, obj.key, obj.size, obj.sha256, names)]
                 ok = db.finish_run(
                     s, run_id, "succeeded", results=db.json_safe(rd), measured_peak_bytes=result.peak_memory_bytes,
                     memory_kind=result.memory_kind, final_loss=result.final_loss, best_metric=result.best_metric,
@@ -261,7 +277,14 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                     n_trainable=result.n_trainable, error=None)
                 if not ok:   # reaped meanwhile (e.g. heartbeats blocked): keep that verdict, drop the adapter
                     raise RuntimeError("run was no longer running when it finished")
-        with_db_retry(finish_ok, what=f"run {run_id}: finish")
+        try:
+            with_db_retry(finish_ok, what=f"run {run_id}: finish")
+        except BaseException:   # not recorded: no object left behind that nothing points at
+            _forget(settings, obj.key)
+            raise
+        for old in replaced:
+            if old:
+                _forget(settings, old)
         delete_checkpoint(settings, run_id)
         log.info("run %s: succeeded in %.1f s", run_id, result.duration_s)
         return "succeeded"
@@ -277,6 +300,15 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         except Exception as e2:   # the reaper will fail it by heartbeat timeout
             log.error("run %s: could not record the failure: %s", run_id, e2)
         return "failed"
+
+
+def _forget(settings: Settings, key: str) -> None:
+    from .store import StoreError, get_store
+
+    try:
+        get_store(settings).delete(key)
+    except StoreError as e:
+        log.warning("an unreferenced object stays in the store: %s", e)
 
 
 @app.task(name="studio.train_run", acks_late=True)
