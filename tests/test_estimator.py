@@ -183,6 +183,25 @@ def test_method_without_count_is_a_clear_error(monkeypatch):
         estimate("llama-2-7b", {"name": "fake_method"})
 
 
+
+def test_method_without_a_plan_gets_the_stated_lower_bound(monkeypatch):
+    """A method with an exact count but no activation plan is modelled as a frozen model
+    whose gradient reaches the first layer, and the estimate says so."""
+    import dataclasses
+    spec = dataclasses.replace(METHODS["lora"], plan=None)
+    monkeypatch.setitem(METHODS, "lora", spec)
+    est.clear_estimate_cache()
+    try:
+        e = estimate("smollm2-135m", LORA_QV, batch_size=1, seq_len=128)
+        assert any("not modelled" in n and "'lora'" in n for n in e.notes)
+        assert 0 < e.rows["hidden_states"]
+    finally:
+        est.clear_estimate_cache()
+    monkeypatch.undo()
+    planned = estimate("smollm2-135m", LORA_QV, batch_size=1, seq_len=128)
+    assert not any("not modelled" in n for n in planned.notes)
+    assert planned.rows["hidden_states"] > e.rows["hidden_states"]     # LoRA's own tensors count
+
 # ---- API shape and validation ----------------------------------------------------------------------
 
 def test_to_json_is_the_contract():
