@@ -1,8 +1,9 @@
 """The fp32 CPU GEMM backend: oneDNN's matmul primitive or the BLAS sgemm that
 `F.linear` calls, chosen per GEMM shape by timing both on this machine.
 
-oneDNN is 15-40% faster than MKL's sgemm on AMD EPYC (AVX-512) and 5-10% slower
-on recent Xeons, so neither is hard-wired. `STUDIO_ONEDNN_LINEAR` chooses:
+Which is faster depends on the CPU: on an AMD EPYC (2 threads) oneDNN took
+0.46-0.62x MKL's time for every SmolLM2 GEMM, while on a recent Xeon MKL was 5-10%
+faster for most shapes, so neither is hard-wired. `STUDIO_ONEDNN_LINEAR` chooses:
 `auto` (default) times both per shape in the first calls of a run and leaves
 BLAS only for a clear gain (see `_BackendTrial`); `1` always oneDNN; `0` never.
 Same fp32 arithmetic either way (no bf16/TF32 down-conversion; results differ
