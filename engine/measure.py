@@ -244,11 +244,16 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
 
 
 def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if name in ("adamw", "adamw8bit"):     # 8-bit needs bitsandbytes; measured as fp32 AdamW here
+    """The optimizer whose state is measured: AdamW or plain SGD. 8-bit AdamW is
+    refused rather than measured as something else."""
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4)
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-4)
-    raise ValueError(f"optimizer: unknown {name!r}; choose adamw, adamw8bit or sgd")
+    if name in ("adamw_8bit", "paged_adamw_8bit", "adamw8bit"):
+        raise ValueError(f"optimizer: {name!r} cannot be measured here (no 8-bit optimizer kernels); "
+                         f"measure with adamw and compare against the estimator's 8-bit formula")
+    raise ValueError(f"optimizer: unknown {name!r}; choose adamw or sgd")
 
 
 def measure_prepared(prep, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
