@@ -12,6 +12,8 @@ import yaml
 
 from engine.arch import arch_for_model_type
 from engine.data import BUNDLED_DATASETS
+from engine.estimator import default_task as estimator_default_task
+from engine.estimator import load_model_config, model_dims
 from engine.methods import METHODS
 from engine.methods.targeting import parse_target_list
 from engine.models import BUNDLED_MODELS, TINY_MODELS
@@ -35,19 +37,23 @@ FORM_KEYS = ["run_name", "model", "task", "method", "extra_method", "ds_source",
 FORM_HIDDEN = {"name", "random_rank_seed"}   # left to the YAML box
 
 
-# ------------------------------------------------------------------ the bundled models
+# ------------------------------------------------------------------ what a picked model suggests
 
 def model_family(model: str) -> Optional[str]:
-    """'bert' / 'llama' for a bundled or tiny model; None for anything else."""
-    if model in BUNDLED_MODELS:
-        return BUNDLED_MODELS[model]["family"]
-    return TINY_MODELS.get(model)
+    """'bert' / 'llama' / 'gpt2' for a model whose config the estimator reads without
+    downloading (bundled, tiny, catalog, local config.json); None for anything else."""
+    try:
+        return model_dims(load_model_config(model)).family
+    except (ValueError, OSError):
+        return None
 
 
 def default_task(model: str) -> Optional[str]:
-    """The task a bundled model is set up for: encoders classify, decoders generate."""
-    fam = model_family(model)
-    return None if fam is None else ("classification" if fam == "bert" else "causal_lm")
+    """The task the estimator assumes for `model` (encoders classify, decoders generate); None if unknown."""
+    try:
+        return estimator_default_task(model_dims(load_model_config(model)))
+    except (ValueError, OSError):
+        return None
 
 
 def default_dataset(task: str) -> str:
@@ -56,9 +62,12 @@ def default_dataset(task: str) -> str:
 
 
 def default_targets(model: str) -> str:
-    """The architecture's usual LoRA targets for a bundled model ('' otherwise)."""
+    """The architecture's usual LoRA targets for `model` ('' when the model is unknown)."""
     fam = model_family(model)
-    return ",".join(arch_for_model_type(fam).default_lora_targets) if fam else ""
+    try:
+        return ",".join(arch_for_model_type(fam).default_lora_targets) if fam else ""
+    except ValueError:
+        return ""
 
 
 # ------------------------------------------------------------------ method fields -> form controls
