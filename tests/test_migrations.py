@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, inspect
 
 from workers import db
 
-TABLES = {"runs", "metrics", "adapters", "datasets", "workers"}
+TABLES = {"runs", "metrics", "adapters", "datasets", "workers", "artifacts"}
 
 
 def check_round_trip(url):
