@@ -114,12 +114,15 @@ def init(dist_cfg, device: torch.device) -> Optional[Dist]:
     return Dist(rank, want, local_rank, dist_cfg.strategy, device, backend)
 
 
-def check_method(spec, dist: Dist) -> None:
-    """Refuse, with the reason, a method that cannot run under this strategy."""
-    if dist.strategy == "fsdp" and (spec.after_backward is not None or spec.after_step is not None):
+def check_method(spec, strategy: str, world_size: int) -> None:
+    """Refuse, with the reason, a method that cannot run under this strategy. DDP runs
+    every method: each rank holds the whole model and, after backward, the same
+    averaged gradients, so hooks such as AdaLoRA's rank allocation see identical
+    inputs and make identical choices on every rank."""
+    if world_size > 1 and strategy == "fsdp" and (spec.after_backward is not None or spec.after_step is not None):
         raise DistributedError(
             f"method {spec.name!r} cannot run with training.distributed.strategy 'fsdp': its training hooks read "
-            f"whole parameters and gradients between steps, and FSDP keeps only a 1/{dist.world_size} shard on each "
+            f"whole parameters and gradients between steps, and FSDP keeps only a 1/{world_size} shard on each "
             f"rank; use strategy 'ddp'")
 
 
@@ -187,7 +190,9 @@ def wrap(runner: nn.Module, model: nn.Module, dist: Dist) -> nn.Module:
 
 @contextlib.contextmanager
 def no_grad_sync(runner: nn.Module, dist: Optional[Dist], sync: bool):
-    """Skip the gradient all-reduce / reduce-scatter on all but the last accumulation micro-batch."""
+    """Skip the gradient all-reduce / reduce-scatter on all but the last accumulation
+    micro-batch. The caller syncs every micro-batch of the first step: DDP's static
+    graph is learnt from a synced backward (a no_sync one first trips its reducer)."""
     if dist is None or sync:
         if dist is not None and dist.strategy == "fsdp":
             runner.set_requires_gradient_sync(True)
@@ -279,11 +284,14 @@ def launch_local(cfg, out_dir: str | Path, world_size: Optional[int] = None, *,
     from .config import parse_run_config
     from .train import TrainResult
 
+    from .methods import get_method
+
     cfg = parse_run_config(cfg)
     n = world_size or cfg.training.distributed.world_size
     if n != cfg.training.distributed.world_size:
-        cfg = cfg.model_copy(deep=True)
-        cfg.training.distributed.world_size = n
+        cfg = parse_run_config({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "distributed": {
+            "strategy": cfg.training.distributed.strategy, "world_size": n}}})
+    check_method(get_method(cfg.method.name), cfg.training.distributed.strategy, n)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / f".launch-{uuid.uuid4().hex[:8]}"
@@ -388,6 +396,9 @@ def _rank_main(job_path: str) -> None:
     resume = torch.load(job["resume"], weights_only=True) if job["resume"] else None
     prep = prepare_run(cfg, **job["prepare_kwargs"])
     main = rank == 0
+    if main and job["progress"]:
+        print(f"[{cfg.name}] {cfg.method.name}: {prep.n_trainable:,} trainable of {prep.n_params:,} parameters "
+              f"({100 * prep.trainable_ratio:.4f}%), {cfg.training.distributed.world_size} ranks", file=sys.stderr)
     mf = ev = None
     if main:
         mf = open(out / ".metrics.jsonl.tmp", "w")

@@ -312,7 +312,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     cfg, t = prep.config, prep.config.training
     dist = D.init(t.distributed, pick_device(t.device))
     if dist is not None:
-        D.check_method(prep.spec, dist)
+        D.check_method(prep.spec, dist.strategy, dist.world_size)
     world = dist.world_size if dist is not None else 1
     main = dist is None or dist.is_main
     torch.manual_seed(t.seed)
@@ -373,7 +373,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                 if dist is not None:
                     batch, weight = D.shard_batch(batch, dist, cfg.task)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with D.no_grad_sync(runner, dist, micro == t.grad_accum - 1):
+                with D.no_grad_sync(runner, dist, micro == t.grad_accum - 1 or step == start_step):
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         task_loss, extra = runner(batch)
                         if dist is None:

@@ -41,6 +41,8 @@ def cmd_train(args) -> int:
     try:
         cfg = load_run_config(args.config)
         out = Path(args.out or f"runs/{cfg.name}")
+        if cfg.training.distributed.world_size > 1:
+            return train_distributed(cfg, out)
         print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.name or Path(cfg.dataset.path).name} ...",
               file=sys.stderr)
         prep = prepare_run(cfg)
@@ -64,15 +66,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def train_distributed(cfg, out: Path) -> int:
+    """`train` with training.distributed.world_size > 1: N local ranks under torch's
+    elastic agent; rank 0 draws the progress bar and writes the usual files into `out`."""
+    from engine.distributed import DistributedError, launch_local
+
+    d = cfg.training.distributed
+    print(f"[{cfg.name}] starting {d.world_size} ranks ({d.strategy}) for {cfg.model} on "
+          f"{cfg.dataset.name or Path(cfg.dataset.path).name} ...", file=sys.stderr)
+    try:
+        result = launch_local(cfg, out, d.world_size, progress=True)
+    except DistributedError as e:
+        _die(str(e), code=1)
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    print(f"[{cfg.name}] done: {result.steps} steps on {d.world_size} ranks in {result.duration_s:.1f} s, "
+          f"loss {result.final_loss:.4f}{', ' + ev if ev else ''}; adapter in {out}", file=sys.stderr)
+    return 0
+
+
 def estimate_kwargs(a) -> dict:
+    from engine.methods.targeting import parse_target_list
+
     method = {"name": a.method}
     if a.r is not None:
         method["r"] = a.r
     if a.target_modules:
-        method["target_modules"] = [t.strip() for t in a.target_modules.split(",") if t.strip()]
+        method["target_modules"] = parse_target_list(a.target_modules)
     return dict(model=a.model, method=method, batch_size=a.batch, seq_len=a.seq, dtype=a.dtype, quant=a.quant,
                 formula=a.formula, optimizer=a.optimizer, grad_checkpointing=a.grad_checkpointing,
-                **({"task": a.task} if a.task else {}))
+                world_size=a.world_size, strategy=a.strategy, **({"task": a.task} if a.task else {}))
 
 
 def cmd_estimate(args) -> int:
@@ -87,8 +109,9 @@ def cmd_estimate(args) -> int:
         return 0
     gib = 1024 ** 3
     d = est.to_json()
+    per = f" · per device of {args.world_size} ({args.strategy})" if args.world_size > 1 else ""
     print(f"{args.model} · {args.method} · batch {args.batch} × seq {args.seq} · {args.dtype} · "
-          f"quant {args.quant} · formula {args.formula}")
+          f"quant {args.quant} · {args.optimizer} · formula {args.formula}{per}")
     print(f"parameters: {d['n_params']:,} total, {d['n_trainable']:,} trainable "
           f"({100 * d['n_trainable'] / max(1, d['n_params']):.4f}%)")
     for k, v in d["rows"].items():
@@ -142,6 +165,16 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-studio", description="PEFT Studio: try PEFT methods side by side.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -178,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     e.add_argument("--quant", choices=["none", "nf4", "nf4-dq"], default="none")
     e.add_argument("--formula", choices=["slide", "appendix", "model"], default="model")
-    e.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
+    e.add_argument("--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"], default="adamw")
+    e.add_argument("--world-size", type=_positive_int, default=1, help="devices; rows become per device")
+    e.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: a replica per device; fsdp: weights, gradients and optimizer states sharded")
     e.add_argument("--grad-checkpointing", action="store_true")
     e.add_argument("--task", choices=["classification", "causal_lm"], default=None)
     e.add_argument("--json", action="store_true")

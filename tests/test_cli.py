@@ -64,6 +64,31 @@ def test_estimate_unknown_model_is_a_clear_error():
     assert p.returncode == 2 and "no-such-model" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_estimate_per_device_rows_for_world_size_strategy_and_optimizer():
+    base = ("estimate", "--model", "llama-2-7b", "--method", "lora", "--target-modules", " q_proj, v_proj ,",
+            "--batch", "1", "--seq", "512", "--json")
+    one = json.loads(cli(*base).stdout)
+    ddp = json.loads(cli(*base, "--world-size", "4", "--strategy", "ddp").stdout)
+    fsdp = json.loads(cli(*base, "--world-size", "4", "--strategy", "fsdp").stdout)
+    assert one["n_trainable"] == 4_194_304          # the list parser dropped blanks and spaces
+    assert ddp["rows"]["weights"] == one["rows"]["weights"]                  # DDP replicates
+    assert fsdp["rows"]["weights"] < one["rows"]["weights"] / 2              # FSDP shards them
+    assert fsdp["rows"]["total"] < one["rows"]["total"]
+    eight = json.loads(cli(*base, "--optimizer", "adamw_8bit").stdout)
+    assert eight["rows"]["optimizer"] < one["rows"]["optimizer"]
+    text = cli(*base[:-1], "--world-size", "2", "--strategy", "fsdp").stdout
+    assert "per device of 2 (fsdp)" in text
+
+
+@pytest.mark.parametrize("flag,value,says", [("--world-size", "0", "must be at least 1"),
+                                             ("--world-size", "two", "expected a whole number"),
+                                             ("--strategy", "zero3", "invalid choice"),
+                                             ("--optimizer", "lion", "invalid choice")])
+def test_estimate_bad_distributed_flags_name_the_flag(flag, value, says):
+    p = cli("estimate", "--model", "gpt2", "--method", "lora", flag, value, check=False)
+    assert p.returncode == 2 and flag in p.stderr and says in p.stderr
+
+
 def test_db_upgrade_and_current(tmp_path):
     p = cli("db", "upgrade")
     assert "upgrade" in p.stdout
