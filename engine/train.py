@@ -338,6 +338,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     start_step = 0
     if resume_state:
         start_step = restore_loop_state(resume_state, opt, sched, stream, params)
+    if dist is not None and dist.rank > 0:    # its own dropout masks; rank 0 keeps the run's stream
+        torch.manual_seed(t.seed + 1_000_003 * dist.rank + start_step)
     metric_name, higher = primary_metric(cfg.task)
     history: list[dict] = []
     best: Optional[float] = None
