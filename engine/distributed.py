@@ -282,9 +282,8 @@ def launch_local(cfg, out_dir: str | Path, world_size: Optional[int] = None, *,
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .config import parse_run_config
-    from .train import TrainResult
-
     from .methods import get_method
+    from .train import TrainResult
 
     cfg = parse_run_config(cfg)
     n = world_size or cfg.training.distributed.world_size
@@ -306,7 +305,9 @@ def launch_local(cfg, out_dir: str | Path, world_size: Optional[int] = None, *,
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
                       rdzv_configs={"timeout": 300}, max_restarts=0, monitor_interval=0.2)
     stop = threading.Event()
-    tail = threading.Thread(target=_follow, args=(work, on_progress, on_checkpoint, should_stop, stop), daemon=True)
+    failed: list[BaseException] = []
+    tail = threading.Thread(target=_follow, args=(work, on_progress, on_checkpoint, should_stop, stop, failed),
+                            daemon=True)
     tail.start()
     try:
         try:
@@ -318,6 +319,8 @@ def launch_local(cfg, out_dir: str | Path, world_size: Optional[int] = None, *,
         finally:
             stop.set()
             tail.join()
+        if failed:      # a callback raised: the ranks were stopped; the caller sees its error
+            raise failed[0]
         d = json.loads((work / "result.json").read_text())
         last = work / "last_state.pt"
         state = torch.load(last, weights_only=True) if last.exists() else None
@@ -340,15 +343,17 @@ def describe_failure(e) -> str:
     return "distributed run failed: " + "; ".join(parts) if parts else f"distributed run failed: {e}"
 
 
-def _follow(work: Path, on_progress, on_checkpoint, should_stop, stop: threading.Event) -> None:
-    """In the launching process: relay rank 0's events to the callbacks, and a stop request to the ranks."""
+def _follow(work: Path, on_progress, on_checkpoint, should_stop, stop: threading.Event, failed: list) -> None:
+    """In the launching process: relay rank 0's events to the callbacks, and a stop
+    request to the ranks. A callback that raises stops the ranks; its exception is
+    kept in `failed` for the launcher to raise."""
     events = work / "events.jsonl"
     f = None
     buf = ""
     try:
         while True:
             finished = stop.is_set()
-            if should_stop is not None and not (work / "stop").exists() and should_stop():
+            if (failed or (should_stop is not None and should_stop())) and not (work / "stop").exists():
                 (work / "stop").touch()
             if f is None and events.exists():
                 f = open(events)
@@ -357,13 +362,16 @@ def _follow(work: Path, on_progress, on_checkpoint, should_stop, stop: threading
                 *lines, buf = buf.split("\n")
                 for line in lines:
                     ev = json.loads(line)
-                    if "metrics" in ev and on_progress is not None:
-                        on_progress(ev["metrics"])
-                    elif "checkpoint" in ev:
-                        p = Path(ev["path"])
-                        if on_checkpoint is not None:
-                            on_checkpoint(ev["checkpoint"], torch.load(p, weights_only=True))
-                        p.unlink(missing_ok=True)
+                    try:
+                        if "metrics" in ev and on_progress is not None and not failed:
+                            on_progress(ev["metrics"])
+                        elif "checkpoint" in ev:
+                            p = Path(ev["path"])
+                            if on_checkpoint is not None and not failed:
+                                on_checkpoint(ev["checkpoint"], torch.load(p, weights_only=True))
+                            p.unlink(missing_ok=True)
+                    except Exception as e:   # noqa: BLE001  (handed to the launcher)
+                        failed.append(e)
             if finished:
                 return
             stop.wait(0.5)

@@ -327,12 +327,12 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     steps = total_steps(prep, stream.batches_per_epoch)
     if resume_state:
         restore_trainable(resume_state, model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
     runner = TaskLoss(model, cfg.task, prep.spec.extra_loss)
     if dist is not None:
         runner = D.wrap(runner, model, dist)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
+    params = [p for p in model.parameters() if p.requires_grad]     # FSDP: its sharded DTensors
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, t.warmup_steps, steps))
     start_step = 0

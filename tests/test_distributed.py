@@ -126,6 +126,16 @@ def test_cancel_stops_every_rank_with_a_resumable_state(tmp_path):
     assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
 
 
+def test_a_failing_progress_callback_stops_the_ranks_and_reaches_the_caller(tmp_path):
+    def on_progress(m):
+        if m["step"] == 2:
+            raise OSError("database went away")
+
+    with pytest.raises(OSError, match="database went away"):
+        launch_local(config(2, "ddp", steps=5000, eval_every=0), tmp_path / "f", on_progress=on_progress)
+    assert not list((tmp_path / "f").glob(".launch-*"))
+
+
 def test_sigkill_of_one_rank_fails_the_run_naming_the_rank(tmp_path):
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(config(2, "ddp", steps=100000, eval_every=0)))
