@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 log = logging.getLogger("peft_studio.store")
 CHUNK = 1 << 20
@@ -94,7 +94,7 @@ class ArtifactStore:
             if parts.netloc not in ("", "localhost"):
                 raise StoreError(f"artifact store {self.shown}: a file:// URL names a local path "
                                  f"(file:///path), not a host")
-            self.root = Path(parts.path)
+            self.root = Path(unquote(parts.path))
             self.fs = None
         elif self.protocol in ("s3", "s3a"):
             if not parts.hostname:
