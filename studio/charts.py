@@ -95,6 +95,16 @@ def simple_bars(labels: list[str], values: list, title: str, ylabel: str, color:
     return fig
 
 
+def throughput_bars(labels: list[str], tokens_per_s: list, world_sizes: list[int]) -> go.Figure:
+    """Tokens/s per run, and beside it tokens/s per device (divided by the run's world size)."""
+    per = [None if v is None else v / max(1, n) for v, n in zip(tokens_per_s, world_sizes)]
+    fig = go.Figure([go.Bar(name="tokens/s", x=labels, y=tokens_per_s, marker_color="#10b981"),
+                     go.Bar(name="tokens/s per device", x=labels, y=per, marker_color="#6ee7b7")])
+    fig.update_layout(barmode="group", height=300, margin=dict(l=40, r=10, t=40, b=30), title="Throughput",
+                      yaxis_title="tokens/s", template="plotly_white", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
 def similarity_heatmap(matrix: list[list[float]], module: str, label_a: str, label_b: str) -> go.Figure:
     """φ(i, j) of two LoRA adapters' A matrices for one module (LoRA paper, Figure 3)."""
     n_i, n_j = len(matrix), len(matrix[0]) if matrix else 0

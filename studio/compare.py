@@ -15,8 +15,10 @@ from engine.methods import METHODS
 
 GIB = 1024 ** 3
 TABLE_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable params", "trainable %",
-                 "metric", "best metric", "final loss", "est. peak GiB", "measured peak GiB", "tokens/s",
-                 "adapter KiB", "duration s", "owner"]
+                 "metric", "best metric", "final loss", "est. peak GiB", "measured peak GiB", "measured as",
+                 "devices", "tokens/s", "tokens/s per device", "adapter KiB", "duration s", "owner"]
+# what a run's measured peak is (engine.train's memory_kind)
+MEMORY_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS (process)"}
 X_AXES = {"step": "step", "tokens seen": "tokens", "epoch": "epoch"}
 
 
@@ -28,16 +30,35 @@ def _r(v, nd):
     return None if v is None else round(float(v), nd)
 
 
+def world_size_of(run: dict) -> int:
+    """The number of processes a run trains on (training.distributed.world_size; 1 when absent)."""
+    d = ((run.get("config") or {}).get("training") or {}).get("distributed") or {}
+    return int(d.get("world_size") or 1)
+
+
+def memory_kind_label(kind: Optional[str]) -> Optional[str]:
+    """How a measured peak was taken, in words (None when the run recorded no kind)."""
+    return MEMORY_KINDS.get(kind, kind) if kind else None
+
+
+def measured_kinds_label(runs: list[dict]) -> str:
+    """The kind of every measured peak among `runs` when they agree, 'mixed: see the table' when they do not."""
+    kinds = {memory_kind_label(r.get("memory_kind")) for r in runs if r.get("measured_peak_bytes")} - {None}
+    return "" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed: see the table"
+
+
 def comparison_row(run: dict) -> list:
     tr_pct = 100 * run["n_trainable"] / run["n_params"] if run.get("n_params") and run.get("n_trainable") else None
     size = (run.get("adapter") or {}).get("size")
+    world, tps = world_size_of(run), run.get("tokens_per_s")
     return [run["id"], run["name"], run["model"], run["method"], run.get("rank"), run["status"],
             run.get("n_trainable"), _r(tr_pct, 4), run.get("metric_name"), _r(run.get("best_metric"), 4),
             _r(run.get("final_loss"), 4),
             _r(run["estimated_peak_bytes"] / GIB, 4) if run.get("estimated_peak_bytes") else None,
             _r(run["measured_peak_bytes"] / GIB, 4) if run.get("measured_peak_bytes") else None,
-            _r(run.get("tokens_per_s"), 1), _r(size / 1024, 1) if size else None, _r(run.get("duration_s"), 1),
-            run.get("owner")]
+            memory_kind_label(run.get("memory_kind")) if run.get("measured_peak_bytes") else None,
+            world, _r(tps, 1), None if tps is None else _r(tps / world, 1),
+            _r(size / 1024, 1) if size else None, _r(run.get("duration_s"), 1), run.get("owner")]
 
 
 def comparison_table(runs: list[dict]) -> list[list]:
@@ -138,8 +159,8 @@ def subspace_similarity(settings, run_a: int, run_b: int) -> dict[str, list[list
     try:
         dirs = []
         for i, rid in enumerate((run_a, run_b)):
-            data, _ = service.get_adapter(settings, rid)
-            dirs.append(extract_zip_safely(data, tmp / str(i)))
+            path, _ = service.adapter_file(settings, rid)      # a verified local file, not bytes in memory
+            dirs.append(extract_zip_safely(path, tmp / str(i)))
         return adapter_subspace_similarity(dirs[0], dirs[1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

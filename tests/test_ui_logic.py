@@ -77,6 +77,29 @@ def test_form_to_config_validates_and_round_trips():
     assert again["method"]["target_modules"] == ["query", "value"]
 
 
+def test_devices_and_strategy_go_into_the_run_config():
+    """training.distributed is written only when it is not the default (one device, ddp)."""
+    assert "distributed" not in forms.build_config(launch_form())["training"]
+    assert "distributed" not in forms.build_config(launch_form(devices=1, strategy="ddp"))["training"]
+    cfg = forms.build_config(launch_form(devices=4, strategy="fsdp"))
+    assert cfg["training"]["distributed"] == {"strategy": "fsdp", "world_size": 4}
+    parsed = service.validate_config(cfg)
+    assert (parsed.training.distributed.strategy, parsed.training.distributed.world_size) == ("fsdp", 4)
+    back = forms.form_from_config(parsed.to_dict())
+    assert (back["strategy"], back["devices"]) == ("fsdp", 4)
+    assert forms.build_config({**launch_form(), **back})["training"]["distributed"]["world_size"] == 4
+    assert forms.build_config(launch_form(devices=1, strategy="fsdp"))["training"]["distributed"] == \
+        {"strategy": "fsdp", "world_size": 1}
+    assert forms.build_config(launch_form(devices="2"))["training"]["distributed"] == {"strategy": "ddp", "world_size": 2}
+    for bad in (0, -2, 2.5, "two"):
+        with pytest.raises(service.SubmitError, match="training.distributed.world_size"):
+            forms.build_config(launch_form(devices=bad))
+    with pytest.raises(service.SubmitError, match="training.distributed.strategy"):
+        forms.build_config(launch_form(strategy="zero3"))
+    sweep = forms.sweep_configs(launch_form(devices=2), "r: 4, 8")
+    assert [c["training"]["distributed"]["world_size"] for c in sweep] == [2, 2]
+
+
 def test_form_errors_name_the_field():
     with pytest.raises(service.SubmitError, match="method.target_modules"):
         service.validate_config(forms.build_config(launch_form(target_modules="query,valeu")))
@@ -125,7 +148,8 @@ def test_estimate_panel_follows_the_rank_and_reports_fit():
     fig4, t4 = estimate_text(r=4)
     fig16, t16 = estimate_text(r=16)
     assert t4 != t16 and "Trainable: **1,090**" in t4 and "Trainable: **4,162**" in t16
-    assert "fits** on 24 GB" in t4 and "largest batch that fits" in t4
+    assert "fits** on 24 GB" in t4 and "largest batch per device that fits" in t4
+    assert "fewest devices that fit: **1** (ddp)" in t4
     names = [tr.name for tr in fig4.data]
     assert names == ["CUDA context", "Weights", "Gradients", "Activations", "Optimizer states"]
     assert fig4.layout.barmode == "stack" and fig4.layout.shapes   # the GPU line
@@ -135,6 +159,39 @@ def test_estimate_panel_follows_the_rank_and_reports_fit():
     assert "does not fit" in big
     _, bad = estimate_text(target_modules="query,valeu", model="nope-model")
     assert bad.startswith("⚠ Estimate unavailable")
+
+
+def test_estimate_is_per_device_and_names_the_fewest_devices_that_fit():
+    """llama-2-70b full fine-tuning does not fit one 80 GiB GPU; FSDP over enough of them does."""
+    from engine.estimator import estimate, smallest_world_size_that_fits
+
+    gpu = next(b for name, b in GPU_PRESETS if name.startswith("80 GB"))
+    form = launch_form(model="llama-2-70b", task="causal_lm", method="full")
+    fields = {f: form[f] for f in forms.METHOD_FIELDS}
+
+    def view(devices, strategy):
+        return launch_tab.estimate_view("llama-2-70b", "causal_lm", "full", fields, "", 1, 64, "model", str(gpu),
+                                        "bf16", "none", "80 GB", world_size=devices, strategy=strategy)
+
+    kw = dict(batch_size=1, seq_len=64, dtype="bf16", task="causal_lm")
+    n = smallest_world_size_that_fits(gpu, "llama-2-70b", {"name": "full"}, strategy="fsdp", **kw)
+    assert n > 1
+    assert estimate("llama-2-70b", {"name": "full"}, world_size=n, strategy="fsdp", **kw).total <= gpu
+    assert estimate("llama-2-70b", {"name": "full"}, world_size=n - 1, strategy="fsdp", **kw).total > gpu
+    _, one = view(1, "ddp")
+    assert "does not fit** on 80 GB" in one and "per device," not in one
+    assert f"no device count fits with ddp; fewest with fsdp: **{n}**" in one
+    fig, many = view(n, "fsdp")
+    assert f"✓ fits** on {n} × 80 GB" in many and f"fewest devices that fit: **{n}** (fsdp)" in many
+    assert f"per device, {n} × fsdp" in many and "per device" in fig.layout.title.text
+    _, fewer = view(n - 1, "fsdp")
+    assert f"does not fit** on {n - 1} × 80 GB" in fewer
+    per_device = float(many.split("**Total: ")[1].split(" GiB")[0])
+    assert per_device < float(one.split("**Total: ")[1].split(" GiB")[0]) / 4
+    _, replicas = view(8, "ddp")       # DDP keeps a full replica per device: it fits no better
+    assert "does not fit** on 8 × 80 GB" in replicas
+    _, bad = view(0, "ddp")
+    assert bad.startswith("⚠ Estimate unavailable") and "world_size" in bad
 
 
 def test_gpu_choices_add_worker_gpus():
@@ -170,6 +227,26 @@ def test_runs_table_filters_and_sorts():
     assert rows[1][-1] == "–" and rows[0][6] == 1.0
 
 
+def test_run_status_shows_resume_and_ranks():
+    fresh = fake_run(1, steps_done=3, max_steps=10, worker_host="w1", device="cpu", resumed_from_step=None,
+                     attempts=1)
+    md = runs_tab.run_status_md(fresh, [])
+    assert "resumed" not in md and "worker: w1 · device: cpu" in md and "ranks" not in md
+    resumed = fake_run(1, steps_done=12, max_steps=30, worker_host="w2", device="cpu", resumed_from_step=10,
+                       attempts=2)
+    assert runs_tab.resumed_text(resumed) == "resumed from step **10** (attempt 2)"
+    assert "resumed from step **10** (attempt 2)" in runs_tab.run_status_md(resumed, [])
+    assert runs_tab.resumed_text(fake_run(1, resumed_from_step=0, attempts=3)) == "resumed from step **0** (attempt 3)"
+    dist = fake_run(2, worker_host="w1", device="cuda:0", config={"training": {"distributed": {
+        "strategy": "fsdp", "world_size": 4}}})
+    assert runs_tab.distributed_of_run(dist) == ("fsdp", 4)
+    assert "**4 ranks** (fsdp)" in runs_tab.placement_text(dist)
+    ranked = {**dist, "ranks": [{"rank": 0, "host": "w1", "device": "cuda:0"}, {"rank": 1, "host": "w2",
+                                                                                 "device": "cuda:1"}]}
+    assert "rank 1: w2 cuda:1" in runs_tab.placement_text(ranked)
+    assert runs_tab.distributed_of_run(fake_run(3)) == ("ddp", 1)
+
+
 def test_compare_helpers():
     a, b = fake_run(1), fake_run(2)
     header, rows = compare.config_table([a, b], differences_only=True)
@@ -185,6 +262,18 @@ def test_compare_helpers():
     assert pts == [{"step": 1, "tokens_per_s": 10.0, "elapsed_s": 2.0, "loss": 1.0, "x": 20.0}]
     assert compare.parse_run_ids(["#3 a (lora, succeeded)", "#3 again", 5, "junk"]) == [3, 5]
     assert compare.metric_name_of([a, b]) == "accuracy"
+    col = compare.TABLE_COLUMNS.index
+    dist = fake_run(4, tokens_per_s=400.0, memory_kind="cpu_peak_rss",
+                    config={"training": {"distributed": {"strategy": "ddp", "world_size": 4}}})
+    row = compare.comparison_row(dist)
+    assert (row[col("devices")], row[col("tokens/s")], row[col("tokens/s per device")]) == (4, 400.0, 100.0)
+    assert row[col("measured as")] == "CPU peak RSS (process)"
+    one = compare.comparison_row(a)
+    assert (one[col("devices")], one[col("tokens/s per device")], one[col("measured as")]) == (1, 100.0, None)
+    assert compare.measured_kinds_label([dist]) == "CPU peak RSS (process)"
+    assert compare.measured_kinds_label([dist, fake_run(5, memory_kind="cuda_max_allocated")]) == "mixed: see the table"
+    fig = charts.throughput_bars(["a", "b"], [400.0, None], [4, 1])
+    assert [list(t.y) for t in fig.data] == [[400.0, None], [100.0, None]]
 
 
 def test_lora_runs_are_those_of_the_lora_family():
@@ -227,6 +316,23 @@ def finished(tmp_path_factory):
             assert execute_run(rid, settings) == "succeeded", service.get_run(settings, rid)["error"]
             ids.append(rid)
         yield settings, ids
+
+
+def test_adapter_download_is_a_verified_file_not_bytes(finished):
+    """The Runs tab offers the store's verified local copy under the run's download name."""
+    import hashlib
+
+    from studio.ui.common import link_download
+
+    settings, (a, _b, _c) = finished
+    path = runs_tab.adapter_download(settings, a)
+    assert isinstance(path, str) and path.endswith(f"a-run{a}-lora.zip")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == service.get_run(settings, a)["adapter"]["sha256"]
+    assert "adapter_config.json" in zipfile.ZipFile(path).namelist()
+    assert runs_tab.adapter_download(settings, 999999) is None
+    src, _ = service.adapter_file(settings, a)
+    again = link_download(src, "x/../../evil name.zip")
+    assert again.endswith("evil_name.zip") and open(again, "rb").read() == open(path, "rb").read()
 
 
 def test_merged_model_equals_base_plus_adapter(finished):

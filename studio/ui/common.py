@@ -4,7 +4,9 @@ guard), and files handed to the browser for download."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +76,21 @@ def write_download(data: bytes, name: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=d)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def link_download(src: str | Path, name: str) -> str:
+    """A file already on disk offered for download under `name`: hard-linked into
+    the download folder (streamed copy across filesystems), never read into memory."""
+    d = Path(tempfile.gettempdir()) / f"peft-studio-downloads-{os.getpid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / service.safe_filename(name)
+    tmp = d / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
     os.replace(tmp, path)
     return str(path)
 

@@ -26,6 +26,7 @@ DEFAULT_MODEL = "minilm"
 DEFAULT_DATASET = "demo-sentiment"
 MODEL_CHOICES = list(BUNDLED_MODELS) + list(TINY_MODELS)    # the random test models stay selectable
 
+STRATEGIES = ["ddp", "fsdp"]      # engine.config DistributedConfig.strategy
 SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr"}
 SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr"}
 MAX_SWEEP = 12
@@ -33,7 +34,7 @@ MAX_SWEEP = 12
 # the non-method part of the Launch form, in the order the event handlers receive it
 FORM_KEYS = ["run_name", "model", "task", "method", "extra_method", "ds_source", "ds_name", "upload_path",
              "text_col", "label_col", "prompt_col", "response_col", "max_rows", "max_steps", "batch", "lr", "seq",
-             "eval_every", "seed"]
+             "eval_every", "seed", "strategy", "devices"]
 FORM_HIDDEN = {"name", "random_rank_seed"}   # left to the YAML box
 
 
@@ -212,6 +213,26 @@ def _int(form: dict, key: str, field: str) -> int:
         raise service.SubmitError(f"training.{field}: give a whole number") from None
 
 
+def distributed_of(form: dict) -> tuple[str, int]:
+    """(strategy, world size) from the form's strategy and devices fields (ddp, 1 when absent)."""
+    strategy = form.get("strategy") or "ddp"
+    if strategy not in STRATEGIES:
+        raise service.SubmitError(f"training.distributed.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    devices = form.get("devices")
+    if devices is None or (isinstance(devices, str) and not devices.strip()):
+        return strategy, 1
+    try:
+        n = int(devices)
+        if n != float(devices):
+            raise ValueError
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise service.SubmitError(f"training.distributed.world_size: devices must be a whole number ≥ 1, "
+                                  f"not {devices!r}")
+    return strategy, n
+
+
 def build_config(form: dict) -> dict:
     """The run config dict from the form (validated later by the same schema as REST/CLI)."""
     method = form["method"]
@@ -235,12 +256,14 @@ def build_config(form: dict) -> dict:
         raise service.SubmitError("training.learning_rate: give a number like 5e-4") from None
     model = (form.get("model") or "").strip()
     auto = f"{model}-{method}" + (f"-r{m['r']}" if "r" in m else "")
+    training = {"max_steps": _int(form, "max_steps", "max_steps"), "batch_size": _int(form, "batch", "batch_size"),
+                "learning_rate": lr, "max_seq_len": _int(form, "seq", "max_seq_len"),
+                "eval_every": _int(form, "eval_every", "eval_every"), "seed": _int(form, "seed", "seed")}
+    strategy, world = distributed_of(form)
+    if world > 1 or strategy != "ddp":      # one device, DDP: the default, left implicit
+        training["distributed"] = {"strategy": strategy, "world_size": world}
     return {"name": (form.get("run_name") or "").strip() or auto, "model": model, "task": form["task"],
-            "dataset": ds, "method": m,
-            "training": {"max_steps": _int(form, "max_steps", "max_steps"),
-                         "batch_size": _int(form, "batch", "batch_size"),
-                         "learning_rate": lr, "max_seq_len": _int(form, "seq", "max_seq_len"),
-                         "eval_every": _int(form, "eval_every", "eval_every"), "seed": _int(form, "seed", "seed")}}
+            "dataset": ds, "method": m, "training": training}
 
 
 def parse_sweep(text: str) -> tuple[Optional[str], list[str]]:
@@ -298,7 +321,8 @@ def form_from_config(cfg: dict) -> dict:
         "prompt_col": ds.get("prompt_column") or "", "response_col": ds.get("response_column") or "",
         "max_rows": ds.get("max_rows"), "max_steps": t.get("max_steps") or 30, "batch": t.get("batch_size", 8),
         "lr": t.get("learning_rate", 5e-4), "seq": t.get("max_seq_len", 64), "eval_every": t.get("eval_every", 10),
-        "seed": t.get("seed", 0)}
+        "seed": t.get("seed", 0), "strategy": (t.get("distributed") or {}).get("strategy", "ddp"),
+        "devices": (t.get("distributed") or {}).get("world_size", 1)}
     extra = {}
     for k, v in m.items():
         if k == "name":

@@ -15,11 +15,12 @@ from engine.methods import METHODS
 from .. import charts, service
 from .common import GIB, Ctx
 from .forms import (DEFAULT_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES,
-                    build_config, build_method, default_dataset, default_task, field_choices, field_default,
-                    form_from_config, method_fields, method_help, sweep_configs)
+                    STRATEGIES, build_config, build_method, default_dataset, default_task, distributed_of,
+                    field_choices, field_default, form_from_config, method_fields, method_help, sweep_configs)
 
 DEFAULT_GPU = next(b for name, b in GPU_PRESETS if name.startswith("24 GB"))
 MAX_BATCH_SHOWN = 4096
+MAX_DEVICES_SHOWN = 1024
 
 
 # ------------------------------------------------------------------ the estimate panel
@@ -46,15 +47,31 @@ def preview_frame(rows: list[dict]):
                          for r in rows])
 
 
+def devices_text(gpu_bytes: int, name: str, per_device_total: int, world_size: int, smallest: int | None,
+                 strategy: str, fsdp_smallest: int | None = None) -> str:
+    """'✓ fits on N × <GPU>' for the chosen device count, and the fewest such GPUs that hold the run."""
+    where = f"{world_size} × {name}" if world_size > 1 else name
+    out = f"**{'✓ fits' if per_device_total <= gpu_bytes else '✗ does not fit'}** on {where}"
+    if smallest is None:
+        return out
+    if smallest:
+        return out + f" · fewest devices that fit: **{smallest}** ({strategy})"
+    if fsdp_smallest:
+        return out + f" · no device count fits with {strategy}; fewest with fsdp: **{fsdp_smallest}**"
+    return out + f" · no device count up to {MAX_DEVICES_SHOWN} fits ({strategy})"
+
+
 def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, formula, gpu, dtype, quant,
-                  gpu_name: str = "") -> tuple:
-    """(plotly figure, markdown) for the estimate panel; errors become a message, never an exception."""
-    from engine.estimator import estimate, largest_batch_that_fits
+                  gpu_name: str = "", world_size=1, strategy: str = "ddp") -> tuple:
+    """(plotly figure, markdown) for the estimate panel, per device for `world_size`
+    devices with `strategy`; errors become a message, never an exception."""
+    from engine.estimator import estimate, largest_batch_that_fits, smallest_world_size_that_fits
 
     try:
         m = build_method(method, fields, extra_yaml or "")
+        strategy, world = distributed_of({"strategy": strategy, "devices": world_size})
         kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task)
-        est = estimate(model, m, batch_size=int(batch), **kw)
+        est = estimate(model, m, batch_size=int(batch), world_size=world, strategy=strategy, **kw)
     except Exception as e:
         return charts.empty("Memory estimate", "no estimate"), f"⚠ Estimate unavailable: {e}"
     d = est.to_dict()
@@ -62,21 +79,31 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     name = gpu_name or (f"{gpu_bytes / 1e9:.0f} GB" if gpu_bytes else "")
     fits = ""
     if gpu_bytes:
-        ok = d["rows"]["total"] <= gpu_bytes
         try:
-            best = largest_batch_that_fits(gpu_bytes, model, m, max_batch=MAX_BATCH_SHOWN, **kw)
+            best = largest_batch_that_fits(gpu_bytes, model, m, max_batch=MAX_BATCH_SHOWN, world_size=world,
+                                           strategy=strategy, **kw)
         except Exception:
             best = None
+        smallest = fsdp_smallest = None
+        try:
+            args = dict(max_world_size=MAX_DEVICES_SHOWN, batch_size=int(batch), **kw)
+            smallest = smallest_world_size_that_fits(gpu_bytes, model, m, strategy=strategy, **args)
+            if smallest == 0 and strategy != "fsdp":
+                fsdp_smallest = smallest_world_size_that_fits(gpu_bytes, model, m, strategy="fsdp", **args)
+        except Exception:
+            pass
         best_text = "none" if best == 0 else (f"≥ {best}" if best == MAX_BATCH_SHOWN else str(best))
-        fits = (f"**{'✓ fits' if ok else '✗ does not fit'}** on {name}"
-                + (f" · largest batch that fits: **{best_text}**" if best is not None else ""))
+        fits = (devices_text(gpu_bytes, name, d["rows"]["total"], world, smallest, strategy, fsdp_smallest)
+                + (f" · largest batch per device that fits: **{best_text}**" if best is not None else ""))
     rows = " · ".join(f"{charts.ROW_LABELS[k]} {v / GIB:.3f}" for k, v in d["rows"].items() if k in charts.ROW_LABELS)
     notes = "".join(f"  \n_note: {n}_" for n in d.get("notes", [])[:3])
-    text = (f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({formula} formula, batch {int(batch)}, "
+    per = f"per device, {world} × {strategy}, " if world > 1 else ""
+    text = (f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({per}{formula} formula, batch {int(batch)}, "
             f"seq {int(seq)}, {dtype})  \n{fits}  \n"
             f"Trainable: **{d['n_trainable']:,}** of {d['n_params']:,} parameters "
             f"(**{d['trainable_percent']:.4f}%**)  \nGiB — {rows}{notes}")
-    return charts.memory_bar(d["rows"], gpu_bytes, name, title=f"{model} · {method}"), text
+    title = f"{model} · {method}" + (f" · per device of {world} ({strategy})" if world > 1 else "")
+    return charts.memory_bar(d["rows"], gpu_bytes, name, title=title), text
 
 
 def bundled_preview(name: str):
@@ -161,6 +188,11 @@ class LaunchTab:
             self.seq = gr.Number(64, label="max seq len", precision=0, minimum=8, elem_id="seq")
             self.eval_every = gr.Number(10, label="eval every", precision=0, minimum=0, elem_id="eval-every")
             self.seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
+        with gr.Row():
+            self.devices = gr.Number(1, label="devices", precision=0, minimum=1, elem_id="devices",
+                                     info="processes, one per GPU (world size)")
+            self.strategy = gr.Radio(STRATEGIES, value="ddp", label="strategy", elem_id="strategy",
+                                     info="ddp: a replica per device · fsdp: weights, gradients, optimizer sharded")
         with gr.Row():
             self.preview_btn = gr.Button("Preview config", elem_id="preview-config")
             self.launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
@@ -289,14 +321,15 @@ class LaunchTab:
         self.sweep_btn.click(on_sweep, form_inputs | {self.sweep_text}, self.msg)
 
         est_inputs = {self.model, self.task, self.method, self.extra_method, self.batch, self.seq, self.formula,
-                      self.gpu, self.dtype, self.quant, *self.fields.values()}
+                      self.gpu, self.dtype, self.quant, self.devices, self.strategy, *self.fields.values()}
 
         def on_estimate(data):
             g = data[self.gpu]
             fig, text = estimate_view(data[self.model], data[self.task], data[self.method],
                                       {k: data[c] for k, c in self.fields.items()}, data[self.extra_method],
                                       data[self.batch], data[self.seq], data[self.formula], g, data[self.dtype],
-                                      data[self.quant], gpu_name=gpu_label(g, ctx.workers()) if g else "")
+                                      data[self.quant], gpu_name=gpu_label(g, ctx.workers()) if g else "",
+                                      world_size=data[self.devices], strategy=data[self.strategy])
             return {self.est_plot: fig, self.est_md: text}
         est_outs = [self.est_plot, self.est_md]
         gr.on([c.change for c in est_inputs], on_estimate, est_inputs, est_outs, show_progress="hidden",

@@ -4,6 +4,7 @@ download, merged model). Everything shown is read from the database."""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import gradio as gr
@@ -13,12 +14,13 @@ from engine.methods import METHODS
 from workers.settings import Settings
 
 from .. import charts, service
-from .common import GIB, Ctx, error_text, write_download
+from .common import GIB, Ctx, error_text, link_download
 
 RUN_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable %", "best metric",
                "est. peak GiB", "measured peak GiB", "tokens/s", "duration s", "owner"]
 STATUS_FILTERS = ["all", "queued", "running", "succeeded", "failed", "cancelled"]
 PRIORITY_RANGE = (-5, 5)
+log = logging.getLogger("peft_studio.ui")
 
 
 # ------------------------------------------------------------------ pure views of runs
@@ -64,6 +66,33 @@ def fmt_eta(s: Optional[float]) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def resumed_text(run: dict) -> str:
+    """'resumed from step N (attempt k)' when the current attempt started from a checkpoint, else ''."""
+    step = run.get("resumed_from_step")
+    if step is None:
+        return ""
+    return f"resumed from step **{int(step)}**" + (f" (attempt {run['attempts']})" if run.get("attempts") else "")
+
+
+def distributed_of_run(run: dict) -> tuple[str, int]:
+    """(strategy, world size) of a run's config (ddp, 1 when it has none)."""
+    d = ((run.get("config") or {}).get("training") or {}).get("distributed") or {}
+    return d.get("strategy") or "ddp", int(d.get("world_size") or 1)
+
+
+def placement_text(run: dict) -> str:
+    """Where a run runs: the worker and device, plus world size, strategy and each
+    rank's host/device when the run spans more than one process."""
+    strategy, world = distributed_of_run(run)
+    where = f"worker: {run.get('worker_host') or '–'} · device: {run.get('device') or '–'}"
+    if world <= 1:
+        return where
+    ranks = run.get("ranks") or []
+    per_rank = "; ".join(f"rank {r.get('rank', i)}: {r.get('host') or '–'} {r.get('device') or ''}".rstrip()
+                         for i, r in enumerate(ranks) if isinstance(r, dict))
+    return f"{where} · **{world} ranks** ({strategy})" + (f"  \n{per_rank}" if per_rank else "")
+
+
 def run_status_md(run: dict, metrics: list[dict]) -> str:
     last = metrics[-1] if metrics else {}
     evals = [m for m in metrics if m.get("eval")]
@@ -75,8 +104,8 @@ def run_status_md(run: dict, metrics: list[dict]) -> str:
              + (f" · loss **{loss:.4f}**" if loss is not None else ""),
              f"tokens/s **{last.get('tokens_per_s') or 0:.1f}** · ETA **{fmt_eta(last.get('eta_s'))}**" if last else "",
              f"validation: {ev}" if ev else "",
-             f"worker: {run['worker_host'] or '–'} · device: {run['device'] or '–'} · "
-             f"launched by: {run.get('owner') or '–'}",
+             resumed_text(run),
+             f"{placement_text(run)} · launched by: {run.get('owner') or '–'}",
              f"trainable: {run['n_trainable']:,} / {run['n_params']:,}" if run.get("n_params") else ""]
     if run.get("error") and run["status"] in ("failed", "cancelled"):
         lines.append(f"**{'Error' if run['status'] == 'failed' else 'Note'}:** {run['error']}")
@@ -102,6 +131,22 @@ def run_log(run: dict, metrics: list[dict]) -> str:
 
 def run_signature(run: Optional[dict]) -> Optional[tuple]:
     return None if run is None else (run["id"], run["status"], run["steps_done"], run.get("finished_at"))
+
+
+def adapter_download(settings: Settings, run_id: int) -> Optional[str]:
+    """A path the browser can download run `run_id`'s adapter zip from (the store's
+    verified local copy, linked under its download name), or None when it has none
+    or the stored bytes are refused."""
+    from workers.store import StoreError
+
+    try:
+        src, name = service.adapter_file(settings, run_id)
+    except service.NotFound:
+        return None
+    except StoreError as e:
+        log.warning("run %s: adapter not offered for download: %s", run_id, e)
+        return None
+    return link_download(src, name)
 
 
 def workers_md(workers: list[dict]) -> str:
@@ -172,10 +217,7 @@ class RunsTab:
         """The download button (with the adapter zip) and the merged-model button for `run`."""
         path = None
         if run and run.get("adapter"):
-            try:
-                path = write_download(*service.get_adapter(self.ctx.settings, run["id"]))
-            except service.NotFound:
-                path = None
+            path = adapter_download(self.ctx.settings, run["id"])
         spec = METHODS.get(run["method"]) if run else None
         return {self.dl_btn: gr.update(value=path, interactive=path is not None),
                 self.merged_btn: gr.update(interactive=bool(run and run.get("adapter") and spec and spec.mergeable))}
@@ -280,7 +322,7 @@ class RunsTab:
                 path, name = merged_zip_path(ctx.settings, run["id"])
             except (service.NotFound, ArtifactError, ValueError) as e:
                 raise gr.Error(str(e))
-            return gr.update(value=write_download(path.read_bytes(), name), visible=True)
+            return gr.update(value=link_download(path, name), visible=True)
         self.merged_btn.click(on_merged, self.run_id, self.merged_file)
 
     def wire_clone(self, launch, tabs: gr.Tabs) -> None:
