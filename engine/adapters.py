@@ -285,11 +285,11 @@ def load_own_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
             params[k].copy_(v)
 
 
-def extract_zip_safely(data: bytes, dest: str | Path, max_total: int = 4 << 30) -> Path:
-    """Unpack an adapter zip: plain files only, no paths, bounded size."""
+def extract_zip_safely(data: bytes | str | Path, dest: str | Path, max_total: int = 4 << 30) -> Path:
+    """Unpack an adapter zip (bytes, or a zip file's path): plain files only, no paths, bounded size."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
+    with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as z:
         total = 0
         for info in z.infolist():
             name = info.filename
@@ -298,7 +298,8 @@ def extract_zip_safely(data: bytes, dest: str | Path, max_total: int = 4 << 30) 
             total += info.file_size
             if total > max_total:
                 raise AdapterError("adapter zip: too large when unpacked")
-            (dest / name).write_bytes(z.read(info))
+            with z.open(info) as src, open(dest / name, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
     return dest
 
 
