@@ -93,9 +93,11 @@ def main() -> int:
     print(f"# {args.model} LoRA r8 q,v · global batch {args.global_batch} x seq {args.seq} · {args.steps} steps "
           f"({args.skip} warm-up left out) · {device}, {'nccl' if gpus else 'gloo'}")
     print(f"{'strategy':<9}{'ranks':>6}{'tokens/s':>12}{'efficiency':>12}{'loss':>10}   peak memory per rank (GiB)")
+    base = None          # one rank has no process group: the same run for every strategy, measured once
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-        base = None
         for world in worlds:
+            if world == 1 and base is not None:
+                continue
             cfg = run_config(args.model, world, strategy, args.global_batch, args.seq, args.steps, device)
             with tempfile.TemporaryDirectory() as out:
                 res = launch_local(cfg, out, world)
@@ -103,7 +105,7 @@ def main() -> int:
             base = base if base is not None else tps
             peaks = res.rank_peak_memory_bytes or [res.peak_memory_bytes]
             eff = tps / (world * base)
-            print(f"{strategy:<9}{world:>6}{tps:>12.1f}{eff:>11.0%} {res.final_loss:>10.4f}   "
+            print(f"{strategy if world > 1 else '-':<9}{world:>6}{tps:>12.1f}{eff:>11.0%} {res.final_loss:>10.4f}   "
                   + " ".join(f"{p / 2**30:.2f}" for p in peaks) + f" ({res.memory_kind})", flush=True)
     print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at end); efficiency = tokens/s at N "
           f"ranks / (N x tokens/s at 1 rank), same global batch")
