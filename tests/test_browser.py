@@ -135,7 +135,14 @@ def test_changing_the_rank_changes_the_estimate(page):
     rank.fill("32")
     rank.press("Enter")
     after = wait_text(page, "#estimate-text", r"Trainable: 295,682 of")
-    assert after != before and "fits on 24 GB" in after and "largest batch that fits" in after
+    assert after != before and "fits on 24 GB" in after and "largest batch per device that fits" in after
+    assert "fewest devices that fit: 1 (ddp)" in after
+    devices = page.locator("#devices input[type=number]")
+    devices.fill("4")
+    devices.press("Enter")
+    page.locator("#strategy").get_by_text("fsdp", exact=True).click()
+    four = wait_text(page, "#estimate-text", r"per device, 4 × fsdp")
+    assert "fits on 4 × 24 GB" in four
     page.locator("#formula").get_by_text("slide").click()
     wait_text(page, "#estimate-text", r"slide formula")
 
