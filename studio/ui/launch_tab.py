@@ -188,11 +188,10 @@ class LaunchTab:
             self.seq = gr.Number(64, label="max seq len", precision=0, minimum=8, elem_id="seq")
             self.eval_every = gr.Number(10, label="eval every", precision=0, minimum=0, elem_id="eval-every")
             self.seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-        with gr.Row():
             self.devices = gr.Number(1, label="devices", precision=0, minimum=1, elem_id="devices",
-                                     info="processes, one per GPU (world size)")
+                                     info="one process per GPU")
             self.strategy = gr.Radio(STRATEGIES, value="ddp", label="strategy", elem_id="strategy",
-                                     info="ddp: a replica per device · fsdp: weights, gradients, optimizer sharded")
+                                     info="fsdp shards the model")
         with gr.Row():
             self.preview_btn = gr.Button("Preview config", elem_id="preview-config")
             self.launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
