@@ -70,6 +70,9 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
     retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (fp32 states) | adamw_8bit (block-wise 8-bit states, engine.optim) | "
+                            "paged_adamw_8bit (8-bit states kept in host memory)")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")

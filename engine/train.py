@@ -22,6 +22,7 @@ from . import distributed as D
 from . import fused
 from .data import BatchStream, collate, encode_examples
 from .gemm import matmul, matmul_t
+from .optim import make_optimizer
 from .prepare import Prepared
 
 from .loss import LOSS_CHUNK  # noqa: E402  (re-exported: tokens per chunk of the chunked CE)
@@ -333,7 +334,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     if dist is not None:
         runner = D.wrap(runner, model, dist)
     params = [p for p in model.parameters() if p.requires_grad]     # FSDP: its sharded DTensors
-    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    opt = make_optimizer(t.optimizer, params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                         fsdp=dist is not None and dist.strategy == "fsdp")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, t.warmup_steps, steps))
     start_step = 0
     if resume_state:
