@@ -231,11 +231,42 @@ def load_peft_ia3_into(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     return model
 
 
+def reparam_importers() -> dict:
+    """peft_type -> method module for the formats whose modules import themselves
+    (each has `PEFT_TYPE`, `SPEC` and `config_from_peft(adapter_config)`)."""
+    from .methods import loha
+
+    return {m.PEFT_TYPE: m for m in (loha,)}
+
+
+def load_peft_reparam_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
+    """Import a peft LOHA / LOKR / VERA / OFT adapter (ours or peft's) into a plain base
+    model: the method's config from adapter_config.json, its layers, its tensors strictly."""
+    from .methods import ApplyContext
+
+    d = Path(adapter_dir)
+    cfg = read_peft_config(d)
+    mod = reparam_importers().get(cfg.get("peft_type"))
+    if mod is None:
+        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not one of {', '.join(reparam_importers())}")
+    if not cfg.get("target_modules"):
+        raise AdapterError("adapter_config.json: no target_modules")
+    try:
+        mcfg = mod.config_from_peft(cfg)
+    except Exception as e:   # pydantic ValidationError or options we do not import
+        raise AdapterError(f"adapter_config.json: {e}") from None
+    mod.SPEC.apply(model, mcfg, ApplyContext(task=task_of_peft_config(cfg), seed=seed))
+    mod.SPEC.load_state(model, load_file(str(d / PEFT_WEIGHTS)))
+    return model
+
+
 def load_peft_adapter_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:
-    """Import a peft LoRA / DoRA / IA3 adapter by its peft_type."""
+    """Import a peft LoRA / DoRA / IA3 / LoHa / LoKr / VeRA / OFT adapter by its peft_type."""
     cfg = read_peft_config(Path(adapter_dir))
     if cfg.get("peft_type") == "IA3":
         return load_peft_ia3_into(model, adapter_dir)
+    if cfg.get("peft_type") in reparam_importers():
+        return load_peft_reparam_into(model, adapter_dir, seed)
     return load_peft_lora_into(model, adapter_dir, seed)
 
 

@@ -42,7 +42,7 @@ class PeftExport:
     tensors: dict
 
 
-FAMILIES = ("lora", "ia3", "adapter", "prompt", "selective")
+FAMILIES = ("lora", "ia3", "adapter", "prompt", "selective", "reparam")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MethodSpec:
     # Load weights saved by `engine.adapters` back into a model with the method applied (default: by name)
     load_state: Optional[Callable[[nn.Module, dict], None]] = None
     # What the rest of the product asks of a method instead of testing its name:
-    family: str = "selective"     # "lora" | "ia3" | "adapter" | "prompt" | "selective" (charts, loaders)
+    family: str = "selective"     # "lora" | "ia3" | "adapter" | "prompt" | "selective" | "reparam" (charts, loaders)
     adds_params: bool = True      # False: trains parameters the base model already has (full, top_k, bitfit, ...)
     quantizes_base: bool = False  # the frozen base is stored quantized (QLoRA's NF4)
     trains_base_weights: bool = False   # the block linear weights themselves train (full, top_k): never quantized

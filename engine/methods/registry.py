@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuning, lora, mam, p_tuning,
                parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
+from . import loha
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -14,6 +15,7 @@ SPECS: list[MethodSpec] = [
     adalora.SPEC,
     qlora.SPEC,
     ia3.SPEC,
+    loha.SPEC,
     bitfit.SPEC,
     ln_tuning.SPEC,
     full.SPEC,

@@ -1,0 +1,95 @@
+"""What the weight-reparametrising methods share (LoHa, LoKr, VeRA, OFT): their
+family, target resolution on the model and on its dims, strict loading of saved
+tensors by name, and peft's `target_modules` for export.
+
+These methods replace a frozen linear layer's weight W by W + ΔW(θ) (LoHa, LoKr,
+VeRA) or by W·R(θ) (OFT) for a small θ; none of them trains LoRA's `A`/`B`
+matrices, so their `family` is `reparam`, not `lora` (the Compare tab's subspace
+similarity reads LoRA `A` matrices, and the peft LORA/IA3 importers do not apply).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..arch import arch_of
+from .lora import base_linear_names
+from .targeting import peft_target_list, resolve_targets, resolve_targets_in_dims
+
+FAMILY = "reparam"
+PEFT_PREFIX = "base_model.model."
+
+
+class ReparamLoadError(ValueError):
+    pass
+
+
+def target_names(model: nn.Module, target_modules, what: str) -> list[str]:
+    """The plain nn.Linear layers `target_modules` selects (default: the architecture's
+    LoRA targets, which are peft's defaults for these methods too)."""
+    targets = target_modules or list(arch_of(model).default_lora_targets)
+    names = resolve_targets(model, targets)
+    bad = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
+    if bad:
+        raise ValueError(f"method.target_modules: {what} adapts plain torch Linear layers only; "
+                         f"{bad[0]} is a {type(model.get_submodule(bad[0])).__name__}")
+    return names
+
+
+def targets_in_dims(dims, target_modules, task: str):
+    targets = target_modules or list(dims.arch.default_lora_targets)
+    return resolve_targets_in_dims(dims, targets, task)
+
+
+def layers_of(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+def peft_targets(model: nn.Module, layers) -> list[str]:
+    """target_modules for adapter_config.json selecting exactly the adapted layers."""
+    return peft_target_list(base_linear_names(model), [n for n, _ in layers])
+
+
+def own_name(key: str) -> str:
+    """A saved key (`base_model.model.<path>.<param>`, optionally with peft's
+    `.default` adapter name) as our parameter's name."""
+    name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+    name = name.replace(".modules_to_save.", ".")
+    return name[: -len(".default")] if name.endswith(".default") else name
+
+
+def load_by_name(model: nn.Module, tensors: dict[str, torch.Tensor], layer_cls,
+                 skip: Optional[set] = None) -> None:
+    """Copy saved tensors into the model's parameters strictly: each key must name a
+    parameter of the same shape, and every parameter of a `layer_cls` layer must get
+    one. Keys in `skip` are the caller's (e.g. VeRA's shared projections)."""
+    params = dict(model.named_parameters())
+    own = {f"{n}.{p}" for n, m in layers_of(model, layer_cls) for p, _ in m.named_parameters()
+           if not p.startswith("base_layer.")}
+    loaded, unknown = set(), []
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if skip and key in skip:
+                continue
+            name = own_name(key)
+            if name not in params:
+                unknown.append(key)
+                continue
+            if params[name].shape != value.shape:
+                raise ReparamLoadError(f"tensor {key}: shape {tuple(value.shape)} does not fit "
+                                       f"{name} {tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+            loaded.add(name)
+    if unknown:
+        raise ReparamLoadError(f"adapter tensors match nothing in the model: {unknown[:5]}")
+    unset = sorted(own - loaded)
+    if unset:
+        raise ReparamLoadError(f"adapter lacks tensors for {len(unset)} adapter parameters, e.g. {unset[:3]}")
+
+
+def delta_dtype(base: nn.Linear) -> torch.dtype:
+    dt = base.weight.dtype
+    return dt if dt.is_floating_point else torch.float32
