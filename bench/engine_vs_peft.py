@@ -130,7 +130,9 @@ def one_child(side, case_name, method, steps, warmup) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, __file__, "--child", side, case_name, json.dumps(method),
                           "--steps", str(steps), "--warmup", str(warmup)],
-                         capture_output=True, text=True, env=env, check=True)
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"the {side} process for {case_name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
