@@ -4,9 +4,12 @@ Ben Zaken, Ravfogel, Goldberg, "BitFit: Simple Parameter-efficient Fine-tuning f
 Transformer-based Masked Language-models", ACL 2022, arXiv:2106.10199.
 
 Every bias of the model except the heads' (the classification head trains anyway)
-becomes trainable. Llama-family models have no biases: we refuse with a clear
-error rather than invent zero-initialised ones (that would change the
-architecture and its saved form). Nothing is added, so "merging" changes nothing.
+becomes trainable. A model with no biases at all (Llama) gets zero-initialised bias
+vectors on every linear layer of its blocks, and only those train: bias *addition*,
+as in LLaMA-Adapter V2's bias tuning (Gao et al. 2023, arXiv:2304.15010). They start
+at zero, so training starts at the base model; they are the linears' own `.bias`,
+so they save and load by name, and the merged export keeps them as the model's
+biases (the config's `attention_bias` / `mlp_bias` turned on so transformers loads them).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Literal
 
 from torch import nn
 
-from ..arch import arch_of
+import torch
+from ..arch import arch_of, blocks
 from .base import ApplyContext, MethodConfig, MethodSpec, freeze_all, merge_and_unload
 from .baselines import final_norm_path, is_head_param, norms_per_block
 from .plan import Plan, empty_plan
@@ -25,20 +29,55 @@ class BitFitConfig(MethodConfig):
     name: Literal["bitfit"] = "bitfit"
 
 
+# the config flag that makes transformers build (and load) the biases of each block part
+BIAS_FLAGS = (("attn_path", "attention_bias"), ("ffn_path", "mlp_bias"))
+
+
+def add_block_biases(model: nn.Module) -> list[nn.Parameter]:
+    """Zero bias vectors on every bias-free nn.Linear of every block."""
+    arch = arch_of(model)
+    missing = [flag for _, flag in BIAS_FLAGS if not hasattr(model.config, flag)]
+    if missing:
+        raise ValueError(f"method.name: bitfit would add biases to this bias-free {arch.family} model, but its "
+                         f"config has no {missing[0]!r} flag to keep them in a merged export; choose ln_tuning, "
+                         f"lora or another method")
+    added = []
+    for block in blocks(model):
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
+                added.append(m.bias)
+    return added
+
+
 def apply_bitfit(model: nn.Module, cfg: BitFitConfig, ctx: ApplyContext) -> None:
     freeze_all(model)
     biases = [p for n, p in model.named_parameters() if n.endswith("bias") and not is_head_param(model, n)]
     if not biases:
-        raise ValueError(f"method.name: bitfit trains bias terms, and this {arch_of(model).family} model has none "
-                         f"(Llama-family models have no biases); choose ln_tuning, lora or another method")
+        biases = add_block_biases(model)
     for p in biases:
         p.requires_grad_(True)
 
 
+def merge_bitfit(model: nn.Module) -> None:
+    """Nothing to fold; biases added to a bias-free model are declared in its config
+    so that the saved model loads them."""
+    merge_and_unload(model)
+    arch = arch_of(model)
+    for path_attr, flag in BIAS_FLAGS:
+        if not hasattr(model.config, flag) or getattr(model.config, flag):
+            continue
+        part = getattr(arch, path_attr)
+        if any(m.bias is not None for b in blocks(model) for m in b.get_submodule(part).modules()
+               if isinstance(m, nn.Linear)):
+            setattr(model.config, flag, True)
+
+
 def count_bitfit(dims, cfg, task: str) -> int:
-    if dims.family == "llama" and not (dims.attention_bias or dims.mlp_bias):
-        return 0
-    n = sum(l.out_features for l in dims.block_linears() if l.bias) * dims.num_layers
+    linears = dims.block_linears()
+    if not any(l.bias for l in linears) and dims.norm != "layernorm":   # bias-free: one added per output
+        return sum(l.out_features for l in linears) * dims.num_layers
+    n = sum(l.out_features for l in linears if l.bias) * dims.num_layers
     if dims.norm == "layernorm":
         n_norms = dims.num_layers * norms_per_block(dims) + (1 if final_norm_path(dims.family) else 0)
         n_norms += 1 if dims.family == "bert" else 0          # embeddings LayerNorm
@@ -61,7 +100,9 @@ SPEC = MethodSpec(
     name="bitfit", config_cls=BitFitConfig, apply=apply_bitfit,
     paper="Ben Zaken et al. 2022, BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked "
           "Language-models (arXiv:2106.10199)",
-    summary="Trains only the bias terms (models without biases, like Llama, are refused).",
-    trains="bias vectors", mergeable=True, merge=merge_and_unload, count_trainable=count_bitfit,
+    summary="Trains only the bias terms; on bias-free models (Llama) adds zero-initialised biases to every "
+            "block linear and trains those.",
+    trains="bias vectors (added ones on bias-free models)", mergeable=True, merge=merge_bitfit,
+    count_trainable=count_bitfit,
     family="selective", adds_params=False, plan=plan_bitfit,
 )

@@ -21,7 +21,7 @@ input-dependent).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -37,7 +37,8 @@ ATTR = "adaption_prompt"
 class LlamaAdapterConfig(MethodConfig):
     name: Literal["llama_adapter"] = "llama_adapter"
     adapter_len: int = Field(10, gt=0, le=1024, description="K: adaption-prompt tokens per layer")
-    adapter_layers: int = Field(8, gt=0, le=1024, description="L: adapt the top L layers")
+    adapter_layers: Optional[int] = Field(None, gt=0, le=1024,
+                                          description="L: adapt the top L layers (default: min(8, the model's layers))")
 
 
 class AdaptionPrompt(nn.Module):
@@ -83,24 +84,34 @@ def adaption_hook(attn: nn.Module, args: tuple, kwargs: dict, output):
     return (output[0] + extra,) + tuple(output[1:])
 
 
-def check_llama(model: nn.Module, cfg: LlamaAdapterConfig) -> int:
+DEFAULT_LAYERS = 8
+
+
+def adapted_layers(cfg: LlamaAdapterConfig, n_layers: int) -> int:
+    """L: the configured value (an error if the model has fewer layers), else min(8, layers)."""
+    if cfg.adapter_layers is None:
+        return min(DEFAULT_LAYERS, n_layers)
+    if cfg.adapter_layers > n_layers:
+        raise ValueError(f"method.adapter_layers: {cfg.adapter_layers} is more than the model's {n_layers} layers")
+    return cfg.adapter_layers
+
+
+def check_llama(model: nn.Module, cfg: LlamaAdapterConfig) -> tuple[int, int]:
     fam = arch_of(model).family
     if fam != "llama":
         raise ValueError(f"method.name: llama_adapter needs a Llama-architecture model (decoder with rotary "
                          f"attention); this model is {fam}. Use prefix_tuning or prompt_tuning instead.")
     n = model.config.num_hidden_layers
-    if cfg.adapter_layers > n:
-        raise ValueError(f"method.adapter_layers: {cfg.adapter_layers} is more than the model's {n} layers")
-    return n
+    return n, adapted_layers(cfg, n)
 
 
 def apply_llama_adapter(model: nn.Module, cfg: LlamaAdapterConfig, ctx: ApplyContext) -> None:
-    n = check_llama(model, cfg)
+    n, n_adapted = check_llama(model, cfg)
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     arch = arch_of(model)
     w = model.get_input_embeddings().weight
-    for i in range(n - cfg.adapter_layers, n):
+    for i in range(n - n_adapted, n):
         attn = blocks(model)[i].get_submodule(arch.attn_path)
         setattr(attn, ATTR, AdaptionPrompt(cfg.adapter_len, model.config.hidden_size,
                                            model.config.num_attention_heads, device=w.device, dtype=w.dtype))
@@ -110,14 +121,12 @@ def apply_llama_adapter(model: nn.Module, cfg: LlamaAdapterConfig, ctx: ApplyCon
 def count_llama_adapter(dims, cfg: LlamaAdapterConfig, task: str) -> int:
     if dims.family != "llama":
         raise ValueError(f"method.name: llama_adapter needs a Llama-architecture model, not {dims.family}")
-    if cfg.adapter_layers > dims.num_layers:
-        raise ValueError(f"method.adapter_layers: {cfg.adapter_layers} is more than the model's {dims.num_layers} layers")
-    return cfg.adapter_layers * (cfg.adapter_len * dims.hidden_size + dims.num_heads)
+    return adapted_layers(cfg, dims.num_layers) * (cfg.adapter_len * dims.hidden_size + dims.num_heads)
 
 
 def plan_llama_adapter(dims, cfg: LlamaAdapterConfig, task: str) -> Plan:
     plan = empty_plan(dims)
-    for lp in plan.layers[max(0, dims.num_layers - int(cfg.adapter_layers)):]:
+    for lp in plan.layers[max(0, dims.num_layers - adapted_layers(cfg, dims.num_layers)):]:
         lp.adaption_prompt = int(cfg.adapter_len)
     return plan
 
