@@ -1,16 +1,22 @@
-"""Datasets: the bundled demos and uploaded CSV / JSONL / Parquet files (read with
-Hugging Face `datasets`), column mapping, validation with clear errors, and
-tokenization into padded batches."""
+"""Datasets: the bundled demos and CSV / JSONL / Parquet files or directories of
+Parquet shards, read with Hugging Face `datasets` into memory-mapped Arrow tables
+(never Python lists of rows), mapped onto the task's columns with clear errors,
+and kept in a cache keyed by the source's sha256 so a rerun reads no text again.
+
+Tokenization and its cache: engine.tokens; batches, packing: engine.batching."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Optional
 
-import torch
+import numpy as np
 
 DATA_DIR = Path(__file__).parent / "datasets"
 BUNDLED_DATASETS = {
@@ -22,69 +28,148 @@ BUNDLED_DATASETS = {
 SUPPORTED_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_CLASSES = 1000
+CACHE_VERSION = "1"
+# (stage, rows done, rows in all) while data is prepared; see format_progress
+DataProgress = Callable[[str, int, int], None]
 
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file/column and why."""
 
 
+def default_cache_dir() -> Path:
+    """Where prepared datasets are kept when the caller names no cache dir:
+    STUDIO_DATA_CACHE, else <STUDIO_DATA_DIR>/data-cache."""
+    if os.environ.get("STUDIO_DATA_CACHE"):
+        return Path(os.environ["STUDIO_DATA_CACHE"]).expanduser()
+    from .paths import default_data_dir
+
+    return default_data_dir() / "data-cache"
+
+
+def format_progress(stage: str, done: int, total: int) -> str:
+    """'preparing data: 1.2M / 2.8M rows (tokenizing train)'."""
+    def n(x: int) -> str:
+        return f"{x / 1e6:.1f}M" if x >= 1_000_000 else f"{x / 1e3:.0f}k" if x >= 10_000 else f"{x:,}"
+    return f"preparing data: {n(done)} / {n(total)} rows ({stage})"
+
+
 @dataclass
 class Examples:
-    """Rows mapped onto the task's columns: text+label, or prompt+response/text."""
+    """Rows mapped onto the task's columns (text+label, or prompt+response, or text)
+    as memory-mapped `datasets.Dataset`s. `fingerprint` names the mapped data in the
+    cache (source sha256 + mapping); callers may also pass plain lists of dicts."""
 
     task: str
-    train: list[dict]
-    validation: list[dict]
+    train: Any
+    validation: Any
     labels: list[str] = field(default_factory=list)   # classification: index -> name
+    fingerprint: Optional[str] = None
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
 
-def read_table(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> list[dict]:
-    """Rows of a CSV / JSONL / Parquet file as dicts, with clear errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"dataset.path: file not found: {p.name}")
-    kind = SUPPORTED_SUFFIXES.get(p.suffix.lower())
-    if kind is None:
-        raise DataError(f"dataset.path: unsupported file type {p.suffix or '(none)'!r}; use .csv, .jsonl or .parquet")
-    size = p.stat().st_size
-    if size == 0:
-        raise DataError(f"dataset.path: {p.name} is empty")
-    if size > max_bytes:
-        raise DataError(f"dataset.path: {p.name} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB")
-    if kind in ("csv", "json"):
-        check_utf8(p)
-    else:
-        check_parquet(p, max_bytes)
-    import shutil
-    import tempfile
+class Rows:
+    """A read-only sequence of row dicts over an Arrow dataset: len, index, slice and
+    iteration, without turning the table into Python objects all at once."""
 
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.ds.select(range(*i.indices(len(self.ds)))).to_list()
+        return self.ds[int(i)]
+
+    def __iter__(self):
+        return iter(self.ds)
+
+    def __bool__(self) -> bool:
+        return len(self.ds) > 0
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_files(path: str | Path, max_bytes: int) -> tuple[str, list[Path]]:
+    """(format, files) of a dataset path: one CSV / JSONL / Parquet file, or a
+    directory of Parquet shards (read in row groups, in name order). Sizes are
+    checked against `max_bytes` (a directory: its shards together)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".parquet")
+        if not files:
+            raise DataError(f"dataset.path: directory {p.name} holds no .parquet shards")
+        kind = "parquet"
+    else:
+        if not p.is_file():
+            raise DataError(f"dataset.path: file not found: {p.name}")
+        kind = SUPPORTED_SUFFIXES.get(p.suffix.lower())
+        if kind is None:
+            raise DataError(f"dataset.path: unsupported file type {p.suffix or '(none)'!r}; "
+                            f"use .csv, .jsonl or .parquet (or a directory of .parquet shards)")
+        files = [p]
+    sizes = [f.stat().st_size for f in files]
+    for f, s in zip(files, sizes):
+        if s == 0:
+            raise DataError(f"dataset.path: {f.name} is empty")
+    if sum(sizes) > max_bytes:
+        raise DataError(f"dataset.path: {p.name} is {sum(sizes) / 2**20:.1f} MiB, over the limit of "
+                        f"{max_bytes / 2**20:.0f} MiB")
+    return kind, files
+
+
+def read_dataset(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, cache_dir: Optional[Path] = None,
+                 checked: bool = False):
+    """A file (or directory of Parquet shards) as one memory-mapped `datasets.Dataset`:
+    datasets streams the source (CSV in chunks, Parquet by row group) into an Arrow
+    file under `cache_dir` (the caller owns and removes it). Content checks (UTF-8,
+    Parquet footers and decoded size) run first unless `checked`."""
+    kind, files = source_files(path, max_bytes)
+    if not checked:
+        for f in files:
+            if kind in ("csv", "json"):
+                check_utf8(f)
+            else:
+                check_parquet(f, max_bytes)
     import datasets as hf_datasets
+
     hf_datasets.disable_progress_bars()
-    # datasets writes an Arrow copy of the file into its cache (~/.cache/huggingface):
-    # keep that copy beside the file (the data dir for uploads) and delete it afterwards
+    name = Path(path).name
+    try:
+        ds = hf_datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train",
+                                      cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as e:   # datasets raises many types for malformed files
+        raise DataError(f"dataset.path: could not read {name} as {kind.upper()}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    if len(ds) == 0:
+        raise DataError(f"dataset.path: {name} has no rows")
+    return ds
+
+
+def read_table(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Rows:
+    """Rows of a CSV / JSONL / Parquet file (checked, with clear errors) as a sequence
+    of dicts over a memory-mapped Arrow copy. The copy's folder is removed at once;
+    the mapping keeps its pages readable until the rows are dropped (POSIX)."""
+    p = Path(path)
     try:
         cache = tempfile.mkdtemp(prefix=".read-", dir=p.parent)
     except OSError:
         cache = tempfile.mkdtemp(prefix="peft-studio-read-")
     try:
-        ds = hf_datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True,
-                                      cache_dir=cache)
-        if len(ds) == 0:
-            raise DataError(f"dataset.path: {p.name} has no rows")
-        return ds.to_list()
-    except DataError:
-        raise
-    except Exception as e:   # datasets raises many types for malformed files
-        raise DataError(f"dataset.path: could not read {p.name} as {kind.upper()}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        return Rows(read_dataset(p, max_bytes=max_bytes, cache_dir=Path(cache)))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-
-
 # a Parquet file may decompress to far more than its size (a "compression bomb")
 PARQUET_MAX_EXPANSION = 10
 
@@ -154,8 +239,7 @@ def read_bundled(name: str, split: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _require_columns(rows: list[dict], cols: dict[str, Optional[str]], where: str) -> None:
-    present = list(rows[0].keys())
+def _require_columns(present: list[str], cols: dict[str, Optional[str]], where: str) -> None:
     for field_name, col in cols.items():
         if col is None:
             raise DataError(f"dataset.{field_name}: required for this task; columns in {where}: {', '.join(present)}")
@@ -163,58 +247,124 @@ def _require_columns(rows: list[dict], cols: dict[str, Optional[str]], where: st
             raise DataError(f"dataset.{field_name}: column {col!r} not found in {where}; columns: {', '.join(present)}")
 
 
-def _guess(rows: list[dict], *names: str) -> Optional[str]:
-    cols = {c.lower(): c for c in rows[0].keys()}
+def _guess(present: list[str], *names: str) -> Optional[str]:
+    cols = {c.lower(): c for c in present}
     for n in names:
         if n in cols:
             return cols[n]
     return None
 
 
-def map_classification(rows, text_col, label_col, where) -> list[dict]:
-    _require_columns(rows, {"text_column": text_col, "label_column": label_col}, where)
-    out = []
-    for i, r in enumerate(rows):
-        t, y = r.get(text_col), r.get(label_col)
-        if t is None or (isinstance(t, str) and not t.strip()):
-            raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {text_col!r}")
-        if y is None or (isinstance(y, float) and y != y):
-            raise DataError(f"dataset.label_column: row {i + 1} of {where} has no {label_col!r}")
-        if isinstance(y, (list, dict)):
-            raise DataError(f"dataset.label_column: row {i + 1} of {where}: label must be a string or integer")
-        if isinstance(y, float):
-            if not y.is_integer():
-                raise DataError(f"dataset.label_column: row {i + 1} of {where}: label {y} is not a class "
-                                f"(classification needs string or integer labels)")
-            y = int(y)
-        out.append({"text": str(t), "label": str(y)})
-    return out
+def _label(y, row: int, col: str, where: str) -> str:
+    if y is None or (isinstance(y, float) and y != y):
+        raise DataError(f"dataset.label_column: row {row} of {where} has no {col!r}")
+    if isinstance(y, (list, dict)):
+        raise DataError(f"dataset.label_column: row {row} of {where}: label must be a string or integer")
+    if isinstance(y, float):
+        if not y.is_integer():
+            raise DataError(f"dataset.label_column: row {row} of {where}: label {y} is not a class "
+                            f"(classification needs string or integer labels)")
+        y = int(y)
+    return str(y)
 
 
-def map_causal(rows, prompt_col, response_col, text_col, where) -> list[dict]:
-    if prompt_col or response_col:
-        _require_columns(rows, {"prompt_column": prompt_col, "response_column": response_col}, where)
-        out = []
-        for i, r in enumerate(rows):
-            p, s = r.get(prompt_col), r.get(response_col)
-            if p is None or s is None or not str(s).strip():
-                raise DataError(f"dataset: row {i + 1} of {where} has an empty prompt or response")
-            out.append({"prompt": str(p), "response": str(s)})
-        return out
-    _require_columns(rows, {"text_column": text_col}, where)
-    out = []
-    for i, r in enumerate(rows):
-        t = r.get(text_col)
-        if t is None or not str(t).strip():
-            raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {text_col!r}")
-        out.append({"text": str(t)})
-    return out
+def _mapper(task: str, cols: dict, where: str):
+    """A batched `map` function from the source's columns to the task's (text, label /
+    prompt, response / text), refusing empty cells with the row's number in the file."""
+    tc, lc, pc, rc = cols["text_column"], cols["label_column"], cols["prompt_column"], cols["response_column"]
+
+    def empty(v) -> bool:
+        return v is None or not str(v).strip()
+
+    def f(batch: dict, idx: list[int]) -> dict:
+        if task == "classification":
+            text, label = [], []
+            for i, t, y in zip(idx, batch[tc], batch[lc]):
+                if t is None or (isinstance(t, str) and not t.strip()):
+                    raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {tc!r}")
+                text.append(str(t))
+                label.append(_label(y, i + 1, lc, where))
+            return {"text": text, "label": label}
+        if pc or rc:
+            for i, p, s in zip(idx, batch[pc], batch[rc]):
+                if p is None or empty(s):
+                    raise DataError(f"dataset: row {i + 1} of {where} has an empty prompt or response")
+            return {"prompt": [str(p) for p in batch[pc]], "response": [str(s) for s in batch[rc]]}
+        for i, t in zip(idx, batch[tc]):
+            if empty(t):
+                raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {tc!r}")
+        return {"text": [str(t) for t in batch[tc]]}
+    return f
+
+
+def _resolve_columns(ds_cfg, task: str, present: list[str], meta: Optional[dict]) -> dict:
+    if meta is not None:   # a bundled dataset: its columns unless the config names others
+        return {k: getattr(ds_cfg, k) or meta.get(k) for k in
+                ("text_column", "label_column", "prompt_column", "response_column")}
+    causal_pr = task == "causal_lm" and not ds_cfg.text_column
+    return {
+        "text_column": ds_cfg.text_column or (_guess(present, "text", "sentence", "content") if not
+                                              (ds_cfg.prompt_column or ds_cfg.response_column) else None),
+        "label_column": ds_cfg.label_column or _guess(present, "label", "labels", "class", "target"),
+        "prompt_column": ds_cfg.prompt_column or (_guess(present, "prompt", "instruction", "question")
+                                                  if causal_pr else None),
+        "response_column": ds_cfg.response_column or (_guess(present, "response", "output", "answer")
+                                                      if causal_pr else None),
+    }
+
+
+def _map_rows(ds, task: str, cols: dict, where: str):
+    present = ds.column_names
+    if task == "classification":
+        _require_columns(present, {"text_column": cols["text_column"], "label_column": cols["label_column"]}, where)
+    elif cols["prompt_column"] or cols["response_column"]:
+        _require_columns(present, {"prompt_column": cols["prompt_column"],
+                                   "response_column": cols["response_column"]}, where)
+    else:
+        _require_columns(present, {"text_column": cols["text_column"]}, where)
+    from datasets import Features, Value
+
+    names = (["text", "label"] if task == "classification" else
+             ["prompt", "response"] if (cols["prompt_column"] or cols["response_column"]) else ["text"])
+    return ds.map(_mapper(task, cols, where), batched=True, batch_size=10_000, with_indices=True,
+                  remove_columns=present, features=Features({n: Value("string") for n in names}),
+                  load_from_cache_file=False)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished cache entry into place; another process may have won the race."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def examples_key(ds_cfg, task: str, seed: int, shas: list[str]) -> str:
+    conf = ds_cfg.model_dump()
+    conf.pop("path", None)
+    conf.pop("validation_path", None)
+    random_split = not ds_cfg.name and not ds_cfg.validation_path
+    blob = json.dumps({"v": CACHE_VERSION, "task": task, "dataset": conf, "files": shas,
+                       "seed": seed if random_split else None}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed: int = 0,
-                  path_resolver=None) -> Examples:
-    """Read and map a dataset section of a run config. `path_resolver` maps a
-    dataset.path to a real file (the studio maps upload ids into its data dir)."""
+                  path_resolver=None, cache_dir: Optional[Path] = None,
+                  on_progress: Optional[DataProgress] = None) -> Examples:
+    """Read and map a dataset section of a run config into memory-mapped Arrow
+    datasets, cached under `cache_dir` (default: default_cache_dir()) by the sha256
+    of the source file(s) and the mapping, so a rerun reads only the cache.
+    `path_resolver` maps a dataset.path to a real file (the studio maps upload ids)."""
+    import random
+
+    from datasets import load_from_disk
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    meta = None
     if ds_cfg.name:
         if ds_cfg.name not in BUNDLED_DATASETS:
             raise DataError(f"dataset.name: unknown bundled dataset {ds_cfg.name!r}; "
@@ -222,145 +372,84 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
         meta = BUNDLED_DATASETS[ds_cfg.name]
         if meta["task"] != task:
             raise DataError(f"dataset.name: {ds_cfg.name!r} is a {meta['task']} dataset, but task is {task!r}")
-        train, val = read_bundled(ds_cfg.name, "train"), read_bundled(ds_cfg.name, "validation")
-        cols = {k: ds_cfg.model_dump().get(k) or meta.get(k) for k in
-                ("text_column", "label_column", "prompt_column", "response_column")}
+        path = DATA_DIR / f"{ds_cfg.name}.train.jsonl"
+        vpath = DATA_DIR / f"{ds_cfg.name}.validation.jsonl"
         where = ds_cfg.name
     else:
         path = path_resolver(ds_cfg.path) if path_resolver else Path(ds_cfg.path)
-        rows = read_table(path, max_bytes=max_bytes)
+        vpath = None
         if ds_cfg.validation_path:
             vpath = path_resolver(ds_cfg.validation_path) if path_resolver else Path(ds_cfg.validation_path)
-            train, val = rows, read_table(vpath, max_bytes=max_bytes)
-        else:
-            rng = random.Random(seed)
-            idx = list(range(len(rows)))
-            rng.shuffle(idx)
-            n_val = int(round(len(rows) * ds_cfg.validation_fraction)) if len(rows) >= 10 else 0
-            val = [rows[i] for i in idx[:n_val]]
-            train = [rows[i] for i in idx[n_val:]]
-        cols = {
-            "text_column": ds_cfg.text_column or (_guess(rows, "text", "sentence", "content") if not
-                                                  (ds_cfg.prompt_column or ds_cfg.response_column) else None),
-            "label_column": ds_cfg.label_column or _guess(rows, "label", "labels", "class", "target"),
-            "prompt_column": ds_cfg.prompt_column or (_guess(rows, "prompt", "instruction", "question")
-                                                      if task == "causal_lm" and not ds_cfg.text_column else None),
-            "response_column": ds_cfg.response_column or (_guess(rows, "response", "output", "answer")
-                                                          if task == "causal_lm" and not ds_cfg.text_column else None),
-        }
         where = Path(ds_cfg.path).name
-    if ds_cfg.max_rows:
-        train = train[: ds_cfg.max_rows]
-    if task == "classification":
-        train = map_classification(train, cols["text_column"], cols["label_column"], where)
-        val = map_classification(val, cols["text_column"], cols["label_column"], where) if val else []
-        labels = sorted({r["label"] for r in train}, key=_label_sort_key)
-        if len(labels) < 2:
-            raise DataError(f"dataset.label_column: {cols['label_column']!r} has only one class "
-                            f"({labels[0]!r}); classification needs at least two")
-        if len(labels) > MAX_CLASSES:
-            raise DataError(f"dataset.label_column: {cols['label_column']!r} has {len(labels)} distinct values; "
-                            f"at most {MAX_CLASSES} classes are supported (is it the text column?)")
-        unseen = sorted({r["label"] for r in val} - set(labels))
-        if unseen:
-            raise DataError(f"dataset.label_column: validation has labels never seen in training: {unseen[:5]}")
-        return Examples(task, train, val, labels)
-    train = map_causal(train, cols["prompt_column"], cols["response_column"], cols["text_column"], where)
-    val = map_causal(val, cols["prompt_column"], cols["response_column"], cols["text_column"], where) if val else []
-    return Examples(task, train, val)
+    shas = []
+    for src in (path, vpath):
+        if src is not None:
+            _, files = source_files(src, max_bytes)
+            shas.append([sha256_of(f) for f in files])
+    key = examples_key(ds_cfg, task, seed, shas)
+    final = cache / "examples" / key
+    if (final / "meta.json").exists():
+        info = json.loads((final / "meta.json").read_text())
+        return Examples(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+                        info["labels"], key)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".examples-", dir=cache))
+    try:
+        if on_progress:
+            on_progress("reading", 0, 0)
+        raw = read_dataset(path, max_bytes=max_bytes, cache_dir=tmp / "hf")
+        cols = _resolve_columns(ds_cfg, task, raw.column_names, meta)
+        mapped = _map_rows(raw, task, cols, where)
+        if vpath is not None:
+            train = mapped
+            val = _map_rows(read_dataset(vpath, max_bytes=max_bytes, cache_dir=tmp / "hf"), task, cols,
+                            vpath.name if meta is None else where)
+        else:
+            n = len(mapped)
+            idx = list(range(n))
+            random.Random(seed).shuffle(idx)    # the split of earlier versions, row for row
+            order = np.asarray(idx, dtype=np.int64)
+            del idx
+            n_val = int(round(n * ds_cfg.validation_fraction)) if n >= 10 else 0
+            val, train = mapped.select(order[:n_val]), mapped.select(order[n_val:])
+        if ds_cfg.max_rows and ds_cfg.max_rows < len(train):
+            train = train.select(range(ds_cfg.max_rows))
+        labels: list[str] = []
+        if task == "classification":
+            labels = sorted(train.unique("label"), key=_label_sort_key)
+            if len(labels) < 2:
+                raise DataError(f"dataset.label_column: {cols['label_column']!r} has only one class "
+                                f"({labels[0]!r}); classification needs at least two")
+            if len(labels) > MAX_CLASSES:
+                raise DataError(f"dataset.label_column: {cols['label_column']!r} has {len(labels)} distinct "
+                                f"values; at most {MAX_CLASSES} classes are supported (is it the text column?)")
+            unseen = sorted(set(val.unique("label")) - set(labels)) if len(val) else []
+            if unseen:
+                raise DataError(f"dataset.label_column: validation has labels never seen in training: {unseen[:5]}")
+        out = tmp / "entry"
+        train.save_to_disk(str(out / "train"))
+        val.save_to_disk(str(out / "validation"))
+        (out / "meta.json").write_text(json.dumps({"labels": labels, "where": where, "columns": cols,
+                                                   "rows": [len(train), len(val)]}))
+        del raw, mapped, train, val
+        _publish_dir(out, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads((final / "meta.json").read_text())
+    return Examples(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+                    info["labels"], key)
 
 
 def _label_sort_key(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
-# ---------------------------------------------------------------- tokenization
-
-def format_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt, through the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
-
-
-def encode_causal(tokenizer, ex: dict, max_len: int) -> dict:
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if "prompt" in ex:
-        p = format_prompt_ids(tokenizer, ex["prompt"])
-        r = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + eos
-        ids = (p + r)[:max_len]
-        labels = ([-100] * len(p) + r)[:max_len]
-    else:
-        ids = (tokenizer(ex["text"], add_special_tokens=True)["input_ids"] + eos)[:max_len]
-        labels = list(ids)
-    return {"input_ids": ids, "labels": labels}
-
-
-def encode_examples(tokenizer, examples: list[dict], task: str, max_len: int, labels: list[str] = ()) -> list[dict]:
-    if task == "classification":
-        index = {name: i for i, name in enumerate(labels)}
-        enc = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_len)
-        return [{"input_ids": ids, "labels": index[e["label"]]} for ids, e in zip(enc["input_ids"], examples)]
-    return [encode_causal(tokenizer, e, max_len) for e in examples]
-
-
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples into tensors."""
-    n = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    causal = isinstance(batch[0]["labels"], list)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long) if causal else \
-        torch.tensor([b["labels"] for b in batch], dtype=torch.long)
-    for i, b in enumerate(batch):
-        k = len(b["input_ids"])
-        ids[i, :k] = torch.tensor(b["input_ids"])
-        mask[i, :k] = 1
-        if causal:
-            labels[i, :k] = torch.tensor(b["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-class BatchStream:
-    """Shuffled batches over epochs, reproducible and resumable from (epoch, index)."""
-
-    def __init__(self, encoded: list[dict], batch_size: int, pad_id: int, seed: int):
-        if not encoded:
-            raise DataError("dataset: no training rows")
-        self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._shuffle(0)
-
-    def _shuffle(self, epoch: int) -> list[int]:
-        order = list(range(len(self.encoded)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return max(1, -(-len(self.encoded) // self.batch_size))
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._shuffle(self.epoch)
-
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.index >= len(self._order):
-            self.epoch += 1
-            self.index = 0
-            self._order = self._shuffle(self.epoch)
-        sel = self._order[self.index: self.index + self.batch_size]
-        self.index += self.batch_size
-        return collate([self.encoded[i] for i in sel], self.pad_id)
-
-
-def iter_batches(encoded: list[dict], batch_size: int, pad_id: int) -> Iterator[dict]:
-    for i in range(0, len(encoded), batch_size):
-        yield collate(encoded[i: i + batch_size], pad_id)
+def __getattr__(name: str):
+    """The batching names' old home (engine.batching now)."""
+    if name in ("BatchStream", "collate", "encode_examples", "iter_batches"):
+        from . import batching
+        return getattr(batching, name)
+    if name == "format_prompt_ids":
+        from .tokens import format_prompt_ids
+        return format_prompt_ids
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

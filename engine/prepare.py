@@ -12,10 +12,11 @@ from torch import nn
 
 from .arch import head_modules
 from .config import RunConfig
-from .data import Examples, load_examples
-from .kernels import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
+from .data import DataProgress, Examples, load_examples
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .models import LoadedModel, load_model
+from .swaps import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
+from .tokens import Tokenized, tokenize_examples
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Prepared:
     ctx: ApplyContext
     n_params: int
     n_trainable: int
+    data: Optional[Tokenized] = None     # tokenized train / validation (Arrow); None: train() tokenizes
 
     @property
     def trainable_ratio(self) -> float:
@@ -54,11 +56,21 @@ def apply_method(model: nn.Module, spec: MethodSpec, method_cfg, ctx: ApplyConte
 def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
                 allowed_roots: Optional[Sequence[str | Path]] = None, cache_dir: Optional[Path] = None,
                 path_resolver: Optional[Callable[[str], Path]] = None, max_data_bytes: Optional[int] = None,
-                examples: Optional[Examples] = None) -> Prepared:
+                examples: Optional[Examples] = None, data_cache_dir: Optional[Path] = None,
+                on_data_progress: Optional[DataProgress] = None, progress: bool = False) -> Prepared:
+    """Load the model and the data and apply the method. The data is read, mapped and
+    tokenized into memory-mapped Arrow tables cached under `data_cache_dir` (default:
+    engine.data.default_cache_dir()); `on_data_progress(stage, rows_done, rows_total)`
+    reports the tokenization (engine.data.format_progress words it), `progress` draws a
+    tqdm bar with rows/s."""
     spec = get_method(cfg.method.name)
+    if cfg.training.packing and spec.family == "prompt":
+        raise ValueError(f"training.packing: not with method {cfg.method.name!r} (its virtual tokens would be "
+                         f"shared by every example of a pack)")
     if examples is None:
         kw = {"max_bytes": max_data_bytes} if max_data_bytes else {}
-        examples = load_examples(cfg.dataset, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver, **kw)
+        examples = load_examples(cfg.dataset, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver,
+                                 cache_dir=data_cache_dir, on_progress=on_data_progress, **kw)
     if loaded is None:
         id2label = dict(enumerate(examples.labels)) if cfg.task == "classification" else None
         loaded = load_model(cfg.model, cfg.task, num_labels=max(2, examples.num_labels), allowed_roots=allowed_roots,
@@ -67,7 +79,11 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     torch.manual_seed(cfg.training.seed)
     model = apply_method(loaded.model, spec, cfg.method, ctx)
     n_params, n_trainable = count_parameters(model)
-    return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable)
+    data = None
+    if len(examples.train):
+        data = tokenize_examples(examples, loaded.tokenizer, cfg.training.max_seq_len, cache_dir=data_cache_dir,
+                                 on_progress=on_data_progress, progress=progress)
+    return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable, data)
 
 
 def dry_run(cfg: RunConfig, model_config: dict) -> tuple[int, int]:

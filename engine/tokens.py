@@ -1,0 +1,222 @@
+"""Tokenization into compact Arrow columns, once per (data, tokenizer, length).
+
+`tokenize_examples` turns the mapped examples (engine.data) into datasets with
+`input_ids` (the smallest unsigned type that holds the vocabulary: uint16 for
+vocabularies up to 65,536 entries, else uint32), `length` (uint32) and, per task,
+`label` (int32 class index) or `n_masked` (uint32: how many leading tokens are
+prompt, whose labels are -100). They are written by a batched `map` (several
+processes on a machine with the cores and enough rows) and kept in the data cache
+under a fingerprint of the mapped data (source sha256), the tokenizer, the task,
+max_seq_len and the chat template, so a second run memory-maps them at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .data import CACHE_VERSION, DataError, DataProgress, Examples, _publish_dir, default_cache_dir
+
+PARALLEL_MIN_ROWS = 100_000      # fewer rows tokenize faster in one process than pools start
+CHUNK_ROWS = 250_000             # progress is reported (and map called) per chunk of rows
+
+
+@dataclass
+class Tokenized:
+    """Tokenized train and validation sets (memory-mapped Arrow) and the pad id."""
+
+    task: str
+    train: Any
+    validation: Any
+    pad_id: int
+    fingerprint: Optional[str] = None
+
+
+def tokenizer_identity(tok) -> str:
+    """A stable digest of what decides token ids: the tokenizer's full definition
+    (vocabulary, normalizer, pre-tokenizer, post-processor), its special ids and
+    its chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps([type(tok).__name__, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id,
+                         getattr(tok, "chat_template", None) or ""]).encode())
+    return h.hexdigest()[:32]
+
+
+def id_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def format_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+
+
+def _encoder(tok, task: str, max_len: int, label_index: dict):
+    """A batched map function: mapped rows -> input_ids, length, label / n_masked."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def f(batch: dict) -> dict:
+        if task == "classification":
+            ids = tok(batch["text"], truncation=True, max_length=max_len)["input_ids"]
+            return {"input_ids": ids, "length": [len(x) for x in ids],
+                    "label": [label_index[y] for y in batch["label"]]}
+        if "prompt" in batch:
+            if chat:
+                ps = [format_prompt_ids(tok, p) for p in batch["prompt"]]
+            else:
+                ps = tok([p + "\n" for p in batch["prompt"]], add_special_tokens=True)["input_ids"]
+            rs = tok(batch["response"], add_special_tokens=False)["input_ids"]
+            ids = [(p + r + eos)[:max_len] for p, r in zip(ps, rs)]
+            masked = [min(len(p), len(x)) for p, x in zip(ps, ids)]
+        else:
+            ids = [(x + eos)[:max_len] for x in tok(batch["text"], add_special_tokens=True)["input_ids"]]
+            masked = [0] * len(ids)
+        return {"input_ids": ids, "length": [len(x) for x in ids], "n_masked": masked}
+    return f
+
+
+def _features(task: str, vocab: int):
+    from datasets import Features, Sequence, Value
+
+    cols = {"input_ids": Sequence(Value(id_dtype(vocab))), "length": Value("uint32")}
+    cols.update({"label": Value("int32")} if task == "classification" else {"n_masked": Value("uint32")})
+    return Features(cols)
+
+
+def _workers(rows: int) -> Optional[int]:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(cores, 8) if cores >= 4 and rows >= PARALLEL_MIN_ROWS else None
+
+
+def _as_dataset(rows):
+    from datasets import Dataset
+
+    if hasattr(rows, "map") and hasattr(rows, "column_names"):
+        return rows
+    return Dataset.from_list(list(rows)) if rows else None
+
+
+class _Progress:
+    """Rows done across the train and validation maps: a tqdm bar (rows/s) when
+    asked and the caller's callback, at most a few times a second."""
+
+    def __init__(self, total: int, on_progress: Optional[DataProgress], bar: bool):
+        self.total, self.done, self.cb, self.last = total, 0, on_progress, 0.0
+        self.bar = None
+        if bar and total:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="tokenizing", unit="rows", unit_scale=True)
+
+    def add(self, n: int, stage: str, force: bool = False) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        now = time.monotonic()
+        if self.cb and (force or now - self.last > 0.5):
+            self.last = now
+            self.cb(stage, self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tokenize_split(ds, fn, features, prog: _Progress, stage: str, work: Optional[Path]):
+    from datasets import concatenate_datasets
+
+    n = len(ds)
+    parts = []
+    for lo in range(0, n, CHUNK_ROWS):
+        part = ds.select(range(lo, min(n, lo + CHUNK_ROWS))) if n > CHUNK_ROWS else ds
+        procs = _workers(len(part))
+        single = procs is None
+
+        def counted(batch, _fn=fn):
+            out = _fn(batch)
+            if single:
+                prog.add(len(out["length"]), stage)
+            return out
+        parts.append(part.map(counted, batched=True, batch_size=1000, num_proc=procs,
+                              remove_columns=ds.column_names, features=features, load_from_cache_file=False,
+                              keep_in_memory=work is None,
+                              cache_file_name=str(work / f"{stage}-{lo}.arrow") if work else None, desc=stage))
+        if not single:
+            prog.add(len(part), stage)
+    prog.add(0, stage, force=True)
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def tokens_key(examples: Examples, tok, max_len: int) -> Optional[str]:
+    if examples.fingerprint is None:
+        return None
+    blob = json.dumps({"v": CACHE_VERSION, "examples": examples.fingerprint, "task": examples.task,
+                       "tokenizer": tokenizer_identity(tok), "max_len": max_len, "labels": examples.labels})
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optional[Path] = None,
+                      on_progress: Optional[DataProgress] = None, progress: bool = False) -> Tokenized:
+    """Tokenized train / validation datasets for `examples`, from the cache when the
+    same data, tokenizer and max length were tokenized before. `on_progress` gets
+    (stage, rows done, rows in all); `progress` also draws a tqdm bar (rows/s)."""
+    from datasets import disable_progress_bars, load_from_disk
+
+    disable_progress_bars()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    task = examples.task
+    train, val = _as_dataset(examples.train), _as_dataset(examples.validation)
+    if train is None or len(train) == 0:
+        raise DataError("dataset: no training rows")
+    key = tokens_key(examples, tok, max_len)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    final = cache / "tokens" / key if key else None
+    if final is not None and (final / "meta.json").exists():
+        return Tokenized(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+                         pad_id, key)
+    tmp = None
+    if final is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=cache))
+    n_val = len(val) if val is not None else 0
+    prog = _Progress(len(train) + n_val, on_progress, progress)
+    try:
+        fn = _encoder(tok, task, max_len, {name: i for i, name in enumerate(examples.labels)})
+        feats = _features(task, len(tok))
+        tr = _tokenize_split(train, fn, feats, prog, "train", tmp)
+        va = _tokenize_split(val, fn, feats, prog, "validation", tmp) if n_val else \
+            tr.select([]).flatten_indices(keep_in_memory=True)
+        if final is None:    # plain rows from a caller: no fingerprint, nothing to cache
+            return Tokenized(task, tr, va, pad_id, None)
+        out = tmp / "entry"
+        tr.save_to_disk(str(out / "train"))
+        va.save_to_disk(str(out / "validation"))
+        (out / "meta.json").write_text(json.dumps({"rows": [len(tr), len(va)], "max_len": max_len}))
+        del tr, va
+        _publish_dir(out, final)
+    finally:
+        prog.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Tokenized(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+                     pad_id, key)
