@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuning, lora, mam, p_tuning,
                parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
-from . import loha
+from . import loha, lokr
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -16,6 +16,7 @@ SPECS: list[MethodSpec] = [
     qlora.SPEC,
     ia3.SPEC,
     loha.SPEC,
+    lokr.SPEC,
     bitfit.SPEC,
     ln_tuning.SPEC,
     full.SPEC,
