@@ -65,6 +65,12 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(64, gt=0, le=131072)
     eval_every: int = Field(10, ge=0)
     eval_batches: Optional[int] = Field(None, gt=0)
+    eval_max_rows: Optional[int] = Field(2000, gt=0, description="evaluate on at most this many validation rows "
+                                         "(a sample drawn by the seed); null: all")
+    eval_full: bool = Field(False, description="the final evaluation scores every validation row")
+    packing: bool = Field(False, description="causal LM: concatenate examples up to max_seq_len, attention "
+                          "kept inside each example")
+    group_by_length: bool = Field(False, description="batch rows of similar length together (less padding)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -91,6 +97,14 @@ class RunConfig(_Strict):
     dataset: DatasetConfig
     method: SerializeAsAny[MethodConfig]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _packing_task(self):
+        if self.training.packing and self.task != "causal_lm":
+            raise ValueError("training.packing: only for task causal_lm")
+        if self.training.packing and self.training.group_by_length:
+            raise ValueError("training.group_by_length: not with training.packing (packs are already full)")
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,10 +21,11 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
 from . import fused
-from .data import BatchStream, collate, encode_examples
+from .batching import BatchStream, as_rows, eval_sample, gather
 from .gemm import matmul, matmul_t
 from .optim import make_optimizer
 from .prepare import Prepared
+from .tokens import tokenize_examples
 
 from .loss import LOSS_CHUNK  # noqa: E402  (re-exported: tokens per chunk of the chunked CE)
 # Set by engine.measure: called with each chunk's fp32 logits, the loss's largest transient tensor.
@@ -191,8 +193,12 @@ def compute_loss(model: nn.Module, batch: dict, task: str) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return F.cross_entropy(out.logits.float(), batch["labels"])
     decoder, head = causal_backbone(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
+    if "position_ids" in batch:   # packed rows: the model masks attention per example from the position ids
+        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
     return chunked_causal_loss(hidden, head, batch["labels"])
 
 
@@ -221,14 +227,18 @@ class TaskLoss(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, encoded: list[dict], task: str, batch_size: int, pad_id: int,
+def evaluate(model: nn.Module, encoded, task: str, batch_size: int, pad_id: int,
              device: torch.device, amp: Optional[torch.dtype], max_batches: Optional[int] = None,
-             dist: Optional["D.Dist"] = None, runner: Optional[nn.Module] = None) -> dict:
-    """Mean validation loss and accuracy / perplexity over the first `max_batches`
-    batches. Distributed: each rank scores its share and the sums are all-reduced
-    (`runner` is the wrapped TaskLoss that forward must go through)."""
-    if not encoded:
+             dist: Optional["D.Dist"] = None, runner: Optional[nn.Module] = None, rows=None) -> dict:
+    """Mean validation loss and accuracy / perplexity over the rows `rows` (indices;
+    default all) of `encoded` (a tokenized dataset or a list of encoded rows), at most
+    `max_batches` batches; `eval_rows` says how many rows were scored. Distributed:
+    each rank scores its share and the sums are all-reduced (`runner` is the wrapped
+    TaskLoss that forward must go through)."""
+    if encoded is None or len(encoded) == 0:
         return {}
+    data = as_rows(encoded)
+    encoded = np.arange(len(data)) if rows is None else np.asarray(rows)
     if max_batches:   # a batch is global: batch_size rows on each rank
         encoded = encoded[:max_batches * batch_size * (dist.world_size if dist is not None else 1)]
     runner = runner if runner is not None else TaskLoss(model, task)
@@ -240,10 +250,10 @@ def evaluate(model: nn.Module, encoded: list[dict], task: str, batch_size: int, 
     acc = [0.0, 0.0, 0.0]
     for i in range(n_batches):   # the same number of forwards on every rank (FSDP gathers in each)
         rows = mine[i * batch_size:(i + 1) * batch_size]
-        batch = {k: v.to(device) for k, v in collate(rows or encoded[:1], pad_id).items()}
+        batch = {k: v.to(device) for k, v in gather(data, rows if len(rows) else encoded[:1], pad_id).items()}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             s = runner(batch, sums=True)
-        if rows:
+        if len(rows):
             loss, correct, count = s.tolist()
             acc = [acc[0] + (loss if task == "classification" else loss * count), acc[1] + correct, acc[2] + count]
     if dist is not None:
@@ -251,9 +261,9 @@ def evaluate(model: nn.Module, encoded: list[dict], task: str, batch_size: int, 
     model.train(was_training)
     loss_sum, correct, count = acc
     if task == "classification":
-        return {"eval_loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+        return {"eval_loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "eval_rows": len(encoded)}
     mean = loss_sum / max(count, 1)
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_rows": len(encoded)}
 
 
 class PeakRSS:
@@ -322,9 +332,12 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     model = prep.model.to(device)
     tok = prep.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_enc = encode_examples(tok, prep.examples.train, cfg.task, t.max_seq_len, prep.examples.labels)
-    val_enc = encode_examples(tok, prep.examples.validation, cfg.task, t.max_seq_len, prep.examples.labels)
-    stream = BatchStream(train_enc, t.batch_size * world, pad_id, t.seed)   # yields global batches
+    data = prep.data if prep.data is not None else tokenize_examples(prep.examples, tok, t.max_seq_len)
+    val_enc = data.validation
+    stream = BatchStream(data.train, t.batch_size * world, pad_id, t.seed,   # yields global batches
+                         packing=t.packing, max_len=t.max_seq_len, group_by_length=t.group_by_length)
+    eval_rows = eval_sample(len(val_enc), t.eval_max_rows, t.seed)    # bounded evaluation (the final one too,
+    final_rows = eval_sample(len(val_enc), None if t.eval_full else t.eval_max_rows, t.seed)   # unless eval_full)
     steps = total_steps(prep, stream.batches_per_epoch)
     if resume_state:
         restore_trainable(resume_state, model)
@@ -412,7 +425,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             done = step - start_step
             eval_now = (t.eval_every and step % t.eval_every == 0) or step == steps
             ev = evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
-                          dist=dist, runner=D.eval_module(runner, dist)) if eval_now else None
+                          dist=dist, runner=D.eval_module(runner, dist),
+                          rows=final_rows if step == steps else eval_rows) if eval_now else None
             if ev:
                 last_eval = ev
                 m = ev.get(metric_name)
@@ -421,7 +435,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             sm = StepMetrics(step=step, max_steps=steps, loss=loss_val, lr=lr_used,
                              tokens_per_s=tokens_seen / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed,
                              eta_s=elapsed / done * (steps - step) if done else 0.0,
-                             epoch=(stream.epoch + stream.index / max(1, len(train_enc))), eval=ev)
+                             epoch=stream.position, eval=ev)
             history.append(sm.to_dict())
             if bar is not None:
                 bar.update(1)
