@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from engine.distributed import launch_local  # noqa: E402
+from engine.launch import launch_local  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -2,7 +2,7 @@
 DDP / FSDP2 wrapping, the per-rank shard of each global batch, full checkpoints
 from sharded state, and a local launcher built on torch's elastic agent.
 
-World size 1 never touches this module's process-group code: `init` returns None
+Launchers (starting the N processes) are in engine.launch. World size 1 never touches this module's process-group code: `init` returns None
 and the training loop runs as a single process.
 
 - `ddp`: `DistributedDataParallel` (Li et al., "PyTorch Distributed: Experiences on
@@ -22,17 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
-import shutil
-import signal
 import socket
-import sys
-import threading
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
@@ -94,7 +87,7 @@ def init(dist_cfg, device: torch.device) -> Optional[Dist]:
     if want > 1 and missing:
         raise DistributedError(
             f"training.distributed.world_size is {want} but this process was not started as one of {want} ranks "
-            f"(no {', '.join(missing)} in the environment): launch it with engine.distributed.launch_local, "
+            f"(no {', '.join(missing)} in the environment): launch it with engine.launch.launch_local, "
             f"`peft-studio train`, or torchrun --nproc-per-node {want}")
     if have != want:
         raise DistributedError(f"training.distributed.world_size is {want} but the launcher started {have} ranks")
@@ -254,216 +247,9 @@ def unshard_for_export(runner: nn.Module, dist: Optional[Dist]) -> None:
             m.unshard()
 
 
-# ---- local launcher --------------------------------------------------------------------------------
+# ---- helpers for launchers (engine.launch) -------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def launch_local(cfg, out_dir: str | Path, world_size: Optional[int] = None, *,
-                 on_progress: Optional[Callable[[dict], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None,
-                 on_checkpoint: Optional[Callable[[int, dict], None]] = None,
-                 resume_state: Optional[dict] = None, progress: bool = False,
-                 prepare_kwargs: Optional[dict] = None):
-    """Train `cfg` as `world_size` local ranks (torch's elastic agent, one process per
-    rank) and return rank 0's TrainResult. Rank 0 writes into `out_dir` what
-    `peft-studio train` writes: the adapter files, `results.json` and `metrics.jsonl`.
-
-    Callbacks run in this process: `on_progress(step_metrics_dict)` after every step,
-    `on_checkpoint(step, state)` for every checkpoint (the full trainable and optimizer
-    state, resumable at any world size), `should_stop()` polled twice a second
-    (True: the ranks stop after their current step, the result is `cancelled` with its
-    `last_state`). `prepare_kwargs` go to `engine.prepare.prepare_run` in each rank and
-    must pickle. A rank that dies raises DistributedError naming the rank."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from .config import parse_run_config
-    from .methods import get_method
-    from .train import TrainResult
-
-    cfg = parse_run_config(cfg)
-    n = world_size or cfg.training.distributed.world_size
-    if n != cfg.training.distributed.world_size:
-        cfg = parse_run_config({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "distributed": {
-            "strategy": cfg.training.distributed.strategy, "world_size": n}}})
-    check_method(get_method(cfg.method.name), cfg.training.distributed.strategy, n)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / f".launch-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
-    job = {"config": cfg.to_dict(), "out": str(out), "work": str(work), "progress": progress,
-           "prepare_kwargs": prepare_kwargs or {}, "resume": None}
-    if resume_state is not None:
-        torch.save(resume_state, work / "resume.pt")
-        job["resume"] = str(work / "resume.pt")
-    torch.save(job, work / "job.pt")
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"peft-studio-{uuid.uuid4().hex[:8]}",
-                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-                      rdzv_configs={"timeout": 300}, max_restarts=0, monitor_interval=0.2)
-    stop = threading.Event()
-    failed: list[BaseException] = []
-    tail = threading.Thread(target=_follow, args=(work, on_progress, on_checkpoint, should_stop, stop, failed),
-                            daemon=True)
-    tail.start()
-    try:
-        try:
-            # each rank is a fresh interpreter (not a multiprocessing child): nothing of the caller's
-            # __main__ is re-imported, and the rank's own environment holds RANK / WORLD_SIZE
-            elastic_launch(lc, sys.executable)("-m", "engine.distributed", str(work / "job.pt"))
-        except ChildFailedError as e:
-            raise DistributedError(describe_failure(e)) from None
-        finally:
-            stop.set()
-            tail.join()
-        if failed:      # a callback raised: the ranks were stopped; the caller sees its error
-            raise failed[0]
-        d = json.loads((work / "result.json").read_text())
-        last = work / "last_state.pt"
-        state = torch.load(last, weights_only=True) if last.exists() else None
-        return TrainResult(**d, last_state=state)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def describe_failure(e) -> str:
-    """'rank R (pid P) …' for every failed rank, first failure first."""
-    parts = []
-    for rank, f in sorted(e.failures.items(), key=lambda kv: kv[1].timestamp):
-        if f.signal_name() != "<N/A>" and f.exitcode < 0:
-            why = f"was killed by signal {f.signal_name()}"
-        else:
-            msg = f.message if isinstance(f.message, str) else (f.message or {}).get("message", "")
-            msg = (msg or "").strip().splitlines()
-            why = f"failed with exit code {f.exitcode}" + (f": {msg[-1] if msg else ''}" if msg else "")
-        parts.append(f"rank {rank} (pid {f.pid}) {why}")
-    return "distributed run failed: " + "; ".join(parts) if parts else f"distributed run failed: {e}"
-
-
-def _follow(work: Path, on_progress, on_checkpoint, should_stop, stop: threading.Event, failed: list) -> None:
-    """In the launching process: relay rank 0's events to the callbacks, and a stop
-    request to the ranks. A callback that raises stops the ranks; its exception is
-    kept in `failed` for the launcher to raise."""
-    events = work / "events.jsonl"
-    f = None
-    buf = ""
-    try:
-        while True:
-            finished = stop.is_set()
-            if (failed or (should_stop is not None and should_stop())) and not (work / "stop").exists():
-                (work / "stop").touch()
-            if f is None and events.exists():
-                f = open(events)
-            if f is not None:
-                buf += f.read()
-                *lines, buf = buf.split("\n")
-                for line in lines:
-                    ev = json.loads(line)
-                    try:
-                        if "metrics" in ev and on_progress is not None and not failed:
-                            on_progress(ev["metrics"])
-                        elif "checkpoint" in ev:
-                            p = Path(ev["path"])
-                            if on_checkpoint is not None and not failed:
-                                on_checkpoint(ev["checkpoint"], torch.load(p, weights_only=True))
-                            p.unlink(missing_ok=True)
-                    except Exception as e:   # noqa: BLE001  (handed to the launcher)
-                        failed.append(e)
-            if finished:
-                return
-            stop.wait(0.5)
-    finally:
-        if f is not None:
-            f.close()
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rank_main(job_path: str) -> None:
-    """One rank of a `launch_local` run (a fresh process started by the elastic agent)."""
-    job = torch.load(job_path, weights_only=False)
-    rank, local_world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if "OMP_NUM_THREADS" not in os.environ:       # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from .adapters import save_adapter
-    from .config import parse_run_config
-    from .prepare import prepare_run
-    from .train import train
-
-    cfg = parse_run_config(job["config"])
-    out, work = Path(job["out"]), Path(job["work"])
-    (work / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}))
-    resume = torch.load(job["resume"], weights_only=True) if job["resume"] else None
-    prep = prepare_run(cfg, **job["prepare_kwargs"])
-    main = rank == 0
-    if main and job["progress"]:
-        print(f"[{cfg.name}] {cfg.method.name}: {prep.n_trainable:,} trainable of {prep.n_params:,} parameters "
-              f"({100 * prep.trainable_ratio:.4f}%), {cfg.training.distributed.world_size} ranks", file=sys.stderr)
-    mf = ev = None
-    if main:
-        mf = open(out / ".metrics.jsonl.tmp", "w")
-        ev = open(work / "events.jsonl", "w")
-
-    def emit(obj):
-        ev.write(json.dumps(obj) + "\n")
-        ev.flush()
-
-    def on_step(m):
-        d = m.to_dict()
-        mf.write(json.dumps(d) + "\n")
-        mf.flush()
-        emit({"metrics": d})
-
-    def on_checkpoint(step, state):
-        p = work / f"checkpoint-{step}.pt"
-        _atomic_save(state, p)
-        emit({"checkpoint": step, "path": str(p)})
-
-    stop_file = work / "stop"
-    try:
-        result = train(prep, on_step=on_step if main else None, progress=job["progress"] and main,
-                       should_stop=(lambda: stop_file.exists()) if main else None, resume_state=resume,
-                       on_checkpoint=on_checkpoint if main else None)
-        if not main:
-            return
-        mf.close()
-        os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
-        d = result.to_dict()
-        d["history"] = result.history
-        if result.cancelled and result.last_state is not None:
-            _atomic_save(result.last_state, work / "last_state.pt")
-        else:
-            save_adapter(prep, out, extra_files={"results.json": json.dumps(result.to_dict(), indent=2).encode()})
-        (work / "result.json").write_text(json.dumps(d))
-    finally:
-        for f in (mf, ev):
-            if f is not None and not f.closed:
-                f.close()
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def rank_places(out_dir: str | Path) -> list[dict]:
-    """Where each rank of a running `launch_local` job in out_dir runs: [{rank, pid, host}, ...]."""
-    rows = []
-    for p in sorted(Path(out_dir).glob(".launch-*/rank*.json")):
-        try:
-            rows.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return sorted(rows, key=lambda r: r["rank"])
-
-
-if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from engine.distributed import _rank_main as rank_main   # the package's copy, not this __main__ one
-    record(rank_main)(sys.argv[1])

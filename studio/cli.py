@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
 def train_distributed(cfg, out: Path) -> int:
     """`train` with training.distributed.world_size > 1: N local ranks under torch's
     elastic agent; rank 0 draws the progress bar and writes the usual files into `out`."""
-    from engine.distributed import DistributedError, launch_local
+    from engine.distributed import DistributedError
+    from engine.launch import launch_local
 
     d = cfg.training.distributed
     print(f"[{cfg.name}] starting {d.world_size} ranks ({d.strategy}) for {cfg.model} on "

@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from engine.config import ConfigError, parse_run_config
-from engine.distributed import DistributedError, launch_local, rank_places, shard_batch, Dist
+from engine.distributed import DistributedError, shard_batch, Dist
+from engine.launch import launch_local, rank_places
 from engine.prepare import prepare_run
 from engine.train import train
 
