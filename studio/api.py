@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -24,23 +23,6 @@ def run_config_schema() -> dict:
     return RunConfig.model_json_schema()
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, formula, optimizer,
-                    grad_checkpointing, task) -> dict:
-    """GET /api/estimate's answer, memoized: the UI asks the same few questions on
-    every form change (errors are not cached)."""
-    from engine.estimator import estimate
-
-    m: dict = {"name": method}
-    if r is not None:
-        m["r"] = r
-    if target_modules:
-        m["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
-    return estimate(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant, formula=formula,
-                    optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                    **({"task": task} if task else {})).to_json()
-
-
 def route_path(scope) -> str:
     """The request path below the app's mount point (/api)."""
     path, root = scope["path"], scope.get("root_path", "")
@@ -53,43 +35,6 @@ async def send_json(send, status: int, body: bytes, *extra_headers: tuple) -> No
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *extra_headers]})
     await send({"type": "http.response.body", "body": body})
-
-
-class EstimateAnswers:
-    """Encoded 200 answers of GET /api/estimate keyed by the raw query string.
-
-    The estimate is a pure function of its query, and the UI and scripts ask the same
-    few questions over and over. Only answers the route computed and validated are
-    stored, so a hit is always a query that passed every check."""
-
-    def __init__(self, maxsize: int = 4096):
-        self.maxsize, self.answers = maxsize, {}
-
-    def store(self, query: bytes, body: bytes) -> None:
-        if len(self.answers) >= self.maxsize:
-            self.answers.clear()
-        self.answers[query] = body
-
-    def get(self, query: bytes) -> Optional[bytes]:
-        return self.answers.get(query)
-
-
-class EstimateFastPath:
-    """Pure-ASGI middleware: a repeated GET /api/estimate costs a dict lookup instead
-    of FastAPI's parameter validation and JSON encoding (about 0.3 ms of the studio's
-    one event loop, which is what 200 concurrent requests queue on). Installed only
-    with login off: with login on each request must still show credentials."""
-
-    def __init__(self, app, answers: EstimateAnswers):
-        self.app, self.answers = app, answers
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET" and route_path(scope) == "/estimate":
-            body = self.answers.get(scope.get("query_string", b""))
-            if body is not None:
-                await send_json(send, 200, body)
-                return
-        await self.app(scope, receive, send)
 
 
 class UploadSizeLimit:
@@ -124,9 +69,6 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     api = FastAPI(title="PEFT Studio API", version="0.1.0", openapi_url="/openapi.json", docs_url="/docs",
                   redoc_url=None)
     api.add_middleware(UploadSizeLimit, limit=settings.max_upload_bytes)
-    fast_path = None if auth else EstimateAnswers()
-    if fast_path is not None:
-        api.add_middleware(EstimateFastPath, answers=fast_path)
 
     async def user(request: Request) -> Optional[str]:
         return auth.api_user(request) if auth else None
@@ -270,10 +212,14 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
                        dtype: Literal["fp32", "fp16", "bf16"] = "bf16",
                        quant: Literal["none", "nf4", "nf4-dq"] = "none",
                        formula: Literal["slide", "appendix", "model"] = "model",
-                       optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
+                       optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adamw8bit"] = "adamw",
                        grad_checkpointing: bool = False,
                        task: Optional[Literal["classification", "causal_lm"]] = None,
+                       world_size: int = Query(1, ge=1, le=4096),
+                       strategy: Literal["ddp", "fsdp"] = "ddp",
                        u: Optional[str] = Depends(user)) -> dict:
+        """Memory per device for one training step (`engine.estimator.estimate`, whose
+        answers are cached there): `world_size` devices with `strategy` ddp or fsdp."""
         # hostile input: the estimator reads any config.json it is pointed at; a path is
         # only read under the allowed model roots (STUDIO_MODEL_ROOTS), like a run's model
         if "/" in model or "\\" in model or model.startswith((".", "~")) or "\x00" in model:
@@ -285,17 +231,25 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
             if not any(real == r or r in real.parents for r in roots):
                 raise HTTPException(422, f"model: {model[:200]!r} is outside the allowed model roots; "
                                          f"set STUDIO_MODEL_ROOTS")
+        from engine.estimator import estimate as estimate_memory
+        from engine.methods.targeting import parse_target_list
+
+        m: dict = {"name": method}
+        if r is not None:
+            m["r"] = r
         try:
-            answer = cached_estimate(model, method, r, target_modules, batch, seq, dtype, quant, formula,
-                                     optimizer, grad_checkpointing, task)
+            targets = parse_target_list(target_modules)
+            if targets:
+                m["target_modules"] = targets
+            answer = estimate_memory(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant,
+                                     formula=formula, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                                     world_size=world_size, strategy=strategy,
+                                     **({"task": task} if task else {})).to_json()
         except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
             raise HTTPException(422, str(e))
         except OSError as e:   # fuzzing: a 500-character name raised ENAMETOOLONG (a 500)
             raise HTTPException(422, f"model: cannot be read ({e.strerror or e})")
-        body = json.dumps(answer, separators=(",", ":")).encode()
-        if fast_path is not None:
-            fast_path.store(request.scope.get("query_string", b""), body)
-        return Response(body, media_type="application/json")
+        return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
 
     @api.post("/datasets", status_code=201)
     def upload_dataset(file: UploadFile = File(...), u: Optional[str] = Depends(user)) -> dict:

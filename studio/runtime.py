@@ -55,7 +55,15 @@ def run_worker(name: Optional[str] = None, loglevel: str = "INFO") -> int:
     from workers.queue import worker_queues
     from workers.tasks import device_report, presence_loop
 
-    queues = worker_queues(settings, device_report()["total_memory"])
+    try:
+        rep = device_report()
+    except ValueError as e:   # a bad STUDIO_WORKER_DEVICES
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ray_address = os.environ.get("STUDIO_RAY_ADDRESS") or None
+    queues = worker_queues(settings, rep["total_memory"], rep["devices"], rep["device_memory"], ray=bool(ray_address))
+    log.info("worker %s: %s, %d device(s)%s; queues %s", name, rep["device"], rep["devices"],
+             f", distributed runs go to the Ray cluster at {ray_address}" if ray_address else "", ",".join(queues))
 
     stop = threading.Event()
     threading.Thread(target=presence_loop, args=(settings, name, stop), daemon=True, name="presence").start()

@@ -115,35 +115,72 @@ def check_against_model(cfg, settings: Optional[Settings] = None) -> Optional[tu
         return None
 
 
-def estimate_for(cfg) -> Optional[dict]:
-    """The memory estimate stored with a run (None when the estimator cannot place the model)."""
+def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
+    """The memory estimate stored with a run, per device (world size, strategy and
+    optimizer of the run config). A model the estimator cannot place is a
+    SubmitError: without an estimate no worker could be checked for room."""
+    from engine.estimator import estimate
+
+    t = cfg.training
+    model = cfg.model
     try:
-        from engine.estimator import estimate
-        t = cfg.training
-        est = estimate(cfg.model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
+        conf = model_config_for(cfg.model, settings)
+    except Exception:
+        conf = None
+    if conf is not None and conf.get("model_type"):
+        model = conf
+    dist = t.distributed
+    kw = {"optimizer": t.optimizer} if getattr(t, "optimizer", None) else {}
+    try:
+        est = estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
                        seq_len=t.max_seq_len, dtype="fp32" if t.precision in ("auto", "fp32") else t.precision,
-                       task=cfg.task)
-        return est.to_json()
+                       task=cfg.task, world_size=dist.world_size, strategy=dist.strategy, **kw)
     except Exception as e:
-        log.info("no estimate for %s/%s: %s", cfg.model, cfg.method.name, e)
-        return None
+        raise SubmitError(f"estimate: cannot estimate the memory of {cfg.model!r} with {cfg.method.name!r} "
+                          f"({type(e).__name__}: {e}); without an estimate no worker can be checked for room") from None
+    return est.to_json()
 
 
 # ------------------------------------------------------------------ runs
 
 def enqueue(settings: Settings, run_id: int, token: int = 0, priority: int = 0,
-            estimate_bytes: Optional[int] = None) -> None:
+            estimate_bytes: Optional[int] = None, world_size: int = 1) -> None:
     from workers.queue import enqueue_new
 
-    enqueue_new(settings, run_id, token, priority, estimate_bytes)
+    enqueue_new(settings, run_id, token, priority, estimate_bytes, world_size)
 
 
-def check_capacity(settings: Settings, estimate_bytes: Optional[int]) -> None:
+def _gib(b: Optional[int]) -> str:
+    return "unknown memory" if not b else f"{b / 1024 ** 3:.2f} GiB"
+
+
+def check_capacity(settings: Settings, estimate_bytes: Optional[int], world_size: int = 1) -> None:
     """Refuse a run that no connected worker can hold (with no worker connected yet,
-    the run waits for one)."""
+    the run waits for one). `estimate_bytes` is per device; a run of `world_size` > 1
+    needs a worker with that many devices of that much memory each, or a worker
+    connected to a Ray cluster (which places the ranks itself)."""
+    workers = list_workers(settings)
+    if not workers:
+        return
+    if world_size > 1:
+        if any(w.get("ray_address") for w in workers):
+            return
+        def fits(w) -> bool:
+            mem = sorted((m or 0 for m in (w.get("device_memory") or [])), reverse=True)
+            return len(mem) >= world_size and (not estimate_bytes or mem[world_size - 1] >= estimate_bytes)
+        if any(fits(w) for w in workers):
+            return
+        best = max(workers, key=lambda w: ((w.get("devices") or 1), max(w.get("device_memory") or [0])))
+        n = best.get("devices") or 1
+        raise SubmitError(
+            f"training.distributed.world_size: this run needs {world_size} devices with {_gib(estimate_bytes)} "
+            f"each, but the largest connected worker, {best['name']}, has {n} device{'s' if n != 1 else ''} "
+            f"of {_gib(max(best.get('device_memory') or [0]))} ({best['device']}); lower world_size, use "
+            f"strategy 'fsdp', connect a worker with more devices (STUDIO_WORKER_DEVICES), or set "
+            f"STUDIO_RAY_ADDRESS on a worker to use a Ray cluster")
     if not estimate_bytes:
         return
-    workers = [w for w in list_workers(settings) if w.get("total_memory")]
+    workers = [w for w in workers if w.get("total_memory")]
     if not workers:
         return
     biggest = max(workers, key=lambda w: w["total_memory"])
@@ -159,15 +196,16 @@ def check_capacity(settings: Settings, estimate_bytes: Optional[int]) -> None:
 def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = None, priority: int = 0) -> int:
     """Validate, record as `queued`, and put on the queue. Returns the run id."""
     cfg = validate_config(cfg_dict, settings)
-    est = estimate_for(cfg)
+    est = estimate_for(cfg, settings)
     est_bytes = (est or {}).get("rows", {}).get("total")
-    check_capacity(settings, est_bytes)
+    world = cfg.training.distributed.world_size
+    check_capacity(settings, est_bytes, world)
     with db.transaction(settings.database_url) as s:
         run = db.create_run(s, cfg.to_dict(), owner=owner, estimate=est,
                             estimated_peak=(est or {}).get("rows", {}).get("total"), priority=priority)
         run_id = run.id
     try:
-        enqueue(settings, run_id, 0, priority, est_bytes)
+        enqueue(settings, run_id, 0, priority, est_bytes, world)
     except Exception as e:
         with db.transaction(settings.database_url) as s:
             s.execute(db.update(db.Run).where(db.Run.id == run_id, db.Run.status == "queued").values(
@@ -191,12 +229,16 @@ def list_runs(settings: Settings, *, owner: Optional[str] = None, status: Option
 
 def get_run(settings: Settings, run_id: int) -> dict:
     """A run's row, its adapter's metadata (`adapter`: size, sha256, files, key) and
-    `resumed_from_step` (the checkpoint step the current attempt started from, or None)."""
+    `resumed_from_step` (the checkpoint step the current attempt started from, or None),
+    `world_size` (ranks) and `ranks` (where each rank runs: [{rank, host, device, pid}])."""
     with db.transaction(settings.database_url) as s:
         run = s.get(db.Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} not found")
         d = db.run_to_dict(run)
+        from workers.queue import world_size_of
+        d["world_size"] = world_size_of(run.config)
+        d["ranks"] = d.get("ranks") or []
         ad = s.scalar(select(db.Adapter).where(db.Adapter.run_id == run_id))
         d["adapter"] = {"size": ad.size, "sha256": ad.sha256, "files": ad.files, "key": ad.key} if ad else None
         return d
@@ -285,8 +327,10 @@ def set_priority(settings: Settings, run_id: int, priority: int) -> dict:
                 raise NotFound(f"run {run_id} not found")
             raise SubmitError(f"run {run_id} is {run.status}; only queued runs can be reprioritized")
         run = s.get(db.Run, run_id)
-        token, est = run.queue_token, run.estimated_peak_bytes
-    send(settings, run_id, token, priority, est)
+        token, est, config = run.queue_token, run.estimated_peak_bytes, run.config
+    from workers.queue import world_size_of
+
+    send(settings, run_id, token, priority, est, world_size_of(config))
     return {"id": run_id, "priority": priority}
 
 
@@ -315,7 +359,8 @@ def delete_run(settings: Settings, run_id: int) -> None:
 def list_workers(settings: Settings) -> list[dict]:
     with db.transaction(settings.database_url) as s:
         return [{"name": w.name, "host": w.host, "device": w.device, "total_memory": w.total_memory,
-                 "free_memory": w.free_memory, "queue": w.queue,
+                 "free_memory": w.free_memory, "queue": w.queue, "devices": w.devices or 1,
+                 "device_memory": w.device_memory or [w.total_memory], "ray_address": w.ray_address,
                  "heartbeat_at": w.heartbeat_at.isoformat() + "Z"}
                 for w in db.live_workers(s, max(30.0, 3 * settings.heartbeat_interval_s))]
 

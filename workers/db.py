@@ -77,6 +77,8 @@ class Run(Base):
     results: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
     # the checkpoint step the current attempt started from (None: it started fresh)
     resumed_from_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # where each rank of a distributed run runs: [{rank, host, device, pid}, ...] (None: one process)
+    ranks: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
 
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan",
                                                    passive_deletes=True)
@@ -163,6 +165,11 @@ class WorkerRow(Base):
     device: Mapped[str] = mapped_column(String(200))
     total_memory: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     free_memory: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    # how many ranks of a distributed run it hosts, and each device's memory in bytes
+    devices: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    device_memory: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
+    # the Ray cluster it submits distributed runs to (STUDIO_RAY_ADDRESS), if any
+    ray_address: Mapped[Optional[str]] = mapped_column(String(500), nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -264,7 +271,7 @@ def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str, toke
         cond.append(Run.queue_token == token)
     res = s.execute(update(Run).where(*cond).values(
         status="running", started_at=now, heartbeat_at=now, worker_host=host, worker_pid=pid, device=device,
-        attempts=Run.attempts + 1, error=None, resumed_from_step=None))
+        attempts=Run.attempts + 1, error=None, resumed_from_step=None, ranks=None))
     return res.rowcount == 1
 
 

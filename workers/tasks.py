@@ -30,14 +30,38 @@ def worker_name() -> str:
 
 
 def device_report() -> dict:
-    """This worker's device and memory, for routing and the studio's worker list.
-    STUDIO_WORKER_MEMORY_GB caps the memory this worker advertises (e.g. to share a GPU)."""
+    """This worker's devices and memory, for routing and the studio's worker list:
+    `device` (a name), `total_memory` / `free_memory` (bytes, what one process may
+    use), `devices` (how many ranks of a distributed run it hosts) and
+    `device_memory` (bytes per device, one entry per device).
+
+    STUDIO_WORKER_MEMORY_GB caps the memory advertised per device (e.g. to share a
+    GPU). STUDIO_WORKER_DEVICES sets the device count: by default the number of
+    CUDA devices, or on CPU min(8, cores), where each rank is a process and the
+    ranks share the machine's memory (each device is advertised with total / N)."""
     rep = _device_report()
     cap = os.environ.get("STUDIO_WORKER_MEMORY_GB")
-    if cap:
-        cap_bytes = int(float(cap) * 1024 ** 3)
+    cap_bytes = int(float(cap) * 1024 ** 3) if cap else None
+    if cap_bytes:
         rep["total_memory"] = min(rep["total_memory"] or cap_bytes, cap_bytes)
         rep["free_memory"] = min(rep["free_memory"] or cap_bytes, cap_bytes)
+    n = rep.pop("_devices")
+    env = os.environ.get("STUDIO_WORKER_DEVICES")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"STUDIO_WORKER_DEVICES={env!r} is not a whole number") from None
+        if n < 1:
+            raise ValueError(f"STUDIO_WORKER_DEVICES={env!r} must be at least 1")
+    per = rep.pop("_per_device")
+    if per is None or rep["device"] == "cpu":     # CPU ranks share one memory
+        per = [rep["total_memory"] // n if rep["total_memory"] else None] * n
+    else:
+        per = (per + [per[-1]] * n)[:n]
+        if cap_bytes:
+            per = [min(p, cap_bytes) for p in per]
+    rep["devices"], rep["device_memory"] = n, per
     return rep
 
 
@@ -46,14 +70,18 @@ def _device_report() -> dict:
 
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
+        n = torch.cuda.device_count()
+        per = [int(torch.cuda.get_device_properties(i).total_memory) for i in range(n)]
         return {"device": f"cuda:{torch.cuda.get_device_name(0)}", "total_memory": int(total),
-                "free_memory": int(free)}
+                "free_memory": int(free), "_devices": n, "_per_device": per}
+    n = max(1, min(8, os.cpu_count() or 1))
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         avail = os.sysconf("SC_AVPHYS_PAGES") * size
-        return {"device": "cpu", "total_memory": int(pages * size), "free_memory": int(avail)}
+        return {"device": "cpu", "total_memory": int(pages * size), "free_memory": int(avail),
+                "_devices": n, "_per_device": None}
     except (ValueError, OSError):
-        return {"device": "cpu", "total_memory": None, "free_memory": None}
+        return {"device": "cpu", "total_memory": None, "free_memory": None, "_devices": n, "_per_device": None}
 
 
 def model_card(cfg: dict, result: dict, run_id: int, peft_format: bool) -> str:
@@ -86,12 +114,13 @@ def write_zip(path: str | Path, files: dict[str, bytes]) -> None:
 
 def publish_adapter(settings: Settings, prep, cfg: dict, result_dict: dict, history: list, run_id: int):
     """The adapter zip (weights, model-card README, run config, metrics) put into the
-    artifact store. Returns (Stored, file names)."""
+    artifact store. `prep` is the Prepared run, or the adapter's files by name (a
+    distributed run's rank 0 wrote them). Returns (Stored, file names)."""
     from engine.adapters import adapter_files
 
     from .store import get_store
 
-    files = adapter_files(prep)
+    files = dict(prep) if isinstance(prep, dict) else adapter_files(prep)
     files["README.md"] = model_card(cfg, result_dict, run_id, "adapter_config.json" in files).encode()
     files["run_config.yaml"] = yaml.safe_dump(cfg, sort_keys=False).encode()
     files["metrics.jsonl"] = "".join(json.dumps(h) + "\n" for h in history).encode()
@@ -215,9 +244,9 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
             with_db_retry(lambda: drop_metrics_after(url, run_id, 0), what=f"run {run_id}: restart")
         with RunMonitor(settings, run_id) as mon:
             from .datasets import resolve_dataset_path
-            prep = prepare_run(cfg, allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
-                               path_resolver=lambda p: resolve_dataset_path(settings, p),
-                               max_data_bytes=settings.max_upload_bytes)
+            prepare_kwargs = dict(allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
+                                  path_resolver=lambda p: resolve_dataset_path(settings, p),
+                                  max_data_bytes=settings.max_upload_bytes)
 
             def beat(**values):
                 def write():
@@ -225,13 +254,15 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                         db.heartbeat(s, run_id, **values)
                 with_db_retry(write, what=f"run {run_id}: progress")
 
-            beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
+            def on_step_dict(m: dict):
+                row = {k: m.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "eta_s", "epoch",
+                                              "eval")}
+                with_db_retry(lambda: db.add_metric(url, run_id, row), what=f"run {run_id}: metrics")
+                beat(steps_done=m["step"], max_steps=m.get("max_steps"), final_loss=m.get("loss"),
+                     tokens_per_s=m.get("tokens_per_s"))
 
             def on_step(m):
-                row = {"step": m.step, "loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s,
-                       "elapsed_s": m.elapsed_s, "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval}
-                with_db_retry(lambda: db.add_metric(url, run_id, row), what=f"run {run_id}: metrics")
-                beat(steps_done=m.step, max_steps=m.max_steps, final_loss=m.loss, tokens_per_s=m.tokens_per_s)
+                on_step_dict(m.to_dict())
 
             def on_checkpoint(step, state):
                 save_checkpoint(settings, run_id, state)
@@ -240,8 +271,21 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
             def should_stop():
                 return mon.cancel.is_set() or SHUTDOWN.is_set()
 
-            result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
-                           on_checkpoint=on_checkpoint)
+            if cfg.training.distributed.world_size > 1:
+                from .distributed_runs import run_distributed
+
+                def on_ranks(places: list[dict]):
+                    beat(ranks=db.json_safe(places))
+                    log.info("run %s: ranks at %s", run_id, places)
+
+                result, prep = run_distributed(settings, run_id, cfg, resume, on_step=on_step_dict,
+                                               on_checkpoint=on_checkpoint, should_stop=should_stop,
+                                               on_ranks=on_ranks, prepare_kwargs=prepare_kwargs)
+            else:
+                prep = prepare_run(cfg, **prepare_kwargs)
+                beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
+                result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
+                               on_checkpoint=on_checkpoint)
         rd = result.to_dict()
         if result.cancelled and not mon.cancel.is_set():
             # this worker is shutting down: keep the progress and give the run back to the queue
@@ -291,6 +335,8 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         log.error("run %s: failed: %s\n%s", run_id, msg, traceback.format_exc())
+        if retry_lost_rank(settings, run_id, e, msg):
+            return "queued"
 
         def finish_failed():
             with db.transaction(url) as s:
@@ -300,6 +346,31 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         except Exception as e2:   # the reaper will fail it by heartbeat timeout
             log.error("run %s: could not record the failure: %s", run_id, e2)
         return "failed"
+
+
+def retry_lost_rank(settings: Settings, run_id: int, error: BaseException, msg: str) -> bool:
+    """A distributed run that lost a rank goes back to the queue while it has
+    training.retries left (it resumes from its last checkpoint); True if requeued."""
+    from engine.distributed import DistributedError
+
+    if not isinstance(error, DistributedError) or getattr(error, "retried_by_ray", False):
+        return False
+    try:
+        with db.transaction(settings.database_url) as s:
+            run = s.get(db.Run, run_id)
+            retries = int(((run.config or {}).get("training") or {}).get("retries", 0) or 0)
+            attempts = run.attempts or 0
+        if attempts > retries:
+            return False
+        from .queue import requeue_run
+        token = requeue_run(settings, run_id, ("running",),
+                            reason=f"requeued (attempt {attempts} of {retries + 1}): {msg[:3000]}")
+    except Exception as e2:   # recorded as failed below instead
+        log.error("run %s: could not requeue after a lost rank: %s", run_id, e2)
+        return False
+    if token is not None:
+        log.warning("run %s: a rank was lost; requeued (attempt %s of %s)", run_id, attempts, retries + 1)
+    return token is not None
 
 
 def _forget(settings: Settings, key: str) -> None:
@@ -321,7 +392,8 @@ def train_run(run_id: int, token: Optional[int] = None) -> str:
 def report_presence(settings: Settings, name: str) -> None:
     rep = device_report()
     with db.transaction(settings.database_url) as s:
-        db.upsert_worker(s, name, host=db.hostname(), pid=os.getpid(), queue=settings.queue, **rep)
+        db.upsert_worker(s, name, host=db.hostname(), pid=os.getpid(), queue=settings.queue,
+                         ray_address=os.environ.get("STUDIO_RAY_ADDRESS") or None, **rep)
 
 
 from celery.signals import worker_shutting_down  # noqa: E402
