@@ -24,14 +24,29 @@ holds more than one parameter group's states (on CPU the path runs, moving nothi
 
 State dicts hold plain tensors (uint8 codes, fp32 absmax, fp32 moments of small
 parameters) and ints, so a checkpoint resumes the exact same trajectory.
+
+On CPU with fp32 parameters the step is one C loop per block (engine/csrc/adam8bit.c,
+built and cached like engine.fused's kernels; STUDIO_FUSED_KERNELS=0 turns it off);
+elsewhere it is torch ops over chunks of blocks.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+
+from . import fused
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 BLOCK = 2048
@@ -77,6 +92,70 @@ def quantize_codes(y: torch.Tensor, signed: bool) -> torch.Tensor:
     if signed:
         mag = torch.where(y < 0, mag | 0x80, mag)
     return mag
+
+
+def _bucket_starts(qmap: torch.Tensor, n: int) -> torch.Tensor:
+    """For each non-negative float's top 16 bits (its bucket), the largest of the first
+    `n` codes (non-negative, increasing values) whose value is at most the bucket's start."""
+    starts = (torch.arange(32768, dtype=torch.int32) << 16).view(torch.float32)
+    idx = torch.searchsorted(qmap[:n].contiguous(), starts, right=True) - 1
+    return idx.clamp(0, n - 1).to(torch.uint8).contiguous()
+
+
+SIGNED_START, UNSIGNED_START = _bucket_starts(SIGNED_MAP, 128), _bucket_starts(UNSIGNED_MAP, 256)
+KERNEL_SOURCE = Path(__file__).with_name("csrc") / "adam8bit.c"
+_kernel_lock = threading.Lock()
+_kernel_lib: Optional[ctypes.CDLL] = None
+_kernel_missing: Optional[str] = None
+
+
+def kernel() -> Optional[ctypes.CDLL]:
+    """The C step, built on first use (cached by source, flags, compiler and CPU); None
+    when off (STUDIO_FUSED_KERNELS=0 / engine.fused.set_enabled(False)) or unbuildable."""
+    global _kernel_lib, _kernel_missing
+    if not fused._enabled:
+        return None
+    if _kernel_lib is not None or _kernel_missing is not None:
+        return _kernel_lib
+    with _kernel_lock:
+        if _kernel_lib is None and _kernel_missing is None:
+            try:
+                _kernel_lib = _load_kernel()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _kernel_missing = str(exc)
+                warnings.warn(f"engine.optim: 8-bit AdamW C kernel unavailable ({exc}); using torch ops",
+                              RuntimeWarning, stacklevel=3)
+    return _kernel_lib
+
+
+def _load_kernel() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    flags = fused._cflags()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), " ".join(flags), version, fused._cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    out = fused.cache_dir() / f"adam8bit-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, str(KERNEL_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.adam8bit_step.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, p,
+                                  f32, f32, f32, f32, f32, f32, f32, ctypes.c_int]
+    lib.adam8bit_step.restype = None
+    return lib
 
 
 def _blocks_of(flat: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -199,8 +278,19 @@ class AdamW8bit(torch.optim.Optimizer):
             w.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
             pc.copy_(w)
 
+        lib = None
+        if "exp_avg" not in st and p.device.type == "cpu" and p.dtype is torch.float32 and p.is_contiguous():
+            lib = kernel()
         if "exp_avg" in st:
             apply(flat, grad, st["exp_avg"], st["exp_avg_sq"])
+        elif lib is not None:
+            g = grad.float().contiguous()
+            lib.adam8bit_step(flat.data_ptr(), g.data_ptr(), st["exp_avg_code"].data_ptr(),
+                              st["exp_avg_absmax"].data_ptr(), st["exp_avg_sq_code"].data_ptr(),
+                              st["exp_avg_sq_absmax"].data_ptr(), flat.numel(), BLOCK,
+                              SIGNED_MAP.data_ptr(), SIGNED_START.data_ptr(),
+                              UNSIGNED_MAP.data_ptr(), UNSIGNED_START.data_ptr(),
+                              lr, b1, b2, eps, wd, step_size, bc2_sqrt, torch.get_num_threads())
         else:
             n, nb = flat.numel(), st["exp_avg_absmax"].numel()
             for b0 in range(0, nb, CHUNK_BLOCKS):
