@@ -32,8 +32,9 @@ TRAINED = {
              "rank_pattern": {"down_proj": 2}},
     "lokr": {"name": "lokr", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "up_proj"],
              "decompose_both": True, "init_weights": False},
+    "vera": {"name": "vera", "r": 16, "target_modules": ["q_proj", "v_proj", "gate_proj"], "projection_prng_key": 7},
 }
-PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR"}
+PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA"}
 
 
 def run_config(method: dict) -> dict:
@@ -41,7 +42,7 @@ def run_config(method: dict) -> dict:
             "dataset": {"name": "demo-instruct", "max_rows": 16},
             "method": method,
             "training": {"max_steps": 3, "batch_size": 4, "max_seq_len": 24, "learning_rate": 0.02,
-                         "eval_every": 0, "seed": 0}}
+                         "eval_every": 0, "eval_batches": 1, "seed": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,10 @@ def peft_made(name: str):
                                 rank_pattern={"gate_proj": 1}, init_weights=False),
                 {"name": "lokr", "r": 4, "alpha": 3, "target_modules": ["o_proj", "gate_proj"], "decompose_factor": 4,
                  "rank_pattern": {"gate_proj": 1}})
+    if name == "vera":
+        return (peft.VeraConfig(r=12, target_modules=["k_proj", "down_proj"], projection_prng_key=3,
+                                init_weights=False),
+                {"name": "vera", "r": 12, "target_modules": ["k_proj", "down_proj"], "projection_prng_key": 3})
     raise KeyError(name)
 
 
@@ -123,6 +128,21 @@ def test_peft_made_adapter_imports_with_equal_logits_and_counts(name, tmp_path):
     torch.testing.assert_close(logits(back, b), theirs, atol=ATOL, rtol=0)
 
 
+def test_vera_projections_rebuild_from_the_seed_without_save_projection(tmp_path):
+    """peft draws A and B from projection_prng_key; so do we: an adapter saved by peft
+    without its projections imports with the same logits."""
+    pcfg = peft.VeraConfig(r=8, target_modules=["q_proj", "up_proj"], projection_prng_key=5, save_projection=False,
+                           init_weights=False)
+    base = load_model("tiny-llama", "causal_lm").model
+    pristine = copy.deepcopy(base)
+    b = batch(base.config.vocab_size)
+    pm = peft.get_peft_model(base, pcfg)
+    theirs = logits(pm, b)
+    pm.save_pretrained(str(tmp_path))
+    back = load_peft_adapter_into(copy.deepcopy(pristine), tmp_path)
+    torch.testing.assert_close(logits(back, b), theirs, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("method,field", [
     ({"name": "loha", "r": 0}, "r"),
     ({"name": "loha", "rank_dropout": 1.0}, "rank_dropout"),
@@ -130,6 +150,8 @@ def test_peft_made_adapter_imports_with_equal_logits_and_counts(name, tmp_path):
     ({"name": "loha", "bogus": 1}, "bogus"),
     ({"name": "lokr", "decompose_factor": 0}, "decompose_factor"),
     ({"name": "lokr", "alpha_pattern": {"q_proj": -1.0}}, "alpha_pattern"),
+    ({"name": "vera", "vera_dropout": -0.1}, "vera_dropout"),
+    ({"name": "vera", "target_modules": []}, "target_modules"),
 ])
 def test_bad_config_names_the_field(method, field):
     with pytest.raises(ValueError, match=field):
