@@ -234,9 +234,9 @@ def load_peft_ia3_into(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 def reparam_importers() -> dict:
     """peft_type -> method module for the formats whose modules import themselves
     (each has `PEFT_TYPE`, `SPEC` and `config_from_peft(adapter_config)`)."""
-    from .methods import loha, lokr, vera
+    from .methods import loha, lokr, oft, vera
 
-    return {m.PEFT_TYPE: m for m in (loha, lokr, vera)}
+    return {m.PEFT_TYPE: m for m in (loha, lokr, vera, oft)}
 
 
 def load_peft_reparam_into(model: nn.Module, adapter_dir: str | Path, seed: int = 0) -> nn.Module:

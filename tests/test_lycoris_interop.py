@@ -33,8 +33,10 @@ TRAINED = {
     "lokr": {"name": "lokr", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "up_proj"],
              "decompose_both": True, "init_weights": False},
     "vera": {"name": "vera", "r": 16, "target_modules": ["q_proj", "v_proj", "gate_proj"], "projection_prng_key": 7},
+    # 12 divides neither 32 nor 64: both sides move it to 8 (nearest divisor, ties down)
+    "oft": {"name": "oft", "oft_block_size": 12, "target_modules": ["q_proj", "v_proj", "down_proj"]},
 }
-PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA"}
+PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "oft": "OFT"}
 
 
 def run_config(method: dict) -> dict:
@@ -107,6 +109,11 @@ def peft_made(name: str):
         return (peft.VeraConfig(r=12, target_modules=["k_proj", "down_proj"], projection_prng_key=3,
                                 init_weights=False),
                 {"name": "vera", "r": 12, "target_modules": ["k_proj", "down_proj"], "projection_prng_key": 3})
+    if name == "oft":
+        return (peft.OFTConfig(r=4, oft_block_size=0, target_modules=["k_proj", "up_proj"], block_share=True,
+                               use_cayley_neumann=False, init_weights=False),
+                {"name": "oft", "r": 4, "oft_block_size": 0, "target_modules": ["k_proj", "up_proj"],
+                 "block_share": True, "use_cayley_neumann": False})
     raise KeyError(name)
 
 
@@ -152,6 +159,9 @@ def test_vera_projections_rebuild_from_the_seed_without_save_projection(tmp_path
     ({"name": "lokr", "alpha_pattern": {"q_proj": -1.0}}, "alpha_pattern"),
     ({"name": "vera", "vera_dropout": -0.1}, "vera_dropout"),
     ({"name": "vera", "target_modules": []}, "target_modules"),
+    ({"name": "oft", "r": 4}, "oft_block_size"),
+    ({"name": "oft", "oft_block_size": 0}, "oft_block_size"),
+    ({"name": "oft", "num_cayley_neumann_terms": 0}, "num_cayley_neumann_terms"),
 ])
 def test_bad_config_names_the_field(method, field):
     with pytest.raises(ValueError, match=field):

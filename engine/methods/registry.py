@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuning, lora, mam, p_tuning,
                parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
-from . import loha, lokr, vera
+from . import loha, lokr, oft, vera
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -18,6 +18,7 @@ SPECS: list[MethodSpec] = [
     loha.SPEC,
     lokr.SPEC,
     vera.SPEC,
+    oft.SPEC,
     bitfit.SPEC,
     ln_tuning.SPEC,
     full.SPEC,
