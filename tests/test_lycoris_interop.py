@@ -75,6 +75,7 @@ def logits(model, b):
     return model(**b).logits.float()
 
 
+@pytest.mark.slow   # four `peft-studio train` processes: ~20 s of CPU together on 2 idle cores
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_cli_trained_adapter_loads_in_peft_with_our_logits(name, trained):
     out = trained[name]
