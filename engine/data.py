@@ -255,45 +255,88 @@ def _guess(present: list[str], *names: str) -> Optional[str]:
     return None
 
 
-def _label(y, row: int, col: str, where: str) -> str:
-    if y is None or (isinstance(y, float) and y != y):
-        raise DataError(f"dataset.label_column: row {row} of {where} has no {col!r}")
-    if isinstance(y, (list, dict)):
-        raise DataError(f"dataset.label_column: row {row} of {where}: label must be a string or integer")
-    if isinstance(y, float):
-        if not y.is_integer():
-            raise DataError(f"dataset.label_column: row {row} of {where}: label {y} is not a class "
-                            f"(classification needs string or integer labels)")
-        y = int(y)
-    return str(y)
+def _first(mask, where_rows: list[int]) -> Optional[int]:
+    """The file row (1-based) of the first True in `mask`, or None."""
+    import pyarrow.compute as pc
+
+    mask = pc.fill_null(mask, True)
+    if not pc.any(mask).as_py():
+        return None
+    return where_rows[0] + pc.index(mask, True).as_py() + 1
+
+
+def _blank(col):
+    """True where a cell is missing or only whitespace (as text)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.or_(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
+    return pc.is_null(col)
+
+
+def _as_text(col):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string(col.type):
+        return col
+    if pa.types.is_boolean(col.type):     # as Python writes them
+        return pc.if_else(col, "True", "False")
+    if pa.types.is_floating(col.type):    # a whole float is a class: 1.0 -> "1"
+        return pc.cast(pc.cast(col, pa.int64()), pa.string())
+    return pc.cast(col, pa.string())
 
 
 def _mapper(task: str, cols: dict, where: str):
-    """A batched `map` function from the source's columns to the task's (text, label /
-    prompt, response / text), refusing empty cells with the row's number in the file."""
-    tc, lc, pc, rc = cols["text_column"], cols["label_column"], cols["prompt_column"], cols["response_column"]
+    """A batched `map` function over Arrow batches: from the source's columns to the
+    task's (text, label / prompt, response / text), refusing empty cells with the
+    row's number in the file. Vectorized with pyarrow.compute."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    def empty(v) -> bool:
-        return v is None or not str(v).strip()
+    tc, lc, pcol, rc = cols["text_column"], cols["label_column"], cols["prompt_column"], cols["response_column"]
 
-    def f(batch: dict, idx: list[int]) -> dict:
+    def text_of(col, field_name: str, name: str, idx: list[int]):
+        row = _first(_blank(col), idx)
+        if row is not None:
+            raise DataError(f"dataset.{field_name}: row {row} of {where} has an empty {name!r}")
+        if not (pa.types.is_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+                or pa.types.is_boolean(col.type) or pa.types.is_large_string(col.type)):
+            raise DataError(f"dataset.{field_name}: {name!r} in {where} holds {col.type}, not text")
+        return pc.cast(col, pa.string()) if not pa.types.is_boolean(col.type) else _as_text(col)
+
+    def f(batch: pa.Table, idx: list[int]) -> pa.Table:
         if task == "classification":
-            text, label = [], []
-            for i, t, y in zip(idx, batch[tc], batch[lc]):
-                if t is None or (isinstance(t, str) and not t.strip()):
-                    raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {tc!r}")
-                text.append(str(t))
-                label.append(_label(y, i + 1, lc, where))
-            return {"text": text, "label": label}
-        if pc or rc:
-            for i, p, s in zip(idx, batch[pc], batch[rc]):
-                if p is None or empty(s):
-                    raise DataError(f"dataset: row {i + 1} of {where} has an empty prompt or response")
-            return {"prompt": [str(p) for p in batch[pc]], "response": [str(s) for s in batch[rc]]}
-        for i, t in zip(idx, batch[tc]):
-            if empty(t):
-                raise DataError(f"dataset.text_column: row {i + 1} of {where} has an empty {tc!r}")
-        return {"text": [str(t) for t in batch[tc]]}
+            text = text_of(batch.column(tc), "text_column", tc, idx)
+            y = batch.column(lc)
+            bad = pc.is_null(y)
+            if pa.types.is_floating(y.type):
+                bad = pc.or_(bad, pc.is_nan(y))
+            row = _first(bad, idx)
+            if row is not None:
+                raise DataError(f"dataset.label_column: row {row} of {where} has no {lc!r}")
+            if not (pa.types.is_string(y.type) or pa.types.is_integer(y.type) or pa.types.is_floating(y.type)
+                    or pa.types.is_boolean(y.type) or pa.types.is_large_string(y.type)):
+                raise DataError(f"dataset.label_column: row {idx[0] + 1} of {where}: label must be a string or "
+                                f"integer")
+            if pa.types.is_floating(y.type):
+                row = _first(pc.not_equal(y, pc.floor(y)), idx)
+                if row is not None:
+                    v = batch.column(lc)[row - idx[0] - 1].as_py()
+                    raise DataError(f"dataset.label_column: row {row} of {where}: label {v} is not a class "
+                                    f"(classification needs string or integer labels)")
+            return pa.table({"text": text, "label": _as_text(pc.cast(y, pa.string()) if
+                                                                 pa.types.is_large_string(y.type) else y)})
+        if pcol or rc:
+            p, r = batch.column(pcol), batch.column(rc)
+            row = _first(pc.or_(pc.is_null(p), _blank(r)), idx)
+            if row is not None:
+                raise DataError(f"dataset: row {row} of {where} has an empty prompt or response")
+            return pa.table({"prompt": _as_text(pc.cast(p, pa.string()) if pa.types.is_large_string(p.type) else p),
+                             "response": _as_text(pc.cast(r, pa.string()) if pa.types.is_large_string(r.type)
+                                                  else r)})
+        return pa.table({"text": text_of(batch.column(tc), "text_column", tc, idx)})
     return f
 
 
@@ -326,9 +369,38 @@ def _map_rows(ds, task: str, cols: dict, where: str):
 
     names = (["text", "label"] if task == "classification" else
              ["prompt", "response"] if (cols["prompt_column"] or cols["response_column"]) else ["text"])
-    return ds.map(_mapper(task, cols, where), batched=True, batch_size=10_000, with_indices=True,
-                  remove_columns=present, features=Features({n: Value("string") for n in names}),
-                  load_from_cache_file=False)
+    out = ds.with_format("arrow").map(_mapper(task, cols, where), batched=True, batch_size=50_000,
+                                      with_indices=True, remove_columns=present, new_fingerprint="mapped",
+                                      features=Features({n: Value("string") for n in names}), load_from_cache_file=False)
+    return out.with_format(None)
+
+
+def write_arrow(ds, path: Path, rows: Optional[np.ndarray] = None) -> None:
+    """Rows `rows` (default: all) of a dataset as one Arrow stream file (the format
+    `datasets.Dataset.from_file` memory-maps), copied by pyarrow in blocks."""
+    import pyarrow as pa
+
+    table = ds.data.table
+    base = ds._indices.column(0).to_numpy() if ds._indices is not None else None
+    if rows is None:
+        rows = base if base is not None else None
+    elif base is not None:
+        rows = base[rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        if rows is None:
+            for batch in table.to_batches(max_chunksize=65_536):
+                w.write_batch(batch)
+        else:
+            for lo in range(0, len(rows), 65_536):
+                w.write_table(table.take(pa.array(rows[lo:lo + 65_536])))
+
+
+def open_arrow(path: Path):
+    """A memory-mapped dataset over an Arrow stream file written by write_arrow."""
+    from datasets import Dataset
+
+    return Dataset.from_file(str(path))
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -361,8 +433,6 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
     `path_resolver` maps a dataset.path to a real file (the studio maps upload ids)."""
     import random
 
-    from datasets import load_from_disk
-
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     meta = None
     if ds_cfg.name:
@@ -390,7 +460,7 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
     final = cache / "examples" / key
     if (final / "meta.json").exists():
         info = json.loads((final / "meta.json").read_text())
-        return Examples(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+        return Examples(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"),
                         info["labels"], key)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".examples-", dir=cache))
@@ -400,6 +470,7 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
         raw = read_dataset(path, max_bytes=max_bytes, cache_dir=tmp / "hf")
         cols = _resolve_columns(ds_cfg, task, raw.column_names, meta)
         mapped = _map_rows(raw, task, cols, where)
+        train_rows = val_rows = None
         if vpath is not None:
             train = mapped
             val = _map_rows(read_dataset(vpath, max_bytes=max_bytes, cache_dir=tmp / "hf"), task, cols,
@@ -411,9 +482,15 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
             order = np.asarray(idx, dtype=np.int64)
             del idx
             n_val = int(round(n * ds_cfg.validation_fraction)) if n >= 10 else 0
-            val, train = mapped.select(order[:n_val]), mapped.select(order[n_val:])
-        if ds_cfg.max_rows and ds_cfg.max_rows < len(train):
-            train = train.select(range(ds_cfg.max_rows))
+            val_rows, train_rows = order[:n_val], order[n_val:]
+            val = train = mapped
+        if ds_cfg.max_rows and ds_cfg.max_rows < (len(train) if train_rows is None else len(train_rows)):
+            train_rows = (np.arange(ds_cfg.max_rows) if train_rows is None else train_rows[:ds_cfg.max_rows])
+        out = tmp / "entry"
+        write_arrow(train, out / "train.arrow", train_rows)
+        write_arrow(val, out / "validation.arrow", val_rows)
+        del raw, mapped, train, val
+        train, val = open_arrow(out / "train.arrow"), open_arrow(out / "validation.arrow")
         labels: list[str] = []
         if task == "classification":
             labels = sorted(train.unique("label"), key=_label_sort_key)
@@ -426,17 +503,14 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
             unseen = sorted(set(val.unique("label")) - set(labels)) if len(val) else []
             if unseen:
                 raise DataError(f"dataset.label_column: validation has labels never seen in training: {unseen[:5]}")
-        out = tmp / "entry"
-        train.save_to_disk(str(out / "train"))
-        val.save_to_disk(str(out / "validation"))
         (out / "meta.json").write_text(json.dumps({"labels": labels, "where": where, "columns": cols,
                                                    "rows": [len(train), len(val)]}))
-        del raw, mapped, train, val
+        del train, val
         _publish_dir(out, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info = json.loads((final / "meta.json").read_text())
-    return Examples(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
+    return Examples(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"),
                     info["labels"], key)
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import CACHE_VERSION, DataError, DataProgress, Examples, _publish_dir, default_cache_dir
+from .data import CACHE_VERSION, DataError, DataProgress, Examples, _publish_dir, default_cache_dir, open_arrow, \
+    write_arrow
 
 PARALLEL_MIN_ROWS = 100_000      # fewer rows tokenize faster in one process than pools start
 CHUNK_ROWS = 250_000             # progress is reported (and map called) per chunk of rows
@@ -45,7 +46,10 @@ def tokenizer_identity(tok) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)    # call-time state a previous call leaves behind
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
     h.update(json.dumps([type(tok).__name__, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id,
@@ -68,26 +72,62 @@ def format_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
 
 
+class _Fast:
+    """Batch encoding straight on a fast tokenizer's Rust backend (a private copy,
+    with or without truncation): the same ids as calling the tokenizer, without
+    building a Python encoding object per row."""
+
+    def __init__(self, tok, max_len: Optional[int]):
+        from tokenizers import Tokenizer
+
+        self.bt = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        self.bt.no_padding()
+        if max_len:
+            self.bt.enable_truncation(max_len)
+        else:
+            self.bt.no_truncation()
+        self.fast = hasattr(self.bt, "encode_batch_fast")
+
+    def __call__(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        enc = (self.bt.encode_batch_fast if self.fast else self.bt.encode_batch)(
+            texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in enc]
+
+
+def _batch_encoder(tok, max_len: Optional[int]):
+    if getattr(tok, "is_fast", False) and getattr(tok, "backend_tokenizer", None) is not None:
+        return _Fast(tok, max_len)
+    kw = {"truncation": True, "max_length": max_len} if max_len else {}
+    return lambda texts, add_special_tokens: tok(texts, add_special_tokens=add_special_tokens, **kw)["input_ids"]
+
+
 def _encoder(tok, task: str, max_len: int, label_index: dict):
     """A batched map function: mapped rows -> input_ids, length, label / n_masked."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     chat = bool(getattr(tok, "chat_template", None))
+    state = {}
+
+    def encoders():   # built lazily: in each worker process of a parallel map
+        if not state:
+            state["trunc"], state["plain"] = _batch_encoder(tok, max_len), _batch_encoder(tok, None)
+        return state["trunc"], state["plain"]
 
     def f(batch: dict) -> dict:
+        trunc, plain = encoders()
         if task == "classification":
-            ids = tok(batch["text"], truncation=True, max_length=max_len)["input_ids"]
+            ids = trunc(batch["text"], True)
             return {"input_ids": ids, "length": [len(x) for x in ids],
                     "label": [label_index[y] for y in batch["label"]]}
         if "prompt" in batch:
             if chat:
                 ps = [format_prompt_ids(tok, p) for p in batch["prompt"]]
             else:
-                ps = tok([p + "\n" for p in batch["prompt"]], add_special_tokens=True)["input_ids"]
-            rs = tok(batch["response"], add_special_tokens=False)["input_ids"]
+                ps = plain([p + "\n" for p in batch["prompt"]], True)
+            rs = plain(batch["response"], False)
             ids = [(p + r + eos)[:max_len] for p, r in zip(ps, rs)]
             masked = [min(len(p), len(x)) for p, x in zip(ps, ids)]
         else:
-            ids = [(x + eos)[:max_len] for x in tok(batch["text"], add_special_tokens=True)["input_ids"]]
+            ids = [(x + eos)[:max_len] for x in plain(batch["text"], True)]
             masked = [0] * len(ids)
         return {"input_ids": ids, "length": [len(x) for x in ids], "n_masked": masked}
     return f
@@ -159,6 +199,7 @@ def _tokenize_split(ds, fn, features, prog: _Progress, stage: str, work: Optiona
             return out
         parts.append(part.map(counted, batched=True, batch_size=1000, num_proc=procs,
                               remove_columns=ds.column_names, features=features, load_from_cache_file=False,
+                              new_fingerprint=f"{stage}-{lo}",
                               keep_in_memory=work is None,
                               cache_file_name=str(work / f"{stage}-{lo}.arrow") if work else None, desc=stage))
         if not single:
@@ -180,7 +221,7 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
     """Tokenized train / validation datasets for `examples`, from the cache when the
     same data, tokenizer and max length were tokenized before. `on_progress` gets
     (stage, rows done, rows in all); `progress` also draws a tqdm bar (rows/s)."""
-    from datasets import disable_progress_bars, load_from_disk
+    from datasets import disable_progress_bars
 
     disable_progress_bars()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -192,8 +233,7 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     final = cache / "tokens" / key if key else None
     if final is not None and (final / "meta.json").exists():
-        return Tokenized(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
-                         pad_id, key)
+        return Tokenized(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"), pad_id, key)
     tmp = None
     if final is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -209,8 +249,8 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
         if final is None:    # plain rows from a caller: no fingerprint, nothing to cache
             return Tokenized(task, tr, va, pad_id, None)
         out = tmp / "entry"
-        tr.save_to_disk(str(out / "train"))
-        va.save_to_disk(str(out / "validation"))
+        write_arrow(tr, out / "train.arrow")
+        write_arrow(va, out / "validation.arrow")
         (out / "meta.json").write_text(json.dumps({"rows": [len(tr), len(va)], "max_len": max_len}))
         del tr, va
         _publish_dir(out, final)
@@ -218,5 +258,4 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
         prog.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return Tokenized(task, load_from_disk(str(final / "train")), load_from_disk(str(final / "validation")),
-                     pad_id, key)
+    return Tokenized(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"), pad_id, key)
