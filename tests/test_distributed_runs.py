@@ -66,6 +66,7 @@ def test_a_two_rank_run_through_rest_succeeds_with_metrics_and_ranks(studio2):
         assert w and w[0]["devices"] == 2 and len(w[0]["device_memory"]) == 2
 
 
+@pytest.mark.slow        # two runs, one of them trained twice (~50 s on 2 cores)
 def test_a_killed_rank_fails_the_run_naming_it_and_with_retries_resumes(studio2):
     with studio2.client() as c:
         plain = c.post("/api/runs", json=cfg("killed", steps=100000)).json()["id"]
