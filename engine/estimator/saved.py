@@ -69,10 +69,11 @@ def linear_site(lp: LayerPlan, path: str, saved: Saved, x_key: str, x_numel: int
     trains = path in lp.full
     if trains:
         saved.add(x_key, x_numel * a)
-    if path in lp.dense_delta:
-        # y += x @ ΔWᵀ with ΔW built from the adapter's factors (LoHa, LoKr): x and ΔW are kept
+    if path in lp.weight_saved:
+        # an adapter that builds a weight-sized tensor from its parameters (LoHa/LoKr's ΔW, OFT's
+        # rotation blocks) keeps it and the layer input for backward
         saved.add(x_key, x_numel * a)
-        saved.add(f"{path}.delta_weight", (x_numel // max(T, 1)) * out_numel_per_tok * a)
+        saved.add(f"{path}.weight_saved", lp.weight_saved[path] * a)
         return True
     if path in lp.lora:
         r, p = lp.lora[path]

@@ -20,7 +20,7 @@ training (rescaled by the kept fraction), `module_dropout` skips the whole updat
 for a step with that probability. Mergeable; exported in peft's LOHA format.
 ΔW is built once per forward by a function that keeps only the four factors for
 backward and rebuilds the products there (as FedPara does); the linear over x then
-keeps x and ΔW (the estimator's `dense_delta`).
+keeps x and ΔW (the estimator's `weight_saved`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from torch import nn
 from ..arch import set_submodule
 from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
 from .lora import _check_regex, pattern_value
-from .plan import Plan, empty_plan, ranks_per_layer
-from .reparam import FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims
+from .plan import Plan
+from .reparam import (FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims,
+                      weight_saved_plan)
 from .targeting import check_target_list
 
 
@@ -177,16 +178,14 @@ def count_loha_trainable(dims, cfg: LohaConfig, task: str) -> int:
                for l in targets_in_dims(dims, cfg.target_modules, task))
 
 
-def dense_delta_plan(dims, names) -> Plan:
-    """Each named linear adds x @ ΔWᵀ with a dense ΔW kept for backward."""
-    plan = empty_plan(dims)
-    for i, d in ranks_per_layer(dims, {n: 0 for n in names}).items():
-        plan.layers[i].dense_delta = set(d)
-    return plan
+def dense_delta_plan(dims, target_modules, task: str) -> Plan:
+    """Each target adds x @ ΔWᵀ: x and the dense ΔW (out x in) are kept for backward."""
+    return weight_saved_plan(dims, {l.name: l.in_features * l.out_features
+                                    for l in targets_in_dims(dims, target_modules, task)})
 
 
 def plan_loha(dims, cfg: LohaConfig, task: str) -> Plan:
-    return dense_delta_plan(dims, [l.name for l in targets_in_dims(dims, cfg.target_modules, task)])
+    return dense_delta_plan(dims, cfg.target_modules, task)
 
 
 def lycoris_rank_config(per_module: dict[str, tuple[int, float]], cfg) -> dict:

@@ -19,7 +19,7 @@ and lokr_w1_b Kaiming) and lokr_w2 / lokr_w2_a, lokr_w2_b (D, Kaiming), so train
 starts from the base model. `rank_dropout` drops rows of ΔW (rescaled only with
 `rank_dropout_scale`), `module_dropout` skips the update for a step. Mergeable;
 exported in peft's LOKR format. The forward builds ΔW and keeps it for backward
-(the estimator's `dense_delta`).
+(the estimator's `weight_saved`).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def count_lokr_trainable(dims, cfg: LokrConfig, task: str) -> int:
 
 
 def plan_lokr(dims, cfg: LokrConfig, task: str) -> Plan:
-    return dense_delta_plan(dims, [l.name for l in targets_in_dims(dims, cfg.target_modules, task)])
+    return dense_delta_plan(dims, cfg.target_modules, task)
 
 
 def export_lokr_peft(model: nn.Module, cfg: LokrConfig, ctx: ApplyContext) -> PeftExport:

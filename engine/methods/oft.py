@@ -36,8 +36,9 @@ from torch import nn
 
 from ..arch import set_submodule
 from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
-from .plan import Plan, low_rank_plan
-from .reparam import FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims
+from .plan import Plan
+from .reparam import (FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims,
+                      weight_saved_plan)
 from .targeting import check_target_list
 
 
@@ -197,9 +198,22 @@ def count_oft_trainable(dims, cfg: OftConfig, task: str) -> int:
     return total
 
 
+def saved_rotations(cfg: OftConfig) -> int:
+    """How many (blocks x b x b) tensors building R keeps for backward: the powers of Q
+    of the Neumann series and R itself (measured: the exact solve keeps about 3)."""
+    if not cfg.use_cayley_neumann:
+        return 3
+    m = len(neumann_coefficients(cfg.num_cayley_neumann_terms)) - 1   # matrix products
+    return m + 1 if m >= 2 else 1
+
+
 def plan_oft(dims, cfg: OftConfig, task: str) -> Plan:
-    """Each target keeps its input for the rotation's gradient (rank 0: no r-wide part)."""
-    return low_rank_plan(dims, {l.name: 0 for l in targets_in_dims(dims, cfg.target_modules, task)}, 0.0)
+    """Each target keeps its input (for R's gradient) and the rotation blocks."""
+    sizes = {}
+    for l in targets_in_dims(dims, cfg.target_modules, task):
+        k, b = blocks_of(l.in_features, cfg)
+        sizes[l.name] = (1 if cfg.block_share else k) * b * b * saved_rotations(cfg)
+    return weight_saved_plan(dims, sizes)
 
 
 def export_oft_peft(model: nn.Module, cfg: OftConfig, ctx: ApplyContext) -> PeftExport:

@@ -24,11 +24,11 @@ class LayerPlan:
     prefix: int = 0                                # extra key/value positions (prefix tuning, llama-adapter)
     adaption_prompt: int = 0                       # llama-adapter's gated adapter tokens
     bias: bool = False                             # linear biases train (BitFit): grads flow, nothing extra saved
-    dense_delta: set = field(default_factory=set)  # paths whose update is a dense ΔW kept for backward (LoHa, LoKr)
+    weight_saved: dict = field(default_factory=dict)  # path -> token-independent elements kept (LoHa/LoKr ΔW, OFT's R)
 
     def trains_anything(self) -> bool:
         return bool(self.full or self.lora or self.ia3 or self.norms or self.adapters or self.prefix
-                    or self.adaption_prompt or self.bias or self.dense_delta)
+                    or self.adaption_prompt or self.bias or self.weight_saved)
 
 
 @dataclass

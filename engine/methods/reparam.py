@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch import arch_of
 from .lora import base_linear_names
+from .plan import Plan, empty_plan, ranks_per_layer
 from .targeting import peft_target_list, resolve_targets, resolve_targets_in_dims
 
 FAMILY = "reparam"
@@ -88,6 +89,15 @@ def load_by_name(model: nn.Module, tensors: dict[str, torch.Tensor], layer_cls,
     unset = sorted(own - loaded)
     if unset:
         raise ReparamLoadError(f"adapter lacks tensors for {len(unset)} adapter parameters, e.g. {unset[:3]}")
+
+
+def weight_saved_plan(dims, sizes: dict[str, int]) -> Plan:
+    """The estimator's plan for adapters that keep their layer's input and a tensor
+    of `sizes[name]` elements (independent of the tokens) for backward."""
+    plan = empty_plan(dims)
+    for i, d in ranks_per_layer(dims, sizes).items():
+        plan.layers[i].weight_saved = dict(d)
+    return plan
 
 
 def delta_dtype(base: nn.Linear) -> torch.dtype:
