@@ -28,7 +28,7 @@ BUNDLED_DATASETS = {
 SUPPORTED_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_CLASSES = 1000
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 # (stage, rows done, rows in all) while data is prepared; see format_progress
 DataProgress = Callable[[str, int, int], None]
 
@@ -458,7 +458,7 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
             shas.append([sha256_of(f) for f in files])
     key = examples_key(ds_cfg, task, seed, shas)
     final = cache / "examples" / key
-    if (final / "meta.json").exists():
+    if (final / "meta.json").exists() and (final / "validation.arrow").exists():
         info = json.loads((final / "meta.json").read_text())
         return Examples(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"),
                         info["labels"], key)

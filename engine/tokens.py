@@ -232,7 +232,7 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
     key = tokens_key(examples, tok, max_len)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     final = cache / "tokens" / key if key else None
-    if final is not None and (final / "meta.json").exists():
+    if final is not None and (final / "meta.json").exists() and (final / "validation.arrow").exists():
         return Tokenized(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"), pad_id, key)
     tmp = None
     if final is not None:
