@@ -82,3 +82,21 @@ def test_size_limit(tmp_path):
 def test_task_mismatch_for_bundled_dataset():
     with pytest.raises(DataError, match="causal_lm dataset"):
         load_examples(DatasetConfig(name="demo-instruct"), "classification")
+
+
+def test_directory_of_parquet_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path / "shards"
+    d.mkdir()
+    for k in range(3):   # small row groups: read group by group
+        pq.write_table(pa.table({"text": [f"shard {k} row {i}" for i in range(20)], "label": [i % 2 for i in range(20)]}),
+                       d / f"part-{k}.parquet", row_group_size=5)
+    (d / "notes.txt").write_text("ignored")
+    ex = load_examples(DatasetConfig(path=str(d), validation_fraction=0.0), "classification", cache_dir=tmp_path / "c")
+    assert len(ex.train) == 60 and ex.labels == ["0", "1"]
+    assert sorted(r["text"] for r in ex.train)[:2] == ["shard 0 row 0", "shard 0 row 1"]
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no .parquet shards"):
+        load_examples(DatasetConfig(path=str(empty)), "classification")
