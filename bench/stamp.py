@@ -1,0 +1,76 @@
+"""The stamp every bench/RESULTS-*.md starts with: which code was measured, when, on what.
+
+    from stamp import Stamp
+    st = Stamp("bench/engine_vs_peft.py")      # reads the load average before
+    ...measure...
+    st.write("RESULTS-engine.md", body)         # stamp (with the load average after) + body
+
+A working tree with uncommitted changes under engine/, studio/, workers/ or bench/ is
+marked `+dirty`: such figures describe no commit and must not be quoted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def commit() -> str:
+    sha = _git("rev-parse", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--", "engine", "studio", "workers", "bench")
+    return sha + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class Stamp:
+    def __init__(self, script: str):
+        self.script = script
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.load_before = _load()
+
+    def header(self) -> str:
+        import torch
+        import transformers
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+        return "\n".join([
+            f"commit {commit()}",
+            "",
+            f"- date: {self.started:%Y-%m-%d %H:%M} UTC; script: `{self.script}`",
+            f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}",
+            f"- CPU: {cpu_model()} x {os.cpu_count()}; GPUs: {gpus}",
+            f"- load average (1/5/15 min): {self.load_before} before, {_load()} after",
+        ])
+
+    def write(self, name: str, body: str, title: str = "") -> Path:
+        path = REPO / "bench" / name
+        text = self.header() + "\n\n" + (f"# {title}\n\n" if title else "") + body.rstrip() + "\n"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
