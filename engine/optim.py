@@ -16,7 +16,9 @@ moment uses the signed code (7 bits after the sign, e = 0..6), the second moment
 unsigned one (the sign bit becomes one more bit of range, e = 0..7); all zeros is 0.
 The step dequantizes a block, runs the fp32 AdamW update (decoupled weight decay,
 bias correction, as torch.optim.AdamW) and quantizes the new moments (round to nearest,
-no stochastic rounding). Parameters with fewer than 4096 values keep fp32 moments.
+no stochastic rounding). Parameters with fewer than 1024 values (biases, norms, gates)
+keep fp32 moments. bitsandbytes draws that line at 4096 values; ours is lower so that
+small LoRA matrices (SmolLM2's 192 x 8 v_proj B) are quantized too.
 
 `paged_adamw_8bit` keeps the states in host memory (pinned on CUDA) and copies one
 parameter's states onto the device for its update and back, so the device never
@@ -50,7 +52,7 @@ from . import fused
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 BLOCK = 2048
-MIN_8BIT_NUMEL = 4096
+MIN_8BIT_NUMEL = 1024
 CHUNK_BLOCKS = 256                 # blocks dequantized at once (bounds the fp32 temporaries)
 SIGNED_MAX_E, UNSIGNED_MAX_E = 6, 7
 
