@@ -516,14 +516,3 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
 
 def _label_sort_key(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
-
-
-def __getattr__(name: str):
-    """The batching names' old home (engine.batching now)."""
-    if name in ("BatchStream", "collate", "encode_examples", "iter_batches"):
-        from . import batching
-        return getattr(batching, name)
-    if name == "format_prompt_ids":
-        from .tokens import format_prompt_ids
-        return format_prompt_ids
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

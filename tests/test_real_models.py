@@ -35,7 +35,7 @@ def test_lora_on_smollm2_lowers_eval_loss():
     prep = prepare_run(cfg)
     assert prep.n_trainable == 460_800
     from engine.train import evaluate, pick_device
-    from engine.data import encode_examples
+    from engine.batching import encode_examples
     enc = encode_examples(prep.tokenizer, prep.examples.validation, "causal_lm", 48)
     before = evaluate(prep.model, enc, "causal_lm", 8, prep.tokenizer.pad_token_id, pick_device("cpu"), None, 3)
     res = train(prep)
