@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from .distributed import DistributedError, check_method, free_port
 from .state_file import load_state, save_state
 
-PREPARE_KEYS = ("allowed_roots", "cache_dir", "max_data_bytes", "path_resolver")
+PREPARE_KEYS = ("allowed_roots", "cache_dir", "max_data_bytes", "path_resolver", "data_cache_dir")
 
 
 def plain_prepare(cfg, prepare_kwargs: Optional[dict]) -> dict:
@@ -41,6 +41,8 @@ def plain_prepare(cfg, prepare_kwargs: Optional[dict]) -> dict:
         out["cache_dir"] = str(kw["cache_dir"])
     if kw.get("max_data_bytes") is not None:
         out["max_data_bytes"] = int(kw["max_data_bytes"])
+    if kw.get("data_cache_dir") is not None:
+        out["data_cache_dir"] = str(kw["data_cache_dir"])
     resolver = kw.get("path_resolver")
     if resolver is not None:
         out["dataset_paths"] = {p: str(resolver(p)) for p in (cfg.dataset.path, cfg.dataset.validation_path) if p}
@@ -58,6 +60,8 @@ def prepare_from_plain(cfg, plain: dict):
         kw["cache_dir"] = Path(plain["cache_dir"])
     if "max_data_bytes" in plain:
         kw["max_data_bytes"] = plain["max_data_bytes"]
+    if "data_cache_dir" in plain:
+        kw["data_cache_dir"] = Path(plain["data_cache_dir"])
     paths = plain.get("dataset_paths")
     if paths is not None:
         def resolve(p: str) -> Path:

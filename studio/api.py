@@ -57,7 +57,8 @@ class UploadSizeLimit:
                 too_big = False
             if too_big:
                 body = json.dumps({"detail": f"upload: over the limit of {self.limit / 2**20:.0f} MiB "
-                                             f"(Content-Length {int(length)} bytes)"}).encode()
+                                             f"(Content-Length {int(length)} bytes; STUDIO_MAX_UPLOAD_MB)."
+                                             f"{service.LARGE_DATA_HINT}"}).encode()
                 await send_json(send, 413, body, (b"connection", b"close"))
                 return
         await self.app(scope, receive, send)
@@ -264,7 +265,8 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
                 while chunk := file.file.read(1 << 20):
                     written += len(chunk)
                     if written > limit:
-                        raise HTTPException(413, f"upload: over the limit of {limit / 2**20:.0f} MiB")
+                        raise HTTPException(413, f"upload: over the limit of {limit / 2**20:.0f} MiB "
+                                                 f"(STUDIO_MAX_UPLOAD_MB).{service.LARGE_DATA_HINT}")
                     out.write(chunk)
             return service.save_upload(settings, file.filename or "upload", tmp, owner=u)
         finally:

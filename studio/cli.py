@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
             return train_distributed(cfg, out)
         print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.name or Path(cfg.dataset.path).name} ...",
               file=sys.stderr)
-        prep = prepare_run(cfg)
+        prep = prepare_run(cfg, progress=True)
     except (ConfigError, DataError, ModelLoadError, TargetModulesError, ValueError) as e:
         _die(str(e))
     print(f"[{cfg.name}] {cfg.method.name}: {prep.n_trainable:,} trainable of {prep.n_params:,} parameters "

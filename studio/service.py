@@ -29,6 +29,10 @@ class NotFound(LookupError):
 
 # ------------------------------------------------------------------ validation and estimate
 
+# what every "too large to upload" answer adds
+LARGE_DATA_HINT = (" To train on larger data, put the file (or a directory of Parquet shards) in the artifact store"
+                   " or under STUDIO_DATA_ROOTS on the workers, and give that path as dataset.path.")
+
 def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
     """Parse a run config and check it against the model's structure (target modules
     exist) without loading weights: the model is built on the meta device.
@@ -425,7 +429,7 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
         raise SubmitError("upload: the file is empty")
     if size > settings.max_upload_bytes:
         raise SubmitError(f"upload: {size / 2**20:.1f} MiB is over the limit of "
-                          f"{settings.max_upload_bytes / 2**20:.0f} MiB")
+                          f"{settings.max_upload_bytes / 2**20:.0f} MiB (STUDIO_MAX_UPLOAD_MB).{LARGE_DATA_HINT}")
     with open(src, "rb") as f:
         sniff_upload(f.read(16), suffix)
     from workers.datasets import publish_upload

@@ -423,3 +423,16 @@ def test_merged_route_over_rest(finished):
         assert client.get("/runs/999999/merged").status_code == 404
         assert "/runs/{run_id}/merged" in client.get("/openapi.json").json()["paths"]
         assert json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("run_config.json"))["name"] == "a"
+
+
+def test_run_status_shows_data_preparation_and_eval_rows():
+    preparing = fake_run(5, status="running", steps_done=0, max_steps=10,
+                         phase="preparing data: 1.2M / 2.8M rows (train)")
+    md = runs_tab.run_status_md(preparing, [])
+    assert "_preparing data: 1.2M / 2.8M rows (train)_" in md
+    # a finished run's stale phase is not shown
+    assert "preparing" not in runs_tab.run_status_md({**preparing, "status": "succeeded"}, [])
+    metrics = [{"step": 10, "loss": 0.5, "eval": {"eval_loss": 0.4, "accuracy": 0.75, "eval_rows": 2000}}]
+    md = runs_tab.run_status_md(fake_run(6), metrics)
+    assert "validation: eval_loss 0.4000, accuracy 0.7500 (on 2,000 rows)" in md
+    assert "eval_rows" not in md

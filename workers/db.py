@@ -79,6 +79,8 @@ class Run(Base):
     resumed_from_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     # where each rank of a distributed run runs: [{rank, host, device, pid}, ...] (None: one process)
     ranks: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
+    # what a running run is doing before its first step ("preparing data: 1.2M / 2.8M rows (train)")
+    phase: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
 
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan",
                                                    passive_deletes=True)
@@ -271,7 +273,7 @@ def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str, toke
         cond.append(Run.queue_token == token)
     res = s.execute(update(Run).where(*cond).values(
         status="running", started_at=now, heartbeat_at=now, worker_host=host, worker_pid=pid, device=device,
-        attempts=Run.attempts + 1, error=None, resumed_from_step=None, ranks=None))
+        attempts=Run.attempts + 1, error=None, resumed_from_step=None, ranks=None, phase=None))
     return res.rowcount == 1
 
 

@@ -246,7 +246,8 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
             from .datasets import resolve_dataset_path
             prepare_kwargs = dict(allowed_roots=settings.model_roots, cache_dir=settings.models_dir,
                                   path_resolver=lambda p: resolve_dataset_path(settings, p),
-                                  max_data_bytes=settings.max_upload_bytes)
+                                  max_data_bytes=settings.max_upload_bytes,
+                                  data_cache_dir=settings.data_dir / "data-cache")
 
             def beat(**values):
                 def write():
@@ -282,8 +283,20 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                                                on_checkpoint=on_checkpoint, should_stop=should_stop,
                                                on_ranks=on_ranks, prepare_kwargs=prepare_kwargs)
             else:
-                prep = prepare_run(cfg, **prepare_kwargs)
-                beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
+                from engine.data import format_progress
+                shown = [0.0]
+
+                def on_data_progress(stage: str, done: int, total: int):
+                    # at most one write a second, and always the last one of a stage
+                    now = time.monotonic()
+                    if now - shown[0] >= 1.0 or done >= total:
+                        shown[0] = now
+                        text = format_progress(stage, done, total)
+                        beat(phase=text[:200])
+                        log.info("run %s: %s", run_id, text)
+
+                prep = prepare_run(cfg, on_data_progress=on_data_progress, **prepare_kwargs)
+                beat(n_params=prep.n_params, n_trainable=prep.n_trainable, phase=None)
                 result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
                                on_checkpoint=on_checkpoint)
         rd = result.to_dict()

@@ -96,14 +96,17 @@ def placement_text(run: dict) -> str:
 def run_status_md(run: dict, metrics: list[dict]) -> str:
     last = metrics[-1] if metrics else {}
     evals = [m for m in metrics if m.get("eval")]
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in (evals[-1]["eval"] if evals else {}).items()
-                   if isinstance(v, (int, float)))
+    last_eval = evals[-1]["eval"] if evals else {}
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, (int, float)) and k != "eval_rows")
+    if ev and last_eval.get("eval_rows"):
+        ev = f"{ev} (on {int(last_eval['eval_rows']):,} rows)"
     loss = last.get("loss")
     lines = [f"### Run {run['id']} · {run['name']} — `{run['status']}`",
              f"step **{run['steps_done']}** / {run['max_steps'] or '?'}"
              + (f" · loss **{loss:.4f}**" if loss is not None else ""),
              f"tokens/s **{last.get('tokens_per_s') or 0:.1f}** · ETA **{fmt_eta(last.get('eta_s'))}**" if last else "",
              f"validation: {ev}" if ev else "",
+             f"_{run['phase']}_" if run.get("phase") and run["status"] == "running" else "",
              resumed_text(run),
              f"{placement_text(run)} · launched by: {run.get('owner') or '–'}",
              f"trainable: {run['n_trainable']:,} / {run['n_params']:,}" if run.get("n_params") else ""]
