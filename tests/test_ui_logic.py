@@ -433,6 +433,6 @@ def test_run_status_shows_data_preparation_and_eval_rows():
     # a finished run's stale phase is not shown
     assert "preparing" not in runs_tab.run_status_md({**preparing, "status": "succeeded"}, [])
     metrics = [{"step": 10, "loss": 0.5, "eval": {"eval_loss": 0.4, "accuracy": 0.75, "eval_rows": 2000}}]
-    md = runs_tab.run_status_md(fake_run(6), metrics)
+    md = runs_tab.run_status_md(fake_run(6, steps_done=10, max_steps=10), metrics)
     assert "validation: eval_loss 0.4000, accuracy 0.7500 (on 2,000 rows)" in md
     assert "eval_rows" not in md
