@@ -221,3 +221,24 @@ def test_the_c_step_and_the_torch_step_agree():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for k in ("exp_avg_code", "exp_avg_sq_code"):
         assert (opt_a.state[a][k] != opt_b.state[b][k]).float().mean() < 1e-3   # float rounding at ties only
+
+
+def ddp_cfg(world: int, batch: int, strategy: str = "ddp"):
+    return parse_run_config({
+        "name": "optim-ddp", "model": "tiny-llama", "task": "causal_lm",
+        "dataset": {"name": "demo-instruct", "max_rows": 64},
+        "method": {"name": "lora", "r": 32, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"max_steps": 4, "batch_size": batch, "learning_rate": 5e-3, "max_seq_len": 32,
+                     "eval_every": 0, "eval_batches": 1, "precision": "fp32", "device": "cpu",
+                     "optimizer": "adamw_8bit", "distributed": {"world_size": world, "strategy": strategy}}})
+
+
+@pytest.mark.slow
+def test_ddp_ranks_take_the_single_process_8bit_step_and_fsdp_is_refused(tmp_path):
+    from engine.distributed import DistributedError
+    from engine.launch import launch_local
+    one = train(prepare_run(ddp_cfg(1, 8)))
+    two = launch_local(ddp_cfg(2, 4), tmp_path / "ddp")
+    assert [h["loss"] for h in two.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+    with pytest.raises(DistributedError, match=r"training\.optimizer.*FSDP"):
+        launch_local(ddp_cfg(2, 4, "fsdp"), tmp_path / "fsdp")
