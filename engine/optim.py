@@ -22,7 +22,7 @@ small LoRA matrices (SmolLM2's 192 x 8 v_proj B) are quantized too.
 
 `paged_adamw_8bit` keeps the states in host memory (pinned on CUDA) and copies one
 parameter's states onto the device for its update and back, so the device never
-holds more than one parameter group's states (on CPU the path runs, moving nothing).
+holds more than one parameter group's states (on CPU the same copies run, host to host).
 
 State dicts hold plain tensors (uint8 codes, fp32 absmax, fp32 moments of small
 parameters) and ints, so a checkpoint resumes the exact same trajectory.
@@ -247,9 +247,9 @@ class AdamW8bit(torch.optim.Optimizer):
                     self.state[p] = self._new_state(p)
                 st = self.state[p]
                 host = {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
-                if self.paged and p.device.type != "cpu":
-                    work = {k: v.to(p.device, non_blocking=True) for k, v in host.items()}
-                    moved = True
+                if self.paged:     # page in (on CPU a copy, so the same path runs), update, page out
+                    work = {k: v.to(p.device, non_blocking=True, copy=True) for k, v in host.items()}
+                    moved = moved or p.device.type == "cuda"
                 else:
                     work = host
                 st["step"] += 1
