@@ -10,8 +10,7 @@ from engine.methods import METHODS
 from studio.cli import main
 
 # combinations the methods refuse by design, with the error they give
-REFUSED = {("bitfit", "smollm2-135m"): "has none",          # Llama has no biases
-           ("llama_adapter", "minilm"): "Llama-architecture"}
+REFUSED = {("llama_adapter", "minilm"): "Llama-architecture"}   # bitfit adds biases to Llama (bias-free)
 MODELS = {"minilm": ("classification", "demo-sentiment"), "smollm2-135m": ("causal_lm", "demo-instruct")}
 
 
