@@ -277,7 +277,7 @@ def test_appendix_matches_reference_for_smollm2():
 def test_model_formula_against_reference_measurements(attention, batch, seq, measured_mib):
     """Reference: SmolLM2-135M, LoRA r=8 on q,v, fp32, CPU, saved-for-backward bytes
     deduplicated by storage (the issue's figures, measured on transformers' own
-    modules). Our engine swaps in the fused SwiGLU (engine.kernels), which does not
+    modules). Our engine swaps in the fused SwiGLU (engine.swaps), which does not
     keep silu(gate): 30 layers x tokens x 1536 fp32 values less."""
     silu_outputs = 30 * batch * seq * 1536 * 4 / MiB
     e = estimate("smollm2-135m", LORA_QV, batch_size=batch, seq_len=seq, attention=attention, device="cpu")
