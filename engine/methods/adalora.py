@@ -82,22 +82,6 @@ class SVDLinear(AdapterLayer):
         dx = self.lora_dropout(x.to(self.lora_A.dtype))
         return y + ((dx @ (self.lora_A * self.lora_E).T) @ self.lora_B.T * self.scaling).to(y.dtype)
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w += (delta.T if self.fan_in_fan_out else delta).to(w.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._add_to_base(self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self._add_to_base(-self.delta_weight())
-            self.merged = False
-
     def active_rank(self) -> int:
         return int((self.lora_E.detach() != 0).sum())
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..arch import set_submodule
 
 if TYPE_CHECKING:
-    import torch
     from ..dims import ModelDims
     from .plan import Plan
 
@@ -121,20 +121,40 @@ class WrapsBaseLayer(nn.Module):
 
 
 class AdapterLayer(WrapsBaseLayer):
-    """The protocol of a mergeable adapter layer (LoRA, DoRA, AdaLoRA, IA³, QLoRA): a
-    frozen `base_layer` plus a trainable update that `merge()` folds into the base
-    weight and `unmerge()` takes out again; `merged` says which state it is in.
-    (After peft's BaseTunerLayer.)"""
+    """The protocol of a mergeable adapter layer (LoRA, DoRA, AdaLoRA, IA³, QLoRA,
+    LoHa, LoKr, VeRA, OFT): a frozen `base_layer` plus a trainable update that
+    `merge()` folds into the base weight and `unmerge()` takes out again; `merged`
+    says which state it is in. (After peft's BaseTunerLayer.)
+
+    By default the update is additive: `merge()` adds `delta_weight()` (out x in) to
+    the base weight in its dtype, transposed when `fan_in_fan_out` (GPT-2's Conv1D
+    stores in x out), and `unmerge()` subtracts it. Layers with other merge math
+    (OFT rotates, IA³ scales, DoRA renormalises) override both."""
+
+    fan_in_fan_out = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.merged = False
 
-    def merge(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement merge()")
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight() or override merge()")
 
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w += (delta.T if self.fan_in_fan_out else delta).to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
     def unmerge(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement unmerge()")
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
 
     def unwrap_merged(self) -> nn.Module:
         """Merge and return the plain base layer (to put back in the model)."""

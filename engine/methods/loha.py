@@ -30,16 +30,14 @@ import re
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..arch import set_submodule
-from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
+from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, merge_and_unload
 from .lora import _check_regex, pattern_value
 from .plan import Plan
-from .reparam import (FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims,
-                      weight_saved_plan)
+from .reparam import (FAMILY, DenseDeltaLinear, delta_dtype, layers_of, load_by_name, peft_targets,
+                      targets_in_dims, weight_saved_plan, wrap_targets)
 from .targeting import check_target_list
 
 
@@ -110,21 +108,11 @@ class _HadamardDelta(torch.autograd.Function):
         return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
 
 
-def row_dropout(delta: torch.Tensor, p: float, rescale: bool) -> torch.Tensor:
-    """Zero whole rows of ΔW with probability p (LyCORIS's rank dropout)."""
-    keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
-    if rescale:
-        keep = keep / keep.mean().clamp_min(1e-12)
-    return delta * keep[:, None]
-
-
-class LohaLinear(AdapterLayer):
+class LohaLinear(DenseDeltaLinear):
     """y = base(x) + x @ ΔWᵀ with ΔW = s·(hada_w1_a @ hada_w1_b) ⊙ (hada_w2_a @ hada_w2_b)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, cfg: LohaConfig):
-        super().__init__(base)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.rank_dropout, self.module_dropout = cfg.rank_dropout, cfg.module_dropout
+        super().__init__(base, r, alpha, cfg.rank_dropout, cfg.module_dropout, rank_dropout_scale=True)
         out, fin = base.weight.shape
         kw = dict(device=base.weight.device, dtype=delta_dtype(base))
         self.hada_w1_a = nn.Parameter(torch.empty(out, r, **kw))
@@ -140,37 +128,10 @@ class LohaLinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return _HadamardDelta.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged or (self.training and self.module_dropout and float(torch.rand(1)) <= self.module_dropout):
-            return y
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            delta = row_dropout(delta, self.rank_dropout, rescale=True)
-        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w += self.delta_weight().to(w.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w -= self.delta_weight().to(w.dtype)
-            self.merged = False
-
 
 def apply_loha(model: nn.Module, cfg: LohaConfig, ctx: ApplyContext) -> None:
-    freeze_all(model)
-    names = target_names(model, cfg.target_modules, "loha")
-    torch.manual_seed(ctx.seed)
-    for n in names:
-        r, alpha = rank_alpha(cfg, n)
-        set_submodule(model, n, LohaLinear(model.get_submodule(n), r, alpha, cfg))
+    wrap_targets(model, cfg.target_modules, "loha", ctx.seed,
+                 lambda n, base: LohaLinear(base, *rank_alpha(cfg, n), cfg))
 
 
 def count_loha_trainable(dims, cfg: LohaConfig, task: str) -> int:

@@ -28,16 +28,14 @@ import math
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..arch import set_submodule
-from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
-from .loha import (check_alpha_pattern, check_rank_pattern, dense_delta_plan, lycoris_rank_config, rank_alpha,
-                   row_dropout)
+from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, merge_and_unload
+from .loha import check_alpha_pattern, check_rank_pattern, dense_delta_plan, lycoris_rank_config, rank_alpha
 from .plan import Plan
-from .reparam import FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims
+from .reparam import (FAMILY, DenseDeltaLinear, delta_dtype, layers_of, load_by_name, peft_targets, targets_in_dims,
+                      wrap_targets)
 from .targeting import check_target_list
 
 
@@ -111,14 +109,11 @@ def lokr_count(out: int, fin: int, r: int, cfg: LokrConfig) -> int:
     return (a * c if full_c else r * (a + c)) + (b * d if full_d else r * (b + d))
 
 
-class LokrLinear(AdapterLayer):
+class LokrLinear(DenseDeltaLinear):
     """y = base(x) + x @ ΔWᵀ with ΔW = s · kron(C, D)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, cfg: LokrConfig):
-        super().__init__(base)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.rank_dropout, self.module_dropout = cfg.rank_dropout, cfg.module_dropout
-        self.rank_dropout_scale = cfg.rank_dropout_scale
+        super().__init__(base, r, alpha, cfg.rank_dropout, cfg.module_dropout, cfg.rank_dropout_scale)
         out, fin = base.weight.shape
         (a, c), (b, d), full_c, full_d = lokr_shapes(out, fin, r, cfg)
         kw = dict(device=base.weight.device, dtype=delta_dtype(base))
@@ -147,37 +142,10 @@ class LokrLinear(AdapterLayer):
         c, d = self.factors()
         return torch.kron(c, d) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged or (self.training and self.module_dropout and float(torch.rand(1)) <= self.module_dropout):
-            return y
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
-        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w += self.delta_weight().to(w.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w -= self.delta_weight().to(w.dtype)
-            self.merged = False
-
 
 def apply_lokr(model: nn.Module, cfg: LokrConfig, ctx: ApplyContext) -> None:
-    freeze_all(model)
-    names = target_names(model, cfg.target_modules, "lokr")
-    torch.manual_seed(ctx.seed)
-    for n in names:
-        r, alpha = rank_alpha(cfg, n)
-        set_submodule(model, n, LokrLinear(model.get_submodule(n), r, alpha, cfg))
+    wrap_targets(model, cfg.target_modules, "lokr", ctx.seed,
+                 lambda n, base: LokrLinear(base, *rank_alpha(cfg, n), cfg))
 
 
 def count_lokr_trainable(dims, cfg: LokrConfig, task: str) -> int:

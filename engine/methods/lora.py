@@ -244,22 +244,6 @@ class LoraLinear(AdapterLayer):
             return y.add_(update)
         return y + update
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w += (delta.T if self.fan_in_fan_out else delta).to(w.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._add_to_base(self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self._add_to_base(-self.delta_weight())
-            self.merged = False
-
 
 # ---- injection -----------------------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ similarity reads LoRA `A` matrices, and the peft LORA/IA3 importers do not apply
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..arch import arch_of
+from ..arch import arch_of, set_submodule
+from .base import AdapterLayer, freeze_all
 from .lora import base_linear_names
 from .plan import Plan, empty_plan, ranks_per_layer
 from .targeting import peft_target_list, resolve_targets, resolve_targets_in_dims
@@ -43,6 +45,17 @@ def target_names(model: nn.Module, target_modules, what: str) -> list[str]:
 def targets_in_dims(dims, target_modules, task: str):
     targets = target_modules or list(dims.arch.default_lora_targets)
     return resolve_targets_in_dims(dims, targets, task)
+
+
+def wrap_targets(model: nn.Module, target_modules, what: str, seed: int,
+                 make_layer: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Freeze the model and replace each target linear layer by `make_layer(name, layer)`,
+    with torch's global generator seeded first so the adapter's initialisation repeats."""
+    freeze_all(model)
+    names = target_names(model, target_modules, what)
+    torch.manual_seed(seed)
+    for n in names:
+        set_submodule(model, n, make_layer(n, model.get_submodule(n)))
 
 
 def layers_of(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
@@ -103,3 +116,34 @@ def weight_saved_plan(dims, sizes: dict[str, int]) -> Plan:
 def delta_dtype(base: nn.Linear) -> torch.dtype:
     dt = base.weight.dtype
     return dt if dt.is_floating_point else torch.float32
+
+
+def row_dropout(delta: torch.Tensor, p: float, rescale: bool) -> torch.Tensor:
+    """Zero whole rows of ΔW with probability p (LyCORIS's rank dropout)."""
+    keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
+    if rescale:
+        keep = keep / keep.mean().clamp_min(1e-12)
+    return delta * keep[:, None]
+
+
+class DenseDeltaLinear(AdapterLayer):
+    """A linear layer whose update is a dense ΔW = `delta_weight()` built each forward
+    (LoHa, LoKr): y = base(x) + x @ ΔWᵀ. In training, `module_dropout` skips the update
+    for a step with that probability and `rank_dropout` zeroes rows of ΔW (rescaled by
+    the kept fraction when `rank_dropout_scale`), as in LyCORIS. Merges additively."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, rank_dropout: float, module_dropout: float,
+                 rank_dropout_scale: bool):
+        super().__init__(base)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
+        self.rank_dropout_scale = rank_dropout_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or (self.training and self.module_dropout and float(torch.rand(1)) <= self.module_dropout):
+            return y
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout:
+            delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
+        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)

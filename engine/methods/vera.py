@@ -112,19 +112,6 @@ class VeraLinear(AdapterLayer):
         h = F.linear(self.vera_dropout(x.to(a.dtype)), a) * self.vera_lambda_d
         return y + (F.linear(h, b) * self.vera_lambda_b).to(y.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w += self.delta_weight().to(w.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w -= self.delta_weight().to(w.dtype)
-            self.merged = False
 
 
 def apply_vera(model: nn.Module, cfg: VeraConfig, ctx: ApplyContext) -> None:
