@@ -30,6 +30,7 @@ from torch import nn
 
 from .arch import head_modules
 from .methods.base import QuantizedLayer, WrapsBaseLayer
+from .methods.reparam import copy_named_tensors
 from .prepare import Prepared
 
 PEFT_CONFIG = "adapter_config.json"
@@ -278,27 +279,10 @@ def load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], requir
     `.lora_A.default.weight`) into the model's parameters, strictly: every tensor
     must fit a parameter and, with `require_all`, every adapter parameter of the
     model must receive a tensor."""
-    params = dict(model.named_parameters())
-    missing = []
-    loaded = set()
-    with torch.no_grad():
-        for key, value in tensors.items():
-            name = key.removeprefix("base_model.model.").replace(".default.", ".")
-            name = name.replace(".modules_to_save.", ".")
-            if name.endswith(".default"):
-                name = name[: -len(".default")]
-            if name not in params:
-                missing.append(key)
-                continue
-            if params[name].shape != value.shape:
-                raise AdapterError(f"tensor {key}: shape {tuple(value.shape)} does not fit "
-                                   f"{name} {tuple(params[name].shape)}")
-            params[name].copy_(value.to(params[name].dtype))
-            loaded.add(name)
-    if missing:
-        raise AdapterError(f"adapter tensors match nothing in the model: {missing[:5]}")
+    loaded = copy_named_tensors(model, tensors, AdapterError)
     if require_all:
-        unset = [n for n in params if any(m in n + "." for m in ADAPTER_PARAM_MARKERS) and n not in loaded]
+        unset = [n for n, _ in model.named_parameters()
+                 if any(m in n + "." for m in ADAPTER_PARAM_MARKERS) and n not in loaded]
         if unset:
             raise AdapterError(f"adapter lacks tensors for {len(unset)} adapter parameters, e.g. {unset[:3]}")
 

@@ -75,14 +75,12 @@ def own_name(key: str) -> str:
     return name[: -len(".default")] if name.endswith(".default") else name
 
 
-def load_by_name(model: nn.Module, tensors: dict[str, torch.Tensor], layer_cls,
-                 skip: Optional[set] = None) -> None:
-    """Copy saved tensors into the model's parameters strictly: each key must name a
-    parameter of the same shape, and every parameter of a `layer_cls` layer must get
-    one. Keys in `skip` are the caller's (e.g. VeRA's shared projections)."""
+def copy_named_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], error: type[Exception] = ValueError,
+                       skip: Optional[set] = None) -> set[str]:
+    """Copy saved tensors (peft keys or ours, see `own_name`) into the model's
+    parameters: each key must name a parameter of the same shape, else `error`.
+    Keys in `skip` are the caller's. Returns the names of the parameters written."""
     params = dict(model.named_parameters())
-    own = {f"{n}.{p}" for n, m in layers_of(model, layer_cls) for p, _ in m.named_parameters()
-           if not p.startswith("base_layer.")}
     loaded, unknown = set(), []
     with torch.no_grad():
         for key, value in tensors.items():
@@ -93,12 +91,23 @@ def load_by_name(model: nn.Module, tensors: dict[str, torch.Tensor], layer_cls,
                 unknown.append(key)
                 continue
             if params[name].shape != value.shape:
-                raise ReparamLoadError(f"tensor {key}: shape {tuple(value.shape)} does not fit "
-                                       f"{name} {tuple(params[name].shape)}")
+                raise error(f"tensor {key}: shape {tuple(value.shape)} does not fit "
+                            f"{name} {tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
             loaded.add(name)
     if unknown:
-        raise ReparamLoadError(f"adapter tensors match nothing in the model: {unknown[:5]}")
+        raise error(f"adapter tensors match nothing in the model: {unknown[:5]}")
+    return loaded
+
+
+def load_by_name(model: nn.Module, tensors: dict[str, torch.Tensor], layer_cls,
+                 skip: Optional[set] = None) -> None:
+    """Copy saved tensors into the model's parameters strictly (`copy_named_tensors`),
+    and every parameter of a `layer_cls` layer must get one. Keys in `skip` are the
+    caller's (e.g. VeRA's shared projections)."""
+    own = {f"{n}.{p}" for n, m in layers_of(model, layer_cls) for p, _ in m.named_parameters()
+           if not p.startswith("base_layer.")}
+    loaded = copy_named_tensors(model, tensors, ReparamLoadError, skip)
     unset = sorted(own - loaded)
     if unset:
         raise ReparamLoadError(f"adapter lacks tensors for {len(unset)} adapter parameters, e.g. {unset[:3]}")
