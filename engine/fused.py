@@ -82,20 +82,27 @@ def _cflags() -> tuple[str, ...]:
     return CFLAGS + (X86_CFLAGS if platform.machine() in ("x86_64", "AMD64") else ())
 
 
-def _build(cc: str) -> Path:
-    """Compile fused.c into the cache (atomically: a half-written library is never
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    return cc
+
+
+def _build(cc: str, source: Path = SOURCE) -> Path:
+    """Compile a csrc/*.c into the cache (atomically: a half-written library is never
     loaded) unless a build for this source, compiler and CPU is there already."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_cflags()), version, _cpu_flags(),
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(_cflags()), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fused-{key}.so"
+    out = cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_cflags(), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *_cflags(), str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
@@ -104,6 +111,13 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def load_c(source: Path) -> ctypes.CDLL:
+    """Build `source` (a C file of engine/csrc) with the machine's compiler into the
+    kernel cache, if not there yet, and load it. Raises RuntimeError (no compiler, a
+    failed build), OSError or subprocess.SubprocessError when it cannot."""
+    return ctypes.CDLL(str(_build(_compiler(), source)))
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -128,11 +142,8 @@ def library() -> Optional[ctypes.CDLL]:
         return _lib
     with _lock:
         if _lib is None and _unavailable is None:
-            cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
             try:
-                if not cc:
-                    raise RuntimeError("no C compiler (cc/gcc) on PATH")
-                _lib = _declare(ctypes.CDLL(str(_build(cc))))
+                _lib = _declare(load_c(SOURCE))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _unavailable = str(exc)
                 warnings.warn(f"engine.fused: fused CPU kernels unavailable ({_unavailable}); using torch ops",

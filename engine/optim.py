@@ -35,12 +35,8 @@ elsewhere it is torch ops over chunks of blocks.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -131,28 +127,7 @@ def kernel() -> Optional[ctypes.CDLL]:
 
 
 def _load_kernel() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    flags = fused._cflags()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), " ".join(flags), version, fused._cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    out = fused.cache_dir() / f"adam8bit-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *flags, str(KERNEL_SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                                  text=True, timeout=300)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+    lib = fused.load_c(KERNEL_SOURCE)
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.adam8bit_step.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, p,
                                   f32, f32, f32, f32, f32, f32, f32, ctypes.c_int]
