@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, merge_and_unload
-from .lora import _check_regex, pattern_value
+from .lora import check_alpha_pattern, check_rank_pattern, pattern_value
 from .plan import Plan
 from .reparam import (FAMILY, DenseDeltaLinear, delta_dtype, layers_of, load_by_name, peft_targets,
                       targets_in_dims, weight_saved_plan, wrap_targets)
@@ -67,22 +67,6 @@ class LohaConfig(MethodConfig):
     @classmethod
     def _alphas(cls, v):
         return check_alpha_pattern(v)
-
-
-def check_rank_pattern(v: dict) -> dict:
-    for k, r in v.items():
-        _check_regex(k)
-        if not 0 < r <= 4096:
-            raise ValueError(f"rank for {k!r} must be in 1..4096, got {r}")
-    return v
-
-
-def check_alpha_pattern(v: dict) -> dict:
-    for k, a in v.items():
-        _check_regex(k)
-        if not a > 0:
-            raise ValueError(f"alpha for {k!r} must be > 0, got {a}")
-    return v
 
 
 def rank_alpha(cfg, name: str) -> tuple[int, float]:

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, merge_and_unload
-from .loha import check_alpha_pattern, check_rank_pattern, dense_delta_plan, lycoris_rank_config, rank_alpha
+from .loha import dense_delta_plan, lycoris_rank_config, rank_alpha
+from .lora import check_alpha_pattern, check_rank_pattern
 from .plan import Plan
 from .reparam import (FAMILY, DenseDeltaLinear, delta_dtype, layers_of, load_by_name, peft_targets, targets_in_dims,
                       wrap_targets)

@@ -69,20 +69,12 @@ class LoraConfig(MethodConfig):
     @field_validator("rank_pattern")
     @classmethod
     def _ranks_positive(cls, v):
-        for k, r in v.items():
-            _check_regex(k)
-            if not 0 < r <= 4096:
-                raise ValueError(f"rank for {k!r} must be in 1..4096, got {r}")
-        return v
+        return check_rank_pattern(v)
 
     @field_validator("alpha_pattern")
     @classmethod
     def _alphas_positive(cls, v):
-        for k, a in v.items():
-            _check_regex(k)
-            if not a > 0:
-                raise ValueError(f"alpha for {k!r} must be > 0, got {a}")
-        return v
+        return check_alpha_pattern(v)
 
     @field_validator("random_rank")
     @classmethod
@@ -103,6 +95,24 @@ def _check_regex(pattern: str) -> None:
         re.compile(pattern)
     except re.error as e:
         raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+
+
+def check_rank_pattern(v: dict) -> dict:
+    """A rank_pattern's regexes compile and its ranks are in 1..4096."""
+    for k, r in v.items():
+        _check_regex(k)
+        if not 0 < r <= 4096:
+            raise ValueError(f"rank for {k!r} must be in 1..4096, got {r}")
+    return v
+
+
+def check_alpha_pattern(v: dict) -> dict:
+    """An alpha_pattern's regexes compile and its alphas are > 0."""
+    for k, a in v.items():
+        _check_regex(k)
+        if not a > 0:
+            raise ValueError(f"alpha for {k!r} must be > 0, got {a}")
+    return v
 
 
 # ---- ranks and scaling per module ----------------------------------------------------------------
