@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from stamp import Stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad fine great awful plot actor scene movie long short boring fun dull sharp warm".split()
@@ -110,29 +110,20 @@ def engine_cfg(kind: str, path: str, packing: bool = False, steps: int = 5, data
                                     "eval_every": 0, "eval_max_rows": 256, "packing": packing}})
 
 
-def stamp() -> str:
-    import torch
-    import transformers
-
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return (f"commit {sha}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, {cpu}, {os.cpu_count()} cores, "
-            f"load average before {os.getloadavg()[0]:.2f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="20000,200000,2000000")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-data.md")
     a = ap.parse_args()
-    print(stamp(), flush=True)
+    st = Stamp("bench/data_scale.py")
+    print(st.header(), flush=True)
+    st.say("```")
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
     rows = [int(x) for x in a.rows.split(",")]
     results = {}
-    print(f"{'case':28} {'rows':>9} {'first s':>8} {'cached s':>9} {'1st step s':>10} {'cached 1st':>10} "
-          f"{'peak MB':>8} {'cached MB':>9}", flush=True)
+    st.say(f"{'case':28} {'rows':>9} {'first s':>8} {'cached s':>9} {'1st step s':>10} {'cached 1st':>10} "
+           f"{'peak MB':>8} {'cached MB':>9}")
     for n in rows:
         for kind, packing, label in (("bert", False, "engine tiny-bert"), ("llama", False, "engine tiny-llama"),
                                      ("llama", True, "engine tiny-llama packed"), ("bert", None, "reference tiny-bert"),
@@ -148,29 +139,31 @@ def main() -> None:
             else:
                 runs = [child(ENGINE, engine_cfg(kind, str(path), packing), str(cache)) for _ in range(2)]
             results[(label, n)] = runs
-            print(f"{label:28} {n:>9,} {runs[0]['wall_s']:>8.1f} {runs[1]['wall_s']:>9.1f} "
-                  f"{runs[0]['first_step_s']:>10.1f} {runs[1]['first_step_s']:>10.1f} {runs[0]['peak_rss_mb']:>8.0f} "
-                  f"{runs[1]['peak_rss_mb']:>9.0f}", flush=True)
+            st.say(f"{label:28} {n:>9,} {runs[0]['wall_s']:>8.1f} {runs[1]['wall_s']:>9.1f} "
+                   f"{runs[0]['first_step_s']:>10.1f} {runs[1]['first_step_s']:>10.1f} {runs[0]['peak_rss_mb']:>8.0f} "
+                   f"{runs[1]['peak_rss_mb']:>9.0f}")
     lo, hi = rows[0], rows[-1]
-    print("\nratios")
+    st.say("\nratios")
     for label in ("engine tiny-bert", "engine tiny-llama", "engine tiny-llama packed"):
         a_lo, a_hi = results[(label, lo)], results[(label, hi)]
-        print(f"  {label}: peak RSS at {hi:,} - at {lo:,}: {max(r['peak_rss_mb'] for r in a_hi) - max(r['peak_rss_mb'] for r in a_lo):+.0f} MB "
-              f"(target <= +300); cached rerun at {hi:,} / first run at {lo:,}: "
-              f"{a_hi[1]['wall_s'] / a_lo[0]['wall_s']:.2f}x (target <= 1.5x)")
+        st.say(f"  {label}: peak RSS at {hi:,} - at {lo:,}: {max(r['peak_rss_mb'] for r in a_hi) - max(r['peak_rss_mb'] for r in a_lo):+.0f} MB "
+               f"(target <= +300); cached rerun at {hi:,} / first run at {lo:,}: "
+               f"{a_hi[1]['wall_s'] / a_lo[0]['wall_s']:.2f}x (target <= 1.5x)")
         ref = results.get((label.replace("engine", "reference").replace(" packed", ""), hi))
         if ref:
-            print(f"    vs reference at {hi:,}: first run {a_hi[0]['wall_s'] / ref[0]['wall_s']:.2f}x time, "
-                  f"cached {a_hi[1]['wall_s'] / ref[1]['wall_s']:.2f}x time, "
-                  f"peak {a_hi[0]['peak_rss_mb'] / ref[0]['peak_rss_mb']:.2f}x RSS")
+            st.say(f"    vs reference at {hi:,}: first run {a_hi[0]['wall_s'] / ref[0]['wall_s']:.2f}x time, "
+                   f"cached {a_hi[1]['wall_s'] / ref[1]['wall_s']:.2f}x time, "
+                   f"peak {a_hi[0]['peak_rss_mb'] / ref[0]['peak_rss_mb']:.2f}x RSS")
     ds = {"name": "demo-instruct"}
     tps = {}
     for packing in (False, True):
         tps[packing] = child(ENGINE, engine_cfg("llama", "", packing, steps=30, dataset=ds),
                              str(work / "cache-demo"))["tokens_per_s"]
-    print(f"\ndemo-instruct, tiny-llama LoRA, 30 steps, batch 8, max_seq_len 128: tokens/s unpacked {tps[False]:,.0f}, "
-          f"packed {tps[True]:,.0f}: {tps[True] / tps[False]:.2f}x (target >= 1.5x)")
-    print(f"load average after {os.getloadavg()[0]:.2f}")
+    st.say(f"\ndemo-instruct, tiny-llama LoRA, 30 steps, batch 8, max_seq_len 128: tokens/s unpacked {tps[False]:,.0f}, "
+           f"packed {tps[True]:,.0f}: {tps[True] / tps[False]:.2f}x (target >= 1.5x)")
+    st.say("```")
+    if not a.no_write:
+        print("wrote", st.write("data", title="Data at scale"))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ memory, and the scaling efficiency: tokens/s at N ranks / (N x tokens/s at 1 ran
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,36 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from stamp import Stamp  # noqa: E402
 
 from engine.launch import launch_local  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def stamp() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "bench"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        sha += " (engine/bench modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "\n".join([
-        f"# bench/distributed.py — commit {sha}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"# python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-        f"# CPU {cpu_model()} x {os.cpu_count()}, GPUs: {gpus}, load average {load} (at start)"])
 
 
 def run_config(model: str, world: int, strategy: str, global_batch: int, seq: int, steps: int, device: str) -> dict:
@@ -84,15 +54,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of tokens/s")
     ap.add_argument("--max-ranks", type=int, default=None, help="default: 2 on CPU, every GPU on CUDA")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-distributed.md")
     args = ap.parse_args()
+    st = Stamp("bench/distributed.py")
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus else "cpu"
     top = args.max_ranks or (gpus if gpus else 2)
     worlds = [w for w in range(1, top + 1) if args.global_batch % w == 0]
-    print(stamp())
-    print(f"# {args.model} LoRA r8 q,v · global batch {args.global_batch} x seq {args.seq} · {args.steps} steps "
+    print(st.header())
+    st.say(f"{args.model} LoRA r8 q,v · global batch {args.global_batch} x seq {args.seq} · {args.steps} steps "
           f"({args.skip} warm-up left out) · {device}, {'nccl' if gpus else 'gloo'}")
-    print(f"{'strategy':<9}{'ranks':>6}{'tokens/s':>12}{'efficiency':>12}{'loss':>10}   peak memory per rank (GiB)")
+    st.say("```")
+    st.say(f"{'strategy':<9}{'ranks':>6}{'tokens/s':>12}{'efficiency':>12}{'loss':>10}   peak memory per rank (GiB)")
     base = None          # one rank has no process group: the same run for every strategy, measured once
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         for world in worlds:
@@ -105,10 +78,12 @@ def main() -> int:
             base = base if base is not None else tps
             peaks = res.rank_peak_memory_bytes or [res.peak_memory_bytes]
             eff = tps / (world * base)
-            print(f"{strategy if world > 1 else '-':<9}{world:>6}{tps:>12.1f}{eff:>11.0%} {res.final_loss:>10.4f}   "
-                  + " ".join(f"{p / 2**30:.2f}" for p in peaks) + f" ({res.memory_kind})", flush=True)
-    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at end); efficiency = tokens/s at N "
-          f"ranks / (N x tokens/s at 1 rank), same global batch")
+            st.say(f"{strategy if world > 1 else '-':<9}{world:>6}{tps:>12.1f}{eff:>11.0%} {res.final_loss:>10.4f}   "
+                  + " ".join(f"{p / 2**30:.2f}" for p in peaks) + f" ({res.memory_kind})")
+    st.say("```")
+    st.say("efficiency = tokens/s at N ranks / (N x tokens/s at 1 rank), same global batch")
+    if not args.no_write:
+        print("wrote", st.write("distributed", title="Distributed training throughput"))
     return 0
 
 

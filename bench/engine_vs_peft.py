@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from stamp import Stamp  # noqa: E402
 
 SMOL = dict(model="smollm2-135m", task="causal_lm", batch=4, seq=128)
 MINI = dict(model="minilm", task="classification", batch=8, seq=128)
@@ -194,10 +195,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="fresh processes per side (median)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-engine.md")
     a = ap.parse_args()
     if a.child:
         child(*a.child, a.steps, a.warmup)
         return
+    st = Stamp("bench/engine_vs_peft.py")
+    print(st.header(), flush=True)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     rows = []
 
@@ -210,10 +214,10 @@ def main() -> None:
         rows.append((label, inter, ma, mb))
         also = f"; interleaved in one process {inter[0]:.3f} s vs {inter[1]:.3f} s ({inter[0] / inter[1]:.2f}x)" \
             if inter else ""
-        print(f"{label}: {ma['median_s']:.3f} s vs {mb['median_s']:.3f} s ({ma['median_s'] / mb['median_s']:.2f}x; "
-              f"per process {ma['step_min']:.3f}-{ma['step_max']:.3f} vs {mb['step_min']:.3f}-{mb['step_max']:.3f})"
-              f"{also}; peak RSS {gb(ma['peak_rss'])} vs {gb(mb['peak_rss'])} "
-              f"({ma['peak_rss'] / mb['peak_rss']:.2f}x)", flush=True)
+        st.say(f"{label}: {ma['median_s']:.3f} s vs {mb['median_s']:.3f} s ({ma['median_s'] / mb['median_s']:.2f}x; "
+               f"per process {ma['step_min']:.3f}-{ma['step_max']:.3f} vs {mb['step_min']:.3f}-{mb['step_max']:.3f})"
+               f"{also}; peak RSS {gb(ma['peak_rss'])} vs {gb(mb['peak_rss'])} "
+               f"({ma['peak_rss'] / mb['peak_rss']:.2f}x)")
 
     pair("smollm2-135m LoRA r=8 q,v  4x128  engine vs peft", "smol", SMOL, "engine", LORA_SMOL, "peft", LORA_SMOL)
     pair("minilm LoRA r=8 query,value 8x128 engine vs peft", "mini", MINI, "engine", LORA_MINI, "peft", LORA_MINI)
@@ -224,26 +228,28 @@ def main() -> None:
     pair("smollm2-135m QLoRA vs LoRA (engine, both)     ", "smol", SMOL, "engine", qlora, "engine", LORA_SMOL,
          interleave=False)
 
-    print()
-    import transformers
+    st.say()
     from engine.gemm import gemm_mode
     engine_run = rows[0][2]
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU fp32; engine GEMM backend mode {gemm_mode()} (SmolLM2 LoRA: oneDNN kept for {engine_run['gemm']} "
-          f"shapes timed, BLAS for the rest; {engine_run['gemm_pick_sets']} distinct pick set(s) over the "
-          f"{a.repeats} processes), fused C kernels {'on' if engine_run['fused'] else 'OFF'}; step time: median "
-          f"of {a.steps} steps after {a.warmup} warm-up per process, median over {a.repeats} fresh processes per "
-          f"side run alternately (A, B, A, B, ...); peak RSS: median of the same processes (min-max)")
-    print("| case | A step (s) | B step (s) | time A/B | time A/B interleaved in one process | A peak RSS | "
-          "B peak RSS | memory A/B |")
-    print("|---|---|---|---|---|---|---|---|")
+    st.say(f"threads {torch.get_num_threads()}, CPU fp32; engine GEMM backend mode {gemm_mode()} "
+           f"(SmolLM2 LoRA: oneDNN kept for {engine_run['gemm']} "
+           f"shapes timed, BLAS for the rest; {engine_run['gemm_pick_sets']} distinct pick set(s) over the "
+           f"{a.repeats} processes), fused C kernels {'on' if engine_run['fused'] else 'OFF'}; step time: median "
+           f"of {a.steps} steps after {a.warmup} warm-up per process, median over {a.repeats} fresh processes per "
+           f"side run alternately (A, B, A, B, ...); peak RSS: median of the same processes (min-max)")
+    st.say("| case | A step (s) | B step (s) | time A/B | time A/B interleaved in one process | A peak RSS | "
+           "B peak RSS | memory A/B |")
+    st.say("|---|---|---|---|---|---|---|---|")
     for label, inter, ma, mb in rows:
         def cell(m):
             return f"{gb(m['peak_rss'])} ({m['peak_min'] / 1e9:.2f}-{m['peak_max'] / 1e9:.2f})"
         ta, tb = ma["median_s"], mb["median_s"]
         il = f"{inter[0] / inter[1]:.2f} ({inter[0]:.3f} vs {inter[1]:.3f})" if inter else "-"
-        print(f"| {label.strip()} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} | {il} | {cell(ma)} | {cell(mb)} | "
-              f"{ma['peak_rss'] / mb['peak_rss']:.2f} |")
+        st.say(f"| {label.strip()} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} | {il} | {cell(ma)} | {cell(mb)} | "
+               f"{ma['peak_rss'] / mb['peak_rss']:.2f} |")
+    if not a.no_write:
+        print("wrote", st.write("engine", title="Engine vs peft"))
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from stamp import Stamp  # noqa: E402
+
 from engine import fused  # noqa: E402
 
 T, H, KV, D, HIDDEN, FFN, VOCAB = 512, 9, 3, 64, 576, 1536, 49152
@@ -118,19 +120,26 @@ def step_times(rounds: int = 5) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-step", action="store_true", help="skip the SmolLM2 training-step comparison")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-fused.md")
     a = ap.parse_args()
     torch.set_num_threads(2)
     if fused.library() is None:
         sys.exit(f"no fused kernels here: {fused.unavailable_reason()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; median of 50 calls")
-    print("| kernel | torch ops (ms) | fused (ms) | fused / torch |")
-    print("|---|---|---|---|")
+    st = Stamp("bench/fused_kernels.py")
+    print(st.header(), flush=True)
+    st.say(f"threads {torch.get_num_threads()}; median of 50 calls")
+    st.say()
+    st.say("| kernel | torch ops (ms) | fused (ms) | fused / torch |")
+    st.say("|---|---|---|---|")
     for label, ref, ours in kernel_rows():
-        print(f"| {label} | {ref:.3f} | {ours:.3f} | {ours / ref:.2f} |")
+        st.say(f"| {label} | {ref:.3f} | {ours:.3f} | {ours / ref:.2f} |")
     if not a.no_step:
         on, off = step_times()
-        print(f"\nSmolLM2 LoRA r=8 step, 4 x 128, same process: fused on {on:.3f} s, off {off:.3f} s "
-              f"({on / off:.2f}x)")
+        st.say()
+        st.say(f"SmolLM2 LoRA r=8 step, 4 x 128, same process: fused on {on:.3f} s, off {off:.3f} s "
+               f"({on / off:.2f}x)")
+    if not a.no_write:
+        print("wrote", st.write("fused", title="Fused C kernels vs torch ops"))
 
 
 if __name__ == "__main__":

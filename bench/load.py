@@ -17,9 +17,7 @@ postgresql://postgres@127.0.0.1:5432/postgres, dropped afterwards) and Redis db 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -32,6 +30,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from stamp import Stamp
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("STUDIO_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -194,11 +193,14 @@ def main() -> int:
     ap.add_argument("--estimates", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--estimate-client", nargs=3, metavar=("PORT", "N", "same|distinct"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-load.md")
     args = ap.parse_args()
     if args.estimate_client:
         port, n, kind = args.estimate_client
         estimate_client(int(port), int(n), kind == "distinct")
         return 0
+    st = Stamp("bench/load.py")
+    print(st.header(), flush=True)
 
     import psycopg
     import redis
@@ -242,8 +244,6 @@ def main() -> int:
         rds.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
     lines = [f"(a) {runs['n']} runs queued at once, 2 workers, PostgreSQL + Redis: "
              f"{runs['succeeded']}/{runs['n']} succeeded, {runs['exactly_once']}/{runs['n']} exactly once "
              f"(attempts == 1, metric steps 1..n); per worker {runs['per_worker']}; "
@@ -261,13 +261,14 @@ def main() -> int:
                      f"each computed): {cold['ok']}/{cold['n']} ok; latency p50 {cold['p50_ms']:.0f} ms, "
                      f"p95 {cold['p95_ms']:.0f} ms, max {cold['max_ms']:.0f} ms; {cold['rps']:.0f} requests/s")
     print("\n".join(lines))
-    out = REPO / "bench" / "RESULTS-load.md"
-    out.write_text(f"# Load bench (bench/load.py)\n\n{when}; {machine}.\n"
-                   "One `peft-studio serve --no-worker` (uvicorn with uvloop + httptools, one process) and two "
-                   "`peft-studio worker` processes on the same machine; the estimate requests come from a separate "
-                   "client process (asyncio, raw HTTP/1.1, a new connection per request, all sent at once). Repeats "
-                   "of one query are served from the studio's encoded-answer cache "
-                   "(`studio.api.EstimateFastPath`); the distinct queries are each computed.\n\n```\n" + "\n".join(lines) + "\n```\n")
+    if not args.no_write:
+        body = ("One `peft-studio serve --no-worker` (uvicorn with uvloop + httptools, one process) and two "
+                "`peft-studio worker` processes on the same machine; the estimate requests come from a separate "
+                "client process (asyncio, raw HTTP/1.1, a new connection per request, all sent at once). Repeats "
+                "of one query are served from the studio's encoded-answer cache "
+                "(`studio.api.EstimateFastPath`); the distinct queries are each computed.\n\n```\n"
+                + "\n".join(lines) + "\n```\n")
+        print("wrote", st.write("load", body, title="Load bench"))
     return 0 if not runs["problems"] and est.get("ok") == est.get("n") else 1
 
 

@@ -13,11 +13,8 @@ step time after the first 2 steps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from stamp import Stamp  # noqa: E402
 
 from engine.config import parse_run_config  # noqa: E402
 from engine.optim import make_optimizer, state_nbytes  # noqa: E402
@@ -38,33 +35,6 @@ CASES = {
     "lora": ({"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, 1e-3),
     "full": ({"name": "full"}, 5e-5),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def stamp() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "bench"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        sha += " (engine/bench modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "\n".join([
-        f"# bench/optimizers.py — commit {sha}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"# python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"threads {torch.get_num_threads()}",
-        f"# CPU {cpu_model()} x {os.cpu_count()}, load average {load} (before)"])
 
 
 def run(method: dict, lr: float, optimizer: str, steps: int, seq: int, batch: int) -> dict:
@@ -93,13 +63,16 @@ def main() -> int:
     ap.add_argument("--cases", default="lora,full")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-optimizers.md")
     a = ap.parse_args()
-    print(stamp())
-    print(f"# smollm2-135m causal LM on demo-instruct, {a.steps} steps, batch {a.batch} x {a.seq} tokens, fp32, "
-          f"linear schedule; final loss = mean of the last 5 steps")
-    print("| case | trainable | final loss adamw | final loss 8-bit | ratio (<= 1.01) | state adamw | "
+    st = Stamp("bench/optimizers.py")
+    print(st.header())
+    st.say(f"smollm2-135m causal LM on demo-instruct, {a.steps} steps, batch {a.batch} x {a.seq} tokens, fp32, "
+           f"{torch.get_num_threads()} threads, linear schedule; final loss = mean of the last 5 steps")
+    st.say()
+    st.say("| case | trainable | final loss adamw | final loss 8-bit | ratio (<= 1.01) | state adamw | "
           "state 8-bit | ratio (<= 0.3) | step adamw (s) | step 8-bit (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    st.say("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for case in a.cases.split(","):
         method, lr = CASES[case]
@@ -107,11 +80,13 @@ def main() -> int:
         q8 = run(method, lr, "adamw_8bit", a.steps, a.seq, a.batch)
         lr_ratio, st_ratio = q8["final"] / ref["final"], q8["state"] / ref["state"]
         ok &= lr_ratio <= 1.01 and st_ratio <= 0.3
-        print(f"| {case} | {ref['n_trainable']:,} | {ref['final']:.4f} | {q8['final']:.4f} | {lr_ratio:.4f} | "
+        st.say(f"| {case} | {ref['n_trainable']:,} | {ref['final']:.4f} | {q8['final']:.4f} | {lr_ratio:.4f} | "
               f"{ref['state'] / 1e6:.2f} MB | {q8['state'] / 1e6:.2f} MB | {st_ratio:.3f} | {ref['step_s']:.3f} | "
-              f"{q8['step_s']:.3f} |", flush=True)
-    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after); targets "
-          f"{'met' if ok else 'NOT met'}")
+              f"{q8['step_s']:.3f} |")
+    st.say()
+    st.say(f"Targets {'met' if ok else 'NOT met'}.")
+    if not a.no_write:
+        print("wrote", st.write("optimizers", title="8-bit AdamW vs fp32 AdamW"))
     return 0 if ok else 1
 
 

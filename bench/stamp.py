@@ -2,8 +2,8 @@
 
     from stamp import Stamp
     st = Stamp("bench/engine_vs_peft.py")      # reads the load average before
-    ...measure...
-    st.write("RESULTS-engine.md", body)         # stamp (with the load average after) + body
+    st.say("| case | ... |")                    # printed now and kept for the file
+    st.write("engine", title="Engine vs peft") # bench/RESULTS-engine.md: stamp (load after) + title + lines
 
 A working tree with uncommitted changes under engine/, studio/, workers/ or bench/ is
 marked `+dirty`: such figures describe no commit and must not be quoted.
@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,12 @@ class Stamp:
         self.script = script
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = _load()
+        self.lines: list[str] = []
+
+    def say(self, line: str = "") -> None:
+        """Print a line of results now and keep it for `write`."""
+        print(line, flush=True)
+        self.lines.append(line)
 
     def header(self) -> str:
         import torch
@@ -67,8 +74,11 @@ class Stamp:
             f"- load average (1/5/15 min): {self.load_before} before, {_load()} after",
         ])
 
-    def write(self, name: str, body: str, title: str = "") -> Path:
-        path = REPO / "bench" / name
+    def write(self, name: str, body: Optional[str] = None, title: str = "", path: Optional[Path] = None) -> Path:
+        """Write bench/RESULTS-<name>.md (or `path`) atomically: the header, the title,
+        then `body` (default: the lines said so far)."""
+        path = Path(path) if path else REPO / "bench" / f"RESULTS-{name}.md"
+        body = "\n".join(self.lines) if body is None else body
         text = self.header() + "\n\n" + (f"# {title}\n\n" if title else "") + body.rstrip() + "\n"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
