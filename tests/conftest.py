@@ -67,6 +67,16 @@ def wait_status(client, run_id: int, statuses=("succeeded", "failed", "cancelled
     raise TimeoutError(f"run {run_id} still {run['status']} after {timeout} s")
 
 
+def wait_workers(client, studio, at_least: int = 1, timeout: float = 90.0) -> list[dict]:
+    """GET /api/workers until `at_least` workers have registered; fails with the
+    studio's logs if they do not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(workers := client.get("/api/workers").json()) < at_least:
+        assert time.monotonic() < deadline, studio.logs()
+        time.sleep(0.5)
+    return workers
+
+
 class Studio:
     """A `peft-studio serve` process (and optional separate workers) on loopback."""
 
@@ -159,11 +169,11 @@ def pg_url():
     admin.close()
 
 
-@pytest.fixture
-def redis_url():
-    """A Redis database number of our own, emptied before and after."""
+def fresh_redis(db: int):
+    """Yield the URL of Redis database `db`, emptied before and after (a fixture's body);
+    fails the test when Redis is not reachable."""
     redis = pytest.importorskip("redis")
-    url = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    url = f"redis://127.0.0.1:6379/{db}"
     r = redis.Redis.from_url(url)
     try:
         r.ping()
@@ -173,3 +183,9 @@ def redis_url():
     yield url
     r.flushdb()
     r.close()
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis database number of our own, emptied before and after."""
+    yield from fresh_redis(REDIS_TEST_DB)

@@ -21,7 +21,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO, Studio, free_port, studio_env, wait_status
+from conftest import REPO, Studio, free_port, fresh_redis, studio_env, wait_status
 
 REDIS_DB = int(os.environ.get("STUDIO_TEST_CLUSTER_REDIS_DB", "13"))
 STEPS, EVERY = 100, 5
@@ -44,17 +44,7 @@ def run_config(name: str, path: str, **training) -> dict:
 
 @pytest.fixture
 def redis_db():
-    redis = pytest.importorskip("redis")
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    r = redis.Redis.from_url(url)
-    try:
-        r.ping()
-    except redis.ConnectionError as e:
-        pytest.fail(f"Redis is not reachable at {url}: {e}")
-    r.flushdb()
-    yield url
-    r.flushdb()
-    r.close()
+    yield from fresh_redis(REDIS_DB)
 
 
 @pytest.fixture
