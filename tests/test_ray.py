@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Studio, free_port, studio_env, wait_status
+from conftest import Studio, free_port, studio_env, wait_status, wait_workers
 
 pytest.importorskip("ray")
 RAY = Path(sys.executable).parent / "ray"
@@ -53,11 +53,7 @@ def test_a_two_worker_run_on_ray_succeeds_with_every_steps_metrics(tmp_path, ray
                           RAY_USAGE_STATS_ENABLED="0"), tmp_path)
     try:
         with s.client() as c:
-            deadline = time.monotonic() + 90
-            while not c.get("/api/workers").json():
-                assert time.monotonic() < deadline, s.logs()
-                time.sleep(0.5)
-            w = c.get("/api/workers").json()[0]
+            w = wait_workers(c, s)[0]
             assert w["ray_address"] == ray_head and w["devices"] == 1
             run_cfg = {"name": "on-ray", "model": "tiny-llama", "task": "causal_lm",
                        "dataset": {"name": "demo-instruct", "max_rows": 64},

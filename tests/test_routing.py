@@ -1,10 +1,9 @@
 """Scale-out: memory-aware routing and priorities, with real Redis and worker processes."""
 
-import time
 
 import pytest
 
-from conftest import Studio, studio_env, wait_status
+from conftest import Studio, studio_env, wait_status, wait_workers
 from workers.queue import GIB, queue_for_estimate, worker_queues
 from workers.settings import load_settings
 
@@ -40,11 +39,7 @@ def test_memory_aware_routing_and_refusal(tmp_path, redis_url):
         s.env = big_env
         s.start_worker("big@test")
         with s.client() as c:
-            deadline = time.monotonic() + 90
-            while len(c.get("/api/workers").json()) < 2:
-                assert time.monotonic() < deadline, s.logs()
-                time.sleep(0.5)
-            mem = {w["name"]: w["total_memory"] for w in c.get("/api/workers").json()}
+            mem = {w["name"]: w["total_memory"] for w in wait_workers(c, s, at_least=2)}
             assert mem == {"small@test": GIB // 2, "big@test": 6 * GIB}
             ids = [c.post("/api/runs", json=cfg(f"r{i}")).json()["id"] for i in range(3)]
             for rid in ids:
@@ -117,11 +112,7 @@ def test_a_two_rank_run_is_refused_when_no_worker_has_two_devices(tmp_path):
     s = Studio(studio_env(tmp_path, STUDIO_WORKER_DEVICES="1"), tmp_path)
     try:
         with s.client() as c:
-            deadline = time.monotonic() + 90
-            while not c.get("/api/workers").json():
-                assert time.monotonic() < deadline, s.logs()
-                time.sleep(0.5)
-            assert c.get("/api/workers").json()[0]["devices"] == 1
+            assert wait_workers(c, s)[0]["devices"] == 1
             two = cfg("two", model="tiny-llama", task="causal_lm", dataset={"name": "demo-instruct"},
                       method={"name": "lora", "r": 4, "target_modules": ["q_proj"]},
                       training={"max_steps": 1, "distributed": {"world_size": 2}})
