@@ -50,8 +50,7 @@ def redis_db():
 @pytest.fixture
 def moto_s3():
     """An S3 API endpoint on a free loopback port with an empty bucket."""
-    pytest.importorskip("moto")
-    import boto3
+    import boto3   # moto and boto3 are test extras: missing, the test fails rather than skips
     from moto.server import ThreadedMotoServer
 
     creds = {"AWS_ACCESS_KEY_ID": "cluster-test", "AWS_SECRET_ACCESS_KEY": "cluster-secret",
@@ -151,3 +150,29 @@ def test_cluster_with_an_s3_store(tmp_path, pg_url, redis_db, moto_s3):
     assert any(k.startswith("artifacts/datasets/") for k in keys), keys
     assert sum(k.startswith("artifacts/runs/") and "/adapter-" in k for k in keys) == 2, keys
     assert not any("/checkpoints/" in k for k in keys), keys
+
+
+def test_s3_store_lists_a_prefix_and_deletes(moto_s3, tmp_path):
+    """The S3 side of the store's listing (used to sweep unrecorded checkpoints)."""
+    import os
+
+    from workers.store import ArtifactStore
+
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: moto_s3[k] for k in keys})
+    try:
+        store = ArtifactStore(moto_s3["STUDIO_ARTIFACT_URL"], endpoint_url=moto_s3["STUDIO_S3_ENDPOINT_URL"],
+                              cache_dir=tmp_path / "cache")
+        store.put_bytes("runs/3/checkpoints/step-00000004-aaaa.safetensors", b"x")
+        store.put_bytes("runs/3/adapter-bbbb.zip", b"y")
+        assert store.list("runs/3/checkpoints/") == ["runs/3/checkpoints/step-00000004-aaaa.safetensors"]
+        assert store.list("runs/4/") == []
+        store.delete("runs/3/checkpoints/step-00000004-aaaa.safetensors")
+        assert store.list("runs/3/") == ["runs/3/adapter-bbbb.zip"]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -119,6 +119,22 @@ def other_machine(settings, tmp_path, name):
     return dataclasses.replace(settings, data_dir=tmp_path / name)
 
 
+def test_finished_run_sweeps_checkpoints_a_killed_worker_left_unrecorded(settings, tmp_path):
+    """A worker killed between publishing a checkpoint and recording it leaves an object no
+    row names; when the run's checkpoints are forgotten, that object goes too."""
+    from workers.checkpoints import delete_checkpoint
+    from workers.store import get_store
+
+    store = get_store(settings)
+    store.put_bytes("runs/7/checkpoints/step-00000005-deadbeef.safetensors", b"orphan")
+    store.put_bytes("runs/8/checkpoints/step-00000002-cafef00d.safetensors", b"another run's")
+    assert store.list("runs/7/checkpoints/") == ["runs/7/checkpoints/step-00000005-deadbeef.safetensors"]
+    delete_checkpoint(settings, 7)
+    assert store.list("runs/7/checkpoints/") == []
+    assert store.list("runs/8/checkpoints/") == ["runs/8/checkpoints/step-00000002-cafef00d.safetensors"]
+    assert store.list("runs/9/") == []
+
+
 def test_corrupted_adapter_is_refused_by_sha256_over_rest(settings, tmp_path):
     from fastapi.testclient import TestClient
 

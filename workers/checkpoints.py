@@ -112,10 +112,15 @@ def checkpoint_step(settings: Settings, run_id: int) -> Optional[int]:
 
 
 def delete_checkpoint(settings: Settings, run_id: int) -> None:
-    """Forget the run's checkpoints (row first, then the objects)."""
+    """Forget the run's checkpoints (row first, then the objects), including any object a
+    worker killed between publishing it and recording it left under the run's prefix."""
     with db.transaction(settings.database_url) as s:
         keys = list(s.scalars(select(db.Artifact.key).where(db.Artifact.run_id == run_id, db.Artifact.kind == KIND)))
         s.execute(delete(db.Artifact).where(db.Artifact.run_id == run_id, db.Artifact.kind == KIND))
+    try:
+        keys = sorted(set(keys) | set(get_store(settings).list(f"runs/{int(run_id)}/checkpoints/")))
+    except StoreError as e:
+        log.warning("run %s: could not list its checkpoint objects: %s", run_id, e)
     for k in keys:
         try:
             get_store(settings).delete(k)

@@ -170,6 +170,23 @@ class ArtifactStore:
         except Exception as e:
             raise self._fail("deleting", key, e) from e
 
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (a folder-like key ending in '/'), sorted; [] when none."""
+        check_key(prefix.rstrip("/"))
+        try:
+            if self.fs is None:
+                base = self.root / prefix
+                if not base.is_dir():
+                    return []
+                return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+            base = f"{self.root}/{prefix.rstrip('/')}"
+            if not self.fs.exists(base):
+                return []
+            self.fs.invalidate_cache(base)
+            return sorted(k[len(self.root) + 1:] for k in self.fs.find(base))
+        except Exception as e:
+            raise self._fail("listing", prefix, e) from e
+
     # ------------------------------------------------------------------ reads
 
     def exists(self, key: str) -> bool:
