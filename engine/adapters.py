@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import head_modules
-from .methods.base import QuantizedLayer, WrapsBaseLayer
+from .methods.base import Family, QuantizedLayer, WrapsBaseLayer
 from .methods.reparam import copy_named_tensors
 from .prepare import Prepared
 
@@ -365,7 +365,7 @@ def load_adapter(model: nn.Module, cfg, adapter_dir: str | Path) -> nn.Module:
         peft_type = read_peft_config(d).get("peft_type")
         # the peft importers rebuild full-precision layers: a quantized base (QLoRA's NF4)
         # is applied by its own method instead, then gets the same tensors
-        if peft_type in ("LORA", "IA3") and spec.family in ("lora", "ia3") and not spec.quantizes_base:
+        if peft_type in ("LORA", "IA3") and spec.family in (Family.LORA, Family.IA3) and not spec.quantizes_base:
             return load_peft_adapter_into(model, d, seed=cfg.training.seed)
         tensors = load_file(str(d / PEFT_WEIGHTS))
         model = apply_method(model, spec, cfg.method, ApplyContext(task=cfg.task, seed=cfg.training.seed))

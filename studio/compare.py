@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engine.methods import METHODS
+from engine.methods.base import Family
 
 GIB = 1024 ** 3
 TABLE_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable params", "trainable %",
@@ -145,7 +146,7 @@ def is_lora_run(run: dict) -> bool:
     """A finished run of the LoRA family (LoRA, DoRA, AdaLoRA, QLoRA, ...): its adapter
     holds the low-rank `A` matrices that the subspace similarity reads."""
     spec = METHODS.get(run.get("method") or "")
-    return spec is not None and spec.family == "lora" and run.get("status") == "succeeded"
+    return spec is not None and spec.family == Family.LORA and run.get("status") == "succeeded"
 
 
 def subspace_similarity(settings, run_a: int, run_b: int) -> dict[str, list[list[float]]]:

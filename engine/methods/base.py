@@ -45,6 +45,12 @@ class PeftExport:
 FAMILIES = ("lora", "ia3", "adapter", "prompt", "selective", "reparam")
 
 
+class Family:
+    """The family names as constants, for code outside engine/methods that asks a spec's family."""
+
+    LORA, IA3, ADAPTER, PROMPT, SELECTIVE, REPARAM = FAMILIES
+
+
 @dataclass
 class MethodSpec:
     name: str
