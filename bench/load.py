@@ -265,8 +265,8 @@ def main() -> int:
         body = ("One `peft-studio serve --no-worker` (uvicorn with uvloop + httptools, one process) and two "
                 "`peft-studio worker` processes on the same machine; the estimate requests come from a separate "
                 "client process (asyncio, raw HTTP/1.1, a new connection per request, all sent at once). Repeats "
-                "of one query are served from the studio's encoded-answer cache "
-                "(`studio.api.EstimateFastPath`); the distinct queries are each computed.\n\n```\n"
+                "of one query go through FastAPI and are answered from the estimator's LRU "
+                "(`engine.estimator`, the one estimate cache); the distinct queries are each computed.\n\n```\n"
                 + "\n".join(lines) + "\n```\n")
         print("wrote", st.write("load", body, title="Load bench"))
     return 0 if not runs["problems"] and est.get("ok") == est.get("n") else 1
