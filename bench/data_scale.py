@@ -28,6 +28,12 @@ WORDS = "good bad fine great awful plot actor scene movie long short boring fun 
 ENGINE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
+def peak_rss_mb():
+    # VmHWM is this process's own peak; ru_maxrss would also count the parent's RSS at fork
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from engine.config import parse_run_config
 from engine.prepare import prepare_run
 from engine.train import train
@@ -37,12 +43,18 @@ def on_step(m):
     first.setdefault("t", time.perf_counter() - t0)
 r = train(prepare_run(cfg, data_cache_dir=sys.argv[2]), on_step=on_step)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "first_step_s": first["t"], "tokens_per_s": r.tokens_per_s,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 REFERENCE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
+def peak_rss_mb():
+    # VmHWM is this process's own peak; ru_maxrss would also count the parent's RSS at fork
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import datasets, torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForLanguageModeling,
@@ -71,7 +83,7 @@ args = TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_siz
                          dataloader_num_workers=0, disable_tqdm=True)
 Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[First()]).train()
 print(json.dumps({"wall_s": time.perf_counter() - t0, "first_step_s": first["t"], "tokens_per_s": 0.0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
