@@ -25,7 +25,8 @@ from stamp import Stamp
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad fine great awful plot actor scene movie long short boring fun dull sharp warm".split()
 
-ENGINE = r"""
+# what both children start with: a clock and their own peak RSS
+CHILD_PREAMBLE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 def peak_rss_mb():
@@ -34,6 +35,9 @@ def peak_rss_mb():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+ENGINE = CHILD_PREAMBLE + r"""
 from engine.config import parse_run_config
 from engine.prepare import prepare_run
 from engine.train import train
@@ -46,15 +50,7 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "first_step_s": first["t"]
                   "peak_rss_mb": peak_rss_mb()}))
 """
 
-REFERENCE = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
-def peak_rss_mb():
-    # VmHWM is this process's own peak; ru_maxrss would also count the parent's RSS at fork
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+REFERENCE = CHILD_PREAMBLE + r"""
 import datasets, torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForLanguageModeling,

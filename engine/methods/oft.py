@@ -34,11 +34,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from ..arch import set_submodule
-from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all, merge_and_unload
+from .base import AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, merge_and_unload
 from .plan import Plan
-from .reparam import (FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, target_names, targets_in_dims,
-                      weight_saved_plan)
+from .reparam import (FAMILY, delta_dtype, layers_of, load_by_name, peft_targets, targets_in_dims, weight_saved_plan,
+                      wrap_targets)
 from .targeting import check_target_list
 
 
@@ -184,10 +183,7 @@ class OftLinear(AdapterLayer):
 
 
 def apply_oft(model: nn.Module, cfg: OftConfig, ctx: ApplyContext) -> None:
-    freeze_all(model)
-    torch.manual_seed(ctx.seed)
-    for n in target_names(model, cfg.target_modules, "oft"):
-        set_submodule(model, n, OftLinear(model.get_submodule(n), cfg))
+    wrap_targets(model, cfg.target_modules, "oft", ctx.seed, lambda _name, layer: OftLinear(layer, cfg))
 
 
 def count_oft_trainable(dims, cfg: OftConfig, task: str) -> int:
