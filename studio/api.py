@@ -72,7 +72,15 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     api.add_middleware(UploadSizeLimit, limit=settings.max_upload_bytes)
 
     async def user(request: Request) -> Optional[str]:
-        return auth.api_user(request) if auth else None
+        # the RequireLogin gate (added last, below) has already checked the credentials
+        if not auth:
+            return None
+        return getattr(request.state, "user", None) or auth.api_user(request)
+
+    from .estimate_route import EstimateFastPath
+
+    # a clean GET /estimate is answered here, before FastAPI runs; login is checked through `user`
+    api.add_middleware(EstimateFastPath, settings=settings, user=user)
 
     def is_admin(u: Optional[str]) -> bool:
         return bool(auth) and auth.is_admin(u)
@@ -122,8 +130,13 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         # corrupt bytes are refused for good (500); an unreachable store may come back (503)
         return JSONResponse({"detail": str(exc)}, status_code=500 if isinstance(exc, ArtifactCorrupt) else 503)
 
+    @api.get("/live")
+    def live() -> dict:
+        """Liveness: answers without credentials, and so reveals nothing."""
+        return {"ok": True}
+
     @api.get("/health")
-    def health() -> dict:
+    def health(u: Optional[str] = Depends(user)) -> dict:
         return {"status": "ok", "runs": service.count_runs(settings)}
 
     @api.post("/runs", status_code=201, openapi_extra={"requestBody": {
@@ -282,7 +295,7 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         return service.list_workers(settings)
 
     @api.get("/methods")
-    def methods() -> list[dict]:
+    def methods(u: Optional[str] = Depends(user)) -> list[dict]:
         from engine.methods import METHODS
 
         return [{"name": s.name, "paper": s.paper, "summary": s.summary, "trains": s.trains,
@@ -305,4 +318,8 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         return api.openapi_schema
 
     api.openapi = custom_openapi
+    if auth:   # last, so outermost: before every other middleware, route, /docs and /openapi.json
+        from .auth import RequireLogin
+
+        api.add_middleware(RequireLogin, auth=auth)
     return api

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import threading
 import time
@@ -89,7 +90,7 @@ class Auth:
             raise HTTPException(401, "login required (HTTP Basic)", headers={"WWW-Authenticate": "Basic"})
         try:
             name, _, pw = base64.b64decode(hdr[6:]).decode().partition(":")
-        except Exception:
+        except (ValueError, UnicodeDecodeError):
             raise HTTPException(401, "malformed credentials", headers={"WWW-Authenticate": "Basic"})
         if self._limited(f"{name}|{client}"):
             raise HTTPException(429, "too many failed logins; wait a minute")
@@ -102,3 +103,36 @@ class Auth:
 
     def gradio_check(self, name: str, password: str) -> bool:
         return self.check(name, password, "ui")
+
+
+class RequireLogin:
+    """Pure-ASGI gate in front of the whole /api application: with login on, every
+    request (routes, /openapi.json, /docs, unknown paths alike) needs HTTP Basic
+    credentials, answered 401 (or 429) before any route, middleware or cache runs.
+    Only the paths in `open_paths` answer without: a liveness probe that reveals
+    nothing. The user is left in scope["state"]["user"] for the route dependency."""
+
+    def __init__(self, app, auth: Auth, open_paths: frozenset = frozenset({"/live"})):
+        self.app, self.auth, self.open_paths = app, auth, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and path in self.open_paths:
+            return await self.app(scope, receive, send)
+        try:
+            user = self.auth.api_user(Request(scope))
+        except HTTPException as e:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            body = json.dumps({"detail": e.detail}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
+            await send({"type": "http.response.start", "status": e.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)

@@ -111,6 +111,19 @@ def test_served_studio_with_login_records_and_scopes_owners(tmp_path):
     try:
         with s.client() as c:
             assert c.get("/api/runs").status_code == 401
+            # every /api path is closed as served (the walk is test_every_api_route_needs_credentials),
+            # the liveness probe answers and says nothing
+            for path in ("/api/health", "/api/methods", "/api/openapi.json", "/api/docs", "/api/workers"):
+                assert c.get(path).status_code == 401, path
+            assert c.get("/api/live").json() == {"ok": True}
+            # the UI's data routes are Gradio's, behind its login
+            for path in ("/gradio_api/info", "/config", "/gradio_api/openapi.json"):
+                r = c.get(path)
+                assert r.status_code in (401, 403) or "auth_required" in r.text, (path, r.status_code, r.text[:200])
+            assert c.post("/gradio_api/queue/join", json={}).status_code in (401, 403)
+            assert c.post("/gradio_api/upload").status_code in (401, 403)
+            # the studio's own FastAPI documents nothing outside /api
+            assert c.get("/openapi.json").status_code != 200 or "PEFT Studio API" not in c.get("/openapi.json").text
             assert c.get("/api/runs", headers=basic("alice", "nope")).status_code == 401
             ra = c.post("/api/runs", json=run_config("alices"), headers=basic("alice", "a-pass"))
             rb = c.post("/api/runs", json=run_config("bobs"), headers=basic("bob", "b-pass"))
@@ -130,3 +143,78 @@ def test_served_studio_with_login_records_and_scopes_owners(tmp_path):
             assert c.get("/config").status_code == 200 and "auth_required" not in c.get("/config").text
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------ every /api route behind the login
+
+def api_with_login(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from studio.api import build_api
+    from workers import db
+    from workers.settings import load_settings
+
+    settings = load_settings()
+    settings.ensure_dirs()
+    db.upgrade(settings.database_url)
+    a = Auth(users={"alice": auth_mod._hash("a-pass")})
+    return TestClient(build_api(settings, a), raise_server_exceptions=False)
+
+
+def concrete(path: str) -> str:
+    """An OpenAPI path with each {param} replaced by a valid-looking value."""
+    import re
+
+    return re.sub(r"\{[^}]+\}", "1", path)
+
+
+def test_every_api_route_needs_credentials(tmp_path):
+    """Walk every path and method of the OpenAPI document (fetched with credentials),
+    and every route the app has (docs included), without credentials: each is 401.
+    Only /live answers, and it says nothing but that the studio is up."""
+    c = api_with_login(tmp_path)
+    good = basic("alice", "a-pass")
+    doc = c.get("/openapi.json", headers=good)
+    assert doc.status_code == 200, doc.text
+    walked = []
+    for path, ops in doc.json()["paths"].items():
+        for method in ops:
+            if method not in ("get", "post", "put", "patch", "delete", "head", "options"):
+                continue
+            if path == "/live":
+                continue
+            walked.append((method.upper(), path))
+    # the framework's own routes, and anything mounted, are walked too (not in the document)
+    for route in c.app.routes:
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if route.path != "/live" and (method, route.path) not in walked:
+                walked.append((method, route.path))
+    assert ("GET", "/health") in walked and ("GET", "/methods") in walked and ("GET", "/docs") in walked
+    assert ("GET", "/openapi.json") in walked and ("POST", "/runs") in walked and ("GET", "/estimate") in walked
+    open_routes = []
+    for method, path in walked:
+        # (a wrong password on three routes only: five failures in a minute lock the client out, 429)
+        tries = [{}, {"authorization": "Bearer x"}]
+        for headers in tries + ([basic("alice", "wrong")] if walked.index((method, path)) < 3 else []):
+            r = c.request(method, concrete(path), headers=headers, params={"model": "gpt2", "method": "lora"})
+            if r.status_code != 401 or r.headers.get("www-authenticate") != "Basic":
+                open_routes.append((method, path, headers, r.status_code, r.text[:100]))
+    assert not open_routes, open_routes
+    # an unknown path says 401, not 404: nothing about the routes is revealed either
+    assert c.get("/no/such/route").status_code == 401
+    # with credentials, the same routes answer (the gate is not a blanket refusal)
+    assert c.get("/health", headers=good).json()["status"] == "ok"
+    assert any(m["name"] == "lora" for m in c.get("/methods", headers=good).json())
+    assert c.get("/docs", headers=good).status_code == 200
+    assert c.get("/runs/1", headers=good).status_code == 404
+    # the liveness route is open and reveals nothing, not even run counts
+    r = c.get("/live")
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert c.post("/live").status_code == 401
+
+
+def test_login_gate_rate_limits_wrong_passwords_before_any_route(tmp_path):
+    c = api_with_login(tmp_path)
+    for _ in range(auth_mod.MAX_FAILURES):
+        assert c.get("/openapi.json", headers=basic("alice", "bad")).status_code == 401
+    assert c.get("/openapi.json", headers=basic("alice", "a-pass")).status_code == 429
