@@ -7,6 +7,7 @@ from __future__ import annotations
 from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuning, lora, mam, p_tuning,
                parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
 from . import loha, lokr, oft, vera
+from . import intrinsic_dimension
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -19,6 +20,7 @@ SPECS: list[MethodSpec] = [
     lokr.SPEC,
     vera.SPEC,
     oft.SPEC,
+    intrinsic_dimension.SPEC,
     bitfit.SPEC,
     ln_tuning.SPEC,
     full.SPEC,
