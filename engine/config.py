@@ -7,6 +7,7 @@ Unknown keys and impossible values are rejected with a message naming the field
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -90,13 +91,62 @@ class TrainingConfig(_Strict):
         return self
 
 
+# ------------------------------------------------------------------ text fields
+# Every string of a run config (name, model, dataset names, paths and column names, target
+# modules, method options, and their keys) is an identifier, not prose: it refuses control
+# characters (C0 U+0000-U+001F, DEL, C1 U+0080-U+009F) and lone surrogates (JSON can spell
+# "\ud800", UTF-8 cannot). PostgreSQL stores no NUL in a text column and neither database
+# driver encodes a surrogate, so the same config was a 201 on SQLite and a 500 on PostgreSQL.
+# Prose, a field whose key ends in `_text` (prompt tuning's init_text), may also hold tab,
+# newline and carriage return. Checked before pydantic, so CLI, REST, UI and worker agree.
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NOT_PROSE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_FIELD_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def text_problem(value: str, prose: bool = False) -> Optional[str]:
+    """Why `value` cannot be a text field (None if it can): the first control character
+    or lone surrogate, and where it is."""
+    m = (_NOT_PROSE if prose else _NOT_TEXT).search(value)
+    if m is None:
+        return None
+    ch = m.group()
+    kind = "a lone surrogate (not valid Unicode)" if 0xD800 <= ord(ch) <= 0xDFFF else "a control character"
+    return (f"contains {kind} ({ch!r}, U+{ord(ch):04X}) at position {m.start()}; text fields take printable "
+            f"characters" + (", tab and newline only" if prose else " only"))
+
+
+def check_text_fields(value: Any, path: str = "", prose: bool = False) -> None:
+    """Raise ConfigError naming the first string (value or key) under `value` that holds
+    a control character or lone surrogate."""
+    if isinstance(value, str):
+        why = text_problem(value, prose)
+        if why:
+            raise ConfigError(f"{path or 'config'}: {why}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k)
+            if _NOT_TEXT.search(key):
+                raise ConfigError(f"{path or 'config'}: key {key[:50]!r} {text_problem(key)}")
+            check_text_fields(v, f"{path}.{key}" if path else key, key.endswith("_text"))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_text_fields(v, f"{path}.{i}", prose)
+
+
 class RunConfig(_Strict):
     name: str = Field("run", min_length=1, max_length=200)
-    model: str = Field(..., min_length=1, description="bundled name, local directory, or hub id")
+    model: str = Field(..., min_length=1, max_length=500, description="bundled name, local directory, or hub id")
     task: Task = "classification"
     dataset: DatasetConfig
     method: SerializeAsAny[MethodConfig]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_fields(cls, data: Any):
+        check_text_fields(data)   # a ConfigError is a ValueError: pydantic reports it (loc: config)
+        return data
 
     @model_validator(mode="after")
     def _packing_task(self):
@@ -130,6 +180,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown key"
         if loc == "method" and msg.startswith("method"):
             parts.append(msg)
+            continue
+        if not loc and _FIELD_MESSAGE.match(msg):   # a whole-config check whose message names the field
+            parts.append(f"{prefix}{msg}")
             continue
         parts.append(f"{prefix}{loc or 'config'}: {msg}")
     return "; ".join(parts)

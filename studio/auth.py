@@ -52,6 +52,9 @@ class Auth:
             name, _, secret = e.strip().partition(":")
             if not name or not secret:
                 raise ValueError("STUDIO_USERS: each entry must be name:password")
+            # the name is stored as each run's owner (a 100-character column on every database)
+            if len(name) > 100 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+                raise ValueError(f"STUDIO_USERS: user name {name[:50]!r} must be at most 100 printable characters")
             users[name] = secret[len("sha256:"):] if secret.startswith("sha256:") else _hash(secret)
         admins = {a.strip() for a in os.environ.get("STUDIO_ADMINS", "").split(",") if a.strip()}
         return cls(users=users, admins=admins)

@@ -446,6 +446,11 @@ def save_upload(settings: Settings, filename: str, source_path: str | Path, *, o
             rows = _read_checked(tmp, suffix, settings.max_upload_bytes)
         except DataError as e:
             raise SubmitError(str(e).replace(Path(tmp).name, display)) from None
+        from engine.config import text_problem
+
+        for c in rows[0]:   # a column no run config could name (engine.config's rule for text fields)
+            if why := text_problem(str(c)):
+                raise SubmitError(f"upload: column name {str(c)[:50]!r} {why}")
         obj = publish_upload(settings, tmp, stored)   # a StoreError names the store (the API: 503)
     finally:
         if os.path.exists(tmp):

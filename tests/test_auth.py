@@ -45,6 +45,12 @@ def test_users_from_environment_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_USERS", "justaname")
     with pytest.raises(ValueError, match="name:password"):
         Auth.from_env()
+    # a user name is stored as each run's owner: it fits the column on every database
+    monkeypatch.delenv("STUDIO_USERS_FILE")
+    for name in ("x" * 101, "eve\x1b[31m", "del\x7f"):
+        monkeypatch.setenv("STUDIO_USERS", f"{name}:pw")
+        with pytest.raises(ValueError, match="at most 100 printable characters"):
+            Auth.from_env()
 
 
 def test_failed_logins_are_rate_limited(monkeypatch):

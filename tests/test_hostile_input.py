@@ -149,6 +149,9 @@ HOSTILE = {
     "backslash name": ("..\\..\\evil.csv", CSV, ["plain file name"]),
     "NUL in name": ("evil.csv\x00.txt", CSV, []),   # the client may drop the NUL: then ".txt" is refused
     "dot-dot name": ("..", CSV, ["plain file name"]),
+    # a column no run config could name (engine.config refuses control characters in text fields)
+    "control character in a column name": ("cols.csv", b"te\x1bxt,label\na,1\nb,0\n", ["column name", "control"]),
+    "C1 character in a jsonl key": ("cols.jsonl", '{"te\u0085xt": "a", "label": 1}\n'.encode(), ["column name"]),
 }
 
 
