@@ -13,6 +13,16 @@ compared row by row:
 - `weights`, `gradients`, `optimizer`: bytes of the parameters, of their `.grad`
   after backward, and of the optimizer state after one `step()`.
 - On CUDA, `peak_allocated` is `torch.cuda.max_memory_allocated()` over the step.
+- `step_peak` runs one clean step the way `engine.train.train` does (the task
+  loss and the method's extra loss, backward, gradient clipping, the run's own
+  optimizer from `engine.optim`) and records its peak. On CUDA that is
+  `max_memory_allocated`; on CPU it is the peak of live bytes in torch's CPU
+  allocator (`AllocatorPeak`: every allocation and free the profiler reports
+  with `profile_memory=True`, summed in time order) on top of the bytes already
+  live before the step (weights and buffers). Memory allocated outside torch's
+  allocator (oneDNN scratch, our C kernels' own buffers, Python objects) is not
+  counted, and neither is the allocator's caching: it is the CPU analogue of
+  `max_memory_allocated`, not of RSS.
 
 Nothing here knows about a database or UI; the bench and slow tests call it.
 """
@@ -241,6 +251,112 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
     return Measured(rows=rows, n_params=n_params, n_trainable=n_trainable, batch_size=batch_size, seq_len=seq_len,
                     device=str(device), seconds=seconds, peak_allocated=peak, saved=saved,
                     breakdown=breakdown)
+
+
+class AllocatorPeak:
+    """Context manager: the peak of live bytes that torch's CPU allocator hands out
+    inside the block, above what was live when it began (`peak`), and the net
+    change at its end (`end`). It runs the profiler with memory profiling and sums
+    the allocation records (positive on allocation, negative on free) in time
+    order. Frees of tensors allocated before the block are not reported by torch,
+    so they do not lower the curve (an over- rather than under-statement)."""
+
+    def __init__(self):
+        self.peak = 0
+        self.end = 0
+        self.n_events = 0
+        self._prof = None
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch._C._profiler import _EventType
+        self._prof.__exit__(*exc)
+        allocs = []
+        stack = list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                f = node.extra_fields
+                if f.device.type == "cpu":
+                    allocs.append((node.start_time_ns, int(f.alloc_size)))
+            stack.extend(node.children)
+        allocs.sort()
+        cur = peak = 0
+        for _, n in allocs:
+            cur += n
+            peak = max(peak, cur)
+        self.peak, self.end, self.n_events = peak, cur, len(allocs)
+        self._prof = None
+
+
+@dataclass
+class StepPeak:
+    """One clean training step: rows from the real tensors and the step's peak."""
+
+    weights: int          # bytes of the parameters
+    gradients: int        # bytes of the trainable parameters' .grad after backward
+    optimizer: int        # bytes of the optimizer's state tensors after step()
+    live_before: int      # bytes of parameters and buffers live when the step began
+    peak: int             # live_before + the allocator's peak during the step (CPU); max_memory_allocated (CUDA)
+    peak_kind: str        # "cpu_allocator" | "cuda_max_allocated"
+    seconds: float
+
+
+def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] = None,
+              seed: int = 0) -> StepPeak:
+    """One step of our training loop on a prepared run (the method applied), as
+    `engine.train.train` takes it: forward through the task loss plus the method's
+    extra loss, backward, `clip_grad_norm_` when the run clips, a fresh optimizer
+    from `engine.optim.make_optimizer` (`optimizer`, default the run's), `step()`.
+    A full random batch of `batch_size` x `seq_len` tokens."""
+    from .optim import make_optimizer as run_optimizer
+    from .train import TaskLoss
+
+    model = prep.model
+    t = prep.config.training
+    params = list(model.parameters())
+    device = params[0].device
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.grad = None
+    vocab = model.get_input_embeddings().num_embeddings
+    num_labels = getattr(model.config, "num_labels", 2)
+    live_before = tensor_bytes(list(params) + list(model.buffers()))
+    model.train()
+    runner = TaskLoss(model, prep.config.task, prep.spec.extra_loss)
+    opt = run_optimizer(optimizer or t.optimizer, trainable, lr=1e-4, weight_decay=t.weight_decay)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with AllocatorPeak() as alloc:
+        batch = synthetic_batch(prep.config.task, batch_size, seq_len, vocab, num_labels, seed, device)
+        loss, extra = runner(batch)
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        del loss, extra
+        grads = tensor_bytes(p.grad for p in trainable)
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        opt.step()
+        opt_bytes = optimizer_state_bytes(opt)
+        opt.zero_grad(set_to_none=True)
+        del batch
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        peak, kind = live_before + alloc.peak, "cpu_allocator"
+    del opt
+    return StepPeak(weights=tensor_bytes(params), gradients=grads, optimizer=opt_bytes, live_before=live_before,
+                    peak=int(peak), peak_kind=kind, seconds=seconds)
 
 
 def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
