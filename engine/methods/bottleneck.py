@@ -28,7 +28,7 @@ Neither kind can be merged into the base weights (the nonlinearity sits in betwe
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -165,28 +165,40 @@ def serial_sites(arch: Arch, placement: str) -> list[str]:
     return {"attn": [arch.o], "ffn": [arch.ffn_out], "both": [arch.o, arch.ffn_out]}[placement]
 
 
-def layer_norm_paths(arch: Arch) -> list[str]:
-    """The norms of a block that Houlsby trains (those around the adapted sublayers)."""
+def layer_norm_paths(arch: Arch, placement: str = "both") -> list[str]:
+    """The norms of a block that Houlsby trains (those around the adapted sublayers):
+    the attention sublayer's norm, the FFN sublayer's norm, or both."""
     if arch.family == "llama":
-        return ["input_layernorm", "post_attention_layernorm"]
-    if arch.family == "bert":
-        return ["attention.output.LayerNorm", "output.LayerNorm"]
-    raise ValueError(f"no layer-norm names for family {arch.family!r}")
+        attn, ffn = "input_layernorm", "post_attention_layernorm"
+    elif arch.family == "bert":
+        attn, ffn = "attention.output.LayerNorm", "output.LayerNorm"
+    else:
+        raise ValueError(f"no layer-norm names for family {arch.family!r}")
+    return {"attn": [attn], "ffn": [ffn], "both": [attn, ffn]}[placement]
 
 
 def add_serial_adapters(model: nn.Module, width: int, activation: str, layers: list[int], placement: str,
-                        init_std: float, train_layernorm: bool) -> None:
-    """Insert Houlsby adapters into `layers` (no freezing: callers freeze first)."""
+                        init_std: float, train_layernorm: bool, *,
+                        make_adapter: Optional[Callable[[nn.Module], nn.Module]] = None,
+                        wrapper: Callable[[nn.Module, nn.Module], nn.Module] = SerialAdapter,
+                        norms: str = "both") -> None:
+    """Insert serial adapters into `layers` (no freezing: callers freeze first). By default
+    Houlsby's bottleneck with its near-identity init; `make_adapter(base)` builds another
+    adapter body (Compacter's PHM bottleneck), `wrapper(base, adapter)` another wrapper
+    (UniPELT's gated one); `norms` says which block norms train with `train_layernorm`."""
     arch = arch_of(model)
     for i in layers:
         block = blocks(model)[i]
         for site in serial_sites(arch, placement):
             base = block.get_submodule(site)
-            ad = _new_bottleneck(model, base, width, activation)
-            ad.init_near_identity(init_std)
-            set_submodule(block, site, SerialAdapter(base, ad))
+            if make_adapter is None:
+                ad = _new_bottleneck(model, base, width, activation)
+                ad.init_near_identity(init_std)
+            else:
+                ad = make_adapter(base)
+            set_submodule(block, site, wrapper(base, ad))
         if train_layernorm:
-            for path in layer_norm_paths(arch):
+            for path in layer_norm_paths(arch, norms):
                 for p in block.get_submodule(path).parameters():
                     p.requires_grad_(True)
 
@@ -221,9 +233,9 @@ def check_family(model: nn.Module, method: str, families=("llama", "bert")) -> A
     return arch
 
 
-def layernorm_params_per_block(dims) -> int:
+def layernorm_params_per_block(dims, n_norms: int = 2) -> int:
     per = dims.hidden_size * (2 if dims.norm == "layernorm" else 1)
-    return 2 * per
+    return n_norms * per
 
 
 def adapter_plan(dims, cfg: BottleneckSize, kind: str, placement: str) -> Plan:

@@ -8,6 +8,7 @@ from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuni
                parallel_adapter, prefix, prompt_tuning, qlora, s4, top_k)
 from . import loha, lokr, oft, vera
 from . import intrinsic_dimension
+from . import compacter, unipelt
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -33,4 +34,6 @@ SPECS: list[MethodSpec] = [
     llama_adapter.SPEC,
     mam.SPEC,
     s4.SPEC,
+    compacter.SPEC,
+    unipelt.SPEC,
 ]
