@@ -32,6 +32,7 @@ from .arch import head_modules
 from .methods.base import Family, QuantizedLayer, WrapsBaseLayer
 from .methods.reparam import copy_named_tensors
 from .prepare import Prepared
+from .tasks import TaskSet
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -79,6 +80,8 @@ def adapter_files(prep: Prepared) -> dict[str, bytes]:
         "base_model": base_model_id(prep),
         "task": prep.config.task,
         "labels": prep.examples.labels if prep.examples else [],
+        # a multi-task run: its tasks in order and each one's labels (one head per classification task)
+        **({"tasks": prep.tasks.names, "task_labels": prep.tasks.labels} if prep.tasks is not None else {}),
         "n_params": prep.n_params,
         "n_trainable": prep.n_trainable,
         "torch_version": torch.__version__,
@@ -350,6 +353,27 @@ def adapter_labels(adapter_dir: str | Path) -> list[str]:
     return list(json.loads(meta_path.read_text()).get("labels") or [])
 
 
+def adapter_task_labels(adapter_dir: str | Path) -> dict[str, list[str]]:
+    """A multi-task adapter's labels per task (from peft_studio.json); {} for one task."""
+    meta_path = Path(adapter_dir) / METADATA
+    if not meta_path.exists():
+        return {}
+    return dict(json.loads(meta_path.read_text()).get("task_labels") or {})
+
+
+def install_saved_task_heads(model: nn.Module, cfg, adapter_dir: Path) -> None:
+    """A multi-task classification run's per-task heads, shaped by the labels it saved."""
+    if not cfg.dataset.tasks or cfg.task != "classification":
+        return
+    from .tasks import install_task_heads
+
+    saved = adapter_task_labels(adapter_dir)
+    missing = [n for n in cfg.dataset.task_names if n not in saved]
+    if missing:
+        raise AdapterError(f"{adapter_dir}: {METADATA} has no labels for task {missing[0]!r}")
+    install_task_heads(model, [max(2, len(saved[n])) for n in cfg.dataset.task_names], seed=cfg.training.seed)
+
+
 def load_adapter(model: nn.Module, cfg, adapter_dir: str | Path) -> nn.Module:
     """Put the trained adapter in `adapter_dir` into `model`, its freshly loaded base
     model, for run config `cfg`. A peft-format LoRA/DoRA/IA3 adapter goes through the
@@ -361,6 +385,7 @@ def load_adapter(model: nn.Module, cfg, adapter_dir: str | Path) -> nn.Module:
 
     d = Path(adapter_dir)
     spec = get_method(cfg.method.name)
+    install_saved_task_heads(model, cfg, d)
     if (d / PEFT_CONFIG).exists():
         peft_type = read_peft_config(d).get("peft_type")
         # the peft importers rebuild full-precision layers: a quantized base (QLoRA's NF4)
@@ -406,6 +431,11 @@ def load_trained(cfg, adapter_dir: str | Path, *, allowed_roots=None, cache_dir:
     model = load_adapter(loaded.model, cfg, adapter_dir)
     model.eval()
     n_params, n_trainable = count_parameters(model)
+    tasks = None
+    if cfg.dataset.tasks:
+        saved = adapter_task_labels(adapter_dir)
+        tasks = TaskSet(cfg.dataset.task_names, [Examples(cfg.task, [], [], saved.get(n, [])) for n in
+                                                 cfg.dataset.task_names], temperature=cfg.dataset.sampling_temperature)
     return Prepared(cfg, model, loaded.tokenizer, Examples(cfg.task, [], [], labels), get_method(cfg.method.name),
                     ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer),
-                    n_params, n_trainable)
+                    n_params, n_trainable, tasks=tasks)

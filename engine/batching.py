@@ -233,6 +233,57 @@ class BatchStream:
         return self.rows.packed_batch(rows, counts, self.pad_id)
 
 
+class MultiTaskStream:
+    """Batches of a multi-task run: each batch is one task's (that task's own
+    BatchStream, seeded by the run seed and the task's index), the task drawn with
+    probabilities `probs` (engine.tasks.temperature_probs). Draw k depends only on
+    (seed, k), so the stream is reproducible and resumes exactly from `state()`.
+    `last_task` is the task of the batch `next()` returned last."""
+
+    def __init__(self, datas: Sequence, batch_size: int, pad_id: int, seed: int, probs, **kw):
+        self.streams = [BatchStream(d, batch_size, pad_id, seed + 1_009 * i, **kw) for i, d in enumerate(datas)]
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.cum = np.cumsum(self.probs)
+        self.cum[-1] = 1.0
+        self.seed, self.batch_size = seed, batch_size
+        self.draws, self.last_task = 0, 0
+
+    def task_of(self, k: int) -> int:
+        """The task of draw `k` (0-based)."""
+        u = np.random.default_rng([self.seed & (2**64 - 1), 0x7A5C, k]).random()
+        return int(np.searchsorted(self.cum, u, side="right"))
+
+    @property
+    def units(self) -> int:
+        return sum(s.units for s in self.streams)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches to see every task's rows once (in expectation the larger tasks take longer)."""
+        return sum(s.batches_per_epoch for s in self.streams)
+
+    @property
+    def position(self) -> float:
+        """Epochs done over all tasks' rows together, fractional."""
+        return self.draws * self.batch_size / max(1, self.units)
+
+    def state(self) -> dict:
+        return {"draws": self.draws, "tasks": [s.state() for s in self.streams]}
+
+    def restore(self, state: dict) -> None:
+        if len(state.get("tasks", [])) != len(self.streams):
+            raise DataError(f"checkpoint: data state for {len(state.get('tasks', []))} tasks, the run has "
+                            f"{len(self.streams)}")
+        self.draws = int(state["draws"])
+        for s, st in zip(self.streams, state["tasks"]):
+            s.restore(st)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        self.last_task = self.task_of(self.draws)
+        self.draws += 1
+        return self.streams[self.last_task].next()
+
+
 def eval_sample(n: int, cap: Optional[int], seed: int) -> np.ndarray:
     """Row indices of a bounded evaluation: all `n` rows when within `cap`, else
     `cap` rows drawn without replacement by `seed`, in their original order."""

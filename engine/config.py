@@ -27,8 +27,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class DatasetConfig(_Strict):
-    name: Optional[str] = Field(None, description="bundled dataset: demo-sentiment | demo-instruct")
+TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+# HyperFormer (Karimi Mahabadi et al. 2021) samples tasks with p_i ~ n_i^(1/T), T = 10
+DEFAULT_TEMPERATURE = 10.0
+SINGLE_DATASET_FIELDS = ("name", "path", "validation_path", "text_column", "label_column", "prompt_column",
+                         "response_column", "validation_fraction", "max_rows")
+
+
+class _Source(_Strict):
     path: Optional[str] = Field(None, description="csv / jsonl / parquet file")
     validation_path: Optional[str] = None
     text_column: Optional[str] = None
@@ -38,11 +44,81 @@ class DatasetConfig(_Strict):
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_rows: Optional[int] = Field(None, gt=0)
 
+
+class TaskDatasetConfig(_Source):
+    """One task of a multi-task run: its name and its data, given like a single dataset
+    (a bundled dataset under `bundled`, or a file under `path`)."""
+
+    name: str = Field(..., pattern=TASK_NAME, description="the task's name (metrics are eval/<name>/...)")
+    bundled: Optional[str] = Field(None, description="bundled dataset: demo-sentiment | demo-instruct")
+
     @model_validator(mode="after")
     def _one_source(self):
+        if bool(self.bundled) == bool(self.path):
+            raise ValueError(f"task {self.name!r}: give exactly one of bundled or path")
+        return self
+
+    def as_dataset(self) -> "DatasetConfig":
+        """This task's data as a single-dataset section (what engine.data reads)."""
+        fields = self.model_dump(exclude={"name", "bundled"}, exclude_unset=True)
+        return DatasetConfig(name=self.bundled, **fields)
+
+
+class DatasetConfig(_Source):
+    name: Optional[str] = Field(None, description="bundled dataset: demo-sentiment | demo-instruct")
+    tasks: Optional[list[TaskDatasetConfig]] = Field(
+        None, description="a multi-task run: two or more datasets, one task each; batches are drawn from one "
+                          "task at a time, with probability proportional to its rows^(1/temperature)")
+    temperature: Optional[float] = Field(None, ge=1.0, le=1000.0,
+                                         description=f"multi-task sampling temperature T (default "
+                                                     f"{DEFAULT_TEMPERATURE:g}; 1: proportional to size)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.tasks is not None:
+            given = [f for f in SINGLE_DATASET_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
+            if given:
+                raise ValueError(f"dataset.{given[0]}: not with dataset.tasks (give it inside each task)")
+            if len(self.tasks) < 2:
+                raise ValueError("dataset.tasks: a multi-task run needs at least two tasks "
+                                 "(for one dataset, give dataset.name or dataset.path)")
+            names = [t.name for t in self.tasks]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"dataset.tasks: task name {dup[0]!r} is used twice; names must be unique")
+            return self
+        if self.temperature is not None:
+            raise ValueError("dataset.temperature: only with dataset.tasks")
         if bool(self.name) == bool(self.path):
             raise ValueError("give exactly one of dataset.name (bundled) or dataset.path (file)")
         return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks] if self.tasks else []
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE
+
+    def sources(self) -> list["DatasetConfig"]:
+        """The single-dataset sections of this run: itself, or one per task."""
+        return [t.as_dataset() for t in self.tasks] if self.tasks else [self]
+
+    def file_paths(self) -> list[tuple[str, str]]:
+        """(field, path) of every file this section names, for checks at submit time."""
+        out = []
+        for i, src in enumerate(self.sources()):
+            for f in ("path", "validation_path"):
+                if getattr(src, f):
+                    out.append((f"dataset.tasks.{i}.{f}" if self.tasks else f"dataset.{f}", getattr(src, f)))
+        return out
+
+    def label(self) -> str:
+        """A short description for messages: the bundled name, the file name, or the task names."""
+        if self.tasks:
+            return "tasks " + ", ".join(self.task_names)
+        return self.name or Path(self.path).name
 
 
 class DistributedConfig(_Strict):
@@ -154,6 +230,18 @@ class RunConfig(_Strict):
             raise ValueError("training.packing: only for task causal_lm")
         if self.training.packing and self.training.group_by_length:
             raise ValueError("training.group_by_length: not with training.packing (packs are already full)")
+        return self
+
+    @model_validator(mode="after")
+    def _method_tasks(self):
+        # a method whose config depends on the number of tasks declares `n_tasks`
+        if "n_tasks" in type(self.method).model_fields:
+            n = len(self.dataset.tasks) if self.dataset.tasks else 1
+            if "n_tasks" not in self.method.model_fields_set:
+                self.method.n_tasks = n
+            elif self.method.n_tasks != n:
+                raise ValueError(f"method.n_tasks: {self.method.n_tasks} does not match the run's {n} task(s) "
+                                 f"(leave it out: it follows dataset.tasks)")
         return self
 
     @field_validator("method", mode="before")

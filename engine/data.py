@@ -418,6 +418,8 @@ def examples_key(ds_cfg, task: str, seed: int, shas: list[str]) -> str:
     conf = ds_cfg.model_dump()
     conf.pop("path", None)
     conf.pop("validation_path", None)
+    conf.pop("tasks", None)          # a multi-task run's sections are keyed one by one, like single datasets
+    conf.pop("temperature", None)
     random_split = not ds_cfg.name and not ds_cfg.validation_path
     blob = json.dumps({"v": CACHE_VERSION, "task": task, "dataset": conf, "files": shas,
                        "seed": seed if random_split else None}, sort_keys=True)

@@ -45,7 +45,7 @@ def plain_prepare(cfg, prepare_kwargs: Optional[dict]) -> dict:
         out["data_cache_dir"] = str(kw["data_cache_dir"])
     resolver = kw.get("path_resolver")
     if resolver is not None:
-        out["dataset_paths"] = {p: str(resolver(p)) for p in (cfg.dataset.path, cfg.dataset.validation_path) if p}
+        out["dataset_paths"] = {p: str(resolver(p)) for _, p in cfg.dataset.file_paths()}
     return out
 
 

@@ -16,6 +16,7 @@ from .data import DataProgress, Examples, load_examples
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .models import LoadedModel, load_model
 from .swaps import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
+from .tasks import TaskSet, install_task_heads
 from .tokens import Tokenized, tokenize_examples
 
 
@@ -30,6 +31,7 @@ class Prepared:
     n_params: int
     n_trainable: int
     data: Optional[Tokenized] = None     # tokenized train / validation (Arrow); None: train() tokenizes
+    tasks: Optional[TaskSet] = None      # a multi-task run (dataset.tasks): examples / data hold its first task
 
     @property
     def trainable_ratio(self) -> float:
@@ -67,23 +69,36 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     if cfg.training.packing and spec.family == "prompt":
         raise ValueError(f"training.packing: not with method {cfg.method.name!r} (its virtual tokens would be "
                          f"shared by every example of a pack)")
-    if examples is None:
-        kw = {"max_bytes": max_data_bytes} if max_data_bytes else {}
+    kw = {"max_bytes": max_data_bytes} if max_data_bytes else {}
+    tasks = None
+    if cfg.dataset.tasks:
+        task_examples = [load_examples(src, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver,
+                                       cache_dir=data_cache_dir, on_progress=on_data_progress, **kw)
+                         for src in cfg.dataset.sources()]
+        tasks = TaskSet(cfg.dataset.task_names, task_examples, temperature=cfg.dataset.sampling_temperature)
+        examples = task_examples[0]
+    elif examples is None:
         examples = load_examples(cfg.dataset, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver,
                                  cache_dir=data_cache_dir, on_progress=on_data_progress, **kw)
     if loaded is None:
         id2label = dict(enumerate(examples.labels)) if cfg.task == "classification" else None
         loaded = load_model(cfg.model, cfg.task, num_labels=max(2, examples.num_labels), allowed_roots=allowed_roots,
                             cache_dir=cache_dir, seed=cfg.training.seed, id2label=id2label)
+    if tasks is not None and cfg.task == "classification":
+        install_task_heads(loaded.model, tasks.num_labels, seed=cfg.training.seed)
     ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer)
     torch.manual_seed(cfg.training.seed)
     model = apply_method(loaded.model, spec, cfg.method, ctx)
     n_params, n_trainable = count_parameters(model)
     data = None
-    if len(examples.train):
+    if tasks is not None:
+        tasks.data = [tokenize_examples(ex, loaded.tokenizer, cfg.training.max_seq_len, cache_dir=data_cache_dir,
+                                        on_progress=on_data_progress, progress=progress) for ex in tasks.examples]
+        data = tasks.data[0]
+    elif len(examples.train):
         data = tokenize_examples(examples, loaded.tokenizer, cfg.training.max_seq_len, cache_dir=data_cache_dir,
                                  on_progress=on_data_progress, progress=progress)
-    return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable, data)
+    return Prepared(cfg, model, loaded.tokenizer, examples, spec, ctx, n_params, n_trainable, data, tasks)
 
 
 def dry_run(cfg: RunConfig, model_config: dict) -> tuple[int, int]:

@@ -6,6 +6,7 @@ runs in every rank of a process group (engine.distributed)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -21,10 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
 from . import fused
-from .batching import BatchStream, as_rows, eval_sample, gather
+from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather
 from .gemm import matmul, matmul_t
 from .optim import make_optimizer
 from .prepare import Prepared
+from .tasks import combine_eval, task_context, temperature_probs
 from .tokens import tokenize_examples
 
 from .loss import LOSS_CHUNK  # noqa: E402  (re-exported: tokens per chunk of the chunked CE)
@@ -334,8 +336,14 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     data = prep.data if prep.data is not None else tokenize_examples(prep.examples, tok, t.max_seq_len)
     val_enc = data.validation
-    stream = BatchStream(data.train, t.batch_size * world, pad_id, t.seed,   # yields global batches
-                         packing=t.packing, max_len=t.max_seq_len, group_by_length=t.group_by_length)
+    multi = prep.tasks is not None
+    stream_kw = dict(packing=t.packing, max_len=t.max_seq_len, group_by_length=t.group_by_length)
+    if multi:   # a batch from one task at a time, tasks drawn by temperature (engine.tasks)
+        stream = MultiTaskStream([d.train for d in prep.tasks.data], t.batch_size * world, pad_id, t.seed,
+                                 temperature_probs([len(d.train) for d in prep.tasks.data], prep.tasks.temperature),
+                                 **stream_kw)
+    else:
+        stream = BatchStream(data.train, t.batch_size * world, pad_id, t.seed, **stream_kw)   # global batches
     eval_rows = eval_sample(len(val_enc), t.eval_max_rows, t.seed)    # bounded evaluation (the final one too,
     final_rows = eval_sample(len(val_enc), None if t.eval_full else t.eval_max_rows, t.seed)   # unless eval_full)
     steps = total_steps(prep, stream.batches_per_epoch)
@@ -370,6 +378,20 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     t0 = time.perf_counter()
     step = start_step
 
+    def run_eval(final: bool) -> dict:
+        kw = dict(dist=dist, runner=D.eval_module(runner, dist))
+        if not multi:
+            return evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
+                            rows=final_rows if final else eval_rows, **kw)
+        per = {}
+        for i, (name, d) in enumerate(zip(prep.tasks.names, prep.tasks.data)):
+            n = len(d.validation)
+            with task_context(model, i):
+                per[name] = evaluate(model, d.validation, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
+                                     rows=eval_sample(n, None if final and t.eval_full else t.eval_max_rows, t.seed),
+                                     **kw)
+        return combine_eval({k: v for k, v in per.items() if v})
+
     def snapshot() -> dict:   # a collective under FSDP: every rank builds it, rank 0 keeps it
         return training_state(model, opt, sched, stream, step)
 
@@ -390,7 +412,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                 if dist is not None:
                     batch, weight = D.shard_batch(batch, dist, cfg.task)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with D.no_grad_sync(runner, dist, micro == t.grad_accum - 1 or step == start_step):
+                with D.no_grad_sync(runner, dist, micro == t.grad_accum - 1 or step == start_step), \
+                        (task_context(model, stream.last_task) if multi else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         task_loss, extra = runner(batch)
                         if dist is None:
@@ -424,9 +447,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             elapsed = time.perf_counter() - t0
             done = step - start_step
             eval_now = (t.eval_every and step % t.eval_every == 0) or step == steps
-            ev = evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
-                          dist=dist, runner=D.eval_module(runner, dist),
-                          rows=final_rows if step == steps else eval_rows) if eval_now else None
+            ev = run_eval(step == steps) if eval_now else None
             if ev:
                 last_eval = ev
                 m = ev.get(metric_name)

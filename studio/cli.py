@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
         out = Path(args.out or f"runs/{cfg.name}")
         if cfg.training.distributed.world_size > 1:
             return train_distributed(cfg, out)
-        print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.name or Path(cfg.dataset.path).name} ...",
+        print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.label()} ...",
               file=sys.stderr)
         prep = prepare_run(cfg, progress=True)
     except (ConfigError, DataError, ModelLoadError, TargetModulesError, ValueError) as e:
@@ -74,7 +74,7 @@ def train_distributed(cfg, out: Path) -> int:
 
     d = cfg.training.distributed
     print(f"[{cfg.name}] starting {d.world_size} ranks ({d.strategy}) for {cfg.model} on "
-          f"{cfg.dataset.name or Path(cfg.dataset.path).name} ...", file=sys.stderr)
+          f"{cfg.dataset.label()} ...", file=sys.stderr)
     try:
         result = launch_local(cfg, out, d.world_size, progress=True)
     except DistributedError as e:

@@ -53,9 +53,8 @@ def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
     # check with "Overflow when unpacking long long" (no field named)
     if not -2**63 <= cfg.training.seed < 2**64:
         raise SubmitError("training.seed: must fit in 64 bits")
-    for field in ("path", "validation_path"):
-        if getattr(cfg.dataset, field):
-            check_dataset_path(settings, getattr(cfg.dataset, field), f"dataset.{field}")
+    for field, path in cfg.dataset.file_paths():    # a multi-task run: every task's files
+        check_dataset_path(settings, path, field)
     check_against_model(cfg, settings)
     return cfg
 

@@ -177,6 +177,9 @@ def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: Mod
         saved.add(f"{site}.adapter.in" if kind == "serial" else x_key, T * h * a)
         saved.add(f"{site}.adapter.down", T * width * a)
         saved.add(f"{site}.adapter.act", T * width * a)
+    if any_ and site in lp.adapter_saved:   # e.g. a layer norm's input, generated weights
+        per_token, fixed = lp.adapter_saved[site]
+        saved.add(f"{site}.adapter.extra", (T * per_token + fixed) * a)
     return any_
 
 

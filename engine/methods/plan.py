@@ -21,6 +21,8 @@ class LayerPlan:
     ia3: set = field(default_factory=set)          # "k", "v", "ff": scaled tensors (IA³)
     norms: bool = False                            # block norms train (ln_tuning, full, houlsby)
     adapters: list = field(default_factory=list)   # ("serial"|"parallel", site "attn"|"ffn", width)
+    adapter_saved: dict = field(default_factory=dict)  # site -> (elements per token, token-independent elements)
+    #                                                    an adapter keeps beyond the bottleneck (HyperFormer)
     prefix: int = 0                                # extra key/value positions (prefix tuning, llama-adapter)
     adaption_prompt: int = 0                       # llama-adapter's gated adapter tokens
     bias: bool = False                             # linear biases train (BitFit): grads flow, nothing extra saved

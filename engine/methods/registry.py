@@ -9,6 +9,7 @@ from . import (adalora, bitfit, dora, full, houlsby, ia3, llama_adapter, ln_tuni
 from . import loha, lokr, oft, vera
 from . import intrinsic_dimension
 from . import compacter, unipelt
+from . import hyperformer
 from .base import MethodSpec
 
 SPECS: list[MethodSpec] = [
@@ -36,4 +37,5 @@ SPECS: list[MethodSpec] = [
     s4.SPEC,
     compacter.SPEC,
     unipelt.SPEC,
+    hyperformer.SPEC,
 ]
