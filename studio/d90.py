@@ -18,6 +18,7 @@ from typing import Optional
 
 import plotly.graph_objects as go
 
+from engine.methods import parse_method_config
 from engine.train import primary_metric
 
 FRACTION = 0.9
@@ -41,8 +42,13 @@ class D90:
 
 
 def subspace_dim(run: dict) -> Optional[int]:
-    """The subspace dimension d of a run's method config, or None for other methods."""
-    d = ((run.get("config") or {}).get("method") or {}).get(SUBSPACE_KEY)
+    """The subspace dimension d of a run's method config (its default filled in by the
+    method's config class), or None for methods without one."""
+    try:
+        cfg = parse_method_config((run.get("config") or {}).get("method"))
+    except (ValueError, KeyError):
+        return None
+    d = getattr(cfg, SUBSPACE_KEY, None)
     return d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
 
 

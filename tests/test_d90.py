@@ -95,3 +95,48 @@ def test_lower_is_better_metrics_and_other_data_are_flagged(settings):
     other = sweep(settings, {10: 0.85, 100: 0.88}, dataset={"name": "demo-sentiment", "max_rows": 50})
     res = d90.d90_for_ids(settings, other + [full])
     assert res.d90 == 10 and any("not on the reference's model and data" in n for n in res.notes)
+
+
+def test_compare_tab_shows_the_d90_view_only_for_a_sweep_over_d(settings):
+    import types
+
+    import gradio as gr
+
+    from studio.ui.compare_tab import CompareTab
+
+    full = add_run(settings, config("full", {"name": "full"}), 0.90, 22_000_000)
+    lora = add_run(settings, config("lora", {"name": "lora", "r": 8}), 0.88, 150_000)
+    ids = sweep(settings, {10: 0.55, 100: 0.85}) + [full]
+    with gr.Blocks():
+        tab = CompareTab(types.SimpleNamespace(settings=settings))
+    out = tab.view(ids, "step", True)
+    assert out[tab.d90_group]["visible"] is True
+    assert out[tab.d90_note].startswith("**d90 = 100**")
+    assert out[tab.d90_plot].layout.xaxis.type == "log"
+    out = tab.view([full, lora], "step", True)
+    assert out[tab.d90_group]["visible"] is False and out[tab.d90_plot] is None
+
+
+def test_launch_sweeps_over_d():
+    from studio import service
+    from studio.ui import forms
+
+    form = {"run_name": "", "model": "minilm", "task": "classification", "method": "intrinsic_dimension",
+            "extra_method": "", "ds_source": "bundled", "ds_name": "demo-sentiment", "max_rows": 0,
+            "max_steps": 10, "batch": 8, "lr": 1e-2, "seq": 64, "eval_every": 5, "seed": 0}
+    for f in forms.method_fields("intrinsic_dimension"):
+        form[f] = forms.field_default("intrinsic_dimension", f, "minilm")
+    assert {"d", "projection", "said", "projection_seed"} <= forms.method_fields("intrinsic_dimension")
+    cfgs = forms.sweep_configs(form, "d: 10, 100, 1000")
+    assert [c["method"]["d"] for c in cfgs] == [10, 100, 1000]
+    assert len({c["name"] for c in cfgs}) == 3
+    with pytest.raises(service.SubmitError, match="no subspace dimension d"):
+        forms.sweep_configs({**form, "method": "lora"}, "d: 10, 100")
+
+
+def test_a_run_at_the_default_d_counts(settings):
+    full = add_run(settings, config("full", {"name": "full"}), 0.9, 22_000_000)
+    dflt = add_run(settings, config("dflt", {"name": "intrinsic_dimension"}), 0.85, 1000)
+    ids = sweep(settings, {10: 0.5}) + [dflt, full]
+    res = d90.d90_for_ids(settings, ids)
+    assert [p[0] for p in res.points] == [10, 1000] and res.d90 == 1000

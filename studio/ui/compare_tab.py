@@ -9,7 +9,7 @@ import gradio as gr
 
 from workers.settings import Settings
 
-from .. import charts, compare, service
+from .. import charts, compare, d90, service
 from .common import Ctx, run_choices, write_download
 
 COMPARE_STATUSES = ("succeeded", "running", "failed", "cancelled")
@@ -33,20 +33,22 @@ def compare_view(settings: Settings, ids: list[int], x_axis: str, diff_only: boo
     table = compare.comparison_table(runs)
     csv_path = write_download(compare.to_csv(compare.TABLE_COLUMNS, table).encode(), "comparison.csv") if runs else None
     loras = [r for r in runs if compare.is_lora_run(r)]
+    mem = [compare.memory_figures(r) for r in runs]     # each figure with its kind (estimated CPU, ...)
     return {
         "runs": runs,
         "loss": charts.loss_curves(metrics, x="x", xlabel=x_axis, title="Training loss"),
         "eval": charts.eval_curves(metrics, metric, x="x", xlabel=x_axis),
         "tradeoff": charts.metric_vs_trainable(points, metric),
-        "memory": charts.memory_compare(labels, [r.get("estimated_peak_bytes") for r in runs],
-                                        [r.get("measured_peak_bytes") for r in runs],
-                                        compare.measured_kinds_label(runs)),
+        "memory": charts.memory_compare(labels, [f["estimated"] for f in mem], [f["measured"] for f in mem],
+                                        estimated_kinds=[f["estimated_kind"] for f in mem],
+                                        measured_kinds=[f["measured_kind"] for f in mem]),
         "speed": charts.throughput_bars(labels, [r.get("tokens_per_s") for r in runs],
                                         [compare.world_size_of(r) for r in runs]),
         "size": charts.simple_bars(labels, [((r.get("adapter") or {}).get("size") or 0) / 1024 for r in runs],
                                    "Adapter size", "KiB", color="#8b5cf6"),
         "table": table, "cfg_header": cfg_header, "cfg_rows": cfg_rows, "csv": csv_path,
         "lora_pair": loras[:2] if len(loras) >= 2 else [],
+        "d90": d90.compute_d90(runs),
     }
 
 
@@ -93,6 +95,9 @@ class CompareTab:
             self.sim_module = gr.Dropdown([], label="module", elem_id="similarity-module")
             self.sim_plot = gr.Plot(label="Subspace similarity", elem_id="similarity-plot")
         self.sim_data = gr.State({})
+        with gr.Group(visible=False) as self.d90_group:      # a sweep over d beside full fine-tuning (studio.d90)
+            self.d90_note = gr.Markdown(elem_id="compare-d90-note")
+            self.d90_plot = gr.Plot(label="d90: metric vs subspace dimension", elem_id="compare-d90")
         self.charts = {"loss": self.loss, "eval": self.eval, "tradeoff": self.tradeoff, "memory": self.memory,
                        "speed": self.speed, "size": self.size}
 
@@ -101,7 +106,14 @@ class CompareTab:
         return {self.msg: "Pick two or more runs to compare.", **{c: e for c in self.charts.values()},
                 self.table: None, self.csv: gr.update(value=None, interactive=False), self.cfg: None,
                 self.sim_group: gr.update(visible=False), self.sim_module: gr.update(choices=[], value=None),
-                self.sim_plot: None, self.sim_data: {}}
+                self.sim_plot: None, self.sim_data: {}, **self.d90_outputs(None)}
+
+    def d90_outputs(self, res) -> dict:
+        if res is None or not res.points:
+            return {self.d90_group: gr.update(visible=False), self.d90_note: "", self.d90_plot: None}
+        note = f"**d90 = {res.d90}**" if res.d90 is not None else "**d90**"
+        return {self.d90_group: gr.update(visible=True), self.d90_plot: d90.d90_figure(res),
+                self.d90_note: "  \n".join([note, *res.notes])}
 
     def view(self, ids: list[int], x_axis: str, diff_only: bool) -> dict:
         import pandas as pd
@@ -119,7 +131,7 @@ class CompareTab:
                 self.csv: gr.update(value=v["csv"], interactive=bool(v["csv"])), self.cfg: cfg,
                 self.sim_group: gr.update(visible=bool(mods)),
                 self.sim_module: gr.update(choices=mods, value=mods[0] if mods else None),
-                self.sim_plot: heat, self.sim_data: sim}
+                self.sim_plot: heat, self.sim_data: sim, **self.d90_outputs(v["d90"])}
 
     def wire(self, demo: gr.Blocks) -> None:
         ctx = self.ctx
@@ -130,7 +142,7 @@ class CompareTab:
         demo.load(choices, None, self.runs)
 
         outs = [self.msg, *self.charts.values(), self.table, self.csv, self.cfg, self.sim_group, self.sim_module,
-                self.sim_plot, self.sim_data]
+                self.sim_plot, self.sim_data, self.d90_group, self.d90_note, self.d90_plot]
 
         def on_compare(sel, x_axis, diff_only, request: gr.Request = None):
             ids = compare.parse_run_ids(sel)

@@ -27,8 +27,8 @@ DEFAULT_DATASET = "demo-sentiment"
 MODEL_CHOICES = list(BUNDLED_MODELS) + list(TINY_MODELS)    # the random test models stay selectable
 
 STRATEGIES = ["ddp", "fsdp"]      # engine.config DistributedConfig.strategy
-SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr"}
-SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr"}
+SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr", "d": "d"}
+SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr", "d": "d"}
 MAX_SWEEP = 12
 
 # the non-method part of the Launch form, in the order the event handlers receive it
@@ -186,7 +186,7 @@ def build_method(method: str, fields: dict[str, Any], extra_yaml: str = "") -> d
     order = list(METHODS[method].config_cls.model_fields)
     for fname in sorted(method_fields(method), key=order.index):
         v = convert_field(fname, fields.get(fname))
-        if v is not None and (v != _config_default(method, fname) or fname in ("r", "target_modules")):
+        if v is not None and (v != _config_default(method, fname) or fname in ("r", "target_modules", "d")):
             m[fname] = v     # other defaults stay implicit
     if extra_yaml and extra_yaml.strip():
         try:
@@ -274,7 +274,8 @@ def parse_sweep(text: str) -> tuple[Optional[str], list[str]]:
     key, sep, vals = t.partition(":")
     key = key.strip().lower()
     if not sep or key not in SWEEP_KEYS:
-        raise service.SubmitError("sweep: write `r: 4, 8, 16`, `method: lora, dora` or `learning_rate: 1e-4, 5e-4`")
+        raise service.SubmitError("sweep: write `r: 4, 8, 16`, `method: lora, dora`, `learning_rate: 1e-4, 5e-4` "
+                                  "or `d: 10, 100, 1000` (subspace dimension)")
     values = [v.strip() for v in re.split(r"[,\s]+", vals) if v.strip()]
     if not values:
         raise service.SubmitError(f"sweep: no values after `{key}:`")
@@ -295,6 +296,8 @@ def sweep_configs(form: dict, text: str) -> list[dict]:
             raise service.SubmitError(f"sweep: unknown method {v!r}; choose from {', '.join(METHODS)}")
         if key == "r" and "r" not in method_fields(form["method"]):
             raise service.SubmitError(f"sweep: method {form['method']!r} has no rank r")
+        if key == "d" and "d" not in method_fields(form["method"]):
+            raise service.SubmitError(f"sweep: method {form['method']!r} has no subspace dimension d")
         f[key] = v
         if key == "method" and v != form["method"] and "target_modules" in method_fields(v) \
                 and not (f.get("target_modules") or "").strip():
@@ -302,8 +305,8 @@ def sweep_configs(form: dict, text: str) -> list[dict]:
         cfg = build_config(f)
         if (form.get("run_name") or "").strip():
             cfg["name"] = f"{form['run_name'].strip()}-{SWEEP_SUFFIX[key]}{v}"
-        elif key == "lr":
-            cfg["name"] += f"-lr{v}"
+        elif key in ("lr", "d"):
+            cfg["name"] += f"-{key}{v}"
         out.append(cfg)
     return out
 
