@@ -53,15 +53,19 @@ def make_batch(vocab: int, batch: int, seq: int, task: str) -> dict:
     return b
 
 
-def build(side: str, case: dict, method: dict | None):
-    """(step function, model) for one side: engine (our method + our loss) or peft
-    (peft LoRA + the model's own loss) or hf (plain transformers, full FT)."""
+def build_model(side: str, case: dict, method: dict | None, base_hook=None):
+    """(model, loss function of a batch) for one side, fp32 on CPU: engine (our method
+    + our loss) or peft (peft LoRA + the model's own loss) or hf (plain transformers,
+    full FT). `base_hook(model) -> model` runs on the loaded base first (bench/gpu_check.py,
+    which builds its sides with this too, quantizes peft's QLoRA base there)."""
     from engine.models import load_model
     from engine.methods import ApplyContext, get_method, parse_method_config
     from engine.prepare import apply_method
     from engine.train import compute_loss
 
     model = load_model(case["model"], case["task"]).model.float()
+    if base_hook is not None:
+        model = base_hook(model)
     task = case["task"]
     if side == "engine":
         cfg = parse_method_config(method)
@@ -82,6 +86,12 @@ def build(side: str, case: dict, method: dict | None):
         def loss_fn(b):
             return model(**b).loss
     model.train()
+    return model, loss_fn
+
+
+def build(side: str, case: dict, method: dict | None):
+    """(step function, model) for one side (see build_model), with AdamW."""
+    model, loss_fn = build_model(side, case, method)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
