@@ -4,10 +4,18 @@ Mao, Mathias, Hou, Almahairi, Ma, Han, Yih & Khabsa 2022, "UniPELT: A Unified
 Framework for Parameter-Efficient Language Model Tuning", ACL 2022, arXiv:2110.07577.
 
 Each sub-method is the engine's own, with a learned gate G = sigmoid(W_G x + b_G)
-in (0, 1) that scales its contribution. The gate reads the input of the part it
-gates and is pooled (averaged) over the sequence, so each example gets one gate
-value per sub-module, and a sub-module can be switched off for some inputs and on
-for others:
+in (0, 1) that scales its contribution; the gate reads the input of the part it
+gates, so a sub-module can be switched off for some inputs and on for others.
+Pooling: on encoders (BERT) as in the paper, the gate is averaged over the
+sequence (over the real tokens, by the attention mask), one value per example and
+sub-module. On causal decoders a sequence average would let every position see the
+tokens after it, so there the LoRA and adapter gates are per token, and the prefix
+gate (one value for all queries, since it scales the shared prefix keys) is read
+from the first real token, the one token every query sees; cached generation then
+gives exactly the uncached outputs. A causal first token depends on nothing after
+it, so when every sequence starts with the same token (a BOS) that gate is in
+effect a learned constant per layer; it varies with the input only where the
+first token does (packed rows, prompts without BOS).
 
 - LoRA (engine.methods.lora) on the query and value projections (the paper's
   targets; `target_modules` to change): y = W x + G_L(x) * s * B A x, with G_L
@@ -33,14 +41,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from ..arch import blocks
+from ..arch import arch_of
 from .base import ApplyContext, MethodConfig, MethodSpec, freeze_all
 from .bottleneck import (Activation, SerialAdapter, add_serial_adapters, bottleneck_params, bottleneck_width,
                          check_family)
 from .lora import LoraLinear, default_targets, inject_lora
 from .plan import Plan, empty_plan, ranks_per_layer
 from .prefix import add_prefix_groups, attention_module, check_prefix_family, count_prefix_group, prefix_bank
-from .prompts import get_cache
+from .prompts import backbone, get_cache
 from .targeting import check_target_list, linear_like, resolve_targets, resolve_targets_in_dims
 
 GATE_ATTR = "studio_prefix_gate"
@@ -79,26 +87,70 @@ class UniPELTConfig(MethodConfig):
         return self
 
 
-class Gate(nn.Module):
-    """sigmoid(W x + b), averaged over the sequence: [batch, ..., seq, dim] -> [batch, 1, ..., 1]
-    shaped to broadcast against a [batch, seq, *] tensor."""
+class GateInput:
+    """The current batch's 2-D attention mask, recorded by a pre-hook on the backbone so
+    that pooled gates average over the real tokens only (not a module: no parameters)."""
 
-    def __init__(self, dim: int, *, device=None, dtype=None):
+    def __init__(self):
+        self.mask: Optional[torch.Tensor] = None
+
+
+class Gate(nn.Module):
+    """sigmoid(W x + b) from x [batch, seq, dim], pooled by `mode`: "mean" over the real
+    tokens ([batch, 1, 1], encoders), "token" (no pooling: [batch, seq, 1], decoders) or
+    "first" real token ([batch, 1, 1], the decoders' prefix gate)."""
+
+    def __init__(self, dim: int, mode: str, inputs: GateInput, *, device=None, dtype=None):
         super().__init__()
         self.linear = nn.Linear(dim, 1, device=device, dtype=dtype)
+        self.mode = mode
+        self._inputs = [inputs]        # a list: shared, not a submodule
+
+    def _mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        m = self._inputs[0].mask
+        b, s = x.shape[0], x.shape[1]
+        if m is None or m.dim() != 2 or m.shape[0] != b or m.shape[1] < s:
+            return None
+        return m[:, -s:].to(x.dtype).unsqueeze(-1)                         # [batch, seq, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.linear(x.to(self.linear.weight.dtype)))     # [batch, seq, 1]
-        return g.mean(dim=-2, keepdim=True)                                 # [batch, 1, 1]
+        if self.mode == "token":
+            return g
+        m = self._mask(g)
+        if self.mode == "first":
+            if m is None:
+                return g[:, :1]
+            first = m.squeeze(-1).argmax(dim=1)                             # first real position
+            return g[torch.arange(g.shape[0], device=g.device), first].unsqueeze(1)
+        if m is None:
+            return g.mean(dim=1, keepdim=True)
+        return (g * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def record_mask_hook(inputs: GateInput):
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("attention_mask")
+        inputs.mask = mask if isinstance(mask, torch.Tensor) else None
+        return None
+    return hook
+
+
+def gate_modes(model: nn.Module) -> tuple[str, str]:
+    """(mode of the LoRA and adapter gates, mode of the prefix gate)."""
+    decoder = arch_of(model).family == "llama" or getattr(model.config, "is_decoder", False)
+    return ("token", "first") if decoder else ("mean", "mean")
 
 
 class GatedLoraLinear(LoraLinear):
     """LoRA whose update is scaled by an input-dependent gate: y = W x + G_L(x) s B A x.
     The gate makes the update depend on the input, so it cannot be merged."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, **kw):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, *, gate_mode: str,
+                 gate_inputs: GateInput, **kw):
         super().__init__(base, r, alpha, dropout, **kw)
-        self.gate = Gate(self.lora_A.in_features, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
+        self.gate = Gate(self.lora_A.in_features, gate_mode, gate_inputs, device=self.lora_A.weight.device,
+                         dtype=self.lora_A.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -115,10 +167,10 @@ class GatedLoraLinear(LoraLinear):
 class GatedSerialAdapter(SerialAdapter):
     """y = base(x); y + G_A(y) * adapter(y)."""
 
-    def __init__(self, base: nn.Module, adapter: nn.Module):
+    def __init__(self, base: nn.Module, adapter: nn.Module, gate_mode: str, gate_inputs: GateInput):
         super().__init__(base, adapter)
         w = adapter.down.weight
-        self.gate = Gate(adapter.down.in_features, device=w.device, dtype=w.dtype)
+        self.gate = Gate(adapter.down.in_features, gate_mode, gate_inputs, device=w.device, dtype=w.dtype)
 
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
@@ -147,13 +199,13 @@ def make_prefix_gate_hook(layer: int):
     return hook
 
 
-def add_prefix_gates(model: nn.Module) -> None:
+def add_prefix_gates(model: nn.Module, mode: str, inputs: GateInput) -> None:
     slots = prefix_bank(model).slots
     hidden = model.config.hidden_size
     w = model.get_input_embeddings().weight
     for i in range(model.config.num_hidden_layers):
         attn = attention_module(model, i)
-        setattr(attn, GATE_ATTR, Gate(hidden, device=w.device, dtype=w.dtype))
+        setattr(attn, GATE_ATTR, Gate(hidden, mode, inputs, device=w.device, dtype=w.dtype))
         attn._studio_prefix_slots = slots
         attn.register_forward_pre_hook(make_prefix_gate_hook(i), with_kwargs=True)
 
@@ -169,16 +221,21 @@ def apply_unipelt(model: nn.Module, cfg: UniPELTConfig, ctx: ApplyContext) -> No
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     n_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    inputs = GateInput()
+    backbone(model).register_forward_pre_hook(record_mask_hook(inputs), with_kwargs=True)
+    mode, prefix_mode = gate_modes(model)
     if cfg.lora:
         names = resolve_targets(model, cfg.target_modules or default_targets(model), want=linear_like)
-        inject_lora(model, names, cfg.r, cfg.alpha, cfg.lora_dropout, layer_cls=GatedLoraLinear)
+        inject_lora(model, names, cfg.r, cfg.alpha, cfg.lora_dropout, layer_cls=GatedLoraLinear, gate_mode=mode,
+                    gate_inputs=inputs)
     if cfg.prefix:
         add_prefix_groups(model, [(list(range(n_layers)), cfg.num_virtual_tokens)], cfg.prefix_projection,
                           cfg.prefix_hidden_size)
-        add_prefix_gates(model)
+        add_prefix_gates(model, prefix_mode, inputs)
     if cfg.adapter:
         add_serial_adapters(model, adapter_width(hidden, cfg), cfg.activation, list(range(n_layers)), "ffn",
-                            cfg.init_std, False, wrapper=GatedSerialAdapter)
+                            cfg.init_std, False,
+                            wrapper=lambda base, ad: GatedSerialAdapter(base, ad, mode, inputs))
 
 
 def lora_targets_in_dims(dims, cfg: UniPELTConfig, task: str):
