@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Body, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -233,37 +232,15 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
                        strategy: Literal["ddp", "fsdp"] = "ddp",
                        u: Optional[str] = Depends(user)) -> dict:
         """Memory per device for one training step (`engine.estimator.estimate`, whose
-        answers are cached there): `world_size` devices with `strategy` ddp or fsdp."""
-        # hostile input: the estimator reads any config.json it is pointed at; a path is
-        # only read under the allowed model roots (STUDIO_MODEL_ROOTS), like a run's model
-        if "/" in model or "\\" in model or model.startswith((".", "~")) or "\x00" in model:
-            try:
-                real = Path(model).expanduser().resolve()
-            except (OSError, ValueError) as e:
-                raise HTTPException(422, f"model: not a valid path ({e})")
-            roots = [Path(r).resolve() for r in settings.model_roots]
-            if not any(real == r or r in real.parents for r in roots):
-                raise HTTPException(422, f"model: {model[:200]!r} is outside the allowed model roots; "
-                                         f"set STUDIO_MODEL_ROOTS")
-        from engine.estimator import estimate as estimate_memory
-        from engine.methods.targeting import parse_target_list
+        answers are cached there): `world_size` devices with `strategy` ddp or fsdp.
+        A clean query is answered before FastAPI runs (studio.estimate_route)."""
+        from .estimate_route import estimate_answer
 
-        m: dict = {"name": method}
-        if r is not None:
-            m["r"] = r
-        try:
-            targets = parse_target_list(target_modules)
-            if targets:
-                m["target_modules"] = targets
-            answer = estimate_memory(model, m, batch_size=batch, seq_len=seq, dtype=dtype, quant=quant,
-                                     formula=formula, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                                     world_size=world_size, strategy=strategy,
-                                     **({"task": task} if task else {})).to_json()
-        except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
-            raise HTTPException(422, str(e))
-        except OSError as e:   # fuzzing: a 500-character name raised ENAMETOOLONG (a 500)
-            raise HTTPException(422, f"model: cannot be read ({e.strerror or e})")
-        return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
+        body = estimate_answer(settings, model=model, method=method, r=r, target_modules=target_modules,
+                               batch=batch, seq=seq, dtype=dtype, quant=quant, formula=formula,
+                               optimizer=optimizer, grad_checkpointing=grad_checkpointing, task=task,
+                               world_size=world_size, strategy=strategy)
+        return Response(body, media_type="application/json")
 
     @api.post("/datasets", status_code=201)
     def upload_dataset(file: UploadFile = File(...), u: Optional[str] = Depends(user)) -> dict:

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.arch import arch_for_model_type
+from engine.config import TrainingConfig
 from engine.data import BUNDLED_DATASETS
 from engine.estimator import default_task as estimator_default_task
 from engine.estimator import load_model_config, model_dims
@@ -27,6 +28,8 @@ DEFAULT_DATASET = "demo-sentiment"
 MODEL_CHOICES = list(BUNDLED_MODELS) + list(TINY_MODELS)    # the random test models stay selectable
 
 STRATEGIES = ["ddp", "fsdp"]      # engine.config DistributedConfig.strategy
+OPTIMIZERS = list(typing.get_args(TrainingConfig.model_fields["optimizer"].annotation))   # training.optimizer
+DEFAULT_OPTIMIZER = TrainingConfig.model_fields["optimizer"].default
 SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr", "d": "d"}
 SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr", "d": "d"}
 MAX_SWEEP = 12
@@ -34,7 +37,7 @@ MAX_SWEEP = 12
 # the non-method part of the Launch form, in the order the event handlers receive it
 FORM_KEYS = ["run_name", "model", "task", "method", "extra_method", "ds_source", "ds_name", "upload_path",
              "text_col", "label_col", "prompt_col", "response_col", "max_rows", "max_steps", "batch", "lr", "seq",
-             "eval_every", "seed", "strategy", "devices"]
+             "eval_every", "seed", "strategy", "devices", "optimizer", "tasks_yaml", "temperature"]
 FORM_HIDDEN = {"name", "random_rank_seed"}   # left to the YAML box
 
 
@@ -233,6 +236,61 @@ def distributed_of(form: dict) -> tuple[str, int]:
     return strategy, n
 
 
+def optimizer_of(form: dict) -> str:
+    """training.optimizer from the form (the config's default when absent)."""
+    opt = form.get("optimizer") or DEFAULT_OPTIMIZER
+    if opt not in OPTIMIZERS:
+        raise service.SubmitError(f"training.optimizer: {opt!r} is not one of {', '.join(OPTIMIZERS)}")
+    return opt
+
+
+# ------------------------------------------------------------------ several datasets (dataset.tasks)
+
+def parse_tasks(text: str) -> list[dict]:
+    """The multi-task box (a YAML list of tasks) -> list of task dicts; '' -> []."""
+    t = (text or "").strip()
+    if not t:
+        return []
+    try:
+        tasks = yaml.safe_load(t)
+    except yaml.YAMLError as e:
+        raise service.SubmitError(f"dataset.tasks: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tasks, list) or not all(isinstance(x, dict) for x in tasks):
+        raise service.SubmitError("dataset.tasks: write a YAML list, one `- name: ...` entry per task")
+    return tasks
+
+
+def task_entry(form: dict, name: str = "") -> dict:
+    """The dataset the form shows now (bundled or uploaded, columns, max rows) as one task."""
+    if form.get("ds_source") == "upload":
+        if not form.get("upload_path"):
+            raise service.SubmitError("dataset: upload a file first (CSV, JSONL or Parquet)")
+        entry: dict[str, Any] = {"path": form["upload_path"]}
+        for k, key in (("text_column", "text_col"), ("label_column", "label_col"),
+                       ("prompt_column", "prompt_col"), ("response_column", "response_col")):
+            v = form.get(key)
+            if v and str(v).strip():
+                entry[k] = str(v).strip()
+        default = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(form["upload_path"]).rsplit("/", 1)[-1].rsplit(".", 1)[0])
+    else:
+        entry = {"bundled": form.get("ds_name")}
+        default = str(form.get("ds_name") or "task")
+    if form.get("max_rows"):
+        entry["max_rows"] = _int(form, "max_rows", "max_rows")
+    return {"name": (name or "").strip() or default.strip("-.") or "task", **entry}
+
+
+def add_task(text: str, form: dict, name: str = "") -> str:
+    """The multi-task box with the form's current dataset appended (a repeated name gets a suffix)."""
+    tasks = parse_tasks(text)
+    entry = task_entry(form, name)
+    names = {t.get("name") for t in tasks}
+    base, k = entry["name"], 2
+    while entry["name"] in names:
+        entry["name"], k = f"{base}-{k}", k + 1
+    return yaml.safe_dump(tasks + [entry], sort_keys=False)
+
+
 def build_config(form: dict) -> dict:
     """The run config dict from the form (validated later by the same schema as REST/CLI)."""
     method = form["method"]
@@ -250,6 +308,14 @@ def build_config(form: dict) -> dict:
         ds = {"name": form.get("ds_name")}
     if form.get("max_rows"):
         ds["max_rows"] = _int(form, "max_rows", "max_rows")
+    tasks = parse_tasks(form.get("tasks_yaml") or "")
+    if tasks:       # several datasets: the listed tasks are the run's data
+        ds = {"tasks": tasks}
+        if form.get("temperature") not in (None, ""):
+            try:
+                ds["temperature"] = float(form["temperature"])
+            except (TypeError, ValueError):
+                raise service.SubmitError("dataset.temperature: give a number like 10") from None
     try:
         lr = float(form["lr"])
     except (TypeError, ValueError):
@@ -262,6 +328,9 @@ def build_config(form: dict) -> dict:
     strategy, world = distributed_of(form)
     if world > 1 or strategy != "ddp":      # one device, DDP: the default, left implicit
         training["distributed"] = {"strategy": strategy, "world_size": world}
+    optimizer = optimizer_of(form)
+    if optimizer != DEFAULT_OPTIMIZER:      # the default stays implicit
+        training["optimizer"] = optimizer
     return {"name": (form.get("run_name") or "").strip() or auto, "model": model, "task": form["task"],
             "dataset": ds, "method": m, "training": training}
 
@@ -325,7 +394,10 @@ def form_from_config(cfg: dict) -> dict:
         "max_rows": ds.get("max_rows"), "max_steps": t.get("max_steps") or 30, "batch": t.get("batch_size", 8),
         "lr": t.get("learning_rate", 5e-4), "seq": t.get("max_seq_len", 64), "eval_every": t.get("eval_every", 10),
         "seed": t.get("seed", 0), "strategy": (t.get("distributed") or {}).get("strategy", "ddp"),
-        "devices": (t.get("distributed") or {}).get("world_size", 1)}
+        "devices": (t.get("distributed") or {}).get("world_size", 1),
+        "tasks_yaml": yaml.safe_dump(ds["tasks"], sort_keys=False) if ds.get("tasks") else "",
+        "temperature": ds.get("temperature", 10.0),
+        "optimizer": t.get("optimizer") or DEFAULT_OPTIMIZER}
     extra = {}
     for k, v in m.items():
         if k == "name":

@@ -14,9 +14,11 @@ from engine.methods import METHODS
 
 from .. import charts, service
 from .common import GIB, Ctx
-from .forms import (DEFAULT_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES,
-                    STRATEGIES, build_config, build_method, default_dataset, default_task, distributed_of,
-                    field_choices, field_default, form_from_config, method_fields, method_help, sweep_configs)
+from .forms import (DEFAULT_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER, FORM_KEYS, METHOD_FIELDS,
+                    MODEL_CHOICES, OPTIMIZERS, STRATEGIES, build_config, build_method, default_dataset, default_task, distributed_of,
+                    field_choices, field_default, form_from_config, method_fields, method_help, optimizer_of,
+                    sweep_configs)
+from .forms import add_task as add_task_entry
 
 DEFAULT_GPU = next(b for name, b in GPU_PRESETS if name.startswith("24 GB"))
 MAX_BATCH_SHOWN = 4096
@@ -61,16 +63,27 @@ def devices_text(gpu_bytes: int, name: str, per_device_total: int, world_size: i
     return out + f" · no device count up to {MAX_DEVICES_SHOWN} fits ({strategy})"
 
 
+def paged_text(optimizer: str, rows: dict) -> str:
+    """The host-memory line of a paged optimizer: its states live in host memory and
+    come onto the device one parameter at a time (engine.optim); '' otherwise."""
+    if not optimizer.startswith("paged"):
+        return ""
+    return (f"  \nHost memory ({optimizer} states): **{rows['optimizer'] / GIB:.3f} GiB**; "
+            f"the device total above still counts them, as the estimator does")
+
+
 def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, formula, gpu, dtype, quant,
-                  gpu_name: str = "", world_size=1, strategy: str = "ddp") -> tuple:
+                  gpu_name: str = "", world_size=1, strategy: str = "ddp",
+                  optimizer: str = DEFAULT_OPTIMIZER) -> tuple:
     """(plotly figure, markdown) for the estimate panel, per device for `world_size`
-    devices with `strategy`; errors become a message, never an exception."""
+    devices with `strategy`, with `optimizer`'s states; errors become a message, never an exception."""
     from engine.estimator import estimate, largest_batch_that_fits, smallest_world_size_that_fits
 
     try:
         m = build_method(method, fields, extra_yaml or "")
         strategy, world = distributed_of({"strategy": strategy, "devices": world_size})
-        kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task)
+        optimizer = optimizer_of({"optimizer": optimizer})
+        kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task, optimizer=optimizer)
         est = estimate(model, m, batch_size=int(batch), world_size=world, strategy=strategy, **kw)
     except Exception as e:
         return charts.empty("Memory estimate", "no estimate"), f"⚠ Estimate unavailable: {e}"
@@ -99,9 +112,9 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     notes = "".join(f"  \n_note: {n}_" for n in d.get("notes", [])[:3])
     per = f"per device, {world} × {strategy}, " if world > 1 else ""
     text = (f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({per}{formula} formula, batch {int(batch)}, "
-            f"seq {int(seq)}, {dtype})  \n{fits}  \n"
+            f"seq {int(seq)}, {dtype}, {optimizer})  \n{fits}  \n"
             f"Trainable: **{d['n_trainable']:,}** of {d['n_params']:,} parameters "
-            f"(**{d['trainable_percent']:.4f}%**)  \nGiB — {rows}{notes}")
+            f"(**{d['trainable_percent']:.4f}%**)  \nGiB — {rows}{paged_text(optimizer, d['rows'])}{notes}")
     title = f"{model} · {method}" + (f" · per device of {world} ({strategy})" if world > 1 else "")
     return charts.memory_bar(d["rows"], gpu_bytes, name, title=title), text
 
@@ -181,6 +194,16 @@ class LaunchTab:
                 self.response_col = gr.Dropdown(label="response column", elem_id="response-col", **col_kw)
             self.preview = gr.Dataframe(label="First rows", interactive=False, elem_id="preview", max_height=220,
                                         wrap=True)
+            with gr.Accordion("Several datasets (multi-task run)", open=False, elem_id="multitask"):
+                gr.Markdown("Add the dataset above as a task, pick or upload another, add it too: the run then "
+                            "trains on all listed tasks (one head per classification task; a batch is drawn from "
+                            "one task, task *i* with probability ∝ rows^(1/T)) and reports metrics per task.")
+                with gr.Row():
+                    self.task_name = gr.Textbox(label="task name", placeholder="from the dataset", elem_id="task-name")
+                    self.add_task_btn = gr.Button("Add this dataset as a task", elem_id="add-task")
+                    self.temperature = gr.Number(10.0, label="temperature T", minimum=1, elem_id="temperature")
+                self.tasks_yaml = gr.Code("", language="yaml", label="Tasks (empty: one dataset)", interactive=True,
+                                          elem_id="tasks-yaml")
         with gr.Row():
             self.max_steps = gr.Number(30, label="max steps", precision=0, minimum=1, elem_id="max-steps")
             self.batch = gr.Number(8, label="batch size", precision=0, minimum=1, elem_id="batch")
@@ -192,6 +215,8 @@ class LaunchTab:
                                      info="one process per GPU")
             self.strategy = gr.Radio(STRATEGIES, value="ddp", label="strategy", elem_id="strategy",
                                      info="fsdp shards the model")
+            self.optimizer = gr.Dropdown(OPTIMIZERS, value=DEFAULT_OPTIMIZER, label="optimizer", elem_id="optimizer",
+                                         info="8-bit: block-wise quantized AdamW states; paged: kept in host memory")
         with gr.Row():
             self.preview_btn = gr.Button("Preview config", elem_id="preview-config")
             self.launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
@@ -292,6 +317,14 @@ class LaunchTab:
 
         self.ds_name.change(bundled_preview, self.ds_name, self.preview)
 
+        def on_add_task(data):
+            try:
+                return {self.tasks_yaml: add_task_entry(data[self.tasks_yaml], self.values(data), data[self.task_name]),
+                        self.task_name: "", self.msg: ""}
+            except service.SubmitError as e:
+                return {self.msg: f"✗ {e}"}
+        self.add_task_btn.click(on_add_task, form_inputs | {self.task_name}, [self.tasks_yaml, self.task_name, self.msg])
+
         def on_preview(data):
             try:
                 cfg = service.validate_config(build_config(self.values(data)), ctx.settings)
@@ -320,7 +353,8 @@ class LaunchTab:
         self.sweep_btn.click(on_sweep, form_inputs | {self.sweep_text}, self.msg)
 
         est_inputs = {self.model, self.task, self.method, self.extra_method, self.batch, self.seq, self.formula,
-                      self.gpu, self.dtype, self.quant, self.devices, self.strategy, *self.fields.values()}
+                      self.gpu, self.dtype, self.quant, self.devices, self.strategy, self.optimizer,
+                      *self.fields.values()}
 
         def on_estimate(data):
             g = data[self.gpu]
@@ -328,7 +362,8 @@ class LaunchTab:
                                       {k: data[c] for k, c in self.fields.items()}, data[self.extra_method],
                                       data[self.batch], data[self.seq], data[self.formula], g, data[self.dtype],
                                       data[self.quant], gpu_name=gpu_label(g, ctx.workers()) if g else "",
-                                      world_size=data[self.devices], strategy=data[self.strategy])
+                                      world_size=data[self.devices], strategy=data[self.strategy],
+                                      optimizer=data[self.optimizer])
             return {self.est_plot: fig, self.est_md: text}
         est_outs = [self.est_plot, self.est_md]
         gr.on([c.change for c in est_inputs], on_estimate, est_inputs, est_outs, show_progress="hidden",
