@@ -122,6 +122,11 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     async def _submit_error(_req, exc):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    @api.exception_handler(service.InternalError)
+    async def _internal_error(_req, exc):
+        # a check of ours that broke (the estimator, the structure check): 500 with the reason
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
     from workers.store import ArtifactCorrupt, StoreError
 
     @api.exception_handler(StoreError)

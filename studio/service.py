@@ -27,6 +27,12 @@ class NotFound(LookupError):
     pass
 
 
+class InternalError(SubmitError):
+    """A run that cannot be queued because of a fault of ours, not of its config (an
+    estimator or structure check that broke): the API answers 500 with this message,
+    never a silently skipped check. A SubmitError, so the CLI and UI show it as one."""
+
+
 # ------------------------------------------------------------------ validation and estimate
 
 # what every "too large to upload" answer adds
@@ -84,10 +90,10 @@ def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional
     # a path is checked against the allowed model roots before anything reads it: the
     # estimator's loader would read any config.json, so it only gets names (catalog)
     if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
+        from engine.estimator import load_model_config
         try:
-            from engine.estimator import load_model_config
             return load_model_config(name)
-        except Exception:
+        except ValueError:   # not a catalog, bundled or tiny name: a local directory or a hub id
             pass
     p = Path(name).expanduser()
     if p.is_absolute() or name.startswith((".", "~")) or p.exists():
@@ -109,13 +115,20 @@ def check_against_model(cfg, settings: Optional[Settings] = None) -> Optional[tu
         raise SubmitError(str(e)) from None
     if conf is None or not conf.get("model_type"):
         return None
+    from engine.methods import get_method
+
     try:
         return dry_run(cfg, conf)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise SubmitError(str(e)) from None
-    except Exception as e:   # a method that cannot run on the meta device: checked by the worker instead
-        log.info("meta-device check skipped for %s: %s", cfg.method.name, e)
-        return None
+    except Exception as e:
+        # quantizing a base (QLoRA's NF4) reads its weights, which the meta device has not;
+        # the worker checks such a run when it loads the model. Anything else is our fault.
+        if get_method(cfg.method.name).quantizes_base:
+            log.info("meta-device check skipped for %s (it quantizes the base): %s", cfg.method.name, e)
+            return None
+        raise InternalError(f"method: the structure check of {cfg.method.name!r} on {cfg.model!r} failed "
+                            f"({type(e).__name__}: {e}); this is a fault in the studio, not in the config") from e
 
 
 def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
@@ -123,13 +136,14 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
     optimizer of the run config). A model the estimator cannot place is a
     SubmitError: without an estimate no worker could be checked for room."""
     from engine.estimator import estimate
+    from engine.models import ModelLoadError
 
     t = cfg.training
     model = cfg.model
     try:
         conf = model_config_for(cfg.model, settings)
-    except Exception:
-        conf = None
+    except ModelLoadError as e:
+        raise SubmitError(str(e)) from None
     if conf is not None and conf.get("model_type"):
         model = conf
     dist = t.distributed
@@ -138,10 +152,19 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
         est = estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
                        seq_len=t.max_seq_len, dtype="fp32" if t.precision in ("auto", "fp32") else t.precision,
                        task=cfg.task, world_size=dist.world_size, strategy=dist.strategy, **kw)
-    except Exception as e:
+    except (ValueError, NotImplementedError) as e:   # the config asks what the estimator cannot answer
         raise SubmitError(f"estimate: cannot estimate the memory of {cfg.model!r} with {cfg.method.name!r} "
-                          f"({type(e).__name__}: {e}); without an estimate no worker can be checked for room") from None
-    return est.to_json()
+                          f"({e}); without an estimate no worker can be checked for room") from None
+    except Exception as e:   # the estimator broke: our fault, reported as such (500), never skipped
+        raise InternalError(f"estimate: the estimator failed on {cfg.model!r} with {cfg.method.name!r} "
+                            f"({type(e).__name__}: {e}); this is a fault in the studio, not in the config; "
+                            f"without an estimate no worker can be checked for room") from e
+    answer = est.to_json()
+    total = answer["rows"]["total"]
+    if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+        raise InternalError(f"estimate: the estimator gave {total!r} bytes for {cfg.model!r} with "
+                            f"{cfg.method.name!r}; this is a fault in the studio, not in the config")
+    return answer
 
 
 # ------------------------------------------------------------------ runs
@@ -157,11 +180,15 @@ def _gib(b: Optional[int]) -> str:
     return "unknown memory" if not b else f"{b / 1024 ** 3:.2f} GiB"
 
 
-def check_capacity(settings: Settings, estimate_bytes: Optional[int], world_size: int = 1) -> None:
+def check_capacity(settings: Settings, estimate_bytes: int, world_size: int = 1) -> None:
     """Refuse a run that no connected worker can hold (with no worker connected yet,
     the run waits for one). `estimate_bytes` is per device; a run of `world_size` > 1
     needs a worker with that many devices of that much memory each, or a worker
-    connected to a Ray cluster (which places the ranks itself)."""
+    connected to a Ray cluster (which places the ranks itself). There is no check
+    without an estimate: a missing one is an InternalError, not a pass."""
+    if isinstance(estimate_bytes, bool) or not isinstance(estimate_bytes, int) or estimate_bytes <= 0:
+        raise InternalError(f"estimate: {estimate_bytes!r} is not a memory estimate in bytes; the capacity "
+                            f"check cannot run without one")
     workers = list_workers(settings)
     if not workers:
         return
@@ -170,7 +197,7 @@ def check_capacity(settings: Settings, estimate_bytes: Optional[int], world_size
             return
         def fits(w) -> bool:
             mem = sorted((m or 0 for m in (w.get("device_memory") or [])), reverse=True)
-            return len(mem) >= world_size and (not estimate_bytes or mem[world_size - 1] >= estimate_bytes)
+            return len(mem) >= world_size and mem[world_size - 1] >= estimate_bytes
         if any(fits(w) for w in workers):
             return
         best = max(workers, key=lambda w: ((w.get("devices") or 1), max(w.get("device_memory") or [0])))
@@ -181,8 +208,6 @@ def check_capacity(settings: Settings, estimate_bytes: Optional[int], world_size
             f"of {_gib(max(best.get('device_memory') or [0]))} ({best['device']}); lower world_size, use "
             f"strategy 'fsdp', connect a worker with more devices (STUDIO_WORKER_DEVICES), or set "
             f"STUDIO_RAY_ADDRESS on a worker to use a Ray cluster")
-    if not estimate_bytes:
-        return
     workers = [w for w in workers if w.get("total_memory")]
     if not workers:
         return
@@ -200,12 +225,12 @@ def submit_run(settings: Settings, cfg_dict: dict, *, owner: Optional[str] = Non
     """Validate, record as `queued`, and put on the queue. Returns the run id."""
     cfg = validate_config(cfg_dict, settings)
     est = estimate_for(cfg, settings)
-    est_bytes = (est or {}).get("rows", {}).get("total")
+    est_bytes = est["rows"]["total"]
     world = cfg.training.distributed.world_size
     check_capacity(settings, est_bytes, world)
     with db.transaction(settings.database_url) as s:
-        run = db.create_run(s, cfg.to_dict(), owner=owner, estimate=est,
-                            estimated_peak=(est or {}).get("rows", {}).get("total"), priority=priority)
+        run = db.create_run(s, cfg.to_dict(), owner=owner, estimate=est, estimated_peak=est_bytes,
+                            priority=priority)
         run_id = run.id
     try:
         enqueue(settings, run_id, 0, priority, est_bytes, world)
