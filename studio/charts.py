@@ -75,13 +75,21 @@ def metric_vs_trainable(points: list[dict], metric: str) -> go.Figure:
     return fig
 
 
-def memory_compare(labels: list[str], estimated: list, measured: list, measured_kind: str = "") -> go.Figure:
-    """Estimated against measured peak memory per run, in GiB."""
+def memory_compare(labels: list[str], estimated: list, measured: list, measured_kind: str = "",
+                   estimated_kinds: Optional[list] = None, measured_kinds: Optional[list] = None) -> go.Figure:
+    """Estimated against measured peak memory per run, in GiB. With `estimated_kinds` /
+    `measured_kinds` (one label per run, e.g. 'estimated CPU', 'measured CUDA'),
+    each kind is its own series, so figures of different kinds are never one series."""
     fig = go.Figure()
-    fig.add_trace(go.Bar(name="estimated", x=labels, y=[None if v is None else v / GIB for v in estimated],
-                         marker_color="#3b82f6"))
-    fig.add_trace(go.Bar(name=f"measured{' (' + measured_kind + ')' if measured_kind else ''}", x=labels,
-                         y=[None if v is None else v / GIB for v in measured], marker_color="#f59e0b"))
+    est_kinds = estimated_kinds or ["estimated"] * len(labels)
+    mea_kinds = measured_kinds or [f"measured{' (' + measured_kind + ')' if measured_kind else ''}"] * len(labels)
+    palettes = (("#3b82f6", "#60a5fa", "#1d4ed8"), ("#f59e0b", "#fbbf24", "#b45309"))
+    for values, kinds, colors in ((estimated, est_kinds, palettes[0]), (measured, mea_kinds, palettes[1])):
+        order = [k for i, k in enumerate(kinds) if k and k not in kinds[:i]]
+        for n, kind in enumerate(order):
+            fig.add_trace(go.Bar(name=kind, x=labels,
+                                 y=[v / GIB if v is not None and k == kind else None for v, k in zip(values, kinds)],
+                                 marker_color=colors[n % len(colors)]))
     fig.update_layout(barmode="group", height=340, margin=dict(l=40, r=10, t=40, b=30),
                       title="Peak memory: estimated vs measured", yaxis_title="GiB", template="plotly_white",
                       legend=dict(orientation="h", y=-0.2))

@@ -16,10 +16,15 @@ from engine.methods.base import Family
 
 GIB = 1024 ** 3
 TABLE_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable params", "trainable %",
-                 "metric", "best metric", "final loss", "est. peak GiB", "measured peak GiB", "measured as",
+                 "metric", "best metric", "final loss", "est. peak GiB", "estimated for", "measured peak GiB",
+                 "measured as",
                  "devices", "tokens/s", "tokens/s per device", "adapter KiB", "duration s", "owner"]
 # what a run's measured peak is (engine.train's memory_kind)
 MEMORY_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS (process)"}
+# each memory figure in the Compare chart by kind: an estimate is made for a CUDA device (at submit)
+# or for the kind of device of the worker that claimed the run (engine.estimator.runs)
+ESTIMATE_LABELS = {"cuda": "estimated CUDA", "cpu": "estimated CPU"}
+MEASURED_LABELS = {"cuda_max_allocated": "measured CUDA", "cpu_peak_rss": "measured CPU RSS"}
 X_AXES = {"step": "step", "tokens seen": "tokens", "epoch": "epoch"}
 
 
@@ -48,6 +53,28 @@ def measured_kinds_label(runs: list[dict]) -> str:
     return "" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed: see the table"
 
 
+def estimate_of(run: dict) -> tuple[Optional[int], Optional[str]]:
+    """(bytes, device kind) of a run's stored estimate: the claiming worker's
+    re-estimate (`estimate.device`), else the submit-time one, which is for CUDA."""
+    est = run.get("estimate") or {}
+    total = (est.get("rows") or {}).get("total") or run.get("estimated_peak_bytes")
+    if not total:
+        return None, None
+    return int(total), est.get("device") or "cuda"
+
+
+def memory_figures(run: dict) -> dict:
+    """A run's estimated and measured peak, each with the words of its kind
+    ('estimated CPU', 'measured CPU RSS', ...); None where the run has no figure."""
+    est, kind = estimate_of(run)
+    measured = run.get("measured_peak_bytes") or None
+    mkind = run.get("memory_kind")
+    return {"estimated": est, "estimated_kind": ESTIMATE_LABELS.get(kind, f"estimated {kind}") if est else None,
+            "measured": measured,
+            "measured_kind": (MEASURED_LABELS.get(mkind, f"measured {mkind}") if mkind else "measured")
+            if measured else None}
+
+
 def comparison_row(run: dict) -> list:
     tr_pct = 100 * run["n_trainable"] / run["n_params"] if run.get("n_params") and run.get("n_trainable") else None
     size = (run.get("adapter") or {}).get("size")
@@ -55,7 +82,7 @@ def comparison_row(run: dict) -> list:
     return [run["id"], run["name"], run["model"], run["method"], run.get("rank"), run["status"],
             run.get("n_trainable"), _r(tr_pct, 4), run.get("metric_name"), _r(run.get("best_metric"), 4),
             _r(run.get("final_loss"), 4),
-            _r(run["estimated_peak_bytes"] / GIB, 4) if run.get("estimated_peak_bytes") else None,
+            _r(estimate_of(run)[0] / GIB, 4) if estimate_of(run)[0] else None, memory_figures(run)["estimated_kind"],
             _r(run["measured_peak_bytes"] / GIB, 4) if run.get("measured_peak_bytes") else None,
             memory_kind_label(run.get("memory_kind")) if run.get("measured_peak_bytes") else None,
             world, _r(tps, 1), None if tps is None else _r(tps / world, 1),

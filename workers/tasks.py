@@ -196,6 +196,38 @@ def metrics_history(url: str, run_id: int) -> list[dict]:
                  "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval} for m in rows]
 
 
+def device_estimate(cfg, model_config, device: str) -> dict:
+    """The run's estimate for the kind of device this worker trains on (a CPU worker:
+    `device='cpu'`, no CUDA context), from the config of the model it loaded (a
+    config.json dict) or a model name the estimator knows."""
+    from engine.estimator import estimate_run, run_estimate_json
+
+    num_labels = 2
+    if isinstance(model_config, dict):
+        num_labels = max(2, len(model_config.get("id2label") or {}))
+    return run_estimate_json(estimate_run(cfg, model_config, device=device, num_labels=num_labels))
+
+
+def store_device_estimate(url: str, run_id: int, cfg, model_config, device: str) -> None:
+    """Replace the run's stored estimate (made at submit for a CUDA device) by one for
+    this worker's device kind. `estimated_peak_bytes` keeps the submit figure: it is
+    what routed the run and what a requeue routes it by. A model config the
+    estimator cannot read leaves the submit estimate, which says it is for CUDA."""
+    try:
+        est = device_estimate(cfg, model_config, device)
+    except (ValueError, NotImplementedError) as e:
+        log.warning("run %s: no %s estimate (%s: %s); the stored estimate stays the CUDA one from submit",
+                    run_id, device, type(e).__name__, e)
+        return
+
+    def write():
+        with db.transaction(url) as s:
+            run = s.get(db.Run, run_id)
+            if run is not None:
+                run.estimate = db.json_safe(est)
+    with_db_retry(write, what=f"run {run_id}: estimate")
+
+
 def drop_metrics_after(url: str, run_id: int, step: int) -> None:
     """Steps after the checkpoint are trained again on resume: their old rows go."""
     from sqlalchemy import delete
@@ -282,6 +314,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                 result, prep = run_distributed(settings, run_id, cfg, resume, on_step=on_step_dict,
                                                on_checkpoint=on_checkpoint, should_stop=should_stop,
                                                on_ranks=on_ranks, prepare_kwargs=prepare_kwargs)
+                store_device_estimate(url, run_id, cfg, cfg.model, dev)
             else:
                 from engine.data import format_progress
                 shown = [0.0]
@@ -297,6 +330,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
 
                 prep = prepare_run(cfg, on_data_progress=on_data_progress, **prepare_kwargs)
                 beat(n_params=prep.n_params, n_trainable=prep.n_trainable, phase=None)
+                store_device_estimate(url, run_id, cfg, prep.model.config.to_dict(), dev)
                 result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
                                on_checkpoint=on_checkpoint)
         rd = result.to_dict()

@@ -18,7 +18,8 @@ Runs on several devices (DDP or FSDP) get per-device rows. The package:
 `catalog` (configs, GPU presets), `counts` (exact parameter counts),
 `formulas` (shared rows, weights and optimizer bytes), `plans` (which
 activation plan), `saved` (the saved-activation walk), `devices` (per-device
-rows), `estimates` (the public estimate and its cache). See docs/estimator.md
+rows), `estimates` (the public estimate and its cache), `runs` (a run
+config's estimate for the device kind that trains it). See docs/estimator.md
 for the formulas and the measured accuracy (bench/estimator_accuracy.py).
 """
 
@@ -32,14 +33,15 @@ from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FOR
                        OPTIMIZER_ALIASES, OPTIMIZERS, QUANTS, ROWS, TASKS, model_weight_bytes, optimizer_bytes,
                        quant_of)
 from .plans import activation_plan
+from .runs import device_kind, estimate_run, run_estimate_json
 from .saved import model_hidden_states
 
 __all__ = [
     "ATTENTIONS", "CACHE_SIZE", "CATALOG_DIR", "CUDA_CONTEXT_BYTES", "DEVICES", "DTYPE_BYTES", "FORMULAS",
     "FORMULA_TEXT", "GPU_PRESETS", "OPTIMIZERS", "OPTIMIZER_ALIASES", "QUANTS", "ROWS", "STRATEGIES", "TASKS",
     "Estimate", "GatheredUnits", "GiB", "activation_plan", "added_params", "block_params", "catalog_names",
-    "clear_estimate_cache", "count_total_params", "count_trainable", "default_task", "estimate",
-    "estimate_cache_info", "frozen_linear_params", "gathered_units", "gpu_fits", "head_params",
+    "clear_estimate_cache", "count_total_params", "count_trainable", "default_task", "device_kind", "estimate",
+    "estimate_cache_info", "estimate_run", "frozen_linear_params", "gathered_units", "gpu_fits", "head_params",
     "largest_batch_that_fits", "load_model_config", "model_dims", "model_hidden_states", "model_weight_bytes",
-    "optimizer_bytes", "per_device_rows", "quant_of", "smallest_world_size_that_fits",
+    "optimizer_bytes", "per_device_rows", "quant_of", "run_estimate_json", "smallest_world_size_that_fits",
 ]

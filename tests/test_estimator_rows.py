@@ -1,0 +1,108 @@
+"""The estimator row by row against a real training step (engine.measure.step_peak),
+the CPU allocator peak it reports, the estimate a run stores for the kind of device
+of the worker that claims it, and the Compare tab's kind labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.estimator import CUDA_CONTEXT_BYTES, device_kind, estimate, estimate_run
+from engine.measure import AllocatorPeak, prepare_for_measure, step_peak
+
+TINY_RUN = {"name": "tiny", "model": "tiny-bert", "task": "classification",
+            "dataset": {"name": "demo-sentiment", "max_rows": 64},
+            "method": {"name": "lora", "r": 2, "alpha": 4, "target_modules": ["query"]},
+            "training": {"max_steps": 2, "batch_size": 4, "max_seq_len": 16, "eval_every": 0}}
+
+
+def test_allocator_peak_sees_what_is_allocated_and_freed():
+    keep = []
+    with AllocatorPeak() as a:
+        x = torch.empty(1 << 20, dtype=torch.float32)        # 4 MiB
+        y = torch.empty(1 << 19, dtype=torch.float32)        # 2 MiB, both alive: 6 MiB
+        del x
+        keep.append(torch.empty(1 << 18, dtype=torch.float32))   # 1 MiB, kept
+        del y
+    assert a.n_events >= 5
+    assert 6 << 20 <= a.peak < (6 << 20) + (64 << 10)
+    assert a.end == 1 << 20
+
+
+@pytest.mark.parametrize("model,task,method", [
+    ("tiny-llama", "causal_lm", {"name": "lora", "r": 4}),
+    ("tiny-bert", "classification", {"name": "full"}),
+])
+def test_one_real_step_matches_weights_gradients_and_optimizer_rows(model, task, method):
+    prep = prepare_for_measure(model, method, task=task)
+    sp = step_peak(prep, batch_size=2, seq_len=32)
+    est = estimate(model, method, batch_size=2, seq_len=32, task=task, device="cpu").rows
+    assert est["cuda_context"] == 0
+    assert (sp.weights, sp.gradients, sp.optimizer) == (est["weights"], est["gradients"], est["optimizer"])
+    assert sp.peak_kind == "cpu_allocator"
+    # the peak holds the weights and, at the optimizer step, the gradients and both AdamW states
+    assert sp.peak >= sp.live_before + sp.gradients + sp.optimizer
+    assert sp.optimizer == 2 * sp.gradients > 0
+    # and is of the size of the estimate's total (the bench reports how close, per case)
+    assert 0.5 < est["total"] / sp.peak < 2.0
+    assert all(p.grad is None for p in prep.model.parameters())       # the step cleans up after itself
+
+
+def test_device_kind_and_run_estimate_for_each_kind():
+    from engine.config import parse_run_config
+
+    assert device_kind("cuda:NVIDIA H200") == device_kind("cuda") == "cuda"
+    assert device_kind("cpu") == device_kind("mps") == "cpu"
+    cfg = parse_run_config(TINY_RUN)
+    cuda, cpu = estimate_run(cfg, "tiny-bert", device="cuda"), estimate_run(cfg, "tiny-bert", device="cpu")
+    assert cuda.rows["cuda_context"] == CUDA_CONTEXT_BYTES and cpu.rows["cuda_context"] == 0
+    assert cuda.rows["weights"] == cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
+    assert cpu.inputs["device"] == "cpu"
+
+
+@pytest.fixture
+def settings(monkeypatch, tmp_path):
+    from studio.runtime import prepare_database
+    from workers.settings import load_settings
+
+    monkeypatch.setenv("STUDIO_ARTIFACT_URL", (tmp_path / "store").as_uri())
+    s = load_settings()
+    prepare_database(s)
+    return s
+
+
+def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(settings):
+    from studio import charts, compare, service
+    from workers.tasks import device_report, execute_run
+
+    assert device_report()["device"] == "cpu", "this test needs a CPU worker"
+    rid = service.submit_run(settings, TINY_RUN)
+    submitted = service.get_run(settings, rid)
+    assert submitted["estimate"]["rows"]["cuda_context"] == CUDA_CONTEXT_BYTES       # made at submit, for CUDA
+    assert compare.memory_figures(submitted)["estimated_kind"] == "estimated CUDA"
+    assert execute_run(rid, settings) == "succeeded", service.get_run(settings, rid)["error"]
+    run = service.get_run(settings, rid)
+    est = run["estimate"]
+    assert est["device"] == "cpu" and est["rows"]["cuda_context"] == 0
+    assert est["rows"]["total"] == sum(v for k, v in est["rows"].items() if k != "total")
+    assert est["rows"]["total"] < submitted["estimate"]["rows"]["total"] - CUDA_CONTEXT_BYTES // 2
+    assert run["estimated_peak_bytes"] == submitted["estimated_peak_bytes"]     # the routing figure stays
+    fig = compare.memory_figures(run)
+    assert fig == {"estimated": est["rows"]["total"], "estimated_kind": "estimated CPU",
+                   "measured": run["measured_peak_bytes"], "measured_kind": "measured CPU RSS"}
+    row = compare.comparison_row(run)
+    col = compare.TABLE_COLUMNS.index
+    assert row[col("estimated for")] == "estimated CPU"
+    assert row[col("est. peak GiB")] == round(est["rows"]["total"] / compare.GIB, 4)
+
+    # beside a run measured on CUDA, each figure is its own series, named by its kind
+    gpu_run = {**run, "id": rid + 1, "estimate": {**est, "device": "cuda"}, "memory_kind": "cuda_max_allocated"}
+    mem = [compare.memory_figures(r) for r in (run, gpu_run)]
+    chart = charts.memory_compare(["a", "b"], [m["estimated"] for m in mem], [m["measured"] for m in mem],
+                                  estimated_kinds=[m["estimated_kind"] for m in mem],
+                                  measured_kinds=[m["measured_kind"] for m in mem])
+    series = {t.name: list(t.y) for t in chart.data}
+    assert set(series) == {"estimated CPU", "estimated CUDA", "measured CPU RSS", "measured CUDA"}
+    assert series["estimated CPU"][1] is None and series["estimated CUDA"][0] is None
+    assert series["measured CPU RSS"][1] is None and series["measured CUDA"][0] is None
+    assert series["measured CPU RSS"][0] == pytest.approx(run["measured_peak_bytes"] / compare.GIB)
