@@ -41,10 +41,30 @@ def loss_curves(series: dict[str, list[dict]], x: str = "step", y: str = "loss",
     return fig
 
 
+def task_names(rows: list[dict], metric: str) -> list[str]:
+    """Tasks of a multi-task run whose evaluations carry `eval/<task>/<metric>`, in first-seen order."""
+    out: list[str] = []
+    for r in rows:
+        for k in (r.get("eval") or {}):
+            if k.startswith("eval/") and k.endswith(f"/{metric}") and k.count("/") >= 2:
+                task = k[len("eval/"):-len(metric) - 1]
+                if task not in out:
+                    out.append(task)
+    return out
+
+
 def eval_curves(series: dict[str, list[dict]], metric: str, x: str = "step",
                 xlabel: Optional[str] = None) -> go.Figure:
-    flat = {label: [{x: r.get(x), metric: (r.get("eval") or {}).get(metric)} for r in rows if r.get("eval")]
-            for label, rows in series.items()}
+    """One line per run; a multi-task run also gets one line per task (`<run> · <task>`),
+    its own line being the average over tasks."""
+    flat = {}
+    for label, rows in series.items():
+        tasks = task_names(rows, metric)
+        flat[f"{label} · average" if tasks else label] = [{x: r.get(x), metric: (r.get("eval") or {}).get(metric)}
+                                                          for r in rows if r.get("eval")]
+        for task in tasks:
+            flat[f"{label} · {task}"] = [{x: r.get(x), metric: r["eval"].get(f"eval/{task}/{metric}")}
+                                         for r in rows if r.get("eval")]
     return loss_curves(flat, x=x, y=metric, title=f"Validation {metric}", xlabel=xlabel)
 
 

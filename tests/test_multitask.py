@@ -243,3 +243,28 @@ def test_worker_run_records_per_task_metrics_and_their_average(monkeypatch, tmp_
     outside = two_tasks(tmp_path / "elsewhere.csv", {"name": "lora"})
     with pytest.raises(service.SubmitError, match=r"dataset\.tasks\.1\.path"):
         service.submit_run(settings, outside)
+
+
+# ------------------------------------------------------------------ the studio's side
+
+def test_launch_form_adds_datasets_as_tasks_and_charts_show_each_task():
+    from studio import charts
+    from studio.ui.forms import add_task, build_config, form_from_config
+
+    form = {"run_name": "", "model": "tiny-bert", "task": "classification", "method": "lora", "ds_source": "bundled",
+            "ds_name": "demo-sentiment", "max_rows": 40, "max_steps": 5, "batch": 4, "lr": 1e-3, "seq": 16,
+            "eval_every": 2, "seed": 0, "r": 4, "alpha": 8, "target_modules": "query, value"}
+    text = add_task("", form, "sent")
+    text = add_task(text, {**form, "ds_source": "upload", "upload_path": "upload:ab/topics v2.csv",
+                           "text_col": "sentence", "label_col": "topic", "max_rows": 0})
+    cfg = parse_run_config(build_config({**form, "tasks_yaml": text, "temperature": 4}))
+    assert cfg.dataset.task_names == ["sent", "topics-v2"] and cfg.dataset.temperature == 4
+    assert cfg.dataset.tasks[1].label_column == "topic" and cfg.dataset.tasks[0].max_rows == 40
+    back = form_from_config(cfg.to_dict())
+    assert parse_run_config(build_config({**form, **back})).dataset == cfg.dataset      # clone into Launch
+    assert "tasks" not in build_config(form)["dataset"]                                 # empty box: one dataset
+    rows = [{"step": 2, "eval": {"eval/sent/accuracy": 0.5, "eval/topics-v2/accuracy": 0.7, "accuracy": 0.6}},
+            {"step": 4, "eval": {"eval/sent/accuracy": 0.6, "eval/topics-v2/accuracy": 0.8, "accuracy": 0.7}}]
+    fig = charts.eval_curves({"run 1": rows}, "accuracy")
+    lines = {t.name: list(t.y) for t in fig.data}
+    assert lines == {"run 1 · average": [0.6, 0.7], "run 1 · sent": [0.5, 0.6], "run 1 · topics-v2": [0.7, 0.8]}

@@ -97,7 +97,8 @@ def run_status_md(run: dict, metrics: list[dict]) -> str:
     last = metrics[-1] if metrics else {}
     evals = [m for m in metrics if m.get("eval")]
     last_eval = evals[-1]["eval"] if evals else {}
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, (int, float)) and k != "eval_rows")
+    ev = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()   # tasks: eval/<task>/...
+                   if isinstance(v, (int, float)) and not k.endswith("eval_rows"))
     if ev and last_eval.get("eval_rows"):
         ev = f"{ev} (on {int(last_eval['eval_rows']):,} rows)"
     loss = last.get("loss")
