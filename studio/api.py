@@ -88,9 +88,10 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         return None if u is None or is_admin(u) else u
 
     def load_run_for(run_id: int, u: Optional[str]) -> dict:
-        # fuzzing: an id beyond a 64-bit SQL integer (or <= 0) can name no run; without this
-        # check SQLite raised OverflowError (a 500) for /runs/9223372036854775808
-        if not 0 < run_id < 2**63:
+        # fuzzing: an id beyond the runs.id column (or <= 0) can name no run; without this
+        # check SQLite raised OverflowError (a 500) for /runs/9223372036854775808, and
+        # PostgreSQL, whose INTEGER is 32-bit, "integer out of range" (a 500) for /runs/2**40
+        if not 0 < run_id < 2**31:
             raise HTTPException(404, f"run_id: run {run_id} not found")
         try:
             run = service.get_run(settings, run_id)
@@ -167,7 +168,9 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     @api.get("/runs/{run_id}/metrics")
     def metrics(run_id: int, after_step: int = Query(0, ge=0, lt=2**63), u: Optional[str] = Depends(user)) -> list[dict]:
         load_run_for(run_id, u)
-        return service.get_metrics(settings, run_id, after_step)
+        # metrics.step is an INTEGER column (32-bit on PostgreSQL: a larger bound was a 500);
+        # no step is larger, so the clamped bound answers the same
+        return service.get_metrics(settings, run_id, min(after_step, 2**31 - 1))
 
     @api.get("/runs/{run_id}/adapter", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})

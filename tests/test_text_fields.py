@@ -130,3 +130,21 @@ def test_prose_fields_may_hold_tab_and_newline_but_nothing_else():
         cfg["method"]["init_text"] = f"Classify{ch}"
         with pytest.raises(ConfigError, match=r"^method\.init_text: contains "):
             parse_run_config(cfg)
+
+
+def test_large_numbers_behave_alike(api):
+    """Integers at their limits: PostgreSQL's INTEGER is 32-bit where SQLite's is 64-bit."""
+    r = api.post("/runs", json=with_value("training.max_steps", 10_000_000))   # the config's limit
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    assert api.get(f"/runs/{rid}").json()["max_steps"] == 10_000_000
+    for field, value in (("training.max_steps", 10_000_001), ("method.r", 2**31), ("training.seed", 2**64)):
+        r = api.post("/runs", json=with_value(field, value))
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: "), (field, r.text)
+    for path in (f"/runs/{2**40}", f"/runs/{2**63 - 1}", f"/runs/{2**40}/metrics",
+                 f"/runs/{rid}/metrics?after_step={2**63 - 1}"):
+        r = api.get(path)
+        assert r.status_code in (200, 404), (path, r.status_code, r.text)
+    assert api.get(f"/runs/{rid}/metrics", params={"after_step": 2**40}).json() == []
+    r = api.post(f"/runs/{rid}/priority", json={"priority": 2**40})
+    assert r.status_code == 422, r.text
