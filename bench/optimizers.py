@@ -7,15 +7,24 @@ case: the final loss (mean of the last 5 steps) of each and their ratio (target
 over the run's trainable parameters and their ratio (target <= 0.3), and the median
 step time after the first 2 steps.
 
-    .venv/bin/python bench/optimizers.py [--steps 200] [--cases lora,full]
+Each (case, optimizer) training runs in its own child process; `--jobs` of them at
+once (default 1), each with `--threads` torch threads. On a shared machine the
+four runs side by side finish sooner than one after the other; their step times
+are then measured under the same load and compare with each other, not with a
+quiet machine. Every child reports its progress every 20 steps on stderr.
+
+    .venv/bin/python bench/optimizers.py [--steps 200] [--cases lora,full] [--jobs 4 --threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +54,13 @@ def run(method: dict, lr: float, optimizer: str, steps: int, seq: int, batch: in
                      "eval_every": 0, "eval_batches": 1, "precision": "fp32", "warmup_steps": min(10, steps // 10),
                      "optimizer": optimizer}})
     prep = prepare_run(cfg)
-    res = train(prep)
+    t0 = time.perf_counter()
+
+    def progress(m) -> None:
+        if m.step % 20 == 0 or m.step == steps:
+            print(f"[{method['name']} {optimizer}] step {m.step}/{steps} loss {m.loss:.4f} "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    res = train(prep, on_step=progress)
     losses = [h["loss"] for h in res.history]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(res.history, res.history[1:])][1:]
     params = [p for p in prep.model.parameters() if p.requires_grad]     # state bytes on the optimizer object
@@ -57,27 +72,100 @@ def run(method: dict, lr: float, optimizer: str, steps: int, seq: int, batch: in
             "step_s": statistics.median(times) if times else float("nan"), "n_trainable": res.n_trainable}
 
 
+def child(case: str, optimizer: str, a) -> None:
+    """Runs in its own process: one training, its figures as JSON on the last stdout line."""
+    torch.set_num_threads(a.threads)
+    method, lr = CASES[case]
+    print(json.dumps(run(method, lr, optimizer, a.steps, a.seq, a.batch)), flush=True)
+
+
+def last_progress(log: Path) -> str:
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.startswith("[")] if log.exists() else []
+    return lines[-1] if lines else "no step finished"
+
+
+def run_all(a) -> dict:
+    """{(case, optimizer): figures} from child processes, `a.jobs` at a time. A run
+    still going after `a.deadline` seconds is stopped; its entry then says how far it got."""
+    import tempfile
+    logs = Path(tempfile.mkdtemp(prefix="bench-optimizers-"))
+    start = time.perf_counter()
+    todo = [(case, opt) for case in a.cases.split(",") for opt in ("adamw", "adamw_8bit")]
+    for case, _ in todo:
+        if case not in CASES:
+            sys.exit(f"--cases: unknown {case!r}; choose from {', '.join(CASES)}")
+    running: dict = {}
+    results: dict = {}
+    def overdue() -> bool:
+        return a.deadline is not None and time.perf_counter() - start > a.deadline
+
+    while running or (todo and not overdue()):
+        while todo and len(running) < a.jobs and not overdue():
+            key = todo.pop(0)
+            cmd = [sys.executable, __file__, "--child", *key, "--steps", str(a.steps), "--seq", str(a.seq),
+                   "--batch", str(a.batch), "--threads", str(a.threads)]
+            log = logs / f"{key[0]}-{key[1]}.log"
+            running[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True), log)
+        time.sleep(1)
+        late = overdue()
+        for key, (proc, log) in list(running.items()):
+            if proc.poll() is None and late:
+                proc.kill()
+                proc.wait()
+                del running[key]
+                results[key] = {"unfinished": f"stopped after {a.deadline:.0f} s: {last_progress(log)}"}
+                continue
+            if proc.poll() is None:
+                continue
+            out = proc.stdout.read().strip().splitlines()
+            del running[key]
+            if proc.returncode != 0 or not out:
+                sys.exit(f"the {key[0]} / {key[1]} run failed (exit {proc.returncode}):\n"
+                         f"{log.read_text(errors='replace')[-3000:]}")
+            results[key] = json.loads(out[-1])
+            print(f"done: {key[0]} {key[1]} after {time.perf_counter() - start:.0f} s", flush=True)
+    for key in todo:
+        results[key] = {"unfinished": "not started before the deadline"}
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--cases", default="lora,full")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (child processes)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per training "
+                    "(default: the CPU count divided by --jobs)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds after which unfinished runs are "
+                    "stopped and reported as such (default: none)")
+    ap.add_argument("--child", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-optimizers.md")
     a = ap.parse_args()
+    a.threads = a.threads or max(1, (os.cpu_count() or 1) // max(1, a.jobs))
+    if a.child:
+        child(*a.child, a)
+        return 0
     st = Stamp("bench/optimizers.py")
     print(st.header())
+    t0 = time.perf_counter()
+    results = run_all(a)
     st.say(f"smollm2-135m causal LM on demo-instruct, {a.steps} steps, batch {a.batch} x {a.seq} tokens, fp32, "
-           f"{torch.get_num_threads()} threads, linear schedule; final loss = mean of the last 5 steps")
+           f"linear schedule; final loss = mean of the last 5 steps. {len(results)} trainings in child processes, "
+           f"{a.jobs} at a time with {a.threads} torch thread(s) each, {time.perf_counter() - t0:.0f} s in all")
     st.say()
     st.say("| case | trainable | final loss adamw | final loss 8-bit | ratio (<= 1.01) | state adamw | "
           "state 8-bit | ratio (<= 0.3) | step adamw (s) | step 8-bit (s) |")
     st.say("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for case in a.cases.split(","):
-        method, lr = CASES[case]
-        ref = run(method, lr, "adamw", a.steps, a.seq, a.batch)
-        q8 = run(method, lr, "adamw_8bit", a.steps, a.seq, a.batch)
+        ref, q8 = results[(case, "adamw")], results[(case, "adamw_8bit")]
+        if "unfinished" in ref or "unfinished" in q8:
+            ok = False
+            st.say(f"| {case} | NOT FINISHED: adamw {ref.get('unfinished', 'finished')}; adamw_8bit "
+                   f"{q8.get('unfinished', 'finished')} |||||||||")
+            continue
         lr_ratio, st_ratio = q8["final"] / ref["final"], q8["state"] / ref["state"]
         ok &= lr_ratio <= 1.01 and st_ratio <= 0.3
         st.say(f"| {case} | {ref['n_trainable']:,} | {ref['final']:.4f} | {q8['final']:.4f} | {lr_ratio:.4f} | "
