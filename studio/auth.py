@@ -3,8 +3,10 @@ STUDIO_USERS_FILE (one `name:password` or `name:sha256:<hex>` per line);
 STUDIO_ADMINS names admins (comma-separated). With no users, login is off and
 the studio only serves on loopback addresses unless explicitly overridden.
 
-The UI uses Gradio's login page; the REST API takes HTTP Basic credentials.
-Failed attempts are rate limited per user name and client address."""
+The UI uses Gradio's login page; the REST API takes HTTP Basic credentials on
+every route, its documents included (`RequireLogin`, in front of the whole /api
+app); only /api/live, which reveals nothing, answers without. Failed attempts are
+rate limited per user name and client address."""
 
 from __future__ import annotations
 
