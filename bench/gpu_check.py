@@ -22,8 +22,13 @@ Sections, each on `--device` (default cuda) with bf16 autocast, as a run with
    and a short real run (engine.train.train, `precision: bf16`) with its own
    reported peak.
 
-    .venv/bin/python bench/gpu_check.py              # CUDA: writes bench/RESULTS-gpu.md
+    .venv/bin/python bench/gpu_check.py              # CUDA: writes bench/RESULTS-gpu.md (make gpu-check)
     .venv/bin/python bench/gpu_check.py --dry-run    # CPU, tiny random Llama, temp output
+
+On the GPU machine: a CUDA build of torch (pyproject pins the version; the wheel on
+our CPU machines is the CPU one), peft, and optionally bitsandbytes. One broken
+section or method is reported as FAILED in the file and the rest still run; the
+exit status is 1 when anything failed.
 
 `--dry-run` runs the same functions on the CPU with the random `tiny-llama`, tiny
 shapes and few steps; max_memory_allocated is replaced by the CPU measure of
