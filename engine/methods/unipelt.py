@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -156,7 +157,9 @@ class GatedLoraLinear(LoraLinear):
         y = self.base_layer(x)
         dt = self.lora_A.weight.dtype
         xc = x if x.dtype == dt else x.to(dt)
-        return y + (self.gate(xc) * self.lora_out(xc)).to(y.dtype)
+        # G * B(a) = B(G * a): gating the r-wide activation keeps only r-wide tensors for backward
+        a = self.lora_A(self.lora_dropout(xc)) * self.scaling
+        return y + self.lora_B(self.gate(xc) * a).to(y.dtype)
 
     def merge(self) -> None:
         raise ValueError("method.name: unipelt's gated LoRA depends on the input and cannot be merged")
@@ -174,7 +177,11 @@ class GatedSerialAdapter(SerialAdapter):
 
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
-        return y + self.gate(y) * self.adapter(y)
+        ad, g = self.adapter, self.gate(y)
+        # G * up(h) = W_up (G * h) + G * b_up: the gate meets the bottleneck-wide h, so backward
+        # keeps bottleneck-wide tensors rather than another hidden-wide one
+        h = ad.act(ad.down(y))
+        return y + F.linear(g * h, ad.up.weight) + g * ad.up.bias
 
 
 def make_prefix_gate_hook(layer: int):
