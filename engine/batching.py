@@ -76,6 +76,7 @@ class ArrowRows:
         self.map = ds._indices.column(0).to_numpy() if ds._indices is not None else None
         self.causal = "n_masked" in ds.column_names
         self._lengths = None
+        self._batches, self._starts = None, None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -88,10 +89,27 @@ class ArrowRows:
         return self._lengths
 
     def take(self, idx: np.ndarray):
+        """Rows `idx` as a small in-memory table, in that order. Each row is taken from
+        the record batch that holds it: Arrow's take on a chunked column first joins
+        all of its chunks, which would read (and copy) the whole column every batch."""
         import pyarrow as pa
 
         idx = np.asarray(idx, dtype=np.int64)
-        return self.table.take(pa.array(self.map[idx] if self.map is not None else idx))
+        rows = self.map[idx] if self.map is not None else idx
+        if self._batches is None:
+            self._batches = self.table.to_batches()
+            self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        chunk = np.searchsorted(self._starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        parts, lo = [], 0
+        for k, n in zip(*np.unique(chunk[order], return_counts=True)):
+            sel = order[lo:lo + n]
+            parts.append(self._batches[k].take(pa.array(rows[sel] - self._starts[k])))
+            lo += n
+        got = pa.Table.from_batches(parts, schema=self.table.schema).combine_chunks()
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return got.take(pa.array(back))
 
     def batch(self, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
         """Rows `idx`, right-padded: input_ids, attention_mask, labels (as `collate`)."""

@@ -154,6 +154,9 @@ def read_dataset(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, cache_
                         f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
     if len(ds) == 0:
         raise DataError(f"dataset.path: {name} has no rows")
+    from .arrow_io import release_pages
+
+    release_pages(ds)     # datasets read every batch of its new Arrow file: see engine.arrow_io
     return ds
 
 
@@ -356,7 +359,9 @@ def _resolve_columns(ds_cfg, task: str, present: list[str], meta: Optional[dict]
     }
 
 
-def _map_rows(ds, task: str, cols: dict, where: str):
+def _map_rows(ds, task: str, cols: dict, where: str, out: Path):
+    """The source's rows mapped onto the task's columns (engine.data._mapper), written
+    to the Arrow stream file `out` and memory-mapped."""
     present = ds.column_names
     if task == "classification":
         _require_columns(present, {"text_column": cols["text_column"], "label_column": cols["label_column"]}, where)
@@ -367,18 +372,28 @@ def _map_rows(ds, task: str, cols: dict, where: str):
         _require_columns(present, {"text_column": cols["text_column"]}, where)
     from datasets import Features, Value
 
+    from .arrow_io import StreamWriter, stream_batches
+
     names = (["text", "label"] if task == "classification" else
              ["prompt", "response"] if (cols["prompt_column"] or cols["response_column"]) else ["text"])
-    out = ds.with_format("arrow").map(_mapper(task, cols, where), batched=True, batch_size=50_000,
-                                      with_indices=True, remove_columns=present, new_fingerprint="mapped",
-                                      features=Features({n: Value("string") for n in names}), load_from_cache_file=False)
-    return out.with_format(None)
+    import pyarrow as pa
+
+    f, at = _mapper(task, cols, where), 0
+    # a scan by plain reads, one block of rows at a time (engine.arrow_io)
+    with StreamWriter(out, Features({n: Value("string") for n in names})) as w:
+        for b in stream_batches(ds, 50_000):
+            for rb in f(pa.Table.from_batches([b]), range(at, at + b.num_rows)).to_batches():
+                w.write(rb)
+            at += b.num_rows
+    return open_arrow(out)
 
 
 def write_arrow(ds, path: Path, rows: Optional[np.ndarray] = None) -> None:
     """Rows `rows` (default: all) of a dataset as one Arrow stream file (the format
     `datasets.Dataset.from_file` memory-maps), copied by pyarrow in blocks."""
     import pyarrow as pa
+
+    from .arrow_io import release_pages
 
     table = ds.data.table
     base = ds._indices.column(0).to_numpy() if ds._indices is not None else None
@@ -392,15 +407,26 @@ def write_arrow(ds, path: Path, rows: Optional[np.ndarray] = None) -> None:
             for batch in table.to_batches(max_chunksize=65_536):
                 w.write_batch(batch)
         else:
-            for lo in range(0, len(rows), 65_536):
+            for k, lo in enumerate(range(0, len(rows), 65_536)):
                 w.write_table(table.take(pa.array(rows[lo:lo + 65_536])))
+                if k % 8 == 7:
+                    release_pages(ds)
+    release_pages(ds)
 
 
-def open_arrow(path: Path):
-    """A memory-mapped dataset over an Arrow stream file written by write_arrow."""
+def open_arrow(path: Path, in_memory: bool = False):
+    """A memory-mapped dataset over an Arrow stream file written by write_arrow (or
+    read into memory). Opening reads every record batch, which faults in all of the
+    file's pages: they are released at once (engine.arrow_io), so the process holds
+    only the pages of the rows it later touches."""
     from datasets import Dataset
 
-    return Dataset.from_file(str(path))
+    from .arrow_io import release_pages
+
+    ds = Dataset.from_file(str(path), in_memory=in_memory)
+    if not in_memory:
+        release_pages(ds)
+    return ds
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -471,12 +497,12 @@ def load_examples(ds_cfg, task: str, *, max_bytes: int = DEFAULT_MAX_BYTES, seed
             on_progress("reading", 0, 0)
         raw = read_dataset(path, max_bytes=max_bytes, cache_dir=tmp / "hf")
         cols = _resolve_columns(ds_cfg, task, raw.column_names, meta)
-        mapped = _map_rows(raw, task, cols, where)
+        mapped = _map_rows(raw, task, cols, where, tmp / "mapped-train.arrow")
         train_rows = val_rows = None
         if vpath is not None:
             train = mapped
             val = _map_rows(read_dataset(vpath, max_bytes=max_bytes, cache_dir=tmp / "hf"), task, cols,
-                            vpath.name if meta is None else where)
+                            vpath.name if meta is None else where, tmp / "mapped-validation.arrow")
         else:
             n = len(mapped)
             idx = list(range(n))

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import CACHE_VERSION, DataError, DataProgress, Examples, _publish_dir, default_cache_dir, open_arrow, \
-    write_arrow
+import numpy as np
+
+from .arrow_io import StreamWriter, release_pages, stream_batches
+from .data import CACHE_VERSION, DataError, DataProgress, Examples, _publish_dir, default_cache_dir, open_arrow
 
 PARALLEL_MIN_ROWS = 100_000      # fewer rows tokenize faster in one process than pools start
 CHUNK_ROWS = 250_000             # progress is reported (and map called) per chunk of rows
@@ -182,30 +184,71 @@ class _Progress:
             self.bar.close()
 
 
-def _tokenize_split(ds, fn, features, prog: _Progress, stage: str, work: Optional[Path]):
-    from datasets import concatenate_datasets
+ENCODE_ROWS = 1000               # rows per encoder call and per written record batch
 
-    n = len(ds)
-    parts = []
-    for lo in range(0, n, CHUNK_ROWS):
-        part = ds.select(range(lo, min(n, lo + CHUNK_ROWS))) if n > CHUNK_ROWS else ds
-        procs = _workers(len(part))
-        single = procs is None
 
-        def counted(batch, _fn=fn):
-            out = _fn(batch)
-            if single:
-                prog.add(len(out["length"]), stage)
-            return out
-        parts.append(part.map(counted, batched=True, batch_size=1000, num_proc=procs,
-                              remove_columns=ds.column_names, features=features, load_from_cache_file=False,
-                              new_fingerprint=f"{stage}-{lo}",
-                              keep_in_memory=work is None,
-                              cache_file_name=str(work / f"{stage}-{lo}.arrow") if work else None, desc=stage))
-        if not single:
-            prog.add(len(part), stage)
+def _to_batch(out: dict, schema):
+    """An encoder's output (lists) as one record batch of `schema`, built from flat
+    numpy arrays (no per-token Python objects kept)."""
+    import itertools
+
+    import pyarrow as pa
+
+    ids = out["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    id_type = schema.field("input_ids").type.value_type
+    values = np.fromiter(itertools.chain.from_iterable(ids), dtype=id_type.to_pandas_dtype(), count=int(offsets[-1]))
+    cols = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=id_type))}
+    for name in schema.names[1:]:
+        cols[name] = pa.array(out[name], type=schema.field(name).type)
+    return pa.RecordBatch.from_pydict(cols, schema=schema)
+
+
+def _encode_range(ds, fn, writer, lo: int, hi: int, on_rows=None) -> None:
+    """Rows [lo, hi) of `ds`, encoded and written batch by batch (plain reads of the
+    source: its pages never stay in this process's RSS)."""
+    for b in stream_batches(ds, ENCODE_ROWS, lo, hi):
+        writer.write(_to_batch(fn(b.to_pydict()), writer.schema))
+        if on_rows:
+            on_rows(b.num_rows)
+
+
+_JOB: dict = {}     # what a forked tokenizing process works on (set before the pool forks)
+
+
+def _encode_part(span: tuple[int, int]) -> str:
+    lo, hi = span
+    path = Path(_JOB["dir"]) / f"part-{lo}.arrow"
+    with StreamWriter(path, _JOB["features"]) as w:
+        _encode_range(_JOB["ds"], _JOB["fn"], w, lo, hi)
+    return str(path)
+
+
+def _tokenize_split(ds, fn, features, prog: _Progress, stage: str, path: Path, procs: Optional[int] = None) -> None:
+    """Tokenize `ds` into the Arrow stream file `path`: in this process, or with
+    `procs` forked processes (default: as the machine's cores allow) each encoding a
+    chunk of CHUNK_ROWS rows into a part file that is appended in order."""
+    n, chunk = len(ds), CHUNK_ROWS
+    procs = _workers(n) if procs is None else procs
+    with StreamWriter(path, features) as w:
+        if not procs or procs < 2 or n <= chunk:
+            _encode_range(ds, fn, w, 0, n, on_rows=lambda k: prog.add(k, stage))
+        else:
+            import multiprocessing as mp
+
+            _JOB.update(ds=ds, fn=fn, features=features, dir=str(path.parent))
+            try:
+                spans = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+                with mp.get_context("fork").Pool(procs) as pool:
+                    for (lo, hi), part in zip(spans, pool.imap(_encode_part, spans)):
+                        w.append_file(Path(part))
+                        os.unlink(part)
+                        prog.add(hi - lo, stage)
+            finally:
+                _JOB.clear()
     prog.add(0, stage, force=True)
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def tokens_key(examples: Examples, tok, max_len: int) -> Optional[str]:
@@ -217,7 +260,8 @@ def tokens_key(examples: Examples, tok, max_len: int) -> Optional[str]:
 
 
 def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optional[Path] = None,
-                      on_progress: Optional[DataProgress] = None, progress: bool = False) -> Tokenized:
+                      on_progress: Optional[DataProgress] = None, progress: bool = False,
+                      procs: Optional[int] = None) -> Tokenized:
     """Tokenized train / validation datasets for `examples`, from the cache when the
     same data, tokenizer and max length were tokenized before. `on_progress` gets
     (stage, rows done, rows in all); `progress` also draws a tqdm bar (rows/s)."""
@@ -234,28 +278,30 @@ def tokenize_examples(examples: Examples, tok, max_len: int, *, cache_dir: Optio
     final = cache / "tokens" / key if key else None
     if final is not None and (final / "meta.json").exists() and (final / "validation.arrow").exists():
         return Tokenized(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"), pad_id, key)
-    tmp = None
     if final is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=cache))
+    # the files are written in a temporary folder: the cache entry appears whole or not at all;
+    # without a fingerprint (plain rows from a caller) nothing is cached and the folder is
+    # removed once they are read into memory
+    tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=cache if final is not None else None))
     n_val = len(val) if val is not None else 0
     prog = _Progress(len(train) + n_val, on_progress, progress)
     try:
         fn = _encoder(tok, task, max_len, {name: i for i, name in enumerate(examples.labels)})
         feats = _features(task, len(tok))
-        tr = _tokenize_split(train, fn, feats, prog, "train", tmp)
-        va = _tokenize_split(val, fn, feats, prog, "validation", tmp) if n_val else \
-            tr.select([]).flatten_indices(keep_in_memory=True)
-        if final is None:    # plain rows from a caller: no fingerprint, nothing to cache
-            return Tokenized(task, tr, va, pad_id, None)
         out = tmp / "entry"
-        write_arrow(tr, out / "train.arrow")
-        write_arrow(va, out / "validation.arrow")
-        (out / "meta.json").write_text(json.dumps({"rows": [len(tr), len(va)], "max_len": max_len}))
-        del tr, va
+        _tokenize_split(train, fn, feats, prog, "train", out / "train.arrow", procs)
+        if n_val:
+            _tokenize_split(val, fn, feats, prog, "validation", out / "validation.arrow", procs)
+        else:
+            StreamWriter(out / "validation.arrow", feats).close()
+        release_pages(train, val)
+        if final is None:
+            return Tokenized(task, open_arrow(out / "train.arrow", in_memory=True),
+                             open_arrow(out / "validation.arrow", in_memory=True), pad_id, None)
+        (out / "meta.json").write_text(json.dumps({"rows": [len(train), n_val], "max_len": max_len}))
         _publish_dir(out, final)
     finally:
         prog.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return Tokenized(task, open_arrow(final / "train.arrow"), open_arrow(final / "validation.arrow"), pad_id, key)
