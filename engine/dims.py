@@ -39,6 +39,7 @@ class ModelDims:
     type_vocab_size: int = 0       # BERT token types
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False         # q/k/v with a bias, o without (Qwen2, whose config has no flag for it)
     norm: str = "rmsnorm"          # "rmsnorm" (weight only) | "layernorm" (weight + bias)
     arch: Optional[Arch] = None
     num_labels: int = 2            # classification head width
@@ -53,10 +54,11 @@ class ModelDims:
         if self.family == "llama":
             q_out = self.num_heads * self.head_dim
             ab, mb = self.attention_bias, self.mlp_bias
+            qkv = ab or self.qkv_bias
             return [
-                LinearShape("q_proj", "self_attn.q_proj", h, q_out, ab),
-                LinearShape("k_proj", "self_attn.k_proj", h, self.kv_dim, ab),
-                LinearShape("v_proj", "self_attn.v_proj", h, self.kv_dim, ab),
+                LinearShape("q_proj", "self_attn.q_proj", h, q_out, qkv),
+                LinearShape("k_proj", "self_attn.k_proj", h, self.kv_dim, qkv),
+                LinearShape("v_proj", "self_attn.v_proj", h, self.kv_dim, qkv),
                 LinearShape("o_proj", "self_attn.o_proj", q_out, h, ab),
                 LinearShape("gate_proj", "mlp.gate_proj", h, i, mb),
                 LinearShape("up_proj", "mlp.up_proj", h, i, mb),
@@ -105,7 +107,7 @@ def dims_from_config(cfg: dict) -> ModelDims:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
-            norm="rmsnorm", arch=arch)
+            qkv_bias=mt == "qwen2", norm="rmsnorm", arch=arch)
     return ModelDims(
         family="bert", model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
         num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads, head_dim=h // heads,

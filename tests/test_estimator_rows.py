@@ -106,3 +106,18 @@ def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(setti
     assert series["estimated CPU"][1] is None and series["estimated CUDA"][0] is None
     assert series["measured CPU RSS"][1] is None and series["measured CUDA"][0] is None
     assert series["measured CPU RSS"][0] == pytest.approx(run["measured_peak_bytes"] / compare.GIB)
+
+
+def test_qwen2_counts_its_qkv_biases():
+    """Qwen2 builds q/k/v with a bias and o without, with no config flag saying so (found by the
+    held-out grid, bench/RESULTS-estimator-heldout.md): parameters and BitFit's trainable biases are exact."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from engine.estimator import count_total_params
+
+    cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=128,
+                      num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert count_total_params(cfg.to_dict(), "causal_lm") == sum(p.numel() for p in model.parameters())
+    est = estimate(cfg.to_dict(), {"name": "bitfit"}, batch_size=1, seq_len=8, task="causal_lm", device="cpu")
+    assert est.n_trainable == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias")) == 2 * 96
