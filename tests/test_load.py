@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Studio, studio_env
+from conftest import Studio, studio_env, wait_workers
 
 N_RUNS = 6
 
@@ -29,6 +29,9 @@ def test_runs_queued_at_once_on_two_workers_finish_exactly_once(tmp_path, pg_url
         s.start_worker("w1@load")
         s.start_worker("w2@load")
         with s.client() as c:
+            # both workers are listening before the runs go out: each claims one run at a time
+            # (prefetch 1, solo pool), so both must get some
+            wait_workers(c, s, at_least=2)
             ids = []
             for i in range(N_RUNS):
                 r = c.post("/api/runs", json=run_config(i))
@@ -49,7 +52,8 @@ def test_runs_queued_at_once_on_two_workers_finish_exactly_once(tmp_path, pg_url
                 metric_steps = [m["step"] for m in c.get(f"/api/runs/{rid}/metrics").json()]
                 assert metric_steps == list(range(1, steps + 1)), metric_steps   # no step written twice
                 assert c.get(f"/api/runs/{rid}/adapter").status_code == 200
-            # only our workers trained (which one took how many depends on timing: not asserted)
-            assert {runs[rid]["worker_host"] for rid in ids} <= {"w1@load", "w2@load"}
+            # both workers trained, and nothing else did (how many each took depends on timing)
+            hosts = [runs[rid]["worker_host"] for rid in ids]
+            assert set(hosts) == {"w1@load", "w2@load"}, hosts
     finally:
         s.stop()
