@@ -42,7 +42,14 @@ def test_controls_come_from_each_methods_config_class():
     assert forms.field_default("adalora", "alpha") == 32.0 and forms.field_default("lora", "alpha") == 16.0
     assert forms.field_default("lora", "target_modules", "smollm2-135m") == "q_proj,v_proj"
     assert forms.field_choices("lora", "init") == ["kaiming", "gaussian", "pissa"]
-    assert "rank" not in forms.method_help("lora") or "Hu et al." in forms.method_help("lora")
+    # each method's help is its own spec's words: what it trains, whether it merges, and its paper
+    for name, spec in METHODS.items():
+        text = forms.method_help(name)
+        assert spec.summary in text and spec.trains in text and spec.paper in text, name
+        assert ("mergeable into the base weights" in text) is spec.mergeable, name
+        assert ("not mergeable" in text) is (not spec.mergeable), name
+    assert "Hu et al." in forms.method_help("lora") and "not mergeable" in forms.method_help("prompt_tuning")
+    assert forms.method_help("no-such-method") == ""
 
 
 def test_first_load_is_a_real_model_on_real_data_with_lora():
