@@ -3,6 +3,7 @@ PostgreSQL), and the real local services. Nothing here mocks the parts under tes
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -32,6 +33,16 @@ def _isolated_data_dir(tmp_path, monkeypatch):
     for var in ("STUDIO_DATABASE_URL", "STUDIO_BROKER_URL", "STUDIO_USERS", "STUDIO_USERS_FILE", "STUDIO_ADMINS"):
         monkeypatch.delenv(var, raising=False)
     yield
+
+
+def require(module: str):
+    """Import a test dependency (pyproject's `test` extra, or a product dependency). Missing,
+    the test fails and says how to install it: it never turns into a skip."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"test dependency {module!r} is not installed ({e}); run `make install-dev` "
+                    f"(pip install -e '.[test]')", pytrace=False)
 
 
 def free_port() -> int:
@@ -150,7 +161,7 @@ def studio(tmp_path):
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database on the local server, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = require("psycopg")
     name = f"studio_test_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
@@ -172,7 +183,7 @@ def pg_url():
 def fresh_redis(db: int):
     """Yield the URL of Redis database `db`, emptied before and after (a fixture's body);
     fails the test when Redis is not reachable."""
-    redis = pytest.importorskip("redis")
+    redis = require("redis")
     url = f"redis://127.0.0.1:6379/{db}"
     r = redis.Redis.from_url(url)
     try:

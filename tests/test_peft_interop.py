@@ -10,7 +10,9 @@ import json
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+from conftest import require  # noqa: E402
+
+peft = require("peft")   # the test extra: missing, these tests fail (never skip)
 
 from engine.adapters import (PEFT_CONFIG, METADATA, adapter_files, load_peft_adapter_into, merged_model_files,
                              write_dir_atomic)
