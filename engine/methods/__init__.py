@@ -29,6 +29,8 @@ def method_names() -> list[str]:
 
 
 def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str):     # e.g. a list from JSON: unhashable, a TypeError (a 500) below
+        raise ValueError(f"method.name: must be a string, got {type(name).__name__}")
     try:
         return METHODS[name]
     except KeyError:
