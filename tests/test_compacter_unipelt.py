@@ -141,6 +141,22 @@ def test_phm_weight_is_a_sum_of_kronecker_products():
     assert layer.phm_weight().shape == (layer.out_features, layer.in_features)
 
 
+def test_phm_backward_rebuilds_the_weight_with_exact_gradients():
+    """The custom backward (W rebuilt, not kept) gives autograd's gradients of x W^T + b."""
+    from engine.methods.compacter import PHMLinearFunction, phm_weight
+
+    g = torch.Generator().manual_seed(0)
+    x, rule = torch.randn(2, 3, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 2, generator=g,
+                                                                                   dtype=torch.float64)
+    s, t = torch.randn(2, 3, 2, generator=g, dtype=torch.float64), torch.randn(2, 4, 2, generator=g,
+                                                                               dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    args = [v.requires_grad_(True) for v in (x, rule, s, t, bias)]
+    assert torch.autograd.gradcheck(PHMLinearFunction.apply, args)
+    out = PHMLinearFunction.apply(*args)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, phm_weight(rule, s, t), bias))
+
+
 @pytest.mark.parametrize("model_name,task", COMBOS)
 def test_the_slow_weights_are_one_tensor_shared_by_every_layer(model_name, task):
     prep = prepared(model_name, task, {"name": "compacter"})

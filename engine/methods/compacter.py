@@ -111,12 +111,42 @@ class PHMLinear(nn.Module):
 
     def phm_weight(self) -> torch.Tensor:
         """W (out x in) = sum_i kron(A_i, s_i t_i^T)."""
-        fast = torch.einsum("ipr,iqr->ipq", self.phm_s, self.phm_t)          # n x out/n x in/n
-        n, p, q = fast.shape
-        return torch.einsum("iab,ipq->apbq", self.rule.weight, fast).reshape(n * p, n * q)
+        return phm_weight(self.rule.weight, self.phm_s, self.phm_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.phm_weight(), self.bias)
+        return PHMLinearFunction.apply(x, self.rule.weight, self.phm_s, self.phm_t, self.bias)
+
+
+def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum_i kron(rule[i], s[i] @ t[i]^T) as one (n*p) x (n*q) matrix."""
+    fast = torch.einsum("ipr,iqr->ipq", s, t)                                 # n x out/n x in/n
+    n, p, q = fast.shape
+    return torch.einsum("iab,ipq->apbq", rule, fast).reshape(n * p, n * q)
+
+
+class PHMLinearFunction(torch.autograd.Function):
+    """x W^T + b with W built from (A, s, t) in forward and rebuilt in backward, so that
+    backward keeps only x and the small factors, not a weight-sized W per layer (the
+    same saved activations as a plain bottleneck adapter)."""
+
+    @staticmethod
+    def forward(ctx, x, rule, s, t, bias):
+        with torch.no_grad():
+            w = phm_weight(rule, s, t)
+        ctx.save_for_backward(x, rule, s, t)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, rule, s, t = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [v.detach().requires_grad_(True) for v in (rule, s, t)]
+            w = phm_weight(*leaves)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy @ w.detach()) if ctx.needs_input_grad[0] else None
+        gw = gy2.T @ x.reshape(-1, x.shape[-1])
+        g_rule, g_s, g_t = torch.autograd.grad(w, leaves, gw)
+        return gx, g_rule, g_s, g_t, gy2.sum(0)
 
 
 class PHMBottleneck(nn.Module):
