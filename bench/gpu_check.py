@@ -131,7 +131,7 @@ def mib(n) -> str:
 def quantize_for_peft(dev: torch.device):
     """A base hook for build_model: the same block linears our QLoRA quantizes
     (engine.methods.qlora.quantizable_names) become bitsandbytes Linear4bit (NF4,
-    double quantization, bf16 compute), quantized when moved to the device."""
+    double quantization, bf16 compute), each weight quantized as it moves to the device."""
     import bitsandbytes as bnb
     from engine.methods.qlora import quantizable_names
 
@@ -142,9 +142,9 @@ def quantize_for_peft(dev: torch.device):
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4")
+                                         quant_type="nf4").to(dev)       # Params4bit quantizes on its way to CUDA
             if lin.bias is not None:
-                q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+                q.bias = torch.nn.Parameter(lin.bias.data.clone().to(dev), requires_grad=False)
             setattr(parent, child, q)
         model = model.to(dev)
         model.is_loaded_in_4bit = True      # peft then wraps the Linear4bit layers with its bnb LoRA
