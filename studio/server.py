@@ -4,6 +4,7 @@ configured — an embedded worker process that it supervises."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import os
@@ -78,6 +79,11 @@ def serve(host: str = "127.0.0.1", port: int = 7860, allow_public: bool = False,
     threading.Thread(target=reaper_loop, args=(settings, stop), daemon=True, name="reaper").start()
     sup = WorkerSupervisor(settings).start() if (settings.embedded_broker and embedded_worker) else None
     app = build_app(settings)
+    # torch, transformers and gradio leave millions of long-lived objects behind their imports;
+    # a full garbage collection walks them all and stalls the event loop (every request waiting)
+    # for up to a second. Freeze them: later collections walk only what the studio makes since.
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:

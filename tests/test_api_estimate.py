@@ -288,3 +288,21 @@ def test_login_on_the_fast_path(settings, monkeypatch):
     ok = {"authorization": "Basic " + base64.b64encode(b"alice:a-pass").decode()}
     assert c.get("/estimate", params=dict(QUERY, r=21), headers=ok).json() == estimate(
         "llama-2-7b", {"name": "lora", "r": 21}, batch_size=1, seq_len=4096, dtype="bf16").to_json()
+
+
+def test_the_estimators_per_model_caches_hand_out_fresh_copies():
+    """The speedups the fast path leans on (catalog configs read once, per-config facts
+    kept, a cheaper copy of a cached answer) never let a caller's edits reach another."""
+    cfg = estimator.load_model_config("llama-2-7b")
+    cfg["num_hidden_layers"] = 1
+    assert estimator.load_model_config("llama-2-7b")["num_hidden_layers"] == 32
+    first = estimate("llama-2-7b", {"name": "lora", "r": 13, "target_modules": ["q_proj"]}, seq_len=300)
+    first.inputs["method"]["target_modules"].append("v_proj")
+    first.inputs["method"]["r"] = 1
+    first.rows["total"] = 0
+    again = estimate("llama-2-7b", {"name": "lora", "r": 13, "target_modules": ["q_proj"]}, seq_len=300)
+    assert again.inputs["method"]["target_modules"] == ["q_proj"] and again.inputs["method"]["r"] == 13
+    assert again.rows["total"] > 0
+    # a config dict with the catalog's content is the same question as the catalog name
+    assert estimate(estimator.load_model_config("mistral-7b"), "lora", seq_len=301).to_json() == \
+        estimate("mistral-7b", "lora", seq_len=301).to_json()

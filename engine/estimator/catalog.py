@@ -3,9 +3,10 @@ config.json, a dict) and the GPU sizes it compares against."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from ..dims import ModelDims, dims_from_config
 
@@ -28,14 +29,25 @@ def catalog_names() -> list[str]:
     return sorted(p.stem for p in CATALOG_DIR.glob("*.json"))
 
 
+@functools.lru_cache(maxsize=64)
+def catalog_text(name: str) -> Optional[str]:
+    """The text of the shipped catalog config `name` (read once: the catalog is part of
+    the code), or None when there is none by that name."""
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        return None
+    path = CATALOG_DIR / f"{name}.json"
+    return path.read_text() if path.is_file() else None
+
+
 def load_model_config(name_or_path: Union[str, dict, Path]) -> dict:
     """A config.json dict for a catalog name, a tiny test model, a path to a
     config.json (or a directory holding one), or a dict (returned as a copy)."""
     if isinstance(name_or_path, dict):
         return dict(name_or_path)
     name = str(name_or_path)
-    if "/" not in name and (CATALOG_DIR / f"{name}.json").is_file():
-        return json.loads((CATALOG_DIR / f"{name}.json").read_text())
+    text = catalog_text(name) if "\x00" not in name else None
+    if text is not None:
+        return json.loads(text)
     from ..models import TINY_MODELS
     if name in TINY_MODELS:
         from ..models import tiny_config_dict

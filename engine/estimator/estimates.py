@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..loss import LOSS_CHUNK
-from .catalog import GPU_PRESETS, GiB, default_task, load_model_config, model_dims
+from .catalog import GPU_PRESETS, GiB, catalog_text, default_task, load_model_config, model_dims
 from .counts import added_params, count_total_params, count_trainable, head_params, is_deberta
 from .devices import STRATEGIES, gathered_units, per_device_rows
 from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS,
@@ -42,7 +42,7 @@ class Estimate:
 
     def copy(self) -> "Estimate":
         return dataclasses.replace(self, rows=dict(self.rows), notes=list(self.notes),
-                                   inputs=copy.deepcopy(self.inputs), breakdown=dict(self.breakdown))
+                                   inputs=_plain_copy(self.inputs), breakdown=dict(self.breakdown))
 
     def to_json(self) -> dict:
         """The contract shape (README, `peft-studio estimate --json`): n_params,
@@ -64,6 +64,18 @@ class Estimate:
             "notes": list(self.notes),
             "inputs": dict(self.inputs),
         }
+
+
+def _plain_copy(x):
+    """A deep copy of JSON-like data (dicts, lists, scalars) several times faster than
+    copy.deepcopy; anything else is handed to copy.deepcopy."""
+    if isinstance(x, dict):
+        return {k: _plain_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain_copy(v) for v in x]
+    if x is None or type(x) in (str, int, float, bool):
+        return x
+    return copy.deepcopy(x)
 
 
 def _validate(choice: str, options: tuple, field_name: str) -> str:
@@ -153,7 +165,7 @@ def estimate(model: Union[str, dict], method: Union[dict, Any], *, batch_size: i
     cfg = load_model_config(model)
     mcfg = _method(method)
     q = _Query(model=model if isinstance(model, str) else cfg.get("model_type"),
-               cfg_json=json.dumps(cfg, sort_keys=True, default=str),
+               cfg_json=_config_json(model, cfg),
                method_json=json.dumps(mcfg.model_dump(mode="json"), sort_keys=True, default=str),
                batch_size=batch_size, seq_len=seq_len, dtype=dtype, quant=quant, optimizer=optimizer,
                grad_checkpointing=bool(grad_checkpointing), formula=formula, task=task, num_labels=num_labels,
@@ -162,6 +174,33 @@ def estimate(model: Union[str, dict], method: Union[dict, Any], *, batch_size: i
                n_trainable_override=None if n_trainable_override is None else int(n_trainable_override),
                device=device, world_size=world_size, strategy=strategy, cfg=cfg, mcfg=mcfg)
     return _estimate(q).copy()
+
+
+def _config_json(model, cfg: dict) -> str:
+    """The canonical JSON of a model config (the cache key); worked out once per catalog
+    model, whose config is the catalog file's (load_model_config reads it first)."""
+    if isinstance(model, str) and "\x00" not in model and catalog_text(model) is not None:
+        return _catalog_json(model)
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _catalog_json(name: str) -> str:
+    return json.dumps(json.loads(catalog_text(name)), sort_keys=True, default=str)
+
+
+_PER_CONFIG: dict = {}        # (what, config JSON, ...) -> dims or total parameter count of that config
+
+
+def _per_config(key: tuple, work):
+    """Facts of a model config alone (its dimensions, its total parameter count), kept
+    per config: a query over a model asked about before skips them."""
+    value = _PER_CONFIG.get(key)
+    if value is None:
+        if len(_PER_CONFIG) >= 512:
+            _PER_CONFIG.clear()
+        value = _PER_CONFIG[key] = work()
+    return value
 
 
 def estimate_cache_info():
@@ -179,13 +218,13 @@ def _estimate(q: _Query) -> Estimate:
 
     cfg, mcfg = q.cfg, q.mcfg
     # count_trainable implementations that count the classification head themselves (`full`) read num_labels
-    dims = dataclasses.replace(model_dims(cfg), num_labels=q.num_labels)
+    dims = dataclasses.replace(_per_config(("dims", q.cfg_json), lambda: model_dims(cfg)), num_labels=q.num_labels)
     task = q.task or default_task(dims)
     spec = get_method(mcfg.name)
     size = DTYPE_BYTES[q.dtype]
     notes: list[str] = []
-    n_params = q.n_params_override if q.n_params_override is not None \
-        else count_total_params(cfg, task, q.num_labels)
+    n_params = q.n_params_override if q.n_params_override is not None else _per_config(
+        ("n_params", q.cfg_json, task, q.num_labels), lambda: count_total_params(cfg, task, q.num_labels))
     n_tr = q.n_trainable_override if q.n_trainable_override is not None \
         else count_trainable(spec, mcfg, dims, cfg, task, q.num_labels)
     if q.seq_len > dims.max_position_embeddings:
