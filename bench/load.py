@@ -229,11 +229,12 @@ def estimate_client(port: int, server_pid: int) -> None:
     asyncio.run(concurrent_gets("127.0.0.1", port, [ESTIMATE_QUERY]))     # warm-up: imports, catalog
     out = []
     for queries in bursts:
-        cpu0, t0 = cpu_ms(server_pid), time.perf_counter()
+        cpu0, own0, t0 = cpu_ms(server_pid), time.process_time(), time.perf_counter()
         res = asyncio.run(concurrent_gets("127.0.0.1", port, queries))
         wall, cpu = time.perf_counter() - t0, cpu_ms(server_pid) - cpu0
         out.append({"lat": [ms for ms, _, _ in res], "status": [s for _, s, _ in res],
-                    "body": [b.decode("utf-8", "replace") for _, _, b in res], "wall": wall, "server_cpu_ms": cpu})
+                    "body": [b.decode("utf-8", "replace") for _, _, b in res], "wall": wall, "server_cpu_ms": cpu,
+                    "client_cpu_ms": (time.process_time() - own0) * 1000})
     print(json.dumps(out))
 
 
@@ -268,7 +269,8 @@ def bench_estimates(url: str, server_pid: int, n: int) -> dict:
                 wrong += 1
         figures.append({"n": n, "ok": sum(s == 200 for s in statuses), "statuses": sorted(set(statuses)),
                         "wrong": wrong, "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "max_ms": max(lat),
-                        "wall_s": res["wall"], "rps": n / res["wall"], "server_cpu_ms": res["server_cpu_ms"]})
+                        "wall_s": res["wall"], "rps": n / res["wall"], "server_cpu_ms": res["server_cpu_ms"],
+                        "client_cpu_ms": res["client_cpu_ms"]})
     return {"distinct": figures[:ROUNDS], "same": figures[ROUNDS], "load": (load_before, load_after),
             "p95_ms": statistics.median(f["p95_ms"] for f in figures[:ROUNDS])}
 
@@ -277,7 +279,8 @@ def estimate_lines(est: dict) -> list[str]:
     n = est["same"]["n"]
     fig = lambda f: (f"{f['ok']}/{f['n']} ok (statuses {f['statuses']}), {f['n'] - f['wrong']}/{f['n']} bodies equal "  # noqa: E731
                      f"the CLI's answer; latency p50 {f['p50_ms']:.0f} ms, p95 {f['p95_ms']:.0f} ms, max "
-                     f"{f['max_ms']:.0f} ms; {f['rps']:.0f} requests/s; server CPU {f['server_cpu_ms']:.0f} ms")
+                     f"{f['max_ms']:.0f} ms; {f['rps']:.0f} requests/s; CPU: server {f['server_cpu_ms']:.0f} ms, "
+                     f"client {f['client_cpu_ms']:.0f} ms")
     lines = [f"(b) {n} concurrent GET /api/estimate, {n} distinct queries (each computed; "
              f"{', '.join(DISTINCT_MODELS)} x {', '.join(DISTINCT_METHODS)}, r 1..{n}, batch 1..4, seq 128..1024, "
              f"bf16/fp16): p95 {est['p95_ms']:.0f} ms (median of {ROUNDS} bursts of new queries; target < 100 ms)"]
