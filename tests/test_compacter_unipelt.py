@@ -270,6 +270,20 @@ def test_all_three_sub_modules_and_their_gates_get_gradients(model_name, task):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("model_name,task", COMBOS)
+def test_padding_does_not_change_an_example(model_name, task):
+    """Pooled gates average over the real tokens only (the attention mask), so an example
+    gives the same logits alone and padded in a batch with a longer one."""
+    prep = prepared(model_name, task, {"name": "unipelt"})
+    perturb_trainable(prep.model, scale=0.5)
+    alone = logits(prep.model, fixed_batch(prep.tokenizer, task, ["dull"]))
+    padded = logits(prep.model, fixed_batch(prep.tokenizer, task, ["dull", "the film was wonderful and moving"]))
+    if task == "classification":
+        torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=0)
+    else:                           # right padding: the real positions come first
+        torch.testing.assert_close(padded[:1, :alone.shape[1]], alone, atol=1e-5, rtol=0)
+
+
 def test_a_closed_gate_switches_its_sub_module_off():
     prep = prepared("tiny-bert", "classification", {"name": "unipelt", "lora": False, "prefix": False})
     model = prep.model
@@ -316,12 +330,12 @@ def test_unipelt_needs_one_sub_module():
 
 # ---- both methods: training, saving, merging, other architectures ---------------------------------------
 
-BOTH = [{"name": "compacter"}, {"name": "compacter", "variant": "compacter++"}, {"name": "unipelt"}]
-BOTH_IDS = ["compacter", "compacter++", "unipelt"]
-
-
-@pytest.mark.parametrize("model_name,task", COMBOS)
-@pytest.mark.parametrize("method", BOTH, ids=BOTH_IDS)
+@pytest.mark.parametrize("method,model_name,task", [
+    ({"name": "compacter"}, "tiny-llama", "causal_lm"),
+    ({"name": "compacter", "variant": "compacter++"}, "tiny-bert", "classification"),
+    ({"name": "unipelt"}, "tiny-llama", "causal_lm"),
+    ({"name": "unipelt"}, "tiny-bert", "classification"),
+], ids=["compacter-llama", "compacter++-bert", "unipelt-llama", "unipelt-bert"])
 def test_training_lowers_the_loss(method, model_name, task):
     prep = prepared(model_name, task, method)
     model = prep.model
@@ -342,8 +356,11 @@ def test_training_lowers_the_loss(method, model_name, task):
     assert last < first - 1e-3, (first, last)
 
 
-@pytest.mark.parametrize("model_name,task", COMBOS)
-@pytest.mark.parametrize("method", BOTH, ids=BOTH_IDS)
+@pytest.mark.parametrize("method,model_name,task", [
+    ({"name": "compacter"}, "tiny-bert", "classification"),
+    ({"name": "compacter", "variant": "compacter++"}, "tiny-llama", "causal_lm"),
+    ({"name": "unipelt", "lora_dropout": 0.1, "prefix_projection": False}, "tiny-llama", "causal_lm"),
+], ids=["compacter-bert", "compacter++-llama", "unipelt-llama"])   # (the battery: each default on both)
 def test_save_then_load_gives_identical_outputs(method, model_name, task, tmp_path):
     prep = prepared(model_name, task, method)
     perturb_trainable(prep.model)
