@@ -157,6 +157,21 @@ def test_phm_backward_rebuilds_the_weight_with_exact_gradients():
     torch.testing.assert_close(out, torch.nn.functional.linear(x, phm_weight(rule, s, t), bias))
 
 
+@pytest.mark.parametrize("name", ["compacter", "unipelt"])
+def test_a_step_under_bf16_autocast(name):
+    """The training loop's mixed precision (bf16 autocast; CPU here, CUDA on GPUs): fp32
+    parameters, bf16 activations, finite gradients for every trainable tensor."""
+    prep = prepared("tiny-llama", "causal_lm", {"name": name})
+    model = prep.model
+    perturb_trainable(model, scale=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compute_loss(model, fixed_batch(prep.tokenizer, "causal_lm"), "causal_lm")
+    loss.backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for _, p in params), [n for n, p in params if p.grad is None]
+
+
 @pytest.mark.parametrize("model_name,task", COMBOS)
 def test_the_slow_weights_are_one_tensor_shared_by_every_layer(model_name, task):
     prep = prepared(model_name, task, {"name": "compacter"})

@@ -134,19 +134,22 @@ class PHMLinearFunction(torch.autograd.Function):
         with torch.no_grad():
             w = phm_weight(rule, s, t)
         ctx.save_for_backward(x, rule, s, t)
-        return F.linear(x, w, bias)
+        ctx.bias_dtype = bias.dtype
+        return F.linear(x, w, bias)        # under autocast: in the autocast dtype
 
     @staticmethod
     def backward(ctx, gy):
+        # backward runs outside autocast: W is rebuilt in the parameters' dtype and every
+        # product is taken in one dtype explicitly (gy may be bf16 where the factors are fp32)
         x, rule, s, t = ctx.saved_tensors
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(True) for v in (rule, s, t)]
             w = phm_weight(*leaves)
         gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = (gy @ w.detach()) if ctx.needs_input_grad[0] else None
-        gw = gy2.T @ x.reshape(-1, x.shape[-1])
+        gx = (gy @ w.detach().to(gy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = gy2.T.to(w.dtype) @ x.reshape(-1, x.shape[-1]).to(w.dtype)
         g_rule, g_s, g_t = torch.autograd.grad(w, leaves, gw)
-        return gx, g_rule, g_s, g_t, gy2.sum(0)
+        return gx, g_rule, g_s, g_t, gy2.sum(0).to(ctx.bias_dtype)
 
 
 class PHMBottleneck(nn.Module):
