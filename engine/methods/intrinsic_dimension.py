@@ -41,7 +41,11 @@ out of the d budget; here they come on top: trainable = d + m.
 Both transforms are autograd Functions whose backward applies Pᵀ, so nothing
 D × d (and no buffer) is saved for backward; a layer keeps its input and its
 rebuilt weight W + ΔW (and P_i θ_d for SAID's scale): the estimator's
-`weight_saved`. Mergeable; no peft format (peft has no such method): saved as
+`weight_saved`. P itself lives in non-persistent buffers (Fastfood: the G_k, 4
+bytes per element of θ; dense: 4·D·d bytes), which are not parameters: the
+estimator's rows do not count them (its total was 15% under the step's
+allocator peak on MiniLM and 21% under on SmolLM2-135M for that reason, while
+its activations were within 1%). Mergeable; no peft format (peft has no such method): saved as
 `studio_adapter.safetensors` (θ_d, the SAID scales, the head), P regenerated
 from the run config.
 """
