@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Studio, free_port, studio_env, wait_status, wait_workers
+from conftest import Studio, free_port, require, studio_env, wait_status, wait_workers
 
-pytest.importorskip("ray")
+require("ray")      # in the test extra: missing, the tests fail (never skip)
 RAY = Path(sys.executable).parent / "ray"
 
 
