@@ -309,11 +309,12 @@ class StepPeak:
 
 def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] = None,
               seed: int = 0) -> StepPeak:
-    """One step of our training loop on a prepared run (the method applied), as
+    """The second step of our training loop on a prepared run (the method applied), as
     `engine.train.train` takes it: forward through the task loss plus the method's
-    extra loss, backward, `clip_grad_norm_` when the run clips, a fresh optimizer
-    from `engine.optim.make_optimizer` (`optimizer`, default the run's), `step()`.
-    A full random batch of `batch_size` x `seq_len` tokens."""
+    extra loss, backward, `clip_grad_norm_` when the run clips, an optimizer from
+    `engine.optim.make_optimizer` (`optimizer`, default the run's), `step()`. A full
+    random batch of `batch_size` x `seq_len` tokens. The first step, unmeasured,
+    creates the optimizer's states, which are live through every later step."""
     from .optim import make_optimizer as run_optimizer
     from .train import TaskLoss
 
@@ -326,15 +327,11 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
         p.grad = None
     vocab = model.get_input_embeddings().num_embeddings
     num_labels = getattr(model.config, "num_labels", 2)
-    live_before = tensor_bytes(list(params) + list(model.buffers()))
     model.train()
     runner = TaskLoss(model, prep.config.task, prep.spec.extra_loss)
     opt = run_optimizer(optimizer or t.optimizer, trainable, lr=1e-4, weight_decay=t.weight_decay)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with AllocatorPeak() as alloc:
+
+    def one_step():
         batch = synthetic_batch(prep.config.task, batch_size, seq_len, vocab, num_labels, seed, device)
         loss, extra = runner(batch)
         if extra is not None:
@@ -345,9 +342,22 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         opt.step()
-        opt_bytes = optimizer_state_bytes(opt)
         opt.zero_grad(set_to_none=True)
         del batch
+        return grads
+
+    # the second step is measured: from the first step on, the optimizer's states stay
+    # live through every forward and backward (the first step allocates them only in
+    # step(), after backward has freed the activations), so a run's peak is a later step's
+    one_step()
+    live_before = tensor_bytes(list(params) + list(model.buffers())) + optimizer_state_bytes(opt)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with AllocatorPeak() as alloc:
+        grads = one_step()
+    opt_bytes = optimizer_state_bytes(opt)
     seconds = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.synchronize()
