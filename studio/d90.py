@@ -130,10 +130,4 @@ def d90_for_ids(settings, ids: list[int]) -> D90:
     """compute_d90 over the runs `ids` read from the database (unknown ids skipped)."""
     from . import service
 
-    runs = []
-    for rid in ids:
-        try:
-            runs.append(service.get_run(settings, rid))
-        except service.NotFound:
-            continue
-    return compute_d90(runs)
+    return compute_d90(service.get_runs(settings, ids))

@@ -255,6 +255,17 @@ def list_runs(settings: Settings, *, owner: Optional[str] = None, status: Option
         return [db.run_to_dict(r, with_config=True) for r in s.scalars(q)]
 
 
+def get_runs(settings: Settings, ids: list[int]) -> list[dict]:
+    """`get_run` for each of `ids` that exists, in that order (unknown ids are skipped)."""
+    runs = []
+    for rid in ids:
+        try:
+            runs.append(get_run(settings, rid))
+        except NotFound:
+            continue
+    return runs
+
+
 def get_run(settings: Settings, run_id: int) -> dict:
     """A run's row, its adapter's metadata (`adapter`: size, sha256, files, key) and
     `resumed_from_step` (the checkpoint step the current attempt started from, or None),

@@ -17,12 +17,7 @@ COMPARE_STATUSES = ("succeeded", "running", "failed", "cancelled")
 
 def compare_view(settings: Settings, ids: list[int], x_axis: str, diff_only: bool) -> dict:
     """Everything the Compare tab shows for runs `ids` (charts, tables, CSV path, LoRA modules)."""
-    runs = []
-    for rid in ids:
-        try:
-            runs.append(service.get_run(settings, rid))
-        except service.NotFound:
-            continue
+    runs = service.get_runs(settings, ids)
     x = compare.X_AXES.get(x_axis, "step")
     labels = [compare.run_label(r) for r in runs]
     metrics = {compare.run_label(r): compare.with_x(service.get_metrics(settings, r["id"]), x) for r in runs}
