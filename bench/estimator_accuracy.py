@@ -197,7 +197,7 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         "## Every row and the total against one real training step",
         "",
         "For the shapes marked for a step (" + ", ".join(f"{s_}x{b_}" for s_, b_ in sorted(args.step_set))
-        + "), one real step of our training loop per case (`engine.measure.step_peak`: task loss and the "
+        + "), the second of two real steps of our training loop per case (`engine.measure.step_peak`: task loss and the "
         "method's extra loss, backward, `clip_grad_norm_(1.0)`, the run's AdamW from `engine.optim`, `step()`), "
         "fp32 on CPU. Weights, gradients and optimizer are the bytes of the real tensors (parameters; their "
         "`.grad` after backward; the optimizer's state tensors after `step()`), compared with the estimate for "
@@ -209,11 +209,13 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         "",
         *step_summary(ok),
         "",
-        "The estimate's total adds weights, gradients, hidden states and optimizer states as if all were live "
-        "at once. In a real step the saved activations are freed during backward, and AdamW allocates its two "
-        "states only in the first `step()`, after the activations are gone; so where gradients plus optimizer "
-        "states are large against the activations (full fine-tuning, top_k) the estimate's total is above the "
-        "measured peak. Reported as measured; the formula is not changed here.",
+        "The measured step is a run's second: the optimizer states the first step made are live through it, "
+        "as through every later step. The estimate's total adds weights, gradients, hidden states and "
+        "optimizer states as if all were live at once; in a real step the saved activations are freed during "
+        "backward while the gradients are made, so where gradients are large against the activations (full "
+        "fine-tuning) the estimate's total is above the measured peak. intrinsic_dimension's random-projection "
+        "buffers (not parameters) are in no row, so its total is below. Reported as measured; the formula is "
+        "not changed here.",
         "",
         *step_table(ok),
         "",

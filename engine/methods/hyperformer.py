@@ -103,8 +103,8 @@ class HyperNet(TaskConditioned):
     def generate(self, layer: int, pos: int) -> dict[str, torch.Tensor]:
         """The adapter tensors of (layer, position) for the current task."""
         z = torch.cat([self.task_emb[self.task_index], self.layer_emb[layer], self.pos_emb[pos]])
-        i = self.proj2(F.relu(self.proj1(z)))
-        return {k: torch.addmv(self.gen_b[k], self.gen_w[k], i) for k in self.gen_w}
+        i = self.proj2(F.relu(self.proj1(z)))   # bf16 under autocast: addmv is not autocast, so
+        return {k: torch.addmv(self.gen_b[k], self.gen_w[k], i.to(self.gen_w[k].dtype)) for k in self.gen_w}
 
     def adapt(self, y: torch.Tensor, layer: int, pos: int) -> torch.Tensor:
         """LN(U act(D y)) with generated weights: the adapter's output before the residual."""
