@@ -53,6 +53,7 @@ class Stamp:
         self.script = script
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = _load()
+        self.commit = commit()       # the code measured is the code at the start
         self.lines: list[str] = []
 
     def say(self, line: str = "") -> None:
@@ -65,7 +66,7 @@ class Stamp:
         import transformers
         gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
         return "\n".join([
-            f"commit {commit()}",
+            f"commit {self.commit}",
             "",
             f"- date: {self.started:%Y-%m-%d %H:%M} UTC; script: `{self.script}`",
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
