@@ -22,6 +22,7 @@ from engine.models import load_model, minilm_dir
 from engine.arch import head_modules
 from engine.prepare import Prepared, apply_method
 from engine.train import compute_loss
+from method_helpers import fixed_batch, head_count, logits, perturb_trainable
 
 # small settings so the tiny models (hidden 32, 2 layers, 4 heads / 2 kv heads) stay fast
 METHODS = {
@@ -61,39 +62,6 @@ def prepared(model_name: str, task: str, method: dict, seed: int = 0) -> Prepare
     model = apply_method(lm.model, spec, cfg.method, ctx)
     n, t = count_parameters(model)
     return Prepared(cfg, model, lm.tokenizer, None, spec, ctx, n, t)
-
-
-def fixed_batch(tok, task: str) -> dict:
-    texts = ["the film was wonderful and moving", "dull", "what is the capital of france", "two plus two"]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if task == "classification":
-        batch["labels"] = torch.tensor([1, 0, 1, 0])
-    else:
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    return batch
-
-
-def head_count(model, task: str) -> int:
-    if task != "classification":
-        return 0
-    return sum(p.numel() for _, h in head_modules(model) for p in h.parameters())
-
-
-@torch.no_grad()
-def perturb_trainable(model, scale: float = 0.3, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-@torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 # ---- the matrix ---------------------------------------------------------------------------------

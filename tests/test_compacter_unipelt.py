@@ -21,6 +21,8 @@ from engine.methods.unipelt import Gate, GatedLoraLinear, GatedSerialAdapter
 from engine.models import load_model, minilm_dir
 from engine.prepare import Prepared, apply_method
 from engine.train import compute_loss
+from method_helpers import TEXTS, head_count, logits, perturb_trainable
+from method_helpers import fixed_batch as shared_batch
 
 COMBOS = [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")]
 
@@ -38,36 +40,8 @@ def prepared(model_name: str, task: str, method: dict, seed: int = 0) -> Prepare
 
 
 def fixed_batch(tok, task: str, texts=None, special: bool = True) -> dict:
-    texts = texts or ["the film was wonderful and moving", "dull", "what is the capital of france", "two plus two"]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if task == "classification":
-        batch["labels"] = torch.ones(len(texts), dtype=torch.long)
-    else:
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    return batch
-
-
-def head_count(model, task: str) -> int:
-    if task != "classification":
-        return 0
-    return sum(p.numel() for _, h in head_modules(model) for p in h.parameters())
-
-
-@torch.no_grad()
-def perturb_trainable(model, scale: float = 0.3, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-@torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    texts = texts or TEXTS
+    return shared_batch(tok, task, texts, special, labels=[1] * len(texts))
 
 
 # ---- exact counts ------------------------------------------------------------------------------------
