@@ -154,6 +154,7 @@ def main() -> int:
                     "stopped and reported as such (default: none)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS-optimizers.md")
+    ap.add_argument("--name", default="optimizers", help="write bench/RESULTS-<name>.md (e.g. one case run alone)")
     a = ap.parse_args()
     a.threads = a.threads or max(1, (os.cpu_count() or 1) // max(1, a.jobs))
     if a.child:
@@ -198,7 +199,7 @@ def main() -> int:
     else:
         st.say(f"Targets {'met' if ok else 'NOT met'}.")
     if not a.no_write:
-        print("wrote", st.write("optimizers", title="8-bit AdamW vs fp32 AdamW"))
+        print("wrote", st.write(a.name, title="8-bit AdamW vs fp32 AdamW"))
     return 0 if ok else 1
 
 
