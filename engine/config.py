@@ -157,6 +157,10 @@ class TrainingConfig(_Strict):
         "adamw", description="adamw (fp32 states) | adamw_8bit (block-wise 8-bit states, engine.optim) | "
                             "paged_adamw_8bit (8-bit states kept in host memory)")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    eval_generate: int = Field(64, ge=0, le=100_000, description="causal LM: at each evaluation decode this many "
+                               "validation prompts greedily and score BLEU, ROUGE-L and exact match (0: off)")
+    eval_generate_tokens: int = Field(64, gt=0, le=4096, description="the most new tokens decoded per prompt "
+                                      "for the generation metrics")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):
@@ -165,6 +169,43 @@ class TrainingConfig(_Strict):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give training.max_steps or training.epochs")
         return self
+
+
+Metric = Literal["eval_loss", "perplexity", "accuracy", "bleu", "rouge_l", "exact_match"]
+# (metric, higher is better); generation metrics need task causal_lm and training.eval_generate > 0
+METRIC_DIRECTION = {"eval_loss": False, "perplexity": False, "accuracy": True, "bleu": True, "rouge_l": True,
+                    "exact_match": True}
+GENERATION_METRICS = ("bleu", "rouge_l", "exact_match")
+TASK_METRICS = {"classification": ("eval_loss", "accuracy"),
+                "causal_lm": ("eval_loss", "perplexity") + GENERATION_METRICS}
+
+
+class WandbConfig(_Strict):
+    project: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    entity: Optional[str] = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    mode: Literal["online", "offline"] = "online"
+
+
+class TrackingConfig(_Strict):
+    """Mirror the run to experiment trackers (workers.tracking). Each is also set for
+    every run by the worker's settings (STUDIO_MLFLOW_URI, STUDIO_TENSORBOARD_DIR,
+    STUDIO_WANDB_PROJECT); a run's own section wins."""
+
+    mlflow: Optional[str] = Field(None, min_length=1, max_length=2000,
+                                  description="an MLflow tracking URI: http(s)://host:port, or file:/path")
+    tensorboard: Optional[bool] = Field(None, description="write TensorBoard event files for the run")
+    wandb: Optional[WandbConfig] = None
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_uri(cls, v: Optional[str]):
+        if v is not None and not re.match(r"^(https?|file|databricks)://|^file:/", v):
+            raise ValueError("must be an MLflow tracking URI (http://host:port, https://..., file:/path)")
+        if v is not None and re.match(r"^[a-z]+://[^/]*@", v):
+            # a run's config is shown in the UI and stored in the database: no secrets in it
+            raise ValueError("holds credentials; give them to the worker as MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        return v
 
 
 # ------------------------------------------------------------------ text fields
@@ -217,6 +258,10 @@ class RunConfig(_Strict):
     dataset: DatasetConfig
     method: SerializeAsAny[MethodConfig]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    metric: Optional[Metric] = Field(None, description="the metric that ranks the run (its best metric): "
+                                     "eval_loss | perplexity | accuracy | bleu | rouge_l | exact_match; "
+                                     "default accuracy for classification, eval_loss for causal_lm")
+    tracking: Optional[TrackingConfig] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -231,6 +276,22 @@ class RunConfig(_Strict):
         if self.training.packing and self.training.group_by_length:
             raise ValueError("training.group_by_length: not with training.packing (packs are already full)")
         return self
+
+    @model_validator(mode="after")
+    def _metric_task(self):
+        if self.metric is None:
+            return self
+        if self.metric not in TASK_METRICS[self.task]:
+            raise ValueError(f"metric: {self.metric!r} is not a {self.task} metric (one of "
+                             f"{', '.join(TASK_METRICS[self.task])})")
+        if self.metric in GENERATION_METRICS and not self.training.eval_generate:
+            raise ValueError(f"metric: {self.metric!r} needs training.eval_generate > 0 (it is 0: no generation)")
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        """The metric that ranks this run."""
+        return self.metric or ("accuracy" if self.task == "classification" else "eval_loss")
 
     @model_validator(mode="after")
     def _method_tasks(self):
