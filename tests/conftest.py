@@ -35,6 +35,19 @@ def _isolated_data_dir(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture
+def settings(_isolated_data_dir, monkeypatch, tmp_path):
+    """Settings of this test's data dir, its SQLite schema at head, and a file:// artifact
+    store beside it (not inside the data dir, as a shared mount would be)."""
+    from studio.runtime import prepare_database
+    from workers.settings import load_settings
+
+    monkeypatch.setenv("STUDIO_ARTIFACT_URL", (tmp_path / "store").as_uri())
+    s = load_settings()
+    prepare_database(s)
+    return s
+
+
 def require(module: str):
     """Import a test dependency (pyproject's `test` extra, or a product dependency). Missing,
     the test fails and says how to install it: it never turns into a skip."""

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import time
 import zipfile
 
 import pytest
 
-from conftest import Studio, studio_env, wait_status
+from conftest import Studio, studio_env
 
-from browser_helpers import (CHROMIUM, CHROMIUM_ARGS, UI_TIMEOUT_MS, browser, finished_run, open_tab,  # noqa: F401
-                             page, select_run_row, served, text_of, tiny_config, wait_text)
+from browser_helpers import (UI_TIMEOUT_MS, browser, finished_run, open_tab, page, select_run_row,  # noqa: F401
+                             served, text_of, wait_text)
 
 pytestmark = pytest.mark.browser
 

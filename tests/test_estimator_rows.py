@@ -62,17 +62,6 @@ def test_device_kind_and_run_estimate_for_each_kind():
     assert cpu.inputs["device"] == "cpu"
 
 
-@pytest.fixture
-def settings(monkeypatch, tmp_path):
-    from studio.runtime import prepare_database
-    from workers.settings import load_settings
-
-    monkeypatch.setenv("STUDIO_ARTIFACT_URL", (tmp_path / "store").as_uri())
-    s = load_settings()
-    prepare_database(s)
-    return s
-
-
 def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(settings):
     from studio import charts, compare, service
     from workers.tasks import device_report, execute_run

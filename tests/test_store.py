@@ -101,17 +101,6 @@ def test_worker_and_serve_refuse_to_start_on_an_unreachable_store(tmp_path):
 
 # ------------------------------------------------------------------ under a run
 
-@pytest.fixture
-def settings(monkeypatch, tmp_path):
-    from studio.runtime import prepare_database
-    from workers.settings import load_settings
-
-    monkeypatch.setenv("STUDIO_ARTIFACT_URL", (tmp_path / "store").as_uri())
-    s = load_settings()
-    prepare_database(s)
-    return s
-
-
 def other_machine(settings, tmp_path, name):
     """The same database and store seen from another machine: its own data dir and cache."""
     import dataclasses
