@@ -81,6 +81,11 @@ class Run(Base):
     ranks: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
     # what a running run is doing before its first step ("preparing data: 1.2M / 2.8M rows (train)")
     phase: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    # the run's log of problems that did not fail it: [{"at": iso time, "message": str}] (add_run_warning)
+    warnings: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
+    # where the run is mirrored (workers.tracking): {"mlflow": {run_id, experiment_id, uri},
+    # "tensorboard": {logdir}, "wandb": {run_id, project, mode, dir}} (set_run_tracking)
+    tracking: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
 
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan",
                                                    passive_deletes=True)
@@ -381,6 +386,37 @@ def store_adapter(s: Session, run_id: int, key: str, size: int, sha: str, files:
         return old
     s.add(Adapter(run_id=run_id, key=key, size=size, sha256=sha, files=files))
     return None
+
+
+MAX_RUN_WARNINGS = 200
+
+
+def _locked_run(s: Session, run_id: int) -> Optional[Run]:
+    """The run row, locked for update where the database can (PostgreSQL); SQLite
+    serializes writers itself."""
+    return s.scalar(select(Run).where(Run.id == run_id).with_for_update())
+
+
+def add_run_warning(s: Session, run_id: int, message: str) -> bool:
+    """Append {"at", "message"} to the run's warnings in this transaction (the list is
+    replaced, not mutated, so the JSON column is written; at most MAX_RUN_WARNINGS are
+    kept, the newest). False if the run does not exist."""
+    run = _locked_run(s, run_id)
+    if run is None:
+        return False
+    entry = {"at": utcnow().replace(tzinfo=dt.timezone.utc).isoformat(), "message": str(message)[:2000]}
+    run.warnings = (list(run.warnings or []) + [entry])[-MAX_RUN_WARNINGS:]
+    return True
+
+
+def set_run_tracking(s: Session, run_id: int, tracker: str, info: dict) -> bool:
+    """Record where tracker `tracker` (mlflow, tensorboard, wandb) mirrors the run:
+    merged into the run's `tracking` dict under that key. False if the run does not exist."""
+    run = _locked_run(s, run_id)
+    if run is None:
+        return False
+    run.tracking = {**(run.tracking or {}), tracker: json_safe(info)}
+    return True
 
 
 def run_to_dict(run: Run, *, with_config: bool = True) -> dict:
