@@ -46,3 +46,24 @@ def perturb_trainable(model, scale: float = 0.3, seed: int = 1) -> None:
 def logits(model, batch) -> torch.Tensor:
     model.eval()
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def assert_cached_greedy_matches_uncached(prep, max_new_tokens: int = 4) -> None:
+    """Greedy `generate` (with the KV cache) on a left-padded batch equals the same greedy
+    steps taken by full forward passes without a cache: the method's modules see the cache
+    and the positions right."""
+    model = prep.model
+    perturb_trainable(model, scale=1.0)
+    model.eval()
+    enc = prep.tokenizer(["the capital of france is", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=prep.tokenizer.pad_token_id)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        for _ in range(out.shape[1] - ids.shape[1]):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert torch.equal(out, ids)

@@ -22,7 +22,7 @@ from engine.models import load_model, minilm_dir
 from engine.arch import head_modules
 from engine.prepare import Prepared, apply_method
 from engine.train import compute_loss
-from method_helpers import fixed_batch, head_count, logits, perturb_trainable
+from method_helpers import assert_cached_greedy_matches_uncached, fixed_batch, head_count, logits, perturb_trainable
 
 # small settings so the tiny models (hidden 32, 2 layers, 4 heads / 2 kv heads) stay fast
 METHODS = {
@@ -141,23 +141,7 @@ def test_save_load_gives_identical_outputs(method, model_name, task, tmp_path):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_generation_matches_uncached_argmax(method):
-    prep = prepared("tiny-llama", "causal_lm", method_dict(method))
-    model = prep.model
-    perturb_trainable(model, scale=1.0)
-    model.eval()
-    enc = prep.tokenizer(["the capital of france is", "hi"], return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4,
-                             do_sample=False, pad_token_id=prep.tokenizer.pad_token_id)
-        # reference: the same greedy steps by full forward passes, no cache
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        for _ in range(out.shape[1] - ids.shape[1]):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert out.shape[1] > enc["input_ids"].shape[1]
-    assert torch.equal(out, ids)
+    assert_cached_greedy_matches_uncached(prepared("tiny-llama", "causal_lm", method_dict(method)))
 
 
 # ---- config and architecture errors ---------------------------------------------------------------

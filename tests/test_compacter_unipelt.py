@@ -21,7 +21,7 @@ from engine.methods.unipelt import Gate, GatedLoraLinear, GatedSerialAdapter
 from engine.models import load_model, minilm_dir
 from engine.prepare import Prepared, apply_method
 from engine.train import compute_loss
-from method_helpers import TEXTS, head_count, logits, perturb_trainable
+from method_helpers import TEXTS, assert_cached_greedy_matches_uncached, head_count, logits, perturb_trainable
 from method_helpers import fixed_batch as shared_batch
 
 COMBOS = [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")]
@@ -293,22 +293,7 @@ def test_a_closed_gate_switches_its_sub_module_off():
 
 def test_unipelt_generation_with_the_cache_matches_uncached_argmax():
     """Decoder gates look at no later token, so cached greedy decoding equals full forwards."""
-    prep = prepared("tiny-llama", "causal_lm", {"name": "unipelt", "num_virtual_tokens": 3})
-    model = prep.model
-    perturb_trainable(model, scale=1.0)
-    model.eval()
-    enc = prep.tokenizer(["the capital of france is", "hi"], return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4,
-                             do_sample=False, pad_token_id=prep.tokenizer.pad_token_id)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        for _ in range(out.shape[1] - ids.shape[1]):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert out.shape[1] > enc["input_ids"].shape[1]
-    assert torch.equal(out, ids)
+    assert_cached_greedy_matches_uncached(prepared("tiny-llama", "causal_lm", {"name": "unipelt", "num_virtual_tokens": 3}))
 
 
 def test_unipelt_needs_one_sub_module():
