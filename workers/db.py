@@ -177,6 +177,9 @@ class WorkerRow(Base):
     device_memory: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
     # the Ray cluster it submits distributed runs to (STUDIO_RAY_ADDRESS), if any
     ray_address: Mapped[Optional[str]] = mapped_column(String(500), nullable=True)
+    # runs it may hold at once, and the bytes reserved for those it holds (workers.packing; migration 0007)
+    concurrency: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    reserved_memory: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
