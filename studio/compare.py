@@ -1,6 +1,14 @@
 """Comparing runs: the side-by-side table, config differences, curves keyed by
-step / tokens seen / epoch, CSV export and LoRA subspace similarity. Pure
-functions over the dicts `service` returns, so they are tested without a browser."""
+step / tokens seen / epoch, CSV export, LoRA subspace similarity, the Pareto
+frontier of metric against cost, and the generation metrics (BLEU, ROUGE-L,
+exact match) and samples that causal-LM evaluations store. Pure functions over
+the dicts `service` returns, so they are tested without a browser.
+
+Pareto frontier: a run is on it when no other run is at most as costly (fewer
+trainable parameters, or less peak memory) with a metric at least as good, and
+strictly better on one of the two (Pareto dominance, as in multi-objective
+optimisation; Deb, "Multi-Objective Optimization using Evolutionary Algorithms",
+2001, Sec. 2.4). Runs with the same cost and metric do not dominate each other."""
 
 from __future__ import annotations
 
@@ -11,12 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from engine.config import GENERATION_METRICS, METRIC_DIRECTION
 from engine.methods import METHODS
 from engine.methods.base import Family
 
+from .charts import is_number
+
 GIB = 1024 ** 3
 TABLE_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable params", "trainable %",
-                 "metric", "best metric", "final loss", "est. peak GiB", "estimated for", "measured peak GiB",
+                 "metric", "best metric", "final loss", "BLEU", "ROUGE-L", "exact match",
+                 "est. peak GiB", "estimated for", "measured peak GiB",
                  "measured as",
                  "devices", "tokens/s", "tokens/s per device", "adapter KiB", "duration s", "owner"]
 # what a run's measured peak is (engine.train's memory_kind)
@@ -75,13 +87,17 @@ def memory_figures(run: dict) -> dict:
             if measured else None}
 
 
-def comparison_row(run: dict) -> list:
+def comparison_row(run: dict, metrics: Optional[list[dict]] = None) -> list:
+    """One row of the side-by-side table; `metrics` (the run's metric rows) give the last
+    generation metrics (empty when not given)."""
+    gen = last_generation_metrics(metrics or [])
     tr_pct = 100 * run["n_trainable"] / run["n_params"] if run.get("n_params") and run.get("n_trainable") else None
     size = (run.get("adapter") or {}).get("size")
     world, tps = world_size_of(run), run.get("tokens_per_s")
     return [run["id"], run["name"], run["model"], run["method"], run.get("rank"), run["status"],
             run.get("n_trainable"), _r(tr_pct, 4), run.get("metric_name"), _r(run.get("best_metric"), 4),
-            _r(run.get("final_loss"), 4),
+            _r(run.get("final_loss"), 4), _r(gen.get("bleu"), 2), _r(gen.get("rouge_l"), 4),
+            _r(gen.get("exact_match"), 4),
             _r(estimate_of(run)[0] / GIB, 4) if estimate_of(run)[0] else None, memory_figures(run)["estimated_kind"],
             _r(run["measured_peak_bytes"] / GIB, 4) if run.get("measured_peak_bytes") else None,
             memory_kind_label(run.get("memory_kind")) if run.get("measured_peak_bytes") else None,
@@ -89,8 +105,14 @@ def comparison_row(run: dict) -> list:
             _r(size / 1024, 1) if size else None, _r(run.get("duration_s"), 1), run.get("owner")]
 
 
-def comparison_table(runs: list[dict]) -> list[list]:
-    return [comparison_row(r) for r in runs]
+def comparison_table(runs: list[dict], metrics: Optional[dict] = None) -> list[list]:
+    """Rows of `runs`; `metrics` maps a run id to its metric rows (for the generation columns)."""
+    return [comparison_row(r, (metrics or {}).get(r["id"])) for r in runs]
+
+
+def table_records(rows: list[list]) -> list[dict]:
+    """The table's rows as {column: value} (the REST view of the same table)."""
+    return [dict(zip(TABLE_COLUMNS, row)) for row in rows]
 
 
 def to_csv(header: list[str], rows: list[list]) -> str:
@@ -192,3 +214,139 @@ def subspace_similarity(settings, run_a: int, run_b: int) -> dict[str, list[list
         return adapter_subspace_similarity(dirs[0], dirs[1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ generation metrics and samples
+
+def numeric_eval(ev: Optional[dict]) -> dict[str, float]:
+    """The numbers of an evaluation's dict (its `samples` lists and anything else left out)."""
+    return {k: v for k, v in (ev or {}).items() if is_number(v)}
+
+
+def gen_value(ev: Optional[dict], name: str) -> Optional[float]:
+    """Generation metric `name` of one evaluation: the run's own figure, else (a multi-task
+    run that reports only `eval/<task>/<name>`) the unweighted mean over its tasks."""
+    ev = ev or {}
+    if is_number(ev.get(name)):
+        return float(ev[name])
+    per_task = [v for k, v in ev.items() if k.startswith("eval/") and k.endswith(f"/{name}") and is_number(v)]
+    return sum(per_task) / len(per_task) if per_task else None
+
+
+def last_generation_metrics(metrics: list[dict]) -> dict[str, float]:
+    """{bleu, rouge_l, exact_match: the latest evaluation's value} for the metrics the run has."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        for name in GENERATION_METRICS:
+            v = gen_value(m.get("eval"), name)
+            if v is not None:
+                out[name] = v
+    return out
+
+
+def has_generation_metrics(metrics: list[dict]) -> bool:
+    return bool(last_generation_metrics(metrics))
+
+
+def _samples_in(ev: dict) -> list[tuple[str, dict]]:
+    """(task, sample) pairs of one evaluation: `samples`, then `eval/<task>/samples`."""
+    out = [("", s) for s in ev.get("samples") or [] if isinstance(s, dict)]
+    for k, v in ev.items():
+        if k.startswith("eval/") and k.endswith("/samples") and k.count("/") >= 2 and isinstance(v, list):
+            out += [(k[len("eval/"):-len("/samples")], s) for s in v if isinstance(s, dict)]
+    return out
+
+
+def sample_steps(metrics: list[dict]) -> list[int]:
+    """Steps whose evaluation stored generation samples, latest first."""
+    return [m["step"] for m in reversed(metrics) if m.get("eval") and _samples_in(m["eval"])]
+
+
+SAMPLE_COLUMNS = ["task", "prompt", "reference", "output"]
+
+
+def samples_table(metrics: list[dict], step: Optional[int] = None) -> tuple[Optional[int], list[list]]:
+    """(step, rows of [task, prompt, reference, output]) of the evaluation at `step`, or of the
+    latest one with samples when `step` is None or has none; (None, []) when no evaluation has any."""
+    steps = sample_steps(metrics)
+    if not steps:
+        return None, []
+    chosen = step if step in steps else steps[0]
+    ev = next(m["eval"] for m in metrics if m["step"] == chosen and m.get("eval") and _samples_in(m["eval"]))
+    return chosen, [[task or "–", str(s.get("prompt", "")), str(s.get("reference", "")), str(s.get("output", ""))]
+                    for task, s in _samples_in(ev)]
+
+
+# ------------------------------------------------------------------ the Pareto frontier
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a metric (engine.config.METRIC_DIRECTION); unknown names: higher."""
+    return METRIC_DIRECTION.get(metric, True)
+
+
+def pareto_front(points: list[dict], higher_better: bool) -> list:
+    """Ids of the points ({id, x: cost, y: metric}) no other point dominates, cheapest
+    first. q dominates p when q.x <= p.x and q.y is at least as good, one of them strictly;
+    equal points both stay. Points missing x or y (or not finite) take no part."""
+    pts = [p for p in points if is_number(p.get("x")) and is_number(p.get("y"))]
+
+    def better(a, b):        # a's metric strictly better than b's
+        return a > b if higher_better else a < b
+
+    def dominates(q, p):
+        return (q["x"] <= p["x"] and not better(p["y"], q["y"])
+                and (q["x"] < p["x"] or better(q["y"], p["y"])))
+
+    front = [p for p in pts if not any(dominates(q, p) for q in pts if q is not p)]
+    front.sort(key=lambda p: (p["x"], -p["y"] if higher_better else p["y"]))
+    return [p["id"] for p in front]
+
+
+def memory_point(run: dict) -> tuple[Optional[float], Optional[str]]:
+    """(GiB, which) of a run for the memory chart: its measured peak where recorded, else
+    its estimate; `which` in words ('measured CPU RSS', 'estimated CUDA')."""
+    f = memory_figures(run)
+    if f["measured"]:
+        return f["measured"] / GIB, f["measured_kind"]
+    if f["estimated"]:
+        return f["estimated"] / GIB, f["estimated_kind"]
+    return None, None
+
+
+def pareto_points(runs: list[dict]) -> dict[str, list[dict]]:
+    """The points of both charts: 'params' (x: trainable parameters) and 'memory' (x: peak
+    GiB, `note` naming measured or estimated); y is each run's best metric."""
+    params, memory = [], []
+    for r in runs:
+        base = {"id": r["id"], "label": run_label(r), "method": r.get("method") or "?", "y": r.get("best_metric")}
+        params.append({**base, "x": r.get("n_trainable"), "note": ""})
+        gib, which = memory_point(r)
+        memory.append({**base, "x": gib, "note": f"GiB {which}" if which else ""})
+    return {"params": params, "memory": memory}
+
+
+def pareto_of(runs: list[dict], metric: Optional[str] = None) -> dict:
+    """{'metric', 'points': {params, memory}, 'front': {params: [ids], memory: [ids]}} over `runs`
+    that report `metric` (the runs' metric_name by default); others take no part."""
+    metric = metric or metric_name_of(runs)
+    ranked = [r for r in runs if (r.get("metric_name") or metric) == metric]
+    pts = pareto_points(ranked)
+    hb = higher_is_better(metric)
+    return {"metric": metric, "points": pts, "front": {k: pareto_front(v, hb) for k, v in pts.items()}}
+
+
+def _cost(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3f}"
+
+
+def front_markdown(points: list[dict], front: list, metric: str, cost: str) -> str:
+    """The frontier runs as a markdown table (cheapest first), or a line saying there are none."""
+    by_id = {p["id"]: p for p in points}
+    rows = [by_id[i] for i in front if i in by_id]
+    if not rows:
+        return f"**Pareto frontier ({cost}):** no run has both a {metric} and a {cost} figure."
+    body = "\n".join(f"| {p['label']} | {p['method']} | {_cost(p['x'])} {p.get('note') or ''} | {p['y']:.4f} |"
+                      for p in rows)
+    arrow = "higher" if higher_is_better(metric) else "lower"
+    return (f"**Pareto frontier ({cost}; {metric}, {arrow} is better):** no other run beats these on both.\n\n"
+            f"| run | method | {cost} | {metric} |\n|---|---|---|---|\n{body}")

@@ -1,11 +1,16 @@
-"""The Runs tab: the live runs table, the selected run's progress, curves,
-config and log, and its actions (cancel, resume, priority, clone, delete,
-download, merged model). Everything shown is read from the database."""
+"""The Runs tab: the live runs table, the selected run's progress, curves
+(training loss smoothed as in TensorBoard; validation; generation metrics with
+a table of the decoded samples), where the run is tracked, config and log
+(tracker warnings among its lines), and its actions (cancel, resume, priority,
+clone, delete, download, merged model, GGUF). Everything shown is read from
+the database."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import gradio as gr
 import yaml
@@ -13,11 +18,12 @@ import yaml
 from engine.methods import METHODS
 from workers.settings import Settings
 
-from .. import charts, service
+from .. import charts, compare, service
 from .common import GIB, Ctx, error_text, link_download
 
 RUN_COLUMNS = ["id", "name", "model", "method", "rank", "status", "trainable %", "best metric",
                "est. peak GiB", "measured peak GiB", "tokens/s", "duration s", "owner"]
+GGUF_QUANTS = ["f16", "q8_0"]
 STATUS_FILTERS = ["all", "queued", "running", "succeeded", "failed", "cancelled"]
 PRIORITY_RANGE = (-5, 5)
 log = logging.getLogger("peft_studio.ui")
@@ -98,9 +104,11 @@ def run_status_md(run: dict, metrics: list[dict]) -> str:
     evals = [m for m in metrics if m.get("eval")]
     last_eval = evals[-1]["eval"] if evals else {}
     ev = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()   # tasks: eval/<task>/...
-                   if isinstance(v, (int, float)) and not k.endswith("eval_rows"))
+                   if charts.is_number(v) and not k.endswith(("eval_rows", "gen_rows")))
     if ev and last_eval.get("eval_rows"):
         ev = f"{ev} (on {int(last_eval['eval_rows']):,} rows)"
+    if ev and charts.is_number(last_eval.get("gen_rows")):
+        ev = f"{ev}; generation scored on {int(last_eval['gen_rows']):,} prompts"
     loss = last.get("loss")
     lines = [f"### Run {run['id']} · {run['name']} — `{run['status']}`",
              f"step **{run['steps_done']}** / {run['max_steps'] or '?'}"
@@ -110,27 +118,84 @@ def run_status_md(run: dict, metrics: list[dict]) -> str:
              f"_{run['phase']}_" if run.get("phase") and run["status"] == "running" else "",
              resumed_text(run),
              f"{placement_text(run)} · launched by: {run.get('owner') or '–'}",
-             f"trainable: {run['n_trainable']:,} / {run['n_params']:,}" if run.get("n_params") else ""]
+             f"trainable: {run['n_trainable']:,} / {run['n_params']:,}" if run.get("n_params") else "",
+             tracking_text(run)]
     if run.get("error") and run["status"] in ("failed", "cancelled"):
         lines.append(f"**{'Error' if run['status'] == 'failed' else 'Note'}:** {run['error']}")
     return "  \n".join(x for x in lines if x)
 
 
+def without_credentials(uri: Optional[str]) -> str:
+    """A URI as shown to people: any user:password@ part dropped."""
+    if not uri:
+        return "?"
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "?"
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urlunsplit(parts)
+
+
+def tracking_text(run: dict) -> str:
+    """'tracked in: MLflow run … at …; TensorBoard logdir …; W&B run …' from `run['tracking']`, or ''."""
+    t = run.get("tracking") or {}
+    parts = []
+    if m := t.get("mlflow"):
+        parts.append(f"MLflow run `{m.get('run_id') or '?'}` (experiment {m.get('experiment_id') or '?'}) "
+                     f"at {without_credentials(m.get('uri'))}")
+    if tb := t.get("tensorboard"):
+        parts.append(f"TensorBoard logdir `{tb.get('logdir') or '?'}`")
+    if w := t.get("wandb"):
+        parts.append(f"W&B run `{w.get('run_id') or '?'}` in project {w.get('project') or '?'} "
+                     f"({w.get('mode') or '?'}" + (f", `{w['dir']}`" if w.get("dir") else "") + ")")
+    return ("tracked in: " + "; ".join(parts)) if parts else ""
+
+
+def _when(text) -> Optional[float]:
+    """An ISO time (naive = UTC) as epoch seconds, or None."""
+    try:
+        t = dt.datetime.fromisoformat(str(text))
+    except (TypeError, ValueError):
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
 def run_log(run: dict, metrics: list[dict]) -> str:
-    """A plain-text log of the run from what the database holds."""
-    lines = [f"{run['created_at']}  run {run['id']} queued by {run.get('owner') or 'anonymous'}"]
+    """A plain-text log of the run from what the database holds, the run's warnings (a tracker
+    that was down, ...) placed among the step lines by time (a step's time: start + elapsed)."""
+    queued = f"{run['created_at']}  run {run['id']} queued by {run.get('owner') or 'anonymous'}"
+    events: list[tuple[Optional[float], str]] = [(_when(run.get("created_at")), queued)]
+    start = _when(run.get("started_at"))
     if run.get("started_at"):
-        lines.append(f"{run['started_at']}  run {run['id']} started on {run.get('worker_host')} ({run.get('device')})")
+        events.append((start, f"{run['started_at']}  run {run['id']} started on {run.get('worker_host')} "
+                              f"({run.get('device')})"))
     for m in metrics:
-        ev = " ".join(f"{k}={v:.4f}" for k, v in (m.get("eval") or {}).items() if isinstance(v, (int, float)))
+        ev = " ".join(f"{k}={v:.4f}" for k, v in (m.get("eval") or {}).items() if charts.is_number(v))
         loss = "–" if m.get("loss") is None else f"{m['loss']:.4f}"
         lr = "–" if m.get("lr") is None else f"{m['lr']:.2e}"
-        lines.append(f"step {m['step']:>6}  loss {loss}  lr {lr}  tokens/s {m.get('tokens_per_s') or 0:.1f}"
-                     + (f"  eval {ev}" if ev else ""))
+        at = start + m["elapsed_s"] if start is not None and charts.is_number(m.get("elapsed_s")) else None
+        events.append((at, f"step {m['step']:>6}  loss {loss}  lr {lr}  tokens/s {m.get('tokens_per_s') or 0:.1f}"
+                           + (f"  eval {ev}" if ev else "")))
     if run.get("finished_at"):
-        lines.append(f"{run['finished_at']}  run {run['id']} {run['status']}"
-                     + (f": {run['error']}" if run.get("error") else ""))
-    return "\n".join(lines[-400:])
+        events.append((_when(run.get("finished_at")), f"{run['finished_at']}  run {run['id']} {run['status']}"
+                       + (f": {run['error']}" if run.get("error") else "")))
+    lines = [(t, text) for t, text in events]
+    for w in run.get("warnings") or []:
+        if isinstance(w, dict) and w.get("message"):
+            t = _when(w.get("at"))
+            line = (t, f"{w.get('at') or '?'}  run {run['id']} warning: {w['message']}")
+            # after the last line at or before its time (lines without a time keep their place)
+            pos = len(lines)
+            if t is not None:
+                for i in range(len(lines) - 1, -1, -1):
+                    if lines[i][0] is not None and lines[i][0] > t:
+                        pos = i
+                    elif lines[i][0] is not None:
+                        break
+            lines.insert(pos, line)
+    return "\n".join(text for _, text in lines[-400:])
 
 
 def run_signature(run: Optional[dict]) -> Optional[tuple]:
@@ -154,12 +219,25 @@ def adapter_download(settings: Settings, run_id: int) -> Optional[str]:
 
 
 def workers_md(workers: list[dict]) -> str:
+    """The workers panel: per worker its device, memory, how many runs it may hold at once,
+    the runs it is running and (a packing worker) the memory reserved for them."""
     if not workers:
         return "**Workers:** none connected yet."
+
+    def reserved(w: dict) -> str:
+        if w.get("reserved_memory") is None:
+            return "–"
+        return f"{w['reserved_memory'] / GIB:.2f} / {(w['total_memory'] or 0) / GIB:.2f} GiB"
+
+    def running(w: dict) -> str:
+        ids = w.get("running") or []
+        return ", ".join(f"#{i}" for i in ids) if ids else "–"
+
     rows = "\n".join(f"| {w['name']} | {w['device']} | {(w['total_memory'] or 0) / GIB:.1f} GiB | "
-                     f"{(w['free_memory'] or 0) / GIB:.1f} GiB | {w['heartbeat_at']} |" for w in workers)
-    return ("**Connected workers**\n\n| worker | device | memory | free | last heartbeat (UTC) |\n"
-            "|---|---|---|---|---|\n" + rows)
+                     f"{(w['free_memory'] or 0) / GIB:.1f} GiB | {w.get('concurrency') or 1} | {running(w)} | "
+                     f"{reserved(w)} | {w['heartbeat_at']} |" for w in workers)
+    return ("**Connected workers**\n\n| worker | device | memory | free | runs at once | running | "
+            "reserved / total | last heartbeat (UTC) |\n|---|---|---|---|---|---|---|---|\n" + rows)
 
 
 # ------------------------------------------------------------------ the tab
@@ -187,11 +265,23 @@ class RunsTab:
             self.dl_btn = gr.DownloadButton("Download adapter", value=None, interactive=False,
                                             elem_id="download-adapter")
             self.merged_btn = gr.Button("Build merged model", elem_id="build-merged", interactive=False)
+            self.gguf_quant = gr.Dropdown(GGUF_QUANTS, value="f16", label="GGUF type", elem_id="gguf-quant",
+                                          scale=1, min_width=90)
+            self.gguf_btn = gr.Button("Export GGUF", elem_id="export-gguf", interactive=False)
         self.merged_file = gr.File(label="Merged model zip", interactive=False, visible=False, elem_id="merged-file")
+        self.gguf_msg = gr.Markdown(elem_id="gguf-msg")
+        self.gguf_file = gr.File(label="GGUF file", interactive=False, visible=False, elem_id="gguf-file")
         self.status_md = gr.Markdown(elem_id="run-status")
+        self.smoothing = gr.Slider(0, charts.SMOOTHING_MAX, value=charts.SMOOTHING_DEFAULT, step=0.01,
+                                   label="Loss smoothing (EMA weight; 0 = raw)", elem_id="runs-smoothing")
         with gr.Row():
             self.loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
             self.eval_plot = gr.Plot(label="Validation", elem_id="eval-plot")
+        with gr.Group(visible=False) as self.gen_group:      # causal-LM runs with generation metrics
+            self.gen_plot = gr.Plot(label="Generation metrics", elem_id="gen-plot")
+            self.sample_step = gr.Dropdown([], label="Samples of the evaluation at", elem_id="sample-step")
+            self.samples = gr.Dataframe(headers=compare.SAMPLE_COLUMNS, interactive=False, wrap=True,
+                                        label="Decoded samples (prompt, reference, output)", elem_id="gen-samples")
         with gr.Row():
             self.config = gr.Code(language="yaml", label="Config", elem_id="run-config")
             self.log = gr.Textbox(label="Log", lines=14, max_lines=14, interactive=False, elem_id="run-log",
@@ -202,20 +292,35 @@ class RunsTab:
 
     # -------------------------------------------------------------- what a refresh sends
 
-    def details(self, rid, request) -> tuple[Optional[dict], dict]:
+    def generation(self, metrics: list[dict], label: str, step=None) -> dict:
+        """The generation view: curves, the eval steps with samples, and the samples of `step`
+        (the latest by default); hidden for a run without generation metrics."""
+        import pandas as pd
+
+        if not compare.has_generation_metrics(metrics) and not compare.sample_steps(metrics):
+            return {self.gen_group: gr.update(visible=False), self.gen_plot: None,
+                    self.sample_step: gr.update(choices=[], value=None), self.samples: None}
+        chosen, rows = compare.samples_table(metrics, step)
+        return {self.gen_group: gr.update(visible=True), self.gen_plot: charts.generation_curves({label: metrics}),
+                self.sample_step: gr.update(choices=[(f"step {s}", s) for s in compare.sample_steps(metrics)],
+                                            value=chosen),
+                self.samples: pd.DataFrame(rows, columns=compare.SAMPLE_COLUMNS)}
+
+    def details(self, rid, request, smoothing: float = 0.0) -> tuple[Optional[dict], dict]:
         """(run, {component: value} for the detail widgets) of run `rid`, or a message."""
         try:
             run = self.ctx.visible_run(rid, request)
         except service.NotFound as e:
             return None, {self.status_md: error_text(e), self.loss_plot: None, self.eval_plot: None,
-                          self.config: "", self.log: ""}
+                          self.config: "", self.log: "", **self.generation([], "")}
         metrics = service.get_metrics(self.ctx.settings, run["id"])
         label = f"run {run['id']}"
         metric_name = run.get("metric_name") or ("accuracy" if run["task"] == "classification" else "eval_loss")
         return run, {self.status_md: run_status_md(run, metrics),
-                     self.loss_plot: charts.loss_curves({label: metrics}),
+                     self.loss_plot: charts.loss_curves({label: metrics}, smoothing=smoothing or 0.0),
                      self.eval_plot: charts.eval_curves({label: metrics}, metric_name),
-                     self.config: yaml.safe_dump(run["config"], sort_keys=False), self.log: run_log(run, metrics)}
+                     self.config: yaml.safe_dump(run["config"], sort_keys=False), self.log: run_log(run, metrics),
+                     **self.generation(metrics, label)}
 
     def actions(self, run: Optional[dict]) -> dict:
         """The download button (with the adapter zip) and the merged-model button for `run`."""
@@ -223,8 +328,10 @@ class RunsTab:
         if run and run.get("adapter"):
             path = adapter_download(self.ctx.settings, run["id"])
         spec = METHODS.get(run["method"]) if run else None
+        gguf = bool(run and run["status"] == "succeeded" and run.get("task") == "causal_lm")
         return {self.dl_btn: gr.update(value=path, interactive=path is not None),
-                self.merged_btn: gr.update(interactive=bool(run and run.get("adapter") and spec and spec.mergeable))}
+                self.merged_btn: gr.update(interactive=bool(run and run.get("adapter") and spec and spec.mergeable)),
+                self.gguf_btn: gr.update(interactive=gguf)}
 
     def rows(self, request, q, st, sb, desc) -> list[list]:
         return filter_sort(runs_table(self.ctx.settings, owner=self.ctx.visible_owner(request)), q, st, sb, desc)
@@ -233,22 +340,24 @@ class RunsTab:
 
     def wire(self, demo: gr.Blocks, timer: gr.Timer, selected_store: gr.BrowserState) -> None:
         ctx = self.ctx
-        view_inputs = [self.run_id, self.query, self.status, self.sort_by, self.desc]
-        detail_outs = [self.status_md, self.loss_plot, self.eval_plot, self.config, self.log]
+        view_inputs = [self.run_id, self.query, self.status, self.sort_by, self.desc, self.smoothing]
+        detail_outs = [self.status_md, self.loss_plot, self.eval_plot, self.config, self.log, self.gen_group,
+                       self.gen_plot, self.sample_step, self.samples]
         run_outs = [self.table, self.table_sig, self.run_sig, *detail_outs, self.dl_btn, self.merged_btn,
-                    self.merged_file]
+                    self.gguf_btn, self.merged_file, self.gguf_file, self.gguf_msg]
 
-        def show_run(rid, q, st, sb, desc, request: gr.Request = None):
+        def show_run(rid, q, st, sb, desc, smoothing, request: gr.Request = None):
             """Full refresh: the table, the selected run's details and actions."""
             rows = self.rows(request, q, st, sb, desc)
-            run, dets = self.details(rid, request)
+            run, dets = self.details(rid, request, smoothing)
             return {self.table: rows, self.table_sig: repr(rows), self.run_sig: run_signature(run), **dets,
-                    **self.actions(run), self.merged_file: gr.update(visible=False)}
+                    **self.actions(run), self.merged_file: gr.update(visible=False),
+                    self.gguf_file: gr.update(value=None, visible=False), self.gguf_msg: ""}
         self.run_id.change(show_run, view_inputs, run_outs).then(lambda r: r, self.run_id, selected_store)
         for c in (self.query, self.status, self.sort_by, self.desc):
             c.change(show_run, view_inputs, run_outs, show_progress="hidden")
 
-        def on_tick(rid, q, st, sb, desc, tsig, rsig, request: gr.Request = None):
+        def on_tick(rid, q, st, sb, desc, smoothing, tsig, rsig, request: gr.Request = None):
             """Poll the database; send only what changed (keeps the table's scroll and selection)."""
             rows = self.rows(request, q, st, sb, desc)
             sig = repr(rows)
@@ -261,7 +370,7 @@ class RunsTab:
                 current = None
             if run_signature(current) == rsig:     # the details shown are still true
                 return out
-            run, dets = self.details(rid, request)
+            run, dets = self.details(rid, request, smoothing)
             return out | {self.run_sig: run_signature(run), **dets, **self.actions(run)}
         timer.tick(on_tick, view_inputs + [self.table_sig, self.run_sig], run_outs, show_progress="hidden")
 
@@ -274,6 +383,26 @@ class RunsTab:
 
         demo.load(lambda saved: saved if saved else gr.skip(), selected_store, self.run_id)
         demo.load(show_run, view_inputs, run_outs)
+
+        def on_smoothing(rid, smoothing, request: gr.Request = None):
+            """Only the loss chart changes with the smoothing weight."""
+            try:
+                run = ctx.visible_run(rid, request)
+            except service.NotFound:
+                return gr.skip()
+            return charts.loss_curves({f"run {run['id']}": service.get_metrics(ctx.settings, run["id"])},
+                                      smoothing=smoothing or 0.0)
+        self.smoothing.change(on_smoothing, [self.run_id, self.smoothing], self.loss_plot,
+                              trigger_mode="always_last", show_progress="hidden")
+
+        def on_sample_step(rid, step, request: gr.Request = None):
+            try:
+                run = ctx.visible_run(rid, request)
+            except service.NotFound:
+                return gr.skip()
+            out = self.generation(service.get_metrics(ctx.settings, run["id"]), f"run {run['id']}", step)
+            return out[self.samples]
+        self.sample_step.input(on_sample_step, [self.run_id, self.sample_step], self.samples)
 
         def act(action):
             def handler(rid, request: gr.Request = None):
@@ -328,6 +457,19 @@ class RunsTab:
                 raise gr.Error(str(e))
             return gr.update(value=link_download(path, name), visible=True)
         self.merged_btn.click(on_merged, self.run_id, self.merged_file)
+
+        def on_gguf(rid, quant, request: gr.Request = None):
+            """The merged model as GGUF (studio.gguf): a download, or the reason there is none."""
+            from ..artifacts import ArtifactError
+            try:
+                run = ctx.visible_run(rid, request)
+                from ..gguf import gguf_file        # imported here: the GGUF writer loads only when asked
+                path, name = gguf_file(ctx.settings, run["id"], quant or "f16")
+            except (service.NotFound, ArtifactError, ValueError) as e:
+                return {self.gguf_msg: error_text(e), self.gguf_file: gr.update(value=None, visible=False)}
+            return {self.gguf_msg: f"GGUF ({quant}) of run {run['id']}: **{name}**",
+                    self.gguf_file: gr.update(value=link_download(path, name), visible=True)}
+        self.gguf_btn.click(on_gguf, [self.run_id, self.gguf_quant], [self.gguf_msg, self.gguf_file])
 
     def wire_clone(self, launch, tabs: gr.Tabs) -> None:
         """'Clone into Launch': the selected run's config into the Launch form, and switch tabs."""
