@@ -286,6 +286,9 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         return [{"name": s.name, "paper": s.paper, "summary": s.summary, "trains": s.trains,
                  "mergeable": s.mergeable, "peft_format": s.peft_export is not None} for s in METHODS.values()]
 
+    from .compare_route import register_compare_routes
+    register_compare_routes(api, settings, user, owner_filter)   # GET /compare (studio.compare_route)
+
     def custom_openapi():
         if api.openapi_schema:
             return api.openapi_schema
