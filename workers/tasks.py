@@ -261,6 +261,8 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         log.info("run %s: not started by this message (status %s, token %s)", run_id, skipped, token)
         return skipped
     log.info("run %s: started on %s (%s)", run_id, me, dev)
+    from .tracking import open_mirror
+    mirror = open_mirror(settings, run_id, cfg_dict)   # trackers (MLflow, TensorBoard, W&B); never blocks training
     try:
         cfg = parse_run_config(cfg_dict)
         resume = load_checkpoint(settings, run_id)
@@ -291,6 +293,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                 row = {k: m.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "eta_s", "epoch",
                                               "eval")}
                 with_db_retry(lambda: db.add_metric(url, run_id, row), what=f"run {run_id}: metrics")
+                mirror.log_step(row)
                 beat(steps_done=m["step"], max_steps=m.get("max_steps"), final_loss=m.get("loss"),
                      tokens_per_s=m.get("tokens_per_s"))
 
@@ -393,6 +396,8 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         except Exception as e2:   # the reaper will fail it by heartbeat timeout
             log.error("run %s: could not record the failure: %s", run_id, e2)
         return "failed"
+    finally:   # status, estimate, memory and adapter go to the trackers; waits at most STUDIO_TRACKING_FLUSH_S
+        mirror.close()
 
 
 def retry_lost_rank(settings: Settings, run_id: int, error: BaseException, msg: str) -> bool:
@@ -431,7 +436,14 @@ def _forget(settings: Settings, key: str) -> None:
 
 @app.task(name="studio.train_run", acks_late=True)
 def train_run(run_id: int, token: Optional[int] = None) -> str:
-    return execute_run(int(run_id), app.conf.studio_settings, None if token is None else int(token))
+    """One queued run: in this process on a one-run worker (solo pool), or in a child
+    process within a memory budget on a packing worker (workers.packing)."""
+    from . import packing
+
+    token = None if token is None else int(token)
+    if packing.packing():
+        return packing.run_packed(int(run_id), token, app.conf.studio_settings)
+    return execute_run(int(run_id), app.conf.studio_settings, token)
 
 
 # ------------------------------------------------------------------ worker presence
