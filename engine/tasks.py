@@ -135,10 +135,19 @@ class TaskSet:
         return [max(2, e.num_labels) for e in self.examples]
 
 
+COUNT_KEYS = ("eval_rows", "gen_rows")    # summed over tasks, not averaged
+
+
+def is_number(v: Any) -> bool:
+    """A metric value (int or float, not bool); eval dicts also hold lists (generation `samples`)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def combine_eval(per_task: dict[str, dict]) -> dict:
-    """Per-task evaluation dicts -> one dict: `eval/<task>/<metric>` for each task's
-    numbers, and under the plain names (eval_loss, accuracy / perplexity, eval_rows)
-    the unweighted mean over tasks (eval_rows: the sum)."""
+    """Per-task evaluation dicts -> one dict: `eval/<task>/<key>` for each task's values
+    (numbers, and lists such as generation samples), and under the plain names
+    (eval_loss, accuracy / perplexity, bleu, ...) the unweighted mean over the tasks that
+    have the number (eval_rows, gen_rows: the sum). Non-numbers get no plain name."""
     out: dict[str, Any] = {}
     keys: list[str] = []
     for name, ev in per_task.items():
@@ -147,10 +156,10 @@ def combine_eval(per_task: dict[str, dict]) -> dict:
             if k not in keys:
                 keys.append(k)
     for k in keys:
-        vals = [ev[k] for ev in per_task.values() if ev.get(k) is not None]
+        vals = [ev[k] for ev in per_task.values() if is_number(ev.get(k))]
         if not vals:
             continue
-        out[k] = int(sum(vals)) if k == "eval_rows" else float(sum(vals) / len(vals))
+        out[k] = int(sum(vals)) if k in COUNT_KEYS else float(sum(vals) / len(vals))
     return out
 
 

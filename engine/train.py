@@ -23,7 +23,9 @@ from torch.utils.checkpoint import checkpoint
 from . import distributed as D
 from . import fused
 from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather
+from .config import GENERATION_METRICS, METRIC_DIRECTION
 from .gemm import matmul, matmul_t
+from .generation import GenerationSet, evaluate_generation, generation_set, next_token_logits
 from .optim import make_optimizer
 from .prepare import Prepared
 from .tasks import combine_eval, task_context, temperature_probs
@@ -212,13 +214,16 @@ class TaskLoss(nn.Module):
     (the chunked loss calls the decoder and the head directly). forward(batch) gives
     (mean task loss, the method's extra loss or None); forward(batch, sums=True), for
     evaluation, gives [loss, correct, count] of the batch: the loss summed over its rows
-    (classification) or averaged over its `count` tokens (causal LM)."""
+    (classification) or averaged over its `count` tokens (causal LM); forward(step,
+    decode=True), for generation, gives engine.generation.next_token_logits(model, **step)."""
 
     def __init__(self, model: nn.Module, task: str, extra_loss=None):
         super().__init__()
         self.model, self.task, self.extra_loss = model, task, extra_loss
 
-    def forward(self, batch: dict, sums: bool = False):
+    def forward(self, batch: dict, sums: bool = False, decode: bool = False):
+        if decode:
+            return next_token_logits(self.model, **batch)
         if not sums:
             loss = compute_loss(self.model, batch, self.task)
             return loss, (self.extra_loss(self.model) if self.extra_loss is not None else None)
@@ -311,9 +316,30 @@ def total_steps(prep: Prepared, batches_per_epoch: int) -> int:
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
 
 
-def primary_metric(task: str) -> tuple[str, bool]:
-    """(name, higher_is_better) of the metric that ranks runs."""
-    return ("accuracy", True) if task == "classification" else ("eval_loss", False)
+def primary_metric(task: str, metric: Optional[str] = None) -> tuple[str, bool]:
+    """(name, higher_is_better) of the metric that ranks runs: the config's `metric`
+    when given, else accuracy (classification) / eval_loss (causal LM)."""
+    name = metric or ("accuracy" if task == "classification" else "eval_loss")
+    return name, METRIC_DIRECTION[name]
+
+
+def generation_sets(prep: Prepared, log_reason: bool = True) -> list[Optional[GenerationSet]]:
+    """The fixed validation prompts each task of a causal-LM run decodes at every evaluation
+    (training.eval_generate of them; one entry per task, None where a task has no
+    prompt/response split); empty when generation is off."""
+    cfg, t = prep.config, prep.config.training
+    if cfg.task != "causal_lm" or not t.eval_generate:
+        return []
+    if prep.tasks is None:
+        sets = [generation_set(prep.examples.validation, t.eval_generate, t.seed, label=cfg.name, log_reason=log_reason)]
+    else:
+        sets = [generation_set(ex.validation, t.eval_generate, t.seed, label=f"{cfg.name}: task {name}",
+                               log_reason=log_reason) for name, ex in zip(prep.tasks.names, prep.tasks.examples)]
+    if cfg.metric in GENERATION_METRICS and not any(sets):
+        raise ValueError(f"metric: {cfg.metric!r} needs validation rows with a prompt and a response to score "
+                         f"against; {cfg.dataset.label()} has none (give dataset.prompt_column and response_column, "
+                         f"or another metric)")
+    return sets
 
 
 def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = None,
@@ -366,7 +392,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         start_step = restore_loop_state(resume_state, opt, sched, stream, params)
     if dist is not None and dist.rank > 0:    # its own dropout masks; rank 0 keeps the run's stream
         torch.manual_seed(t.seed + 1_000_003 * dist.rank + start_step)
-    metric_name, higher = primary_metric(cfg.task)
+    metric_name, higher = primary_metric(cfg.task, cfg.metric)
+    gen_sets = generation_sets(prep, log_reason=main)
     history: list[dict] = []
     best: Optional[float] = None
     last_eval: dict = {}
@@ -381,18 +408,28 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     t0 = time.perf_counter()
     step = start_step
 
+    def gen_eval(ev: dict, i: int) -> dict:   # the generation metrics of task i joined to its eval dict
+        gs = gen_sets[i] if i < len(gen_sets) else None
+        if not ev or gs is None:
+            return ev
+        wrapped = D.eval_module(runner, dist)   # under FSDP every rank decodes the same prompts in lockstep
+        return {**ev, **evaluate_generation(
+            model, tok, gs, max_new_tokens=t.eval_generate_tokens, batch_size=t.batch_size, device=device, amp=amp,
+            max_prompt_len=t.max_seq_len, forward=(lambda **kw: wrapped(kw, decode=True)) if dist is not None else None,
+            all_done=(lambda mine: not dist.any(not mine)) if dist is not None else None)}
+
     def run_eval(final: bool) -> dict:
         kw = dict(dist=dist, runner=D.eval_module(runner, dist))
         if not multi:
-            return evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
-                            rows=final_rows if final else eval_rows, **kw)
+            return gen_eval(evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
+                                     rows=final_rows if final else eval_rows, **kw), 0)
         per = {}
         for i, (name, d) in enumerate(zip(prep.tasks.names, prep.tasks.data)):
             n = len(d.validation)
             with task_context(model, i):
-                per[name] = evaluate(model, d.validation, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
-                                     rows=eval_sample(n, None if final and t.eval_full else t.eval_max_rows, t.seed),
-                                     **kw)
+                per[name] = gen_eval(evaluate(model, d.validation, cfg.task, t.batch_size, pad_id, device, amp,
+                                              t.eval_batches, rows=eval_sample(n, None if final and t.eval_full
+                                                                               else t.eval_max_rows, t.seed), **kw), i)
         return combine_eval({k: v for k, v in per.items() if v})
 
     def snapshot() -> dict:   # a collective under FSDP: every rank builds it, rank 0 keeps it
@@ -463,7 +500,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             history.append(sm.to_dict())
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}", **({metric_name: f"{ev[metric_name]:.4f}"} if ev else {}))
+                shown = ev.get(metric_name) if ev else None
+                bar.set_postfix(loss=f"{loss_val:.4f}", **({metric_name: f"{shown:.4f}"} if shown is not None else {}))
             if on_step and main:
                 on_step(sm)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps \
