@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
         result = train(prep, on_step=on_step, progress=True)
     os.replace(tmp_metrics, metrics_path)
     save_adapter(prep, out, extra_files={"results.json": json.dumps(result.to_dict(), indent=2).encode()})
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items() if isinstance(v, (int, float)))
     print(f"[{cfg.name}] done: {result.steps} steps in {result.duration_s:.1f} s, loss {result.final_loss:.4f}"
           f"{', ' + ev if ev else ''}; adapter in {out}", file=sys.stderr)
     return 0
@@ -79,7 +79,7 @@ def train_distributed(cfg, out: Path) -> int:
         result = launch_local(cfg, out, d.world_size, progress=True)
     except DistributedError as e:
         _die(str(e), code=1)
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items() if isinstance(v, (int, float)))
     print(f"[{cfg.name}] done: {result.steps} steps on {d.world_size} ranks in {result.duration_s:.1f} s, "
           f"loss {result.final_loss:.4f}{', ' + ev if ev else ''}; adapter in {out}", file=sys.stderr)
     return 0
