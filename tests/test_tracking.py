@@ -235,7 +235,7 @@ def test_the_workers_setting_mirrors_a_run_without_a_tracking_section(llama_run,
     mrun = c.get_run(llama_run["tracking"]["mlflow"]["run_id"])
     assert mrun.info.status == "FINISHED" and mrun.data.params == flatten(llama_run["config"])
     want = expected_metrics(llama_run["metrics"])
-    assert {"eval/bleu", "eval/rouge_l", "eval/exact_match", "eval/gen_rows"} <= set(want)
+    assert {"eval/bleu", "eval/rouge_l", "eval/exact_match", "eval/gen_rows"} <= set(want), llama_run["metrics"]
     assert not any("samples" in k for k in want)
     assert any(isinstance((r["eval"] or {}).get("samples"), list) for r in llama_run["metrics"])  # skipped, not lost
     got = mlflow_history(c, mrun.info.run_id, want)
@@ -361,6 +361,11 @@ def wandb_records(path: Path):
             yield rec
 
 
+def item_key(item) -> str:
+    """A record item's name: `key`, or its `nested_key` parts joined by '/'."""
+    return item.key or "/".join(item.nested_key)
+
+
 def test_wandb_offline_run_holds_our_metrics(bert_run):
     info = bert_run["tracking"]["wandb"]
     assert info["mode"] == "offline" and info["run_id"] == f"peft-studio-{bert_run['id']}"
@@ -372,15 +377,15 @@ def test_wandb_offline_run_holds_our_metrics(bert_run):
     for rec in wandb_records(run_dir / f"run-{info['run_id']}.wandb"):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            row = {i.key: json.loads(i.value_json) for i in rec.history.item}
+            row = {item_key(i): json.loads(i.value_json) for i in rec.history.item}
             for k, v in row.items():
                 history.setdefault(k, {})[int(row["_step"])] = v
         elif kind == "summary":
-            summary.update({i.key: json.loads(i.value_json) for i in rec.summary.update})
+            summary.update({item_key(i): json.loads(i.value_json) for i in rec.summary.update})
         elif kind == "exit":
             exit_codes.append(rec.exit.exit_code)
         elif kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+            config = {item_key(i): json.loads(i.value_json) for i in rec.run.config.update}
     for name, per_step in expected_metrics(bert_run["metrics"]).items():
         assert history[name] == pytest.approx(per_step, rel=1e-9), name
     assert summary["measured_peak_bytes"] == bert_run["measured_peak_bytes"]

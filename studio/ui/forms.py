@@ -11,7 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.arch import arch_for_model_type
-from engine.config import TrainingConfig
+from engine.config import TASK_METRICS, TrainingConfig
 from engine.data import BUNDLED_DATASETS
 from engine.estimator import default_task as estimator_default_task
 from engine.estimator import load_model_config, model_dims
@@ -30,6 +30,8 @@ MODEL_CHOICES = list(BUNDLED_MODELS) + list(TINY_MODELS)    # the random test mo
 STRATEGIES = ["ddp", "fsdp"]      # engine.config DistributedConfig.strategy
 OPTIMIZERS = list(typing.get_args(TrainingConfig.model_fields["optimizer"].annotation))   # training.optimizer
 DEFAULT_OPTIMIZER = TrainingConfig.model_fields["optimizer"].default
+DEFAULT_EVAL_GENERATE = TrainingConfig.model_fields["eval_generate"].default    # causal LM only
+WANDB_MODES = ["online", "offline"]      # engine.config WandbConfig.mode
 SWEEP_KEYS = {"r": "r", "rank": "r", "method": "method", "lr": "lr", "learning_rate": "lr", "d": "d"}
 SWEEP_SUFFIX = {"r": "r", "method": "", "lr": "lr", "d": "d"}
 MAX_SWEEP = 12
@@ -37,7 +39,8 @@ MAX_SWEEP = 12
 # the non-method part of the Launch form, in the order the event handlers receive it
 FORM_KEYS = ["run_name", "model", "task", "method", "extra_method", "ds_source", "ds_name", "upload_path",
              "text_col", "label_col", "prompt_col", "response_col", "max_rows", "max_steps", "batch", "lr", "seq",
-             "eval_every", "seed", "strategy", "devices", "optimizer", "tasks_yaml", "temperature"]
+             "eval_every", "seed", "strategy", "devices", "optimizer", "tasks_yaml", "temperature",
+             "eval_generate", "metric", "mlflow_uri", "tensorboard", "wandb_project", "wandb_entity", "wandb_mode"]
 FORM_HIDDEN = {"name", "random_rank_seed"}   # left to the YAML box
 
 
@@ -244,6 +247,50 @@ def optimizer_of(form: dict) -> str:
     return opt
 
 
+def metric_choices(task: str) -> list[str]:
+    """The metrics a run of `task` may be ranked by (engine.config.TASK_METRICS)."""
+    return list(TASK_METRICS.get(task, TASK_METRICS["classification"]))
+
+
+def default_metric(task: str) -> str:
+    """The metric a run of `task` is ranked by when the config names none (RunConfig.metric_name)."""
+    return "accuracy" if task == "classification" else "eval_loss"
+
+
+def metric_of(form: dict) -> Optional[str]:
+    """The config's `metric` from the form: None (left out) when it is the task's default;
+    a metric of the other task is passed on for the schema to refuse, naming the field."""
+    metric = form.get("metric")
+    metric = metric.strip() if isinstance(metric, str) else metric
+    return None if not metric or metric == default_metric(form.get("task") or "") else metric
+
+
+def eval_generate_of(form: dict) -> Optional[int]:
+    """training.eval_generate from the form (causal LM only; None: the default, left implicit)."""
+    v = form.get("eval_generate")
+    if form.get("task") != "causal_lm" or v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    n = _int(form, "eval_generate", "eval_generate")
+    return None if n == DEFAULT_EVAL_GENERATE else n
+
+
+def tracking_of(form: dict) -> Optional[dict]:
+    """The config's `tracking` section from the Tracking group (None: no tracker chosen).
+    The MLflow URI is checked by the schema (no credentials in it)."""
+    out: dict[str, Any] = {}
+    uri = (form.get("mlflow_uri") or "").strip()
+    if uri:
+        out["mlflow"] = uri
+    if form.get("tensorboard"):
+        out["tensorboard"] = True
+    project = (form.get("wandb_project") or "").strip()
+    if project:
+        entity = (form.get("wandb_entity") or "").strip()
+        out["wandb"] = {"project": project, **({"entity": entity} if entity else {}),
+                        "mode": form.get("wandb_mode") or "online"}
+    return out or None
+
+
 # ------------------------------------------------------------------ several datasets (dataset.tasks)
 
 def parse_tasks(text: str) -> list[dict]:
@@ -331,8 +378,17 @@ def build_config(form: dict) -> dict:
     optimizer = optimizer_of(form)
     if optimizer != DEFAULT_OPTIMIZER:      # the default stays implicit
         training["optimizer"] = optimizer
-    return {"name": (form.get("run_name") or "").strip() or auto, "model": model, "task": form["task"],
-            "dataset": ds, "method": m, "training": training}
+    gen = eval_generate_of(form)
+    if gen is not None:
+        training["eval_generate"] = gen
+    cfg = {"name": (form.get("run_name") or "").strip() or auto, "model": model, "task": form["task"],
+           "dataset": ds, "method": m, "training": training}
+    metric, tracking = metric_of(form), tracking_of(form)
+    if metric:
+        cfg["metric"] = metric
+    if tracking:
+        cfg["tracking"] = tracking
+    return cfg
 
 
 def parse_sweep(text: str) -> tuple[Optional[str], list[str]]:
@@ -397,7 +453,14 @@ def form_from_config(cfg: dict) -> dict:
         "devices": (t.get("distributed") or {}).get("world_size", 1),
         "tasks_yaml": yaml.safe_dump(ds["tasks"], sort_keys=False) if ds.get("tasks") else "",
         "temperature": ds.get("temperature", 10.0),
-        "optimizer": t.get("optimizer") or DEFAULT_OPTIMIZER}
+        "optimizer": t.get("optimizer") or DEFAULT_OPTIMIZER,
+        "eval_generate": t.get("eval_generate", DEFAULT_EVAL_GENERATE),
+        "metric": cfg.get("metric") or default_metric(cfg.get("task") or ""),
+        "mlflow_uri": (cfg.get("tracking") or {}).get("mlflow") or "",
+        "tensorboard": bool((cfg.get("tracking") or {}).get("tensorboard")),
+        "wandb_project": ((cfg.get("tracking") or {}).get("wandb") or {}).get("project") or "",
+        "wandb_entity": ((cfg.get("tracking") or {}).get("wandb") or {}).get("entity") or "",
+        "wandb_mode": ((cfg.get("tracking") or {}).get("wandb") or {}).get("mode") or "online"}
     extra = {}
     for k, v in m.items():
         if k == "name":

@@ -14,9 +14,10 @@ from engine.methods import METHODS
 
 from .. import charts, service
 from .common import GIB, Ctx
-from .forms import (DEFAULT_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER, FORM_KEYS, METHOD_FIELDS,
-                    MODEL_CHOICES, OPTIMIZERS, STRATEGIES, build_config, build_method, default_dataset, default_task, distributed_of,
-                    field_choices, field_default, form_from_config, method_fields, method_help, optimizer_of,
+from .forms import (DEFAULT_DATASET, DEFAULT_EVAL_GENERATE, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER,
+                    FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES, OPTIMIZERS, STRATEGIES, WANDB_MODES, build_config,
+                    build_method, default_dataset, default_metric, default_task, distributed_of, field_choices,
+                    field_default, form_from_config, method_fields, method_help, metric_choices, optimizer_of,
                     sweep_configs)
 from .forms import add_task as add_task_entry
 
@@ -217,6 +218,24 @@ class LaunchTab:
                                      info="fsdp shards the model")
             self.optimizer = gr.Dropdown(OPTIMIZERS, value=DEFAULT_OPTIMIZER, label="optimizer", elem_id="optimizer",
                                          info="8-bit: block-wise quantized AdamW states; paged: kept in host memory")
+            task0 = default_task(DEFAULT_MODEL) or "classification"
+            self.metric = gr.Dropdown(metric_choices(task0), value=default_metric(task0), label="metric",
+                                      elem_id="metric", info="what ranks the run (its best metric)")
+            self.eval_generate = gr.Number(DEFAULT_EVAL_GENERATE, label="generate on N eval prompts", precision=0,
+                                           minimum=0, visible=task0 == "causal_lm", elem_id="eval-generate",
+                                           info="BLEU / ROUGE-L / exact match at each evaluation (0: off)")
+        with gr.Accordion("Tracking", open=False, elem_id="tracking"):
+            gr.Markdown("Mirror the run to your experiment tracker: params, metrics per step, the memory estimate "
+                        "and the measured peak, the adapter and the status. Credentials stay in the worker's "
+                        "environment (MLFLOW_TRACKING_USERNAME / _PASSWORD, WANDB_API_KEY), never in the config.")
+            with gr.Row():
+                self.mlflow_uri = gr.Textbox(label="MLflow tracking URI", placeholder="http://mlflow.example:5000",
+                                             elem_id="mlflow-uri", scale=3)
+                self.tensorboard = gr.Checkbox(False, label="TensorBoard event files", elem_id="tensorboard")
+            with gr.Row():
+                self.wandb_project = gr.Textbox(label="W&B project", placeholder="off", elem_id="wandb-project")
+                self.wandb_entity = gr.Textbox(label="W&B entity", placeholder="your default", elem_id="wandb-entity")
+                self.wandb_mode = gr.Radio(WANDB_MODES, value="online", label="W&B mode", elem_id="wandb-mode")
         with gr.Row():
             self.preview_btn = gr.Button("Preview config", elem_id="preview-config")
             self.launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
@@ -265,7 +284,18 @@ class LaunchTab:
         """Updates that put run config `cfg` into the form ('clone into Launch')."""
         form = form_from_config(cfg)
         out = {self.form[key]: gr.update(value=form.get(key)) for key in FORM_KEYS}
+        out |= self.task_updates(form.get("task") or "classification", form.get("metric"))
+        out[self.eval_generate] = gr.update(value=form.get("eval_generate"),
+                                            visible=form.get("task") == "causal_lm")
         return out | self.method_updates(form["method"], form["model"], form)
+
+    def task_updates(self, task: str, metric=None) -> dict:
+        """The metric dropdown follows the task (keeping a metric the task has), and the
+        generation count shows for causal LM only."""
+        choices = metric_choices(task)
+        keep = metric if metric in choices else default_metric(task)
+        return {self.metric: gr.update(choices=choices, value=keep),
+                self.eval_generate: gr.update(visible=task == "causal_lm")}
 
     # -------------------------------------------------------------- events
 
@@ -287,6 +317,8 @@ class LaunchTab:
         def on_method(mname, m):
             return self.method_updates(mname, m)
         self.method.input(on_method, [self.method, self.model], [self.method_md] + list(self.fields.values()))
+
+        self.task.change(self.task_updates, [self.task, self.metric], [self.metric, self.eval_generate])
 
         def on_source(src):
             up = src == "upload"
