@@ -38,9 +38,16 @@ def store_problem(settings: Settings) -> Optional[str]:
 
 
 def run_worker(name: Optional[str] = None, loglevel: str = "INFO") -> int:
-    """A Celery worker consuming the studio queue, one run at a time (solo pool:
-    training runs in the main thread; cancellation is cooperative)."""
-    settings = load_settings()
+    """A Celery worker consuming the studio queue. With STUDIO_WORKER_CONCURRENCY 1
+    (a CPU worker's default), one run at a time (solo pool: training runs in the
+    main thread; cancellation is cooperative). With N > 1 (a CUDA worker's default
+    is 4), a thread pool of N: each run in its own process, as many at once as their
+    memory budgets fit (workers.packing, docs/packing.md)."""
+    try:
+        settings = load_settings()
+    except ValueError as e:   # a bad STUDIO_WORKER_* setting
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problem = store_problem(settings)
     if problem:
         log.error("worker not started: %s", problem)
@@ -62,13 +69,23 @@ def run_worker(name: Optional[str] = None, loglevel: str = "INFO") -> int:
         return 2
     ray_address = os.environ.get("STUDIO_RAY_ADDRESS") or None
     queues = worker_queues(settings, rep["total_memory"], rep["devices"], rep["device_memory"], ray=bool(ray_address))
-    log.info("worker %s: %s, %d device(s)%s; queues %s", name, rep["device"], rep["devices"],
-             f", distributed runs go to the Ray cluster at {ray_address}" if ray_address else "", ",".join(queues))
+    from workers import packing
+
+    concurrency = packing.default_concurrency(settings, rep["device"])
+    packing.configure(settings, rep["device"], rep["total_memory"], concurrency)
+    log.info("worker %s: %s, %d device(s)%s; queues %s; %s", name, rep["device"], rep["devices"],
+             f", distributed runs go to the Ray cluster at {ray_address}" if ray_address else "", ",".join(queues),
+             "one run at a time" if concurrency == 1 else
+             f"up to {concurrency} runs at once within {rep['total_memory'] / 1024 ** 3:.2f} GiB "
+             f"(margin {settings.worker_memory_margin:.0%})")
+    pool = ["--pool=solo", "--concurrency=1"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
 
     stop = threading.Event()
     threading.Thread(target=presence_loop, args=(settings, name, stop), daemon=True, name="presence").start()
+    threading.Thread(target=packing.presence_loop, args=(settings, name, stop), daemon=True,
+                     name="packing-presence").start()
     try:
-        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--hostname={name}",
+        app.worker_main(["worker", *pool, f"--hostname={name}",
                          f"--queues={','.join(queues)}", f"--loglevel={loglevel}", "--without-gossip",
                          "--without-mingle", "--without-heartbeat"])
     finally:

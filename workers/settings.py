@@ -14,6 +14,14 @@ STUDIO_ARTIFACT_URL   the artifact store every machine reaches (default file://<
                       s3://bucket/prefix, or file:///mnt/shared/... for a shared mount)
 STUDIO_S3_ENDPOINT_URL  an S3-compatible endpoint (MinIO, Ceph, ...); credentials come from the
                       standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)
+STUDIO_WORKER_CONCURRENCY  how many runs one worker holds at once while their memory budgets fit its
+                      memory (default: 4 on a CUDA worker, 1 on a CPU worker; 1 = one run at a time
+                      in the worker's own process). See docs/packing.md
+STUDIO_WORKER_MEMORY_MARGIN  a packed run may use its estimate times (1 + margin) before it is
+                      stopped as out of its memory budget (default 0.2)
+STUDIO_WORKER_PROCESS_MB  memory each packed run's process needs beyond its estimate (interpreter,
+                      libraries, tokenizer, data), reserved with it (default: 512 on CPU, 0 on CUDA,
+                      where the estimate is of device memory)
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ class Settings:
     queue: str
     artifact_url: str = ""
     s3_endpoint_url: Optional[str] = None
+    worker_concurrency: Optional[int] = None        # None: by device kind (workers.packing)
+    worker_memory_margin: float = 0.2
+    worker_process_mb: Optional[float] = None       # None: by device kind (workers.packing)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -99,7 +110,36 @@ def load_settings() -> Settings:
         queue=_env("STUDIO_QUEUE", "studio"),
         artifact_url=_env("STUDIO_ARTIFACT_URL", (data_dir / "artifacts").resolve().as_uri()),
         s3_endpoint_url=_env("STUDIO_S3_ENDPOINT_URL"),
+        worker_concurrency=_whole("STUDIO_WORKER_CONCURRENCY", lowest=1),
+        worker_memory_margin=_number("STUDIO_WORKER_MEMORY_MARGIN", 0.2, lowest=0.0, highest=10.0),
+        worker_process_mb=_number("STUDIO_WORKER_PROCESS_MB", None, lowest=0.0, highest=1 << 30),
     )
+
+
+def _whole(name: str, *, lowest: int) -> Optional[int]:
+    raw = _env(name)
+    if raw is None:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+    if v < lowest:
+        raise ValueError(f"{name}={raw!r} must be at least {lowest}")
+    return v
+
+
+def _number(name: str, default: Optional[float], *, lowest: float, highest: float) -> Optional[float]:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not lowest <= v <= highest:   # also refuses nan
+        raise ValueError(f"{name}={raw!r} must be between {lowest:g} and {highest:g}")
+    return v
 
 
 def redact_url(url: str) -> str:
