@@ -396,12 +396,23 @@ def delete_run(settings: Settings, run_id: int) -> None:
 
 
 def list_workers(settings: Settings) -> list[dict]:
+    """Live workers: device and memory, `concurrency` (runs it may hold at once), `running`
+    (ids of the runs it is running, from the runs table) and `reserved_memory` (bytes its
+    packed runs hold; null on a one-run worker)."""
     with db.transaction(settings.database_url) as s:
-        return [{"name": w.name, "host": w.host, "device": w.device, "total_memory": w.total_memory,
+        live = db.live_workers(s, max(30.0, 3 * settings.heartbeat_interval_s))
+        running: dict[str, list[int]] = {}
+        if live:
+            for rid, host in s.execute(select(db.Run.id, db.Run.worker_host).where(
+                    db.Run.status == "running", db.Run.worker_host.in_([w.name for w in live]))
+                    .order_by(db.Run.id)):
+                running.setdefault(host, []).append(rid)
+        return [{"name": w.name, "host": w.host, "pid": w.pid, "device": w.device, "total_memory": w.total_memory,
                  "free_memory": w.free_memory, "queue": w.queue, "devices": w.devices or 1,
                  "device_memory": w.device_memory or [w.total_memory], "ray_address": w.ray_address,
-                 "heartbeat_at": w.heartbeat_at.isoformat() + "Z"}
-                for w in db.live_workers(s, max(30.0, 3 * settings.heartbeat_interval_s))]
+                 "concurrency": w.concurrency or 1, "running": running.get(w.name, []),
+                 "reserved_memory": w.reserved_memory, "heartbeat_at": w.heartbeat_at.isoformat() + "Z"}
+                for w in live]
 
 
 # ------------------------------------------------------------------ uploads
