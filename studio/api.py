@@ -275,6 +275,9 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     def datasets(u: Optional[str] = Depends(user)) -> list[dict]:
         return service.list_uploads(settings, owner=owner_filter(u))
 
+    from .generate_route import register_generate_routes
+    register_generate_routes(api, settings, user, load_run_for)   # POST /generate (studio.generate_route)
+
     @api.get("/workers")
     def workers(u: Optional[str] = Depends(user)) -> list[dict]:
         return service.list_workers(settings)
