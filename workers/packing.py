@@ -22,7 +22,10 @@ threads. Each thread that receives a run:
    worker once nothing else is reserved, and runs alone (routing by the submit
    estimate normally keeps such runs away). A distributed run (world size > 1)
    always reserves the whole worker and is not capped (its ranks are the budget).
-3. starts one process for the run, `python -m workers.run_child`, which calls the
+3. starts one process for the run, `python -m workers.run_child` (a fresh
+   interpreter: forking a process that has run torch's OpenMP pool deadlocks the
+   child in its first parallel kernel, which a forkserver with the training stack
+   preloaded was seen to do), which calls the
    unchanged `workers.tasks.execute_run` (claim by token, heartbeats, cancel,
    checkpoints, publish, finish). On CUDA the child caps its allocator at
    cap / device memory (`torch.cuda.set_per_process_memory_fraction`) and reports
@@ -58,6 +61,8 @@ import collections
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -77,7 +82,6 @@ CPU_PROCESS_MB = 512.0              # a CPU child's own memory: interpreter, lib
 WATCH_INTERVAL_S = 0.2
 BUDGET_ERROR = "out of its memory budget"
 _ESTIMATE_LOCK = threading.Lock()
-_START_LOCK = threading.Lock()      # one fork request to the forkserver at a time
 
 
 def device_kind(device: str) -> str:
@@ -269,31 +273,22 @@ def _give_back(settings: Settings, run_id: int, token: Optional[int]) -> str:
     return "queued"
 
 
-_CONTEXT: list = []
-
-
-def child_context():
-    """The multiprocessing forkserver the runs' processes are forked from, with the
-    training stack preloaded (workers.run_child); started once per worker."""
-    if not _CONTEXT:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["workers.run_child"])
-        _CONTEXT.append(ctx)
-    return _CONTEXT[0]
-
-
 def _run_child(settings: Settings, run_id: int, token: Optional[int], b: Budget) -> str:
-    from .run_child import child_main
+    from multiprocessing.connection import Connection
+
     from .tasks import SHUTDOWN
 
-    ctx = child_context()
-    here, there = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child_main, args=(run_id, token, b.cap, there), name=f"run-{run_id}", daemon=False)
-    with _START_LOCK:
-        proc.start()
-    there.close()
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "workers.run_child", str(run_id), "--fd", str(w), "--parent", str(os.getpid())]
+    if token is not None:
+        cmd += ["--token", str(token)]
+    if b.cap is not None:
+        cmd += ["--cap", str(b.cap)]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), close_fds=True)
+    finally:
+        os.close(w)
+    here = Connection(r, writable=False)
     log.info("run %s: child process %s started", run_id, proc.pid)
     baseline: Optional[int] = None
     status: Optional[str] = None
@@ -318,7 +313,7 @@ def _run_child(settings: Settings, run_id: int, token: Optional[int], b: Budget)
     try:
         while True:
             drain(WATCH_INTERVAL_S)
-            if proc.exitcode is not None:
+            if proc.poll() is not None:
                 break
             if SHUTDOWN.is_set() and not forwarded:
                 forwarded = True
@@ -330,26 +325,16 @@ def _run_child(settings: Settings, run_id: int, token: Optional[int], b: Budget)
                     kill_tree(proc.pid)
                     break
     finally:
-        if proc.exitcode is None and over is None and not SHUTDOWN.is_set():
+        if proc.poll() is None and over is None and not SHUTDOWN.is_set():
             kill_tree(proc.pid)
-        proc.join()
+        proc.wait()
         drain(0)
         here.close()
-    if proc.exitcode == 255 and alive(proc.pid):
-        # the forkserver went (a stop signal to the worker's process group): the child
-        # outlives it and is finishing its own stop (checkpoint, requeue); wait for that
-        deadline = time.monotonic() + 300
-        while alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(WATCH_INTERVAL_S)
-        with db.transaction(settings.database_url) as s:
-            status = s.execute(sql_select(db.Run.status).where(db.Run.id == run_id)).scalar()
-        if status != "running":
-            return status or "missing"
     if over is not None:
         why = budget_message(over, b, measured_kind="resident memory above the process baseline")
         log.error("run %s: %s", run_id, why)
         return settle(settings, run_id, proc.pid, token, why, retry=False) or "failed"
-    code = proc.exitcode
+    code = proc.returncode
     if code == 0 and status:
         return status
     how = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 and -code in
@@ -423,15 +408,6 @@ def descendants(pid: int) -> list[int]:
         except OSError:
             continue
     return out
-
-
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def rss_of(pid: int) -> int:

@@ -1,13 +1,10 @@
-"""The process of one packed run (see workers/packing.py and docs/packing.md).
+"""The process of one packed run (see workers/packing.py and docs/packing.md):
 
-`child_main` runs in a process forked from a multiprocessing forkserver that has
-imported this module, and with it the training stack (torch, transformers,
-datasets, the engine), once per worker: a run's process starts in well under a
-second instead of re-importing everything, and forking a single-threaded server
-is safe where forking the threaded worker is not. It trains the run with the
-unchanged `workers.tasks.execute_run` (claim by token, heartbeats, cancel,
-checkpoints, publish, finish) and reports to the worker thread that started it
-over a pipe:
+    python -m workers.run_child RUN_ID --fd N --parent PID [--token T] [--cap BYTES]
+
+It trains the run with the unchanged `workers.tasks.execute_run` (claim by token,
+heartbeats, cancel, checkpoints, publish, finish) and reports to the worker thread
+that started it over the pipe on file descriptor N (a multiprocessing Connection):
 
 - `{"kind": "prepared", "baseline": B, "tensors": T}` when `engine.prepare.prepare_run`
   returns: B = this process's resident memory then, less T, the bytes of the model's
@@ -15,8 +12,8 @@ over a pipe:
   run's memory above it against the cap.
 - `{"kind": "done", "status": S}` with execute_run's result.
 
-SIGTERM (the worker's warm shutdown, forwarded, or the worker's death: the
-forkserver exits with the worker, and PR_SET_PDEATHSIG passes that on) sets `workers.tasks.SHUTDOWN`: the run is checkpointed and
+SIGTERM (the worker's warm shutdown, forwarded, or the worker's death through
+PR_SET_PDEATHSIG) sets `workers.tasks.SHUTDOWN`: the run is checkpointed and
 requeued, as on a stopping solo worker. On CUDA, with `--cap`, the allocator is
 limited to cap / device memory (`torch.cuda.set_per_process_memory_fraction`), and
 a CUDA out-of-memory failure is recorded as out of the run's memory budget.
@@ -24,6 +21,7 @@ a CUDA out-of-memory failure is recorded as out of the run's memory budget.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
@@ -31,24 +29,18 @@ import signal
 import sys
 from typing import Optional
 
-import datasets  # noqa: F401  (the training stack, imported once in the forkserver)
-import engine.prepare  # noqa: F401
-import engine.train  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
-from workers import tasks
-from workers.settings import load_settings
-
 log = logging.getLogger("peft_studio.run_child")
+_EARLY: list = []                       # a stop asked for while the libraries load
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the forkserver goes, which it does when the worker goes."""
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the worker goes."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except OSError:
         pass
-    if os.getppid() == 1:               # orphaned before the request took effect
+    if os.getppid() != parent:          # the worker went before the request took effect
         sys.exit(3)
 
 
@@ -138,13 +130,12 @@ def record_cuda_oom(settings, run_id: int, cap: int) -> None:
         s.execute(update(db.Run).where(db.Run.id == run_id, db.Run.status == "failed").values(error=msg[:4000]))
 
 
-def child_main(run_id: int, token: Optional[int], cap: Optional[int], conn) -> None:
-    """The body of the run's process (started by workers.packing from a forkserver
-    that has this module, and so the training stack, imported)."""
-    early: list = []                    # a stop asked for before the handler below is in place
-    signal.signal(signal.SIGTERM, lambda *_: early.append(1))
-    signal.signal(signal.SIGINT, lambda *_: early.append(1))
-    _die_with_parent()
+def child_main(run_id: int, token: Optional[int], cap: Optional[int], conn, early: list) -> None:
+    """The body of the run's process; `early` is non-empty when a stop was asked for
+    while the libraries loaded."""
+    from workers import tasks
+    from workers.settings import load_settings
+
     logging.basicConfig(level=logging.INFO, force=True,
                         format=f"%(asctime)s %(levelname)s %(name)s [run {run_id}]: %(message)s")
     report = Report(conn)
@@ -164,3 +155,24 @@ def child_main(run_id: int, token: Optional[int], cap: Optional[int], conn) -> N
     if status == "failed" and fraction is not None:
         record_cuda_oom(settings, run_id, cap)
     report.send(kind="done", status=status)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers.run_child")
+    p.add_argument("run_id", type=int)
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--token", type=int, default=None)
+    p.add_argument("--cap", type=int, default=None)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: _EARLY.append(1))
+    signal.signal(signal.SIGINT, lambda *_: _EARLY.append(1))
+    _die_with_parent(a.parent)
+    from multiprocessing.connection import Connection
+
+    child_main(a.run_id, a.token, a.cap, Connection(a.fd, readable=False), _EARLY)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
