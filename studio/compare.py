@@ -335,8 +335,8 @@ def pareto_of(runs: list[dict], metric: Optional[str] = None) -> dict:
     return {"metric": metric, "points": pts, "front": {k: pareto_front(v, hb) for k, v in pts.items()}}
 
 
-def _cost(x: float) -> str:
-    return f"{x:,.0f}" if x >= 1000 else f"{x:.3f}"
+def _cost(x: float, note: str) -> str:
+    return f"{x:.3f}" if note.startswith("GiB") else f"{int(x):,}" if float(x).is_integer() else f"{x:,.4g}"
 
 
 def front_markdown(points: list[dict], front: list, metric: str, cost: str) -> str:
@@ -345,8 +345,8 @@ def front_markdown(points: list[dict], front: list, metric: str, cost: str) -> s
     rows = [by_id[i] for i in front if i in by_id]
     if not rows:
         return f"**Pareto frontier ({cost}):** no run has both a {metric} and a {cost} figure."
-    body = "\n".join(f"| {p['label']} | {p['method']} | {_cost(p['x'])} {p.get('note') or ''} | {p['y']:.4f} |"
-                      for p in rows)
+    body = "\n".join(f"| {p['label']} | {p['method']} | {_cost(p['x'], p.get('note') or '')} {p.get('note') or ''}"
+                      f" | {p['y']:.4f} |" for p in rows)
     arrow = "higher" if higher_is_better(metric) else "lower"
     return (f"**Pareto frontier ({cost}; {metric}, {arrow} is better):** no other run beats these on both.\n\n"
             f"| run | method | {cost} | {metric} |\n|---|---|---|---|\n{body}")
