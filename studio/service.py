@@ -278,6 +278,8 @@ def get_run(settings: Settings, run_id: int) -> dict:
         from workers.queue import world_size_of
         d["world_size"] = world_size_of(run.config)
         d["ranks"] = d.get("ranks") or []
+        # the run's log of warnings [{at, message}] and where trackers mirror it {mlflow|tensorboard|wandb: {...}}
+        d["warnings"], d["tracking"] = d.get("warnings") or [], d.get("tracking") or {}
         ad = s.scalar(select(db.Adapter).where(db.Adapter.run_id == run_id))
         d["adapter"] = {"size": ad.size, "sha256": ad.sha256, "files": ad.files, "key": ad.key} if ad else None
         return d
