@@ -260,3 +260,37 @@ def test_compare_route_lists_rows_and_frontiers(settings):
         assert client.get(f"/compare?run_ids={a}").status_code == 401
         assert client.get(f"/compare?run_ids={a}", auth=("ann", "pw-a")).status_code == 200
         assert client.get(f"/compare?run_ids={a}", auth=("bob", "pw-b")).status_code == 404
+
+
+def test_a_real_causal_lm_run_feeds_the_generation_view(settings):
+    """The engine's own evaluation dicts (tiny-llama trained in this process, 2 prompts decoded
+    at each of 2 evaluations) read by the views: numbers, curves, samples, table columns."""
+    from studio import service
+    from studio.ui import compare_tab
+    from workers.tasks import execute_run
+
+    cfg = {"name": "gen", "model": "tiny-llama", "task": "causal_lm", "metric": "rouge_l",
+           "dataset": {"name": "demo-instruct", "max_rows": 32},
+           "method": {"name": "lora", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+           "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "max_seq_len": 48, "eval_every": 2,
+                        "eval_batches": 1, "eval_generate": 2, "eval_generate_tokens": 4}}
+    rid = service.submit_run(settings, cfg)
+    assert execute_run(rid, settings) == "succeeded", service.get_run(settings, rid)["error"]
+    metrics = service.get_metrics(settings, rid)
+    evals = [m for m in metrics if m.get("eval")]
+    assert [m["step"] for m in evals] == [2, 4]
+    last = compare.last_generation_metrics(metrics)
+    assert set(last) == {"bleu", "rouge_l", "exact_match"} and 0 <= last["rouge_l"] <= 1 and 0 <= last["bleu"] <= 100
+    step, rows = compare.samples_table(metrics)
+    assert step == 4 and len(rows) == 2 and all(len(r) == 4 and r[1] for r in rows)
+    fig = charts.generation_curves({"run": metrics})
+    assert [list(t.x) for t in fig.data if t.meta == "bleu"] == [[2, 4]]
+    run = service.get_run(settings, rid)
+    assert run["metric_name"] == "rouge_l" and run["best_metric"] == pytest.approx(
+        max(m["eval"]["rouge_l"] for m in evals))
+    log = runs_tab.run_log(run, metrics)
+    assert "rouge_l=" in log and "bleu=" in log and "samples" not in log and "prompt" not in log
+    v = compare_tab.compare_view(settings, [rid], "step", False, smoothing=0.6)
+    row = dict(zip(compare.TABLE_COLUMNS, v["table"][0]))
+    assert row["ROUGE-L"] == pytest.approx(round(last["rouge_l"], 4)) and row["metric"] == "rouge_l"
+    assert v["generation"] is not None and v["pareto"]["front"]["params"] == [rid]
