@@ -8,15 +8,29 @@ event files where the run's `tracking` says."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import wait_status
 
-from browser_helpers import browser, page, served, wait_text  # noqa: F401
+from browser_helpers import UI_TIMEOUT_MS, browser, served, wait_text  # noqa: F401
 
 pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def page(browser, served):
+    """browser_helpers' page, with a longer first wait: the first estimate can take
+    over 30 s on a busy 2-core machine."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(UI_TIMEOUT_MS)
+    pg.goto(served.url + "/")
+    pg.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=180_000)
+    yield pg
+    ctx.close()
 
 
 def pick(page, elem_id: str, option: str) -> None:
@@ -26,20 +40,27 @@ def pick(page, elem_id: str, option: str) -> None:
 
 def options_of(page, elem_id: str) -> list[str]:
     page.locator(f"#{elem_id} input").click()
-    names = [o.inner_text().strip() for o in page.get_by_role("option").all()]
+    names = [o.inner_text().replace("✓", "").strip() for o in page.get_by_role("option").all()]
     page.keyboard.press("Escape")
     return names
+
+
+def wait_options(page, elem_id: str, expected: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (got := options_of(page, elem_id)) != expected:
+        assert time.monotonic() < deadline, f"#{elem_id} offers {got}, not {expected}"
+        time.sleep(0.5)
 
 
 def test_launch_with_tensorboard_and_a_metric_from_the_form(page, served):
     pick(page, "model", "tiny-bert")
     page.wait_for_function("() => document.querySelector('#task input[value=classification]').checked")
     assert not page.locator("#eval-generate").is_visible()
-    assert options_of(page, "metric") == ["eval_loss", "accuracy"]
+    wait_options(page, "metric", ["eval_loss", "accuracy"])
     # causal LM: the generation count shows and the metric offers the generation metrics
     page.locator("#task").get_by_text("causal_lm").click()
     page.locator("#eval-generate").wait_for(state="visible")
-    assert options_of(page, "metric") == ["eval_loss", "perplexity", "bleu", "rouge_l", "exact_match"]
+    wait_options(page, "metric", ["eval_loss", "perplexity", "bleu", "rouge_l", "exact_match"])
     page.locator("#task").get_by_text("classification").click()
     page.locator("#eval-generate").wait_for(state="hidden")
     page.locator("#ds-name input").click()

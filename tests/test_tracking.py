@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
 import os
 import signal
 import socket
@@ -468,3 +469,36 @@ def test_migration_0006_adds_and_removes_the_columns(backend, tmp_path, request)
             eng.dispose()
     db.downgrade(url, "0005")
     assert not {"warnings", "tracking"} & columns()
+
+
+# ------------------------------------------------------------------ the Launch form's side (no browser)
+
+def test_the_launch_form_builds_tracking_metric_and_eval_generate_as_the_yaml_would():
+    from engine.config import parse_run_config
+    from studio import service
+    from studio.ui import forms
+    from test_ui_optimizer import launch_form
+
+    plain = forms.build_config(launch_form())
+    assert "tracking" not in plain and "metric" not in plain and "eval_generate" not in plain["training"]
+    cfg = forms.build_config(launch_form(metric="eval_loss", tensorboard=True, mlflow_uri=" http://mlflow:5000 ",
+                                         wandb_project="team", wandb_entity="lab", wandb_mode="offline",
+                                         eval_generate=8))     # eval_generate: causal LM only
+    assert cfg["metric"] == "eval_loss" and "eval_generate" not in cfg["training"]
+    assert cfg["tracking"] == {"mlflow": "http://mlflow:5000", "tensorboard": True,
+                               "wandb": {"project": "team", "entity": "lab", "mode": "offline"}}
+    yaml_cfg = parse_run_config({**cfg, "tracking": {"mlflow": "http://mlflow:5000", "tensorboard": True,
+                                                     "wandb": {"project": "team", "entity": "lab",
+                                                               "mode": "offline"}}})
+    assert parse_run_config(cfg).to_dict() == yaml_cfg.to_dict()
+    lm = forms.build_config(launch_form(model="tiny-llama", task="causal_lm", ds_name="demo-instruct",
+                                        target_modules="q_proj", metric="bleu", eval_generate=8))
+    assert lm["training"]["eval_generate"] == 8 and parse_run_config(lm).metric_name == "bleu"
+    for c in (cfg, lm):                                      # a clone gives the same config back
+        assert forms.build_config(forms.form_from_config(c)) == {**c, "name": c["name"] + "-copy"}
+    assert forms.metric_choices("causal_lm") == ["eval_loss", "perplexity", "bleu", "rouge_l", "exact_match"]
+    # invalid values: the schema's message names the field
+    for bad, field in ((dict(metric="bleu"), "metric"), (dict(mlflow_uri="http://u:pw@h:1"), "tracking.mlflow"),
+                       (dict(wandb_project="no spaces"), "tracking.wandb.project")):
+        with pytest.raises(service.SubmitError, match=rf"{re.escape(field)}"):
+            service.validate_config(forms.build_config(launch_form(**bad)), None)
