@@ -115,7 +115,7 @@ def engine_cfg(kind: str, path: str, packing: bool = False, steps: int = 5, data
                        "method": {"name": "lora", "r": 8, "alpha": 16,
                                   "target_modules": ["query", "value"] if kind == "bert" else ["q_proj", "v_proj"]},
                        "training": {"max_steps": steps, "batch_size": 8, "max_seq_len": 32 if not dataset else 128,
-                                    "eval_every": 0, "eval_max_rows": 256, "packing": packing}})
+                                    "eval_every": 0, "eval_max_rows": 256, "packing": packing, "eval_generate": 0}})
 
 
 def main() -> None:

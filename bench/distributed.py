@@ -33,7 +33,7 @@ def run_config(model: str, world: int, strategy: str, global_batch: int, seq: in
             "dataset": {"name": "demo-instruct"},
             "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
             "training": {"max_steps": steps, "batch_size": global_batch // world, "learning_rate": 1e-4,
-                         "max_seq_len": seq, "eval_every": 0, "eval_batches": 1, "device": device,
+                         "max_seq_len": seq, "eval_every": 0, "eval_batches": 1, "device": device, "eval_generate": 0,
                          "precision": "fp32" if device == "cpu" else "bf16",
                          "distributed": {"world_size": world, "strategy": strategy}}}
 

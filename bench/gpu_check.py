@@ -423,7 +423,7 @@ def autocast_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
         "name": "gpu-check-bf16", "model": model_name, "task": task,
         "dataset": {"name": "demo-instruct", "max_rows": 64}, "method": LORA_SMOL,
         "training": {"max_steps": steps, "batch_size": cfg["batch"], "learning_rate": 1e-3,
-                     "max_seq_len": cfg["seq"], "eval_every": 0, "eval_batches": 1, "precision": "bf16",
+                     "max_seq_len": cfg["seq"], "eval_every": 0, "eval_batches": 1, "precision": "bf16", "eval_generate": 0,
                      "device": dev.type}})
     res = train(prepare_run(run))
     est = estimate(model_name, LORA_SMOL, batch_size=cfg["batch"], seq_len=cfg["seq"], dtype="bf16", task=task,

@@ -52,7 +52,7 @@ def run(method: dict, lr: float, optimizer: str, steps: int, seq: int, batch: in
         "name": f"bench-{method['name']}-{optimizer}", "model": "smollm2-135m", "task": "causal_lm",
         "dataset": {"name": "demo-instruct"}, "method": method,
         "training": {"max_steps": steps, "batch_size": batch, "learning_rate": lr, "max_seq_len": seq,
-                     "eval_every": 0, "eval_batches": 1, "precision": "fp32", "warmup_steps": min(10, steps // 10),
+                     "eval_every": 0, "eval_batches": 1, "precision": "fp32", "warmup_steps": min(10, steps // 10), "eval_generate": 0,
                      "optimizer": optimizer}})
     prep = prepare_run(cfg)
     t0 = time.perf_counter()
