@@ -345,7 +345,7 @@ def test_short_real_run(model_name, task, dataset, method, tmp_path):
     cfg = parse_run_config({"name": f"t-{method['name']}", "model": model_name, "task": task,
                             "dataset": {"name": dataset, "max_rows": 64},
                             "method": method, "training": {"max_steps": 3, "batch_size": 4, "max_seq_len": 32,
-                                                           "eval_every": 0, "eval_batches": 1, "device": "cpu"}})
+                                                           "eval_every": 0, "eval_batches": 1, "device": "cpu", "eval_generate": 0}})
     prep = prepare_run(cfg)
     assert prep.n_trainable == prep.spec.count_trainable(dims_of_model(prep.model), cfg.method, task) + \
         head_count(prep.model, task)

@@ -32,7 +32,7 @@ def config(world=1, strategy="ddp", method=None, steps=6, **training):
         "dataset": {"name": "demo-instruct", "max_rows": 96},
         "method": method or {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "training": {"max_steps": steps, "batch_size": GLOBAL_BATCH // world, "grad_accum": 2, "learning_rate": 2e-2,
-                     "max_seq_len": 32, "eval_every": 3, "eval_batches": 2, "seed": 3,
+                     "max_seq_len": 32, "eval_every": 3, "eval_batches": 2, "seed": 3, "eval_generate": 0,
                      "distributed": {"world_size": world, "strategy": strategy}, **training}}
 
 

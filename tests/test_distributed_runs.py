@@ -17,7 +17,7 @@ def cfg(name, steps=6, **training):
             "dataset": {"name": "demo-instruct", "max_rows": 64},
             "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
             "training": {"max_steps": steps, "batch_size": 2, "grad_accum": 1, "max_seq_len": 32,
-                         "learning_rate": 1e-2, "eval_every": 0,
+                         "learning_rate": 1e-2, "eval_every": 0, "eval_generate": 0,
                          "distributed": {"world_size": 2, "strategy": "ddp"}, **training}}
 
 

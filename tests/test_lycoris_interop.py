@@ -46,7 +46,7 @@ def run_config(method: dict) -> dict:
             "dataset": {"name": "demo-instruct", "max_rows": 16},
             "method": method,
             "training": {"max_steps": 3, "batch_size": 4, "max_seq_len": 24, "learning_rate": 0.02,
-                         "eval_every": 0, "eval_batches": 1, "seed": 0}}
+                         "eval_every": 0, "eval_batches": 1, "seed": 0, "eval_generate": 0}}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def test_method_trains_on_bundled_model_through_the_cli(tmp_path, capsys, model,
            "dataset": {"name": dataset, "max_rows": 16},
            "method": {"name": method},
            "training": {"max_steps": 1, "batch_size": 2, "max_seq_len": 24, "eval_every": 0,
-                        "eval_batches": 1, "learning_rate": 1e-3}}
+                        "eval_batches": 1, "learning_rate": 1e-3, "eval_generate": 0}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     if (method, model) in REFUSED:

@@ -230,7 +230,7 @@ def ddp_cfg(world: int, batch: int, strategy: str = "ddp"):
         "method": {"name": "lora", "r": 32, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
         "training": {"max_steps": 4, "batch_size": batch, "learning_rate": 5e-3, "max_seq_len": 32,
                      "eval_every": 0, "eval_batches": 1, "precision": "fp32", "device": "cpu",
-                     "optimizer": "adamw_8bit", "distributed": {"world_size": world, "strategy": strategy}}})
+                     "optimizer": "adamw_8bit", "distributed": {"world_size": world, "strategy": strategy}, "eval_generate": 0}})
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def test_a_two_worker_run_on_ray_succeeds_with_every_steps_metrics(tmp_path, ray
                        "dataset": {"name": "demo-instruct", "max_rows": 64},
                        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                        "training": {"max_steps": 5, "batch_size": 2, "max_seq_len": 32, "eval_every": 0,
-                                    "learning_rate": 1e-2, "distributed": {"world_size": 2, "strategy": "ddp"}}}
+                                    "learning_rate": 1e-2, "distributed": {"world_size": 2, "strategy": "ddp"}, "eval_generate": 0}}
             r = c.post("/api/runs", json=run_cfg)       # one local device: only Ray can host it
             assert r.status_code == 201, r.text
             rid = r.json()["id"]

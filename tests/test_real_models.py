@@ -31,7 +31,7 @@ def test_lora_on_smollm2_lowers_eval_loss():
         "name": "smollm2-lora", "model": "smollm2-135m", "task": "causal_lm", "dataset": {"name": "demo-instruct"},
         "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         "training": {"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3, "max_seq_len": 48,
-                     "eval_every": 0, "eval_batches": 3}})
+                     "eval_every": 0, "eval_batches": 3, "eval_generate": 0}})
     prep = prepare_run(cfg)
     assert prep.n_trainable == 460_800
     from engine.train import evaluate, pick_device
