@@ -293,6 +293,7 @@ def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16"
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, 0o644)   # mkstemp made it private; a model file is not
         os.replace(tmp, out)
     except BaseException:
         w.close()

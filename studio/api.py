@@ -202,6 +202,9 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
             raise HTTPException(409, str(e))
         return FileResponse(path, media_type="application/zip", filename=name)
 
+    from .gguf_route import register_gguf_routes
+    register_gguf_routes(api, settings, user, load_run_for)   # GET /runs/{id}/gguf (studio.gguf_route)
+
     @api.post("/runs/{run_id}/cancel")
     def cancel(run_id: int, u: Optional[str] = Depends(user)) -> dict:
         load_run_for(run_id, u)
