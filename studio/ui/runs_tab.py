@@ -133,9 +133,9 @@ def without_credentials(uri: Optional[str]) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return "?"
-    if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urlunsplit(parts)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def tracking_text(run: dict) -> str:
@@ -181,7 +181,7 @@ def run_log(run: dict, metrics: list[dict]) -> str:
     if run.get("finished_at"):
         events.append((_when(run.get("finished_at")), f"{run['finished_at']}  run {run['id']} {run['status']}"
                        + (f": {run['error']}" if run.get("error") else "")))
-    lines = [(t, text) for t, text in events]
+    lines = events
     for w in run.get("warnings") or []:
         if isinstance(w, dict) and w.get("message"):
             t = _when(w.get("at"))
@@ -199,7 +199,8 @@ def run_log(run: dict, metrics: list[dict]) -> str:
 
 
 def run_signature(run: Optional[dict]) -> Optional[tuple]:
-    return None if run is None else (run["id"], run["status"], run["steps_done"], run.get("finished_at"))
+    return None if run is None else (run["id"], run["status"], run["steps_done"], run.get("finished_at"),
+                                     len(run.get("warnings") or []), repr(run.get("tracking")))
 
 
 def adapter_download(settings: Settings, run_id: int) -> Optional[str]:
