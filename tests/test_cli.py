@@ -27,7 +27,7 @@ def test_train_writes_adapter_metrics_and_metadata(tmp_path):
     cfg = {"name": "cli-run", "model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct",
                                                                                        "max_rows": 64},
            "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-           "training": {"max_steps": 4, "batch_size": 4, "max_seq_len": 32, "eval_every": 2, "eval_batches": 2}}
+           "training": {"max_steps": 4, "batch_size": 4, "max_seq_len": 32, "eval_every": 2, "eval_batches": 2, "eval_generate": 4, "eval_generate_tokens": 4}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     p = cli("train", str(tmp_path / "run.yaml"), "--out", str(out))
