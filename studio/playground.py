@@ -16,8 +16,8 @@ adapters on it, side by side.
   arXiv:1904.09751) from a per-column generator seeded with `seed` (repeatable).
 - Classification: each column's label probabilities.
 
-One computation at a time per base (its bank's lock): views share the base's
-tensors, and the CPU has no room for two anyway.
+One computation at a time per base (its bank's lock, taken per round of tokens):
+views share the base's tensors, and the CPU has no room for two anyway.
 """
 
 from __future__ import annotations
@@ -425,19 +425,23 @@ class Decoder:
 def stream_columns(session: Session, prompt: str, gen: GenSettings) -> Iterator[dict]:
     """Events {'run_id', 'token'} as each column's tokens arrive (columns take turns
     a token at a time), then one {'run_id', 'title', 'output', 'tokens', 'seconds'}
-    per column at the end, base first. Holds the base's lock throughout."""
-    with session.bank.lock:
-        ids = prompt_ids(session.tokenizer, prompt)
-        decoders = [Decoder(col.model, session.tokenizer, ids, gen) for col in session.columns]
-        while not all(d.done for d in decoders):
+    per column at the end, base first. The base's lock is held for each round of
+    tokens, never across a yield: a web server may resume the generator on another
+    thread, or never again."""
+    ids = prompt_ids(session.tokenizer, prompt)
+    decoders = [Decoder(col.model, session.tokenizer, ids, gen) for col in session.columns]
+    while not all(d.done for d in decoders):
+        pieces = []
+        with session.bank.lock:
             for col, d in zip(session.columns, decoders):
                 if not d.done:
                     piece = d.step()
                     if piece:
-                        yield {"run_id": col.run_id, "token": piece}
-        for col, d in zip(session.columns, decoders):
-            yield {"run_id": col.run_id, "title": col.title, "output": d.text, "tokens": len(d.new),
-                   "seconds": round(d.seconds, 3)}
+                        pieces.append({"run_id": col.run_id, "token": piece})
+        yield from pieces
+    for col, d in zip(session.columns, decoders):
+        yield {"run_id": col.run_id, "title": col.title, "output": d.text, "tokens": len(d.new),
+               "seconds": round(d.seconds, 3)}
 
 
 def answer_head(session: Session, prompt: str, gen: Optional[GenSettings]) -> dict:

@@ -134,6 +134,11 @@ def test_streamed_tokens_arrive_in_order_and_join_to_the_answer(client, trained)
     speaking = {t["run_id"] for t in tokens}
     firsts = [next(i for i, t in enumerate(tokens) if t["run_id"] == rid) for rid in speaking]
     assert max(firsts) < len(speaking) * 2
+    # a client that leaves after the first line holds nothing: the next request on this base answers
+    with client.stream("POST", "/generate", json={"run_ids": runs, "prompt": PROMPT, "max_new_tokens": 40,
+                                                      "stream": True}) as r:
+        assert json.loads(next(r.iter_lines()))["token"]
+    assert post(client, runs, max_new_tokens=3).status_code == 200
 
 
 def test_classification_runs_give_probabilities_that_sum_to_one(client, trained):
