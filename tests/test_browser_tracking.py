@@ -7,7 +7,10 @@ event files where the run's `tracking` says."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -15,9 +18,43 @@ import pytest
 
 from conftest import wait_status
 
-from browser_helpers import UI_TIMEOUT_MS, browser, served, wait_text  # noqa: F401
+import conftest
+from browser_helpers import CHROMIUM, UI_TIMEOUT_MS, browser, wait_text  # noqa: F401
 
 pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """browser_helpers' studio, allowed 300 s (not 90) to answer: on a 2-core machine
+    running other suites it can take longer to start; stopped afterwards even if it
+    never answered."""
+    import shutil
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (make system-deps)")
+    tmp = tmp_path_factory.mktemp("browser")
+    started = []
+    real_popen = conftest.subprocess.Popen
+
+    def popen(*a, **kw):
+        p = real_popen(*a, **kw)
+        started.append(p)
+        return p
+
+    wait = conftest.wait_http
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conftest, "wait_http", lambda url, timeout=90.0, proc=None: wait(url, 300.0, proc))
+        mp.setattr(conftest.subprocess, "Popen", popen)
+        try:
+            s = conftest.Studio(conftest.studio_env(tmp), tmp)
+        except BaseException:
+            for p in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise
+    yield s
+    s.stop()
 
 
 @pytest.fixture
