@@ -104,7 +104,7 @@ def wait_workers(client, studio, at_least: int = 1, timeout: float = 90.0) -> li
 class Studio:
     """A `peft-studio serve` process (and optional separate workers) on loopback."""
 
-    def __init__(self, env: dict, tmp: Path, embedded_worker: bool = True):
+    def __init__(self, env: dict, tmp: Path, embedded_worker: bool = True, start_timeout: float = 180.0):
         self.env = env
         self.tmp = tmp
         self.port = free_port()
@@ -116,7 +116,11 @@ class Studio:
         self.log = open(tmp / f"serve-{self.port}.log", "w")
         self.proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_http(self.url + "/api/health", proc=self.proc)
+        try:
+            wait_http(self.url + "/api/health", timeout=start_timeout, proc=self.proc)
+        except BaseException:   # never leave a studio (and its worker) running behind a failed start
+            self.stop()
+            raise
 
     def client(self, **kw):
         import httpx
