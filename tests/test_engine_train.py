@@ -20,7 +20,7 @@ def cfg(model="tiny-bert", task="classification", steps=25, **training):
         "name": f"{model}-test", "model": model, "task": task, "dataset": {"name": ds, "max_rows": 200},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": targets},
         "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 5e-3, "max_seq_len": 48,
-                     "eval_every": 0, "eval_batches": 4, **training}})
+                     "eval_every": 0, "eval_batches": 4, "eval_generate": 0, **training}})
 
 
 @pytest.mark.parametrize("model,task", [("tiny-bert", "classification"), ("tiny-llama", "causal_lm"),
