@@ -138,6 +138,13 @@ def _build(settings: Settings, run: dict, quant: str, final: Path) -> None:
     log.info("run %s: GGUF %s built (%d bytes, %s)", run["id"], quant, final.stat().st_size, final.name)
 
 
+def forget(settings: Settings, run_id: int) -> None:
+    """Remove every GGUF file kept for a run (the run was deleted)."""
+    folder = gguf_dir(settings)
+    if folder.is_dir():
+        _drop_stale(folder, run_id, keep_prefix="\0")
+
+
 def cached(settings: Settings, run_id: int) -> list[str]:
     """Names of the GGUF files kept for a run (for tests and housekeeping)."""
     folder = gguf_dir(settings)

@@ -395,6 +395,8 @@ def delete_run(settings: Settings, run_id: int) -> None:
             get_store(settings).delete(key)
         except StoreError as e:
             log.warning("run %s deleted, but its object could not be removed: %s", run_id, e)
+    from .gguf import forget   # this machine's GGUF files built from the run
+    forget(settings, run_id)
 
 
 def list_workers(settings: Settings) -> list[dict]:

@@ -445,3 +445,25 @@ def test_smollm2_lora_as_q8_0_answers_like_the_merged_model(tmp_path):
     assert "Paris" in tok.decode(want)
     # 30 blocks compound q8_0's rounding more than the tiny model's 2 (measured 0.041 here)
     assert rel_diff(logits(model, tok), logits(ref_model, tok)) <= 2 * Q8_TOL
+
+
+def test_deleting_a_run_removes_its_gguf_files(settings):
+    """The GGUF files kept in the data dir go with their run; another run's stay."""
+    from studio import gguf, service
+    from workers import db
+
+    ids = []
+    with db.transaction(settings.database_url) as s:
+        for name in ("a", "b"):
+            run = db.Run(name=name, status="succeeded", config={}, model="tiny-llama", method="lora", task="causal_lm")
+            s.add(run)
+            s.flush()
+            ids.append(run.id)
+    folder = gguf.gguf_dir(settings)
+    folder.mkdir(parents=True)
+    for rid in ids:
+        for quant in gguf.QUANTS:
+            (folder / f"run{rid}-0123456789abcdef-{quant}.gguf").write_bytes(b"GGUF")
+    service.delete_run(settings, ids[0])
+    assert gguf.cached(settings, ids[0]) == []
+    assert len(gguf.cached(settings, ids[1])) == len(gguf.QUANTS)
