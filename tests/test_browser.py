@@ -125,10 +125,11 @@ def test_playground_shows_base_and_adapter_side_by_side(page, served):
     page.locator("#pg-refresh").click()
     page.locator("#pg-run input").click()
     page.get_by_role("option", name=re.compile(rf"#{rid} pg-lora")).first.click()
+    page.keyboard.press("Escape")
     page.locator("#pg-text").get_by_role("textbox").fill("a wonderful, moving film")
     page.locator("#pg-go").click()
-    wait_text(page, "#pg-msg", rf"Run {rid} · classification", timeout_s=60)
-    for sel in ("#pg-base-label", "#pg-adapter-label"):
+    wait_text(page, "#pg-msg", r"classification · base \+ 1 run on tiny-bert", timeout_s=60)
+    for sel in ("#pg-probs-0", "#pg-probs-1"):
         wait_text(page, sel, r"(positive|negative)")
 
 

@@ -1,70 +1,130 @@
-"""The Playground tab: a finished run's base model and adapted model side by
-side on the same input (label probabilities, or greedy generation)."""
+"""The Playground tab: one prompt through the base model and any number of finished
+runs on it, side by side (studio.playground). Causal LM columns fill token by
+token (a Gradio generator); classification columns show each model's label
+probabilities. Runs of different bases are refused with the reason in #pg-msg.
+
+Stable element ids for tests: #pg-run (multiselect), #pg-refresh, #pg-text,
+#pg-temperature, #pg-top-p, #pg-tokens, #pg-seed, #pg-go, #pg-msg, and per column
+i (0 = the base, then the runs in the order chosen) #pg-col-i, #pg-out-i (text),
+#pg-probs-i (probabilities)."""
 
 from __future__ import annotations
+
+import time
 
 import gradio as gr
 
 from .. import compare, service
-from .common import Ctx, error_text, run_choices
+from .common import Ctx, error_text
+
+SLOTS = 9                 # the base and up to studio.playground.MAX_RUNS runs
+STREAM_EVERY_S = 0.1      # at most this often a streamed update goes to the browser
+
+
+def run_label(run: dict) -> str:
+    return f"#{run['id']} {run['name']} ({run['method']}, {run['model']}, {run['task']})"
 
 
 class PlaygroundTab:
     """The Playground tab's components (built inside the current gr.Tab) and its events."""
 
     def __init__(self, ctx: Ctx):
+        from .. import playground as pg
+
         self.ctx = ctx
         with gr.Row():
-            self.run = gr.Dropdown([], label="Finished run", elem_id="pg-run", scale=3)
-            self.tokens = gr.Slider(1, 128, value=32, step=1, label="new tokens (causal LM)", elem_id="pg-tokens",
-                                    scale=2)
+            self.run = gr.Dropdown([], multiselect=True, label="Finished runs on one base model",
+                                   elem_id="pg-run", scale=4)
             self.refresh = gr.Button("Refresh", elem_id="pg-refresh", scale=1)
         self.text = gr.Textbox(label="Text / prompt", lines=3, elem_id="pg-text",
                                placeholder="a film that stays with you long after it ends")
-        self.go = gr.Button("Run base and adapter", variant="primary", elem_id="pg-go")
-        self.msg = gr.Markdown(elem_id="pg-msg")
         with gr.Row():
-            with gr.Column():
-                gr.Markdown("**Base model**")
-                self.base_label = gr.Label(num_top_classes=5, label="base", elem_id="pg-base-label")
-                self.base_text = gr.Textbox(label="base", lines=6, visible=False, elem_id="pg-base-text")
-            with gr.Column():
-                gr.Markdown("**With the adapter**")
-                self.ad_label = gr.Label(num_top_classes=5, label="adapter", elem_id="pg-adapter-label")
-                self.ad_text = gr.Textbox(label="adapter", lines=6, visible=False, elem_id="pg-adapter-text")
+            self.temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)",
+                                         elem_id="pg-temperature")
+            self.top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p", elem_id="pg-top-p")
+            self.tokens = gr.Slider(1, pg.MAX_NEW_TOKENS, value=pg.DEFAULT_NEW_TOKENS, step=1,
+                                    label="max new tokens", elem_id="pg-tokens")
+            self.seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="pg-seed")
+        self.go = gr.Button("Run base and adapters", variant="primary", elem_id="pg-go")
+        self.msg = gr.Markdown(elem_id="pg-msg")
+        self.cols, self.outs, self.probs = [], [], []
+        with gr.Row(equal_height=False):
+            for i in range(SLOTS):
+                with gr.Column(visible=False, min_width=260, elem_id=f"pg-col-{i}") as col:
+                    self.outs.append(gr.Textbox(label="base" if i == 0 else f"run {i}", lines=8, interactive=False,
+                                                elem_id=f"pg-out-{i}"))
+                    self.probs.append(gr.Label(num_top_classes=10, label="probabilities", visible=False,
+                                               elem_id=f"pg-probs-{i}"))
+                self.cols.append(col)
 
-    def shown(self, res: dict) -> dict:
-        """Labels for classification, text boxes for generation; the other pair hidden."""
-        cls = res["task"] == "classification"
-        on, off = ((self.base_label, self.ad_label), (self.base_text, self.ad_text)) if cls else \
-            ((self.base_text, self.ad_text), (self.base_label, self.ad_label))
-        return {on[0]: gr.update(value=res["base"], visible=True), on[1]: gr.update(value=res["adapted"], visible=True),
-                off[0]: gr.update(visible=False), off[1]: gr.update(visible=False)}
+    @property
+    def outputs(self) -> list:
+        return [self.msg, *self.cols, *self.outs, *self.probs]
+
+    def layout(self, titles: list[str], classification: bool) -> dict:
+        """Show one column per title (text or probabilities), hide the rest."""
+        up = {}
+        for i in range(SLOTS):
+            on = i < len(titles)
+            up[self.cols[i]] = gr.update(visible=on)
+            if on:
+                up[self.outs[i]] = gr.update(label=titles[i], value="", visible=not classification)
+                up[self.probs[i]] = gr.update(label=titles[i], value=None, visible=classification)
+        return up
 
     def wire(self, demo: gr.Blocks) -> None:
         ctx = self.ctx
 
         def choices(request: gr.Request = None):
-            ch = run_choices(ctx.visible_runs(request, status="succeeded"))
-            return gr.update(choices=ch, value=ch[0] if ch else None)
+            runs = ctx.visible_runs(request, status="succeeded")
+            return gr.update(choices=[run_label(r) for r in runs])
         self.refresh.click(choices, None, self.run)
         demo.load(choices, None, self.run)
 
-        def on_try(sel, text, n_tokens, request: gr.Request = None):
-            from .. import playground
-            ids = compare.parse_run_ids([sel] if sel else [])
+        def on_go(sel, text, temperature, top_p, n_tokens, seed, request: gr.Request = None):
+            from .. import playground as pg
+            ids = compare.parse_run_ids(sel or [])
             if not ids:
-                return {self.msg: "Pick a finished run first."}
+                yield {self.msg: "Pick one or more finished runs first.", **self.layout([], False)}
+                return
             try:
-                ctx.visible_run(ids[0], request)
-                res = playground.try_run(ctx.settings, ids[0], text, int(n_tokens))
+                runs = [ctx.visible_run(rid, request) for rid in ids]
+                prompt = pg.check_prompt(text)
+                gen = pg.check_settings(int(n_tokens), float(temperature), float(top_p),
+                                        None if seed is None else int(seed))
+                session = pg.open_session(ctx.settings, runs)
             except service.NotFound as e:
-                return {self.msg: error_text(e)}
+                yield {self.msg: error_text(e), **self.layout([], False)}
+                return
             except (ValueError, LookupError) as e:
-                return {self.msg: f"✗ {e}"}
-            except Exception as e:
-                return {self.msg: f"✗ {type(e).__name__}: {e}"}
-            kind = "classification" if res["task"] == "classification" else "causal LM, greedy"
-            return {self.msg: f"Run {ids[0]} · {kind}", **self.shown(res)}
-        self.go.click(on_try, [self.run, self.text, self.tokens],
-                      [self.msg, self.base_label, self.base_text, self.ad_label, self.ad_text])
+                yield {self.msg: f"✗ {e}", **self.layout([], False)}
+                return
+            except Exception as e:   # the store, a broken adapter bank: say so where the answer would be
+                yield {self.msg: f"✗ {type(e).__name__}: {e}", **self.layout([], False)}
+                return
+            titles = [c.title for c in session.columns]
+            where = f"base + {len(runs)} run{'s' if len(runs) > 1 else ''} on {session.key[0]}"
+            if session.task == "classification":
+                outs = pg.classify_many(session, prompt)
+                up = self.layout(titles, True)
+                for i, o in enumerate(outs):
+                    up[self.probs[i]] = gr.update(label=titles[i], value=o["probabilities"], visible=True)
+                yield {self.msg: f"classification · {where}", **up}
+                return
+            mode = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature:g}, top-p {gen.top_p:g}"
+            yield {self.msg: f"causal LM, {mode}, seed {gen.seed} · {where} · generating…",
+                   **self.layout(titles, False)}
+            index = {c.run_id: i for i, c in enumerate(session.columns)}
+            texts = [""] * len(titles)
+            last = time.monotonic()
+            for ev in pg.stream_columns(session, prompt, gen):
+                if "token" not in ev:
+                    continue
+                texts[index[ev["run_id"]]] += ev["token"]
+                if time.monotonic() - last >= STREAM_EVERY_S:
+                    last = time.monotonic()
+                    yield {self.outs[i]: t for i, t in enumerate(texts)}
+            done = {self.outs[i]: t for i, t in enumerate(texts)}
+            yield {self.msg: f"causal LM, {mode}, seed {gen.seed} · {where}", **done}
+        self.go.click(on_go, [self.run, self.text, self.temperature, self.top_p, self.tokens, self.seed],
+                      self.outputs)
