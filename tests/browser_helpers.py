@@ -5,6 +5,7 @@ page`): each module gets its own studio (starting one takes ~30 s)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -48,15 +49,26 @@ def browser():
         b.close()
 
 
+@contextlib.contextmanager
+def studio_page(browser, url: str, timeout_ms: int = UI_TIMEOUT_MS, first_render_ms: int = UI_TIMEOUT_MS):
+    """A fresh browser context on the studio at `url`, once the Launch tab's first estimate
+    has drawn (up to `first_render_ms`: on a busy machine that can take minutes), with
+    `timeout_ms` as every later wait's default."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(timeout_ms)
+        pg.goto(url + "/", timeout=first_render_ms)
+        pg.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=first_render_ms)
+        yield pg
+    finally:
+        ctx.close()
+
+
 @pytest.fixture
 def page(browser, served):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    pg = ctx.new_page()
-    pg.set_default_timeout(UI_TIMEOUT_MS)
-    pg.goto(served.url + "/")
-    pg.wait_for_selector("#estimate-plot .js-plotly-plot")
-    yield pg
-    ctx.close()
+    with studio_page(browser, served.url) as pg:
+        yield pg
 
 
 def finished_run(served, name: str, r: int = 4) -> int:

@@ -142,19 +142,28 @@ class Studio:
         return out
 
     def stop(self) -> None:
-        for p in [self.proc, *self.workers]:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in [self.proc, *self.workers]:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_groups([self.proc, *self.workers])
         self.log.close()
+
+
+def stop_groups(procs: list[subprocess.Popen], wait_s: float = 20.0) -> None:
+    """SIGTERM each process's group (they are started with start_new_session), wait up to
+    `wait_s` for each, then SIGKILL the group of any still running."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 def studio_env(tmp: Path, **extra) -> dict:

@@ -20,7 +20,7 @@ from studio import charts
 
 from test_gguf_export import make_model_dir
 
-from browser_helpers import (browser, open_tab, select_run_row, served, tiny_config,  # noqa: F401
+from browser_helpers import (browser, open_tab, select_run_row, served, studio_page, tiny_config,  # noqa: F401
                              wait_text)
 
 pytestmark = pytest.mark.browser
@@ -31,13 +31,8 @@ PAGE_TIMEOUT_MS = 120_000     # this module's runs train in the studio's worker 
 def page(browser, served, runs):
     """browser_helpers' page, with a longer wait for the first render (the runs queued by
     `runs` share the machine's cores with the studio that serves it)."""
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    pg = ctx.new_page()
-    pg.set_default_timeout(PAGE_TIMEOUT_MS)
-    pg.goto(served.url + "/")
-    pg.wait_for_selector("#estimate-plot .js-plotly-plot")
-    yield pg
-    ctx.close()
+    with studio_page(browser, served.url, timeout_ms=PAGE_TIMEOUT_MS) as pg:
+        yield pg
 
 
 def llama_config(name: str) -> dict:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from browser_helpers import CHROMIUM, browser, open_tab, tiny_config, wait_text  # noqa: F401
+from browser_helpers import CHROMIUM, browser, open_tab, studio_page, tiny_config, wait_text  # noqa: F401
 from conftest import studio_env, wait_status
 from test_worker_packing import client, patient_studio
 
@@ -32,13 +32,8 @@ def served(tmp_path_factory):
 @pytest.fixture
 def page(browser, served):  # noqa: F811
     """As browser_helpers.page, with room for a loaded machine (the studio renders slowly)."""
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = ctx.new_page()
-    pg.set_default_timeout(120_000)
-    pg.goto(served.url + "/", timeout=300_000)
-    pg.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=300_000)
-    yield pg
-    ctx.close()
+    with studio_page(browser, served.url, timeout_ms=120_000, first_render_ms=300_000) as pg:
+        yield pg
 
 
 def test_the_workers_panel_shows_two_runs_of_one_worker_at_once(served, page):

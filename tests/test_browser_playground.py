@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import conftest
-from browser_helpers import CHROMIUM, UI_TIMEOUT_MS, browser, open_tab, tiny_config, wait_text  # noqa: F401
+from browser_helpers import CHROMIUM, browser, open_tab, studio_page, tiny_config, wait_text  # noqa: F401
 from conftest import Studio, studio_env, wait_status
 
 pytestmark = pytest.mark.browser
@@ -37,13 +37,8 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, served):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = ctx.new_page()
-    pg.set_default_timeout(UI_TIMEOUT_MS)
-    pg.goto(served.url + "/", timeout=FIRST_RENDER_MS)
-    pg.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=FIRST_RENDER_MS)
-    yield pg
-    ctx.close()
+    with studio_page(browser, served.url, first_render_ms=FIRST_RENDER_MS) as pg:
+        yield pg
 
 
 def llama_config(name: str, method: dict) -> dict:

@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_status
 
 import conftest
-from browser_helpers import CHROMIUM, UI_TIMEOUT_MS, browser, wait_text  # noqa: F401
+from browser_helpers import CHROMIUM, browser, studio_page, wait_text  # noqa: F401
 
 pytestmark = pytest.mark.browser
 
@@ -61,13 +61,8 @@ def served(tmp_path_factory):
 def page(browser, served):
     """browser_helpers' page, with a longer first wait: the first estimate can take
     over 30 s on a busy 2-core machine."""
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = ctx.new_page()
-    pg.set_default_timeout(UI_TIMEOUT_MS)
-    pg.goto(served.url + "/")
-    pg.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=180_000)
-    yield pg
-    ctx.close()
+    with studio_page(browser, served.url, first_render_ms=180_000) as pg:
+        yield pg
 
 
 def pick(page, elem_id: str, option: str) -> None:

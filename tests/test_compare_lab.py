@@ -13,9 +13,7 @@ import pytest
 
 from studio import charts, compare
 from studio.ui import runs_tab
-from studio.runtime import prepare_database
 from workers import db
-from workers.settings import load_settings
 
 
 # ------------------------------------------------------------------ smoothing
@@ -203,14 +201,6 @@ def test_tracking_line_and_warnings_in_time_order():
 
 
 # ------------------------------------------------------------------ GET /api/compare
-
-@pytest.fixture
-def settings():
-    s = load_settings()          # conftest: a fresh data dir and SQLite file per test
-    prepare_database(s)
-    assert s.database_url.startswith("sqlite")
-    return s
-
 
 def add_run(settings, name, best, n_trainable, measured, *, metric_name="bleu", owner=None, evals=()):
     cfg = {"name": name, "model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct"},

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 
 from studio import d90
-from studio.runtime import prepare_database
 from workers import db
-from workers.settings import load_settings
 
 DATA = {"name": "demo-sentiment"}
 
@@ -17,14 +15,6 @@ DATA = {"name": "demo-sentiment"}
 def config(name: str, method: dict, dataset: dict = DATA, task: str = "classification") -> dict:
     return {"name": name, "model": "minilm", "task": task, "dataset": dataset, "method": method,
             "training": {"max_steps": 10}}
-
-
-@pytest.fixture
-def settings():
-    s = load_settings()          # conftest: a fresh data dir and SQLite file per test
-    prepare_database(s)
-    assert s.database_url.startswith("sqlite")
-    return s
 
 
 def add_run(settings, cfg: dict, metric: float, n_trainable: int, status: str = "succeeded",

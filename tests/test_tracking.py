@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import re
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import free_port, require, wait_http
+from conftest import free_port, require, stop_groups, wait_http
 
 EXPERIMENT = "peft-studio"
 BERT = {"name": "tracked-bert", "model": "tiny-bert", "task": "classification",
@@ -55,13 +54,7 @@ def _mlflow_process(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield {"proc": proc, "port": port, "uri": f"http://127.0.0.1:{port}", "log": root / "server.log"}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_groups([proc])
     log.close()
 
 

@@ -10,14 +10,13 @@ import contextlib
 import datetime as dt
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
 import conftest
-from conftest import Studio, studio_env, wait_status
+from conftest import Studio, stop_groups, studio_env, wait_status
 from workers.packing import BUDGET_ERROR, GIB, RUN_SLACK_BYTES, MemoryBudget, run_budget
 from workers.settings import load_settings
 
@@ -82,13 +81,7 @@ def worker(studio: Studio, name: str, **env):
                 time.sleep(0.5)
         yield p
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_groups([p], wait_s=60)
         studio.workers.remove(p)
 
 
