@@ -30,6 +30,20 @@ def demo_config(name: str, method: dict, steps: int = 24) -> dict:
                          "eval_every": 6, "eval_batches": 2}}
 
 
+def instruct_config(name: str, method: dict) -> dict:
+    """A short SmolLM2 run on demo-instruct whose evaluations decode and score 12 prompts."""
+    return {"name": name, "model": "smollm2-135m", "task": "causal_lm",
+            "dataset": {"name": "demo-instruct", "max_rows": 240}, "method": method, "metric": "rouge_l",
+            "training": {"max_steps": 16, "batch_size": 4, "learning_rate": 2e-3, "max_seq_len": 96,
+                         "eval_every": 4, "eval_max_rows": 24, "eval_generate": 12, "eval_generate_tokens": 32}}
+
+
+INSTRUCT_RUNS = [
+    instruct_config("smol-lora-r8", {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    instruct_config("smol-ia3", {"name": "ia3"}),
+    instruct_config("smol-prefix", {"name": "prefix_tuning", "num_virtual_tokens": 8}),
+]
+
 DEMO_RUNS = [
     demo_config("lora-r4", {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}),
     demo_config("lora-r16", {"name": "lora", "r": 16, "alpha": 32, "target_modules": ["query", "value"]}),
@@ -37,21 +51,34 @@ DEMO_RUNS = [
 ]
 
 
-def train_demo_runs(studio: Studio) -> list[int]:
+def train_demo_runs(studio: Studio, configs: list[dict] = DEMO_RUNS) -> list[int]:
     ids = []
     with studio.client() as c:
-        for cfg in DEMO_RUNS:
+        for cfg in configs:
             r = c.post("/api/runs", json=cfg)
             r.raise_for_status()
             ids.append(r.json()["id"])
         for rid in ids:
-            run = wait_status(c, rid, timeout=300)
+            run = wait_status(c, rid, timeout=900)
             if run["status"] != "succeeded":
                 raise RuntimeError(f"demo run {rid} {run['status']}: {run.get('error')}\n{studio.logs()}")
     return ids
 
 
-def shoot(url: str, out: Path, ids: list[int]) -> list[Path]:
+def choose_runs(page, ids: list[int]) -> None:
+    """Pick runs in the Playground's multiselect by typing each one's "#id " label prefix
+    (clicking options of a list that re-renders after each pick is flaky)."""
+    box = page.locator("#pg-run input")
+    for rid in ids:
+        box.click()
+        box.fill(f"#{rid} ")
+        page.get_by_role("option", name=re.compile(rf"^#{rid} ")).first.wait_for()
+        box.press("Enter")
+        time.sleep(0.5)
+    page.keyboard.press("Escape")
+
+
+def shoot(url: str, out: Path, ids: list[int], lm_ids: list[int]) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     paths = []
@@ -97,6 +124,39 @@ def shoot(url: str, out: Path, ids: list[int]) -> list[Path]:
         page.locator("#pg-go").click()
         page.wait_for_function("() => document.querySelector('#pg-msg').innerText.includes('classification')")
         save("playground")
+
+        # the generation metrics of a causal-LM run: curves and decoded samples
+        page.get_by_role("tab", name="Runs").click()
+        page.locator("#runs-table [role=gridcell]").filter(has_text=re.compile(r"^\s*smol-lora-r8\s*$")).first.click()
+        page.wait_for_function("() => document.querySelector('#run-status').innerText.includes('smol-lora-r8')")
+        page.wait_for_selector("#gen-plot .js-plotly-plot")
+        page.wait_for_function("() => document.querySelector('#gen-samples').innerText.includes('France') || "
+                               "document.querySelector('#gen-samples').querySelectorAll('td').length > 3")
+        page.locator("#gen-plot").scroll_into_view_if_needed()
+        time.sleep(1.0)
+        path = out / "generation-metrics.png"
+        page.screenshot(path=str(path), full_page=False)
+        paths.append(path)
+
+        # several adapters beside their base, on one loaded SmolLM2 (a fresh page: the one above
+        # still has a classification run chosen in the Playground)
+        page.close()
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url + "/")
+        page.wait_for_selector("#estimate-plot .js-plotly-plot")
+        page.get_by_role("tab", name="Playground").click()
+        page.locator("#pg-refresh").click()
+        choose_runs(page, lm_ids)
+        page.locator("#pg-text").get_by_role("textbox").fill("What is the capital of France?")
+        page.locator("#pg-go").click()
+        page.wait_for_function("() => /base \\+ 3 runs/.test(document.querySelector('#pg-msg').innerText)",
+                               timeout=600_000)
+        page.locator("#pg-msg").scroll_into_view_if_needed()
+        time.sleep(1.0)
+        path = out / "playground-multi.png"
+        page.screenshot(path=str(path), full_page=False)
+        paths.append(path)
         browser.close()
     return paths
 
@@ -108,7 +168,8 @@ def main(argv: list[str]) -> int:
         studio = Studio(studio_env(Path(tmp)), Path(tmp))
         try:
             ids = train_demo_runs(studio)
-            for p in shoot(studio.url, out, ids):
+            lm_ids = train_demo_runs(studio, INSTRUCT_RUNS)
+            for p in shoot(studio.url, out, ids, lm_ids):
                 print(p)
         finally:
             studio.stop()
