@@ -150,8 +150,8 @@ def shoot(url: str, out: Path, ids: list[int], lm_ids: list[int]) -> list[Path]:
         choose_runs(page, lm_ids)
         page.locator("#pg-text").get_by_role("textbox").fill("What is the capital of France?")
         page.locator("#pg-go").click()
-        page.wait_for_function("() => /base \\+ 3 runs/.test(document.querySelector('#pg-msg').innerText)",
-                               timeout=600_000)
+        page.wait_for_function("() => { const t = document.querySelector('#pg-msg').innerText; "
+                               "return /base \\+ 3 runs/.test(t) && !t.includes('generating'); }", timeout=600_000)
         page.locator("#pg-msg").scroll_into_view_if_needed()
         time.sleep(1.0)
         path = out / "playground-multi.png"
