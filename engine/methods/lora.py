@@ -36,7 +36,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..arch import arch_of, set_submodule
-from ..swaps import output_is_unsaved
+from ..swaps import FastLinear, output_is_unsaved
+from . import lora_fused
 from .base import (AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, QuantizedLayer, freeze_all,
                    merge_and_unload)
 from .plan import Plan, low_rank_plan
@@ -243,7 +244,27 @@ class LoraLinear(AdapterLayer):
         # output-sized temporary fewer per adapted layer
         return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
+    def fused_weight(self):
+        """W (out x in) in a given dtype, for the one-node path (engine.methods.lora_fused),
+        or None where that path does not apply: dropout (its mask), a merged layer, a
+        subclass with its own update, a Conv1D or another wrapped base."""
+        if self.merged or not isinstance(self.lora_dropout, nn.Identity) or self.fan_in_fan_out \
+                or type(self).lora_out is not LoraLinear.lora_out:
+            return None
+        base = self.base_layer
+        if type(base) in (nn.Linear, FastLinear):
+            w = base.weight
+            return lambda dt: w if w.dtype == dt else w.to(dt)
+        if isinstance(base, QuantizedLayer) and hasattr(base, "dequantize"):
+            return lambda dt: base.dequantize(scratch=True).to(dt)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if lora_fused.enabled_for(x):
+            weight = self.fused_weight()
+            if weight is not None:
+                return lora_fused.lora_linear(x, self.lora_A.weight, self.lora_B.weight,
+                                              getattr(self.base_layer, "bias", None), weight, self.scaling)
         y = self.base_layer(x)
         if self.merged:
             return y
