@@ -151,6 +151,8 @@ class TrainingConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = Field(False, description="torch.compile each transformer block (engine.compile): fewer "
+                          "kernel launches per step, after a first step that compiles; CUDA is where it pays")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
     retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(

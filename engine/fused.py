@@ -161,7 +161,8 @@ def applies(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return (_enabled and first.device.type == "cpu" and first.numel() > 0
             and all(t.dtype is torch.float32 and t.device.type == "cpu" and t.shape == first.shape for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and library() is not None)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and library() is not None)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -261,8 +262,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     (autograd's default also keeps silu(gate), a third tensor of the FFN's width)."""
     if applies(gate, up):
         return _SwiGLU.apply(gate, up)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLUTorch.apply(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad) and not torch.compiler.is_compiling():
+        return _SwiGLUTorch.apply(gate, up)     # (compiled regions: Inductor fuses and chooses what to save)
     return F.silu(gate) * up
 
 

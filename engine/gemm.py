@@ -113,7 +113,8 @@ def picks() -> dict[str, dict]:
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype is torch.float32 and weight.dtype is torch.float32
-            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and gemm_mode() != "blas")
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and gemm_mode() != "blas"
+            and not torch.compiler.is_compiling())      # compiled regions (engine.compile): Inductor's GEMMs
 
 
 def _onednn_2d(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

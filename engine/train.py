@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
 from . import fused
+from .compile import compile_blocks
 from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather
 from .config import GENERATION_METRICS, METRIC_DIRECTION
 from .gemm import matmul, matmul_t
@@ -380,6 +381,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         restore_trainable(resume_state, model)
     if not any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
+    if t.compile:
+        compile_blocks(model)
     runner = TaskLoss(model, cfg.task, prep.spec.extra_loss)
     if dist is not None:
         runner = D.wrap(runner, model, dist)
