@@ -21,6 +21,9 @@ Sections, each on `--device` (default cuda) with bf16 autocast, as a run with
 4. bf16 autocast: a q_proj's output dtype under autocast, the loss beside fp32,
    and a short real run (engine.train.train, `precision: bf16`) with its own
    reported peak.
+5. A real run against HF Trainer + peft on a bf16 base (bench/gpu_peers.py): SmolLM2 at
+   8 x 1024 and a Llama-3.2-1B shape at 4 x 2048, eager, compiled and QLoRA, with the
+   GPU's busy fraction from a profiler trace and the issue's targets marked met or not.
 
     .venv/bin/python bench/gpu_check.py              # CUDA: writes bench/RESULTS-gpu.md (make gpu-check)
     .venv/bin/python bench/gpu_check.py --dry-run    # CPU, tiny random Llama, temp output
@@ -60,6 +63,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from engine_vs_peft import LORA_SMOL, build_model, make_batch  # noqa: E402
+from gpu_peers import peers_check  # noqa: E402
 from stamp import Stamp  # noqa: E402
 
 MiB = 1 << 20
@@ -446,8 +450,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny random Llama, temporary output")
     ap.add_argument("--out", help="where to write the results (default: bench/RESULTS-gpu.md; dry run: a temp file)")
-    ap.add_argument("--sections", default="peft,estimator,nf4,autocast",
-                    help="comma-separated subset of peft, estimator, nf4, autocast")
+    ap.add_argument("--sections", default="peft,estimator,nf4,autocast,peers",
+                    help="comma-separated subset of peft, estimator, nf4, autocast, peers")
     a = ap.parse_args(argv)
     official = REPO / "bench" / "RESULTS-gpu.md"
     if a.dry_run:
@@ -468,7 +472,8 @@ def main(argv=None) -> int:
         st.say("DRY RUN on CPU with the random tiny-llama: these figures check that the code runs, they measure "
                "nothing about a GPU.")
         st.say()
-    sections = {"peft": engine_vs_peft, "estimator": estimator_check, "nf4": nf4_check, "autocast": autocast_check}
+    sections = {"peft": engine_vs_peft, "estimator": estimator_check, "nf4": nf4_check, "autocast": autocast_check,
+                "peers": lambda st_, cfg_, dev_: peers_check(st_, FAILURES, a.dry_run, dev_)}
     keys = a.sections.split(",")
     for key in keys:
         if key not in sections:
@@ -484,6 +489,8 @@ def main(argv=None) -> int:
             release(dev)
         st.say(f"_({key}: {time.perf_counter() - t1:.0f} s)_")
         st.say()
+        # the file so far, after every section: a device call cut short still brings back what it measured
+        st.write("gpu", title="GPU check (partial: running)" + (" (dry run)" if a.dry_run else ""), path=out)
     st.say(f"Whole check: {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}.")
     st.say("Failed: " + ("; ".join(FAILURES) if FAILURES else "nothing") + ".")
     print("wrote", st.write("gpu", title="GPU check" + (" (dry run)" if a.dry_run else ""), path=out))

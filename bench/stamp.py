@@ -29,6 +29,10 @@ def _git(*args: str) -> str:
 
 
 def commit() -> str:
+    # a copy of the tree without .git (the lent GPU machine) is told its commit by the caller,
+    # who sends a clean tree at that commit
+    if os.environ.get("STUDIO_BENCH_COMMIT"):
+        return os.environ["STUDIO_BENCH_COMMIT"].strip()
     sha = _git("rev-parse", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--", "engine", "studio", "workers", "bench")
     return sha + ("+dirty" if dirty else "")

@@ -44,6 +44,12 @@ def test_gpu_check_dry_run_writes_stamped_rows_for_every_method(tmp_path):
     assert "equals the CPU path" in text
     assert "torch.float32 / torch.bfloat16" in text
     assert "(finite)" in text
+    # section 5: the real run against HF Trainer + peft, each side measured (no FAILED row)
+    peers = text.split("## 5.")[1]
+    for side in ("engine eager", "HF Trainer + peft", "engine QLoRA"):
+        row = next(r for r in peers.splitlines() if r.startswith(f"| tiny-llama | {side} |"))
+        assert float(row.split("|")[3]) > 0, row
+    assert "QLoRA / LoRA step" in peers
     # the dry run never touches the committed GPU results
     assert (official.read_bytes() if official.exists() else None) == before
 
