@@ -166,6 +166,26 @@ def gather(rows, idx, pad_id: int) -> dict[str, torch.Tensor]:
     return rows.batch(np.asarray(idx), pad_id)
 
 
+PAD_FILL = {"input_ids": None, "attention_mask": 0, "labels": -100, "position_ids": 0}
+
+
+def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The batch right-padded along the sequence to a multiple of `multiple` (masked, label
+    -100): bucketed shapes, so a compiled step (engine.compile) sees a few lengths, not one per
+    batch. Classification labels (one per row) are left as they are."""
+    n = batch["input_ids"].shape[1]
+    extra = -n % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if v.dim() == 2 and v.shape[1] == n and k in PAD_FILL:
+            fill = pad_id if PAD_FILL[k] is None else PAD_FILL[k]
+            v = torch.cat([v, v.new_full((v.shape[0], extra), fill)], dim=1)
+        out[k] = v
+    return out
+
+
 def pack(lengths: np.ndarray, max_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy packing of examples in a seeded random order: (rows in pack order,
     start of each pack in it, with a final end offset). A pack holds consecutive

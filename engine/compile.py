@@ -9,9 +9,9 @@ between. Every block of a model is the same code with other weights, so one
 compiled graph serves them all (parameters are graph inputs), and the first step
 pays the compile once, not once per block.
 
-Shapes: the batch stream pads each batch to its longest row; a new length compiles
-again until dynamo marks the length dynamic (its default). Packing or fixed-length
-data keeps one shape. Our own fused kernels (engine.kernels, engine.fused) step
+Shapes: with compile on, each batch is padded (masked) to a multiple of
+`COMPILE_BUCKET` tokens, so the blocks see a few lengths rather than one per batch; a
+new length compiles again until dynamo marks the length dynamic (its default). Our own fused kernels (engine.kernels, engine.fused) step
 aside inside compiled regions (`in_compiled_region`): Inductor fuses the same ops
 itself and sees through them.
 
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from .arch import blocks
+
+COMPILE_BUCKET = 64     # tokens: compiled runs pad each batch's length up to a multiple of this
 
 
 def in_compiled_region() -> bool:

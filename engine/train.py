@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
 from . import fused
-from .compile import compile_blocks
-from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather
+from .compile import COMPILE_BUCKET, compile_blocks
+from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather, pad_to_multiple
 from .config import GENERATION_METRICS, METRIC_DIRECTION
 from .gemm import matmul, matmul_t
 from .generation import GenerationSet, evaluate_generation, generation_set, next_token_logits
@@ -450,6 +450,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             step_tokens = 0
             for micro in range(t.grad_accum):
                 batch = stream.next()
+                if t.compile:       # a few bucketed lengths rather than one compiled shape per batch
+                    batch = pad_to_multiple(batch, COMPILE_BUCKET, pad_id)
                 step_tokens += int(batch["attention_mask"].sum())
                 weight = 1.0
                 if dist is not None:

@@ -42,3 +42,18 @@ def test_compiled_blocks_train_like_eager(monkeypatch):
 def test_eager_by_default():
     prep, _ = run(False, {"name": "lora", "r": 2})
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks(prep.model))
+
+
+def test_bucketed_padding_is_masked():
+    from engine.batching import pad_to_multiple
+    ids = torch.arange(1, 11).view(2, 5)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+             "position_ids": torch.arange(5).repeat(2, 1)}
+    out = pad_to_multiple(batch, 4, pad_id=0)
+    assert out["input_ids"].shape == (2, 8)
+    assert out["input_ids"][:, 5:].eq(0).all() and out["attention_mask"][:, 5:].eq(0).all()
+    assert out["labels"][:, 5:].eq(-100).all() and out["position_ids"][:, 5:].eq(0).all()
+    assert torch.equal(out["input_ids"][:, :5], ids) and torch.equal(out["labels"][:, :5], ids)
+    cls = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    assert torch.equal(pad_to_multiple(cls, 4, 0)["labels"], torch.tensor([0, 1]))
+    assert pad_to_multiple(out, 4, 0) is out                 # already a multiple: untouched
