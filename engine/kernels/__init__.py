@@ -80,10 +80,24 @@ def set_mode(new: str) -> str:
 
 def _interpret_env(on: bool) -> None:
     """TRITON_INTERPRET=1 from now on in this process when the kernels are to be
-    interpreted: triton.jit decides when a kernel is defined whether it is compiled
-    or interpreted, and triton's interpreter reads the variable again at launch."""
+    interpreted: triton.jit decides when a function is defined (triton's own library
+    functions when triton is imported) whether it is compiled or interpreted, and the
+    interpreter reads the variable again at launch."""
     if on:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_env(_mode == "interpret")      # as early as possible: before anything imports triton
+
+
+def _interpreter_ready() -> Optional[str]:
+    """Why triton's interpreter cannot run the kernels in this process, or None."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(tl.sigmoid, InterpretedFunction):
+        return ("triton was imported before TRITON_INTERPRET=1 was set; set STUDIO_TRITON_KERNELS=interpret "
+                "(or TRITON_INTERPRET=1) in the environment the process starts with")
+    return None
 
 
 def _load() -> Optional[ModuleType]:
@@ -97,10 +111,15 @@ def _load() -> Optional[ModuleType]:
             interpret = _mode == "interpret"
             try:
                 _interpret_env(interpret)
-                _ops = importlib.import_module(f"{__name__}.api")
-                _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+                reason = _interpreter_ready() if interpret else None
+                if reason is None:
+                    _ops = importlib.import_module(f"{__name__}.api")
+                    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+                else:
+                    _unavailable = reason
             except (ImportError, RuntimeError, OSError) as exc:
                 _unavailable = f"{type(exc).__name__}: {exc}"
+            if _unavailable is not None:
                 warnings.warn(f"engine.kernels: Triton kernels unavailable ({_unavailable}); using torch ops",
                               RuntimeWarning, stacklevel=3)
     return _ops
@@ -127,6 +146,15 @@ def applies(*tensors: torch.Tensor) -> bool:
         return False
     return (first.numel() > 0 and all(t.device == first.device and t.dtype in FLOAT_DTYPES for t in tensors)
             and _load() is not None)
+
+
+def launch_counts() -> dict[str, int]:
+    """Launches of each Triton kernel (by kernel name) since the process started;
+    empty while the kernels were never loaded."""
+    if _ops is None:
+        return {}
+    from ._launch import LAUNCHES
+    return dict(LAUNCHES)
 
 
 def ops() -> ModuleType:

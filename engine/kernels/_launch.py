@@ -4,11 +4,14 @@ the device to launch on, block sizes and warps by row width."""
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
+from functools import lru_cache
 
 import torch
 import triton
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from . import FLOAT_DTYPES
+
 # widest row one program holds in registers (RMSNorm); every LLM's hidden size is below
 MAX_ROW = 65536
 # columns of a logits row one program sweeps at a time (cross-entropy loops over the row)
@@ -26,10 +29,18 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: the Triton kernels need a contiguous tensor, got strides {t.stride()}")
 
 
-def device_of(t: torch.Tensor):
-    """A context making `t`'s GPU the current one while a kernel is launched (a
-    no-op for CPU tensors, which only the interpreter runs)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+# launches per kernel since the process started (tests and benchmarks read it
+# through engine.kernels.launch_counts)
+LAUNCHES: Counter = Counter()
+
+
+def launch(kernel, grid: tuple, on: torch.Tensor, *args, **meta) -> None:
+    """kernel[grid](*args, **meta) with `on`'s GPU the current device (a no-op for
+    CPU tensors, which only the interpreter runs), counted in LAUNCHES."""
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    LAUNCHES[name] += 1
+    with torch.cuda.device(on.device) if on.device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
 
 
 def row_block(cols: int, name: str) -> int:
@@ -45,6 +56,7 @@ def warps_for(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
+@lru_cache(maxsize=None)
 def programs_for(device: torch.device) -> int:
     """How many programs a grid-stride kernel (one that loops over rows) launches:
     a few per streaming multiprocessor on a GPU, a handful in the interpreter."""

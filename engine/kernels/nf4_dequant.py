@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, device_of
+from ._launch import check_float, launch
 
 BLOCK = 1024
 
@@ -77,7 +77,6 @@ def nf4_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tenso
         return out
     packed, code, absmax = packed.contiguous(), code.to(torch.float32).contiguous(), absmax.contiguous()
     scale = absmax_scale.contiguous() if dq else absmax
-    with device_of(packed):
-        _nf4_kernel[(triton.cdiv(numel, BLOCK),)](packed, code, absmax, scale, out, numel, block, dq_block,
-                                                  DOUBLE_QUANT=dq, BLOCK=BLOCK, num_warps=4)
+    launch(_nf4_kernel, (triton.cdiv(numel, BLOCK),), packed, packed, code, absmax, scale, out, numel, block,
+           dq_block, DOUBLE_QUANT=dq, BLOCK=BLOCK, num_warps=4)
     return out

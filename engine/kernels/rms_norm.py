@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, device_of, programs_for, row_block, warps_for
+from ._launch import check_float, launch, programs_for, row_block, warps_for
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _rms_norm_bwd(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, cols,
         tl.store(dw_ptr + pid.to(tl.int64) * cols + offs, dw, mask=mask)
 
 
-class _RMSNorm(torch.autograd.Function):
+class TritonRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x = x.contiguous()
@@ -74,8 +74,7 @@ class _RMSNorm(torch.autograd.Function):
         block = row_block(cols, "rms_norm")
         y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
         rstd = torch.empty(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
-        with device_of(x):
-            _rms_norm_fwd[(rows,)](x, w, y, rstd, cols, float(eps), BLOCK=block, num_warps=warps_for(block))
+        launch(_rms_norm_fwd, (rows,), x, x, w, y, rstd, cols, float(eps), BLOCK=block, num_warps=warps_for(block))
         ctx.save_for_backward(x, w, rstd)
         return y
 
@@ -92,9 +91,9 @@ class _RMSNorm(torch.autograd.Function):
         programs = min(rows, programs_for(x.device)) if need_w else rows
         dx = torch.empty_like(x) if need_x else None
         partial = torch.empty(programs, cols, dtype=torch.float32, device=x.device) if need_w else None
-        with device_of(x):
-            _rms_norm_bwd[(programs,)](grad, x, w, rstd, dx if need_x else x, partial if need_w else rstd, rows, cols,
-                                       HAS_DX=need_x, HAS_DW=need_w, BLOCK=block, num_warps=warps_for(block))
+        # an output not asked for gets a stand-in pointer the kernel never writes through
+        launch(_rms_norm_bwd, (programs,), x, grad, x, w, rstd, dx if need_x else x, partial if need_w else rstd,
+               rows, cols, HAS_DX=need_x, HAS_DW=need_w, BLOCK=block, num_warps=warps_for(block))
         dw = partial.sum(0).to(w.dtype) if need_w else None
         return dx, dw, None
 
@@ -107,4 +106,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for inputs of width {x.shape[-1]}")
     check_float("rms_norm: x", x)
     check_float("rms_norm: weight", weight)
-    return _RMSNorm.apply(x, weight, eps)
+    return TritonRMSNorm.apply(x, weight, eps)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, device_of
+from ._launch import check_float, launch
 
 
 @triton.jit
@@ -53,13 +53,12 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     out = torch.empty_like(x)
     tokens, heads, dim = x.shape[0] * x.shape[1], x.shape[2], x.shape[3]
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(dim // 2)
-    with device_of(x):
-        _rope_kernel[(tokens,)](x, cos, sin, out, heads, dim, cos.numel() // dim, BACKWARD=backward,
-                                BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d >= 2048 else 2)
+    launch(_rope_kernel, (tokens,), x, x, cos, sin, out, heads, dim, cos.numel() // dim, BACKWARD=backward,
+           BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d >= 2048 else 2)
     return out
 
 
-class _RoPE(torch.autograd.Function):
+class TritonRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
@@ -83,4 +82,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} for inputs of shape {tuple(x.shape)}")
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         check_float(f"rope: {name}", t)
-    return _RoPE.apply(x.contiguous(), cos.contiguous(), sin.contiguous())
+    return TritonRoPE.apply(x.contiguous(), cos.contiguous(), sin.contiguous())

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, device_of
+from ._launch import check_float, launch
 
 BLOCK = 1024
 
@@ -46,14 +46,13 @@ def _swiglu_bwd(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, HAS_DG: tl.constexpr, H
         tl.store(du_ptr + offs, (dh * g * s).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-class _SwiGLU(torch.autograd.Function):
+class TritonSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         gate, up = gate.contiguous(), up.contiguous()
         h = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
         n = gate.numel()
-        with device_of(gate):
-            _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, num_warps=4)
+        launch(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate, gate, up, h, n, BLOCK=BLOCK, num_warps=4)
         need_gate, need_up = ctx.needs_input_grad
         ctx.save_for_backward(gate if (need_gate or need_up) else None, up if need_gate else None)
         ctx.up_dtype = up.dtype
@@ -69,10 +68,10 @@ class _SwiGLU(torch.autograd.Function):
         dg = torch.empty_like(gate) if need_gate else None
         du = torch.empty(gate.shape, dtype=ctx.up_dtype, device=gate.device) if need_up else None
         n = gate.numel()
-        with device_of(gate):
-            _swiglu_bwd[(triton.cdiv(n, BLOCK),)](grad, gate, up if need_gate else gate, dg if need_gate else du,
-                                                  du if need_up else dg, n, HAS_DG=need_gate, HAS_DU=need_up,
-                                                  BLOCK=BLOCK, num_warps=4)
+        # an input or output not needed gets a stand-in pointer the kernel never touches
+        launch(_swiglu_bwd, (triton.cdiv(n, BLOCK),), gate, grad, gate, up if need_gate else gate,
+               dg if need_gate else du, du if need_up else dg, n, HAS_DG=need_gate, HAS_DU=need_up, BLOCK=BLOCK,
+               num_warps=4)
         return dg, du
 
 
@@ -82,4 +81,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate of shape {tuple(gate.shape)} and up of shape {tuple(up.shape)}")
     check_float("swiglu: gate", gate)
     check_float("swiglu: up", up)
-    return _SwiGLU.apply(gate, up)
+    return TritonSwiGLU.apply(gate, up)

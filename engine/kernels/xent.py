@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import XENT_BLOCK, check_contiguous, check_float, device_of
+from ._launch import XENT_BLOCK, check_contiguous, check_float, launch
 
 
 @triton.jit
@@ -71,7 +71,6 @@ def softmax_xent_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad
     if rows == 0:
         return loss
     block = min(XENT_BLOCK, triton.next_power_of_2(vocab))
-    with device_of(logits):
-        _xent_kernel[(rows,)](logits, target, loss, vocab, float(scale), GRAD=bool(grad), BLOCK=block,
-                              num_warps=8 if block >= 2048 else 4)
+    launch(_xent_kernel, (rows,), logits, logits, target, loss, vocab, float(scale), GRAD=bool(grad), BLOCK=block,
+           num_warps=8 if block >= 2048 else 4)
     return loss
