@@ -37,6 +37,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = ("0", "1", "interpret")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _lock = threading.Lock()
 _ops: Optional[ModuleType] = None          # engine.kernels.ops, once loaded
@@ -137,14 +138,17 @@ def interpreted() -> Optional[bool]:
 def applies(*tensors: torch.Tensor) -> bool:
     """True when these tensors go to the Triton kernels: all on one CUDA device (or
     CPU in 'interpret' mode), of a float dtype (bf16, fp16, fp32; they may differ),
-    not empty, the switch on and triton importable. Shapes are the kernels' to check."""
+    plain tensors or parameters (not DTensors or other subclasses, whose storage a
+    kernel cannot address), not empty, the switch on and triton importable. Shapes
+    are the kernels' to check."""
     if _mode == "0":
         return False
     first = tensors[0]
     kind = first.device.type
     if not (kind == "cuda" or (kind == "cpu" and _mode == "interpret")):
         return False
-    return (first.numel() > 0 and all(t.device == first.device and t.dtype in FLOAT_DTYPES for t in tensors)
+    return (first.numel() > 0 and all(type(t) in _PLAIN and t.device == first.device and t.dtype in FLOAT_DTYPES
+                                      for t in tensors)
             and _load() is not None)
 
 
