@@ -9,9 +9,10 @@ keeping fewer bytes for backward.
   silu(gate(x)) as autograd does: one FFN-wide tensor per token fewer, the
   largest activation of the block (the idea behind Liger Kernel's and Unsloth's
   fused SwiGLU).
-- `use_fused_layers`: Llama's RMSNorm (frozen weight) and the rotary embedding in
-  its attention take the fused C kernels while training on fp32 CPU; a class
-  change to a same-named subclass, the module and its state stay.
+- `use_fused_layers`: Llama's RMSNorm and the rotary embedding in its attention
+  take the Triton kernels (engine.kernels) for CUDA tensors of any float dtype, and
+  the fused C kernels (engine.fused) while training on fp32 CPU (a frozen norm
+  weight only); a class change to a same-named subclass, the module and its state stay.
 - `use_fast_linears`: plain nn.Linear layers become `FastLinear`, whose fp32 CPU
   GEMMs run on the backend engine.gemm chose for their shape.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fused, gemm
+from . import fused, gemm, kernels
 
 
 class SwiGLUMLP(nn.Module):
@@ -33,7 +34,10 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if kernels.applies(gate, up):                 # CUDA: the Triton kernel
+            return self.down_proj(kernels.ops().swiglu(gate, up))
+        return self.down_proj(fused.swiglu(gate, up))
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
@@ -59,8 +63,11 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 
 def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    # a training weight (ln_tuning, full) keeps the model's own ops: what they save is
-    # what the memory estimator counts for that case
+    # CUDA: the Triton kernel, which also gives a training weight (ln_tuning, full) its gradient
+    if kernels.applies(hidden_states, self.weight):
+        return kernels.ops().rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
+    # fp32 CPU: a training weight keeps the model's own ops there (what they save is
+    # what the memory estimator counts for that case)
     if not self.weight.requires_grad and fused.applies(hidden_states):
         return fused.rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
     return super(type(self), self).forward(hidden_states)
@@ -69,20 +76,27 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _fused_rope_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                                   past_key_values=None, **kwargs):
     """transformers' LlamaAttention.forward (5.x) step for step, with the rotary
-    embedding of q and k in one fused pass each (engine.fused.rope). Used while
-    training on fp32 CPU; anything else goes to the original forward."""
+    embedding of q and k in one fused pass each: engine.kernels.rope (Triton) for
+    CUDA tensors of any float dtype (under autocast q and k come out bf16 while cos
+    and sin may be fp32: the kernel computes in fp32 and answers in q's dtype),
+    engine.fused.rope (C) on fp32 CPU. Used while training; anything else goes to
+    the original forward."""
     from transformers.models.llama import modeling_llama as hf
 
     cos, sin = position_embeddings if position_embeddings is not None else (None, None)
-    if not (torch.is_grad_enabled() and cos is not None and cos.dtype is torch.float32
-            and fused.applies(hidden_states)):
+    training = torch.is_grad_enabled() and cos is not None
+    if training and kernels.applies(hidden_states, cos, sin):
+        rope = kernels.ops().rope
+    elif training and cos.dtype is torch.float32 and fused.applies(hidden_states):
+        rope = fused.rope
+    else:
         return super(type(self), self).forward(hidden_states, position_embeddings=position_embeddings,
                                                attention_mask=attention_mask, past_key_values=past_key_values,
                                                **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query_states = fused.rope(self.q_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
-    key_states = fused.rope(self.k_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
+    query_states = rope(self.q_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
+    key_states = rope(self.k_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

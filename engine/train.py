@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
-from . import fused
+from . import fused, kernels
 from .compile import COMPILE_BUCKET, compile_blocks
 from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather, pad_to_multiple
 from .config import GENERATION_METRICS, METRIC_DIRECTION
@@ -100,9 +100,12 @@ def causal_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def xent_sum_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad: bool) -> torch.Tensor:
     """Summed cross-entropy of one chunk of fp32 logits; with `grad`, the logits are
-    overwritten by (softmax - onehot) * scale. One fused pass per row on CPU
-    (engine.fused), else log-sum-exp and softmax in place with torch ops: one
-    chunk-sized buffer either way (torch.logsumexp makes its own shifted copies)."""
+    overwritten by (softmax - onehot) * scale. One fused pass per row on CUDA
+    (engine.kernels, Triton) and on CPU (engine.fused), else log-sum-exp and softmax
+    in place with torch ops: one chunk-sized buffer either way (torch.logsumexp makes
+    its own shifted copies)."""
+    if kernels.applies(logits) and logits.is_contiguous():
+        return kernels.ops().softmax_xent_(logits, target, scale, grad).sum()
     if fused.applies(logits) and logits.is_contiguous():
         return fused.softmax_xent_(logits, target, scale, grad).sum()
     picked = logits.gather(1, target[:, None]).squeeze(1)

@@ -10,7 +10,12 @@ the per-block absmax constants (fp32) are themselves quantized to 8 bits in
 blocks of 256 with one fp32 scale per block: 4 + 8/64 + 32/(64*256) = 4.127 bits
 per weight, against 4 + 32/64 = 4.5 without. The stored absmax is rounded up, and
 the 4-bit codes are chosen against the stored (dequantized) absmax, so every
-scaled value lies in [-1, 1]. Device-agnostic: the same code runs on CPU and CUDA.
+scaled value lies in [-1, 1]. Device-agnostic: the same code runs on CPU and CUDA
+and gives the same codes and weights on both (no division by a Python number,
+which CUDA computes as a multiplication by the rounded reciprocal: 126 of the 256
+possible absmax codes would come out one ulp apart). Dequantization takes one fused
+pass where it can: the Triton kernel (engine.kernels) on CUDA, the C kernel
+(engine.fused) on fp32 CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import fused
+from .. import fused, kernels
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -33,6 +38,24 @@ DQ_BLOCK = 256
 
 def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+_codes: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_on(device: torch.device) -> torch.Tensor:
+    """The code values on `device`, made once (dequantization runs per layer per step:
+    no host-to-device copy each time). Not to be written into."""
+    if device not in _codes:
+        _codes[device] = nf4_code(device)
+    return _codes[device]
+
+
+def _exact_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor, correctly rounded on every device: CUDA turns a division by a
+    Python number into a multiplication by its reciprocal, a division by a tensor it
+    does not."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
 @dataclass
@@ -69,7 +92,7 @@ def quantize_absmax(absmax: torch.Tensor, dq_block: int) -> tuple[torch.Tensor, 
     pad = (-n) % dq_block
     a = torch.cat([absmax, absmax.new_zeros(pad)]).view(-1, dq_block)
     scale = a.max(dim=1).values.clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.ceil(a / scale[:, None] * 255.0).clamp(0, 255).to(torch.uint8)
+    q = torch.ceil(a / scale[:, None] * 255.0).clamp(0, 255).to(torch.uint8)   # divides by a tensor: exact anywhere
     return q.view(-1)[:n].contiguous(), scale.contiguous()
 
 
@@ -77,7 +100,7 @@ def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, dq_block: int) -> to
     n = q.numel()
     pad = (-n) % dq_block
     qf = torch.cat([q.float(), q.new_zeros(pad, dtype=torch.float32)]).view(-1, dq_block)
-    return (qf / 255.0 * scale[:, None]).view(-1)[:n]
+    return (_exact_div(qf, 255.0) * scale[:, None]).view(-1)[:n]
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK, double_quant: bool = True,
@@ -96,7 +119,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK, double_quant: bo
         q_absmax, scale, used = absmax.clone(), None, absmax
     normed = blocks / used.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
     code = nf4_code(w.device)
-    mids = (code[1:] + code[:-1]) / 2
+    mids = (code[1:] + code[:-1]) * 0.5
     idx = torch.bucketize(normed.reshape(-1), mids).to(torch.uint8)
     if idx.numel() % 2:
         idx = torch.cat([idx, idx.new_zeros(1)])
@@ -107,13 +130,18 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK, double_quant: bo
 def dequantize_nf4(qs: QuantState, dtype: torch.dtype = torch.float32, packed=None, absmax=None,
                    absmax_scale=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight back, in `dtype`. The tensors may be given explicitly (when a
-    module holds them as parameters/buffers that moved device). `out`: an fp32
-    buffer of `numel` elements to write into, where the fused CPU kernel applies
-    (ignored otherwise)."""
+    module holds them as parameters/buffers that moved device). `out`: a buffer of
+    `numel` elements to write into, where a fused kernel applies: fp32 for the CPU
+    kernel, `dtype` for the Triton kernel (ignored otherwise)."""
     packed = qs.packed if packed is None else packed
     absmax = qs.absmax if absmax is None else absmax
     absmax_scale = qs.absmax_scale if absmax_scale is None else absmax_scale
-    code = nf4_code(packed.device)
+    code = _code_on(packed.device)
+    if kernels.applies(absmax if absmax_scale is None else absmax_scale):   # one Triton pass, straight to dtype
+        if out is not None and (out.dtype != dtype or out.device != packed.device or out.numel() != qs.numel):
+            out = None
+        return kernels.ops().nf4_dequantize(packed, code, absmax, absmax_scale, qs.numel, qs.block_size,
+                                            qs.dq_block_size, dtype, out).view(qs.shape)
     if absmax_scale is not None:
         absmax = dequantize_absmax(absmax, absmax_scale, qs.dq_block_size)
     if fused.applies(absmax):                         # one C pass on CPU (engine.fused)
