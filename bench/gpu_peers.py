@@ -248,17 +248,22 @@ def _mib(n) -> str:
 
 
 def peers_check(st, failures: list, dry: bool, dev: torch.device) -> None:
-    cfg = DRY if dry else GPU
+    cfg = dict(DRY if dry else GPU)
+    # a shorter check (a first device call that validates before the full one): fewer steps, fewer cases
+    if os.environ.get("STUDIO_PEERS_STEPS"):
+        cfg["steps"], cfg["warm"] = int(os.environ["STUDIO_PEERS_STEPS"]), max(2, int(os.environ["STUDIO_PEERS_STEPS"]) // 3)
+    only = os.environ.get("STUDIO_PEERS_CASES", "smollm2-135m,llama-3.2-1b shape").split(",")
     work = Path(tempfile.mkdtemp(prefix="gpu-peers-"))
     data = write_data(work / "long.csv", cfg["rows"], cfg["words"])
     if dry:
         tiny = tiny_llama_dir()
         cases = [("tiny-llama", str(tiny), tiny, 2, 64)]
     else:
-        cases = [("smollm2-135m", "smollm2-135m", tokenizer_source(), 8, 1024)]
+        cases = [("smollm2-135m", "smollm2-135m", tokenizer_source(), 8, 1024)] if "smollm2-135m" in only else []
         try:
-            d = llama_1b_dir(dev)
-            cases.append(("llama-3.2-1b shape", str(d), d, 4, 2048))
+            if "llama-3.2-1b shape" in only:
+                d = llama_1b_dir(dev)
+                cases.append(("llama-3.2-1b shape", str(d), d, 4, 2048))
         except Exception as e:           # a missing tokenizer source, no room: say so, measure SmolLM2
             failures.append(f"peers: the 1B-shaped model could not be made: {type(e).__name__}: {e}"[:300])
     st.say(f"## 5. A real run against HF Trainer + peft with a bf16 base ({dev.type})")

@@ -141,7 +141,7 @@ def applies(*tensors: torch.Tensor) -> bool:
     plain tensors or parameters (not DTensors or other subclasses, whose storage a
     kernel cannot address), not empty, the switch on and triton importable. Shapes
     are the kernels' to check."""
-    if _mode == "0":
+    if _mode == "0" or torch.compiler.is_compiling():     # compiled regions: Inductor fuses these ops itself
         return False
     first = tensors[0]
     kind = first.device.type
