@@ -454,11 +454,13 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                             loss = task_loss if extra is None else task_loss + extra
                         else:   # this rank's share of the global mean; DDP/FSDP average over ranks
                             loss = task_loss * weight if extra is None else task_loss * weight + extra
-                    if not torch.isfinite(task_loss if dist is not None else loss):
-                        raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
-                                                 f"try a lower training.learning_rate")
                     scaled = loss / t.grad_accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                # read once the backward is queued: checking before it made the host wait for the
+                # device's forward before it could launch a single backward kernel
+                if not math.isfinite((task_loss if dist is not None else loss).item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
+                                             f"try a lower training.learning_rate")
                 if dist is None:
                     loss_acc += loss.item() / t.grad_accum
                 else:
