@@ -169,6 +169,13 @@ if INNER:
         assert not kernels.applies(torch.ones(3, dtype=torch.float64))
         assert not kernels.applies(torch.ones(0))
 
+    def test_regions_torch_compile_traces_keep_torch_ops():
+        def f(t):
+            return t + 1 if kernels.applies(t) else t - 1
+        x = torch.zeros(3)
+        assert f(x).tolist() == [1, 1, 1]
+        assert torch.compile(f, backend="eager", fullgraph=True)(x).tolist() == [-1, -1, -1]
+
     @pytest.mark.parametrize("shape", [(3, 5, 24), (7, 100), (2, 3, 576)])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("weight_trains", [False, True])

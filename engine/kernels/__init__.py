@@ -139,9 +139,10 @@ def applies(*tensors: torch.Tensor) -> bool:
     """True when these tensors go to the Triton kernels: all on one CUDA device (or
     CPU in 'interpret' mode), of a float dtype (bf16, fp16, fp32; they may differ),
     plain tensors or parameters (not DTensors or other subclasses, whose storage a
-    kernel cannot address), not empty, the switch on and triton importable. Shapes
-    are the kernels' to check."""
-    if _mode == "0":
+    kernel cannot address), not empty, the switch on, triton importable, and not
+    inside a region torch.compile traces (there torch's ops stay: its compiler
+    fuses them itself). Shapes are the kernels' to check."""
+    if _mode == "0" or torch.compiler.is_compiling():
         return False
     first = tensors[0]
     kind = first.device.type
