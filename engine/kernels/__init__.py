@@ -142,11 +142,11 @@ def applies(*tensors: torch.Tensor) -> bool:
     kernel cannot address), not empty, the switch on, triton importable, and not
     inside a region torch.compile traces (there torch's ops stay: its compiler
     fuses them itself). Shapes are the kernels' to check."""
-    if _mode == "0" or torch.compiler.is_compiling():
+    if _mode == "0":
         return False
     first = tensors[0]
     kind = first.device.type
-    if not (kind == "cuda" or (kind == "cpu" and _mode == "interpret")):
+    if not (kind == "cuda" or (kind == "cpu" and _mode == "interpret")) or torch.compiler.is_compiling():
         return False
     return (first.numel() > 0 and all(type(t) in _PLAIN and t.device == first.device and t.dtype in FLOAT_DTYPES
                                       for t in tensors)
