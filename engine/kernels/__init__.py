@@ -6,9 +6,9 @@ in place, and NF4 dequantization, each one kernel forward and one backward, for
 bf16, fp16 and fp32 tensors with fp32 arithmetic inside. They keep for backward
 exactly what the C kernels keep (RMSNorm: its input and one fp32 rstd per row;
 SwiGLU: gate and up; RoPE: cos and sin only), so the memory estimator's accounting
-is the same on both devices. A transformer step on a GPU is bound by kernel
-launches long before bandwidth: torch runs each of these as five to ten launches
-(plus dtype casts), here it is one.
+is the same on both devices. The first GPU run of the project found a small
+model's step bound by kernel launches (issue 25): torch runs each of these parts
+as five to ten launches (plus dtype casts), here each is one.
 
 When they are used (`applies`): triton imports, the switch `STUDIO_TRITON_KERNELS`
 is not 0, and the tensors are CUDA tensors of a float dtype. The switch:
@@ -40,7 +40,7 @@ MODES = ("0", "1", "interpret")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _lock = threading.Lock()
-_ops: Optional[ModuleType] = None          # engine.kernels.ops, once loaded
+_ops: Optional[ModuleType] = None          # engine.kernels.api, once loaded
 _interpreted: Optional[bool] = None        # whether the loaded kernels run in Triton's interpreter
 _unavailable: Optional[str] = None         # why they cannot be used, once known
 
