@@ -168,6 +168,8 @@ if INNER:
         assert kernels.applies(torch.ones(3, dtype=torch.bfloat16), torch.ones(3))
         assert not kernels.applies(torch.ones(3, dtype=torch.float64))
         assert not kernels.applies(torch.ones(0))
+        sub = type("Sharded", (torch.Tensor,), {})
+        assert not kernels.applies(torch.ones(3).as_subclass(sub))   # e.g. a DTensor: its storage is not the tensor
 
     def test_regions_torch_compile_traces_keep_torch_ops():
         def f(t):
@@ -195,6 +197,17 @@ if INNER:
         for a, b in zip(got, want):
             torch.testing.assert_close(a.double(), b, **tol(dtype))
         assert got[0].dtype == dtype and (not weight_trains or got[1].dtype == w.dtype)
+
+    def test_rms_norm_weight_gradient_alone():
+        """ln_tuning's first norm: the input (the embeddings' output) needs no gradient."""
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(37, 48, generator=g)                   # rows: not a multiple of the 4 programs
+        w = (torch.rand(48, generator=g) + 0.5).requires_grad_()
+        up = torch.randn(37, 48, generator=g)
+        _, (got,) = grads(lambda a, b: K.rms_norm(a, b, 1e-6), (x, w), up)
+        _, (want,) = grads(lambda a, b: hf_rms_norm(a, b, 1e-6), (x.double(), w.detach().double().requires_grad_()),
+                           up.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
     def test_rms_norm_keeps_its_input_and_one_fp32_rstd_per_row():
         x = torch.randn(6, 40, dtype=torch.bfloat16, requires_grad=True)
