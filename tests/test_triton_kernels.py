@@ -32,7 +32,7 @@ def run_inner(*selection: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, STUDIO_TRITON_KERNELS="interpret", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            str(Path(__file__)), *selection], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=REPO)
+                          timeout=540, cwd=REPO)     # inside pytest-timeout's 600 s, to say why
 
 
 # ---- in the main process ---------------------------------------------------------------------
