@@ -8,6 +8,11 @@ launches per call (torch.profiler), and the largest difference between the two
 outputs relative to the largest output (a sanity check: bf16 rounds at 2^-8
 relative, and tests/test_triton_kernels.py holds the real tolerances).
 
+Then whole LoRA training steps (r 16 on all seven linears, frozen bf16 base, fp32
+LoRA weights, bf16 autocast, the engine's swaps and chunked loss) of random
+models of the same two shapes, kernels on against kernels off, alternated over
+rounds: the median step time and the peak memory of each.
+
     .venv/bin/python bench/triton_kernels.py                 # CUDA: bench/RESULTS-kernels.md
     .venv/bin/python bench/triton_kernels.py --dry-run       # CPU: Triton's interpreter, tiny shapes
 
@@ -51,6 +56,10 @@ SHAPES = {"SmolLM2-135M 8x1024": (8 * 1024, 9, 3, 64, 576, 1536, 49152),
 DRY_SHAPES = {"tiny 2x8": (16, 3, 1, 16, 48, 80, 300)}
 LOSS_CHUNK_ROWS = 1024
 NF4_SHAPES = {"SmolLM2-135M 8x1024": (1536, 576), "Llama-3.2-1B 4x2048": (8192, 2048)}
+# name: (layers, batch, seq) of the step section, with SHAPES' widths
+STEPS = {"SmolLM2-135M 8x1024": (30, 8, 1024), "Llama-3.2-1B 4x2048": (16, 4, 2048)}
+DRY_STEPS = {"tiny 2x8": (2, 2, 8)}
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FAILURES: list[str] = []
 
 
@@ -161,11 +170,87 @@ def cases(shape: tuple, dev: torch.device, dtype: torch.dtype, nf4_shape: tuple)
     yield "nf4_dequantize", dequant, dequant
 
 
+def lora_model(shape: tuple, layers: int, seq: int, dev: torch.device, dtype: torch.dtype):
+    """A random Llama of `shape`'s widths as the engine trains it: SwiGLU swap, LoRA
+    r16 on all seven linears (fp32 weights), fused norm and attention classes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.methods.lora import inject_lora
+    from engine.swaps import fuse_swiglu_mlps, use_fused_layers
+    _, heads, kv, head_dim, hidden, ffn, vocab = shape
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                      max_position_embeddings=max(seq, 64), tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.requires_grad_(False)
+    fuse_swiglu_mlps(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1]
+             in ALL_LINEARS]
+    inject_lora(model, names, 16, 32.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    use_fused_layers(model)
+    return model.train()
+
+
+def step_section(st: Stamp, label: str, shape: tuple, steps: tuple, dev: torch.device, rounds: int,
+                 per_round: int) -> None:
+    from engine.train import compute_loss
+    layers, batch, seq = steps
+    model = lora_model(shape, layers, seq, dev, torch.bfloat16)
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, shape[-1], (batch, seq), generator=g, device=dev)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = compute_loss(model, data, "causal_lm")
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    sides = {"torch ops": "0", "Triton kernels": kernels.mode()}
+    times: dict[str, list] = {k: [] for k in sides}
+    peaks, losses = {}, {}
+    for _ in range(rounds):
+        for side, mode in sides.items():
+            old = kernels.set_mode(mode)
+            try:
+                losses[side] = step().item()                # warm-up (and the loss compared)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                times[side].append(median_ms(step, dev, per_round, 1))
+                if dev.type == "cuda":
+                    peaks[side] = torch.cuda.max_memory_allocated(dev)
+            finally:
+                kernels.set_mode(old)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gib = {k: f"{peaks[k] / 2**30:.2f}" if k in peaks else "-" for k in sides}
+    st.say("")
+    st.say(f"LoRA r16 all linears, {layers} layers, batch {batch} x seq {seq}, bf16 base, autocast:")
+    st.say("")
+    st.say("| side | step ms (median) | peak GiB | loss |")
+    st.say("|---|---|---|---|")
+    for side in sides:
+        st.say(f"| {side} | {med[side]:.1f} | {gib[side]} | {losses[side]:.4f} |")
+    st.say(f"| ratio (kernels / torch) | {med['Triton kernels'] / med['torch ops']:.2f} | "
+           + (f"{peaks['Triton kernels'] / peaks['torch ops']:.2f}" if peaks else "-") + " | |")
+    if abs(losses["Triton kernels"] - losses["torch ops"]) > 0.02 * abs(losses["torch ops"]) + 1e-3:
+        raise RuntimeError(f"the losses differ: {losses}")
+    del model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes, temporary output")
     ap.add_argument("--out", help="where to write (default: bench/RESULTS-kernels.md; dry run: a temp file)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-step", action="store_true", help="kernels only, no training-step section")
     a = ap.parse_args(argv)
     official = REPO / "bench" / "RESULTS-kernels.md"
     if a.dry_run:
@@ -173,11 +258,13 @@ def main(argv=None) -> int:
         if out.resolve() == official.resolve():
             sys.exit("--dry-run never writes bench/RESULTS-kernels.md; give another --out")
         dev, shapes, nf4_shapes, reps, warmup = torch.device("cpu"), DRY_SHAPES, {"tiny 2x8": (64, 96)}, 1, 1
+        step_shapes, rounds, per_round = DRY_STEPS, 1, 1
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device here: run with --dry-run for the CPU check of the same code")
         out = Path(a.out) if a.out else official
         dev, shapes, nf4_shapes, reps, warmup = torch.device("cuda"), SHAPES, NF4_SHAPES, a.reps, 10
+        step_shapes, rounds, per_round = STEPS, 3, 5
     if not kernels.applies(torch.ones(1, device=dev)):
         sys.exit(f"the Triton kernels do not apply here: mode {kernels.mode()}, {kernels.unavailable_reason()}")
     st = Stamp("bench/triton_kernels.py" + (" --dry-run" if a.dry_run else ""))
@@ -209,6 +296,15 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 FAILURES.append(f"{label} {name}: {type(exc).__name__}: {exc}")
                 st.say(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | | | | |")
+        if not a.no_step:
+            try:
+                step_section(st, label, shape, step_shapes[label], dev, rounds, per_round)
+            except Exception as exc:
+                traceback.print_exc()
+                FAILURES.append(f"{label} step: {type(exc).__name__}: {exc}")
+                st.say(f"step: FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     st.say("")
     st.say("Failed: " + ("; ".join(FAILURES) if FAILURES else "nothing."))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def run_inner(*selection: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, STUDIO_TRITON_KERNELS="interpret", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            str(Path(__file__)), *selection], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=REPO)
+                          timeout=540, cwd=REPO)     # inside pytest-timeout's 600 s, to say why
 
 
 # ---- in the main process ---------------------------------------------------------------------
@@ -117,6 +117,74 @@ if not INNER:
         assert torch.equal(nf4._exact_div(q, 255.0), q / 255.0)
         assert not torch.equal(q * torch.tensor(1 / 255.0), q / 255.0)   # the reciprocal is not
 
+    def hopper_builds():
+        """(kernel, signature, constexprs, warps) of every kernel in the variants the
+        engine launches: bf16 activations, fp32 master weights and logits, fp32 NF4."""
+        from engine.kernels import nf4_dequant, rms_norm, rope, swiglu, xent
+        p = lambda dt: "*" + dt                       # noqa: E731
+        return [
+            (rms_norm._rms_norm_fwd, dict(x_ptr=p("bf16"), w_ptr=p("fp32"), y_ptr=p("fp32"), rstd_ptr=p("fp32"),
+                                          cols="i32", eps="fp32"), dict(BLOCK=1024), 4),
+            (rms_norm._rms_norm_bwd, dict(g_ptr=p("bf16"), x_ptr=p("bf16"), w_ptr=p("bf16"), rstd_ptr=p("fp32"),
+                                          dx_ptr=p("bf16"), dw_ptr=p("fp32"), rows="i32", cols="i32"),
+             dict(HAS_DX=True, HAS_DW=True, BLOCK=2048), 8),
+            (rope._rope_kernel, dict(x_ptr=p("bf16"), cos_ptr=p("fp32"), sin_ptr=p("fp32"), out_ptr=p("bf16"),
+                                     heads="i32", dim="i32", cos_rows="i32"),
+             dict(BACKWARD=True, BLOCK_H=16, BLOCK_D=32), 2),
+            (swiglu._swiglu_fwd, dict(g_ptr=p("bf16"), u_ptr=p("bf16"), h_ptr=p("bf16"), n="i32"),
+             dict(BLOCK=1024), 4),
+            (swiglu._swiglu_bwd, dict(dh_ptr=p("bf16"), g_ptr=p("bf16"), u_ptr=p("bf16"), dg_ptr=p("bf16"),
+                                      du_ptr=p("bf16"), n="i32"), dict(HAS_DG=True, HAS_DU=True, BLOCK=1024), 4),
+            (xent._xent_kernel, dict(logits_ptr=p("fp32"), target_ptr=p("i64"), loss_ptr=p("fp32"), vocab="i32",
+                                     scale="fp32"), dict(GRAD=True, BLOCK=4096), 8),
+            # the other branches of each kernel's constexpr switches, and fp16
+            (rms_norm._rms_norm_fwd, dict(x_ptr=p("fp16"), w_ptr=p("fp16"), y_ptr=p("fp16"), rstd_ptr=p("fp32"),
+                                          cols="i32", eps="fp32"), dict(BLOCK=8192), 16),
+            (rms_norm._rms_norm_bwd, dict(g_ptr=p("fp32"), x_ptr=p("fp32"), w_ptr=p("fp32"), rstd_ptr=p("fp32"),
+                                          dx_ptr=p("fp32"), dw_ptr=p("fp32"), rows="i32", cols="i32"),
+             dict(HAS_DX=True, HAS_DW=False, BLOCK=1024), 4),
+            (rope._rope_kernel, dict(x_ptr=p("fp16"), cos_ptr=p("fp16"), sin_ptr=p("fp16"), out_ptr=p("fp16"),
+                                     heads="i32", dim="i32", cos_rows="i32"),
+             dict(BACKWARD=False, BLOCK_H=32, BLOCK_D=64), 4),
+            (swiglu._swiglu_bwd, dict(dh_ptr=p("fp32"), g_ptr=p("fp32"), u_ptr=p("fp32"), dg_ptr=p("fp32"),
+                                      du_ptr=p("fp32"), n="i32"), dict(HAS_DG=False, HAS_DU=True, BLOCK=1024), 4),
+            (xent._xent_kernel, dict(logits_ptr=p("bf16"), target_ptr=p("i64"), loss_ptr=p("fp32"), vocab="i32",
+                                     scale="fp32"), dict(GRAD=False, BLOCK=1024), 4),
+            (nf4_dequant._nf4_kernel, dict(packed_ptr=p("u8"), code_ptr=p("fp32"), absmax_ptr=p("fp32"),
+                                           scale_ptr=p("fp32"), out_ptr=p("bf16"), numel="i32"),
+             dict(QBLOCK=64, DQ_BLOCK=1, DOUBLE_QUANT=False, BLOCK=1024), 4),
+            # last: the one whose PTX is read
+            (nf4_dequant._nf4_kernel, dict(packed_ptr=p("u8"), code_ptr=p("fp32"), absmax_ptr=p("u8"),
+                                           scale_ptr=p("fp32"), out_ptr=p("fp32"), numel="i32"),
+             dict(QBLOCK=64, DQ_BLOCK=256, DOUBLE_QUANT=True, BLOCK=1024), 4),
+        ]
+
+    def test_every_kernel_compiles_for_a_hopper_gpu(tmp_path, monkeypatch):
+        """The interpreter runs the kernels' Python; this runs Triton's compiler on them,
+        down to PTX and a cubin for sm_90 (the H200), as the GPU will. And NF4's PTX
+        divides with IEEE rounding (`/` in Triton is div.approx) and fuses no FMA, the
+        two things its bit-for-bit equality with the CPU rests on."""
+        require("triton")
+        import re
+
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")          # what triton 3.6 does by default
+        for kernel, signature, constexprs, warps in hopper_builds():
+            assert isinstance(kernel, JITFunction), f"{kernel}: TRITON_INTERPRET is set in this process"
+            signature = {**signature, **{name: "constexpr" for name in constexprs}}
+            assert list(signature) == kernel.arg_names, kernel.__name__
+            built = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            assert built.asm["cubin"], kernel.__name__
+        ptx = built.asm["ptx"]                                         # the NF4 kernel's, the last one
+        ops = set(re.findall(r"^\s*((?:div|fma|rcp)\.[\w.]+)", ptx, re.M))
+        assert "div.rn.f32" in ops and not {o for o in ops if o.startswith(("fma", "rcp"))}, ops
+        assert not {o for o in ops if o.startswith(("div.approx", "div.full"))}, ops
+
     def test_kernel_bench_dry_run_runs_every_kernel_on_cpu(tmp_path):
         require("triton")
         out = tmp_path / "kernels.md"
@@ -168,6 +236,15 @@ if INNER:
         assert kernels.applies(torch.ones(3, dtype=torch.bfloat16), torch.ones(3))
         assert not kernels.applies(torch.ones(3, dtype=torch.float64))
         assert not kernels.applies(torch.ones(0))
+        sub = type("Sharded", (torch.Tensor,), {})
+        assert not kernels.applies(torch.ones(3).as_subclass(sub))   # e.g. a DTensor: its storage is not the tensor
+
+    def test_regions_torch_compile_traces_keep_torch_ops():
+        def f(t):
+            return t + 1 if kernels.applies(t) else t - 1
+        x = torch.zeros(3)
+        assert f(x).tolist() == [1, 1, 1]
+        assert torch.compile(f, backend="eager", fullgraph=True)(x).tolist() == [-1, -1, -1]
 
     @pytest.mark.parametrize("shape", [(3, 5, 24), (7, 100), (2, 3, 576)])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,6 +265,17 @@ if INNER:
         for a, b in zip(got, want):
             torch.testing.assert_close(a.double(), b, **tol(dtype))
         assert got[0].dtype == dtype and (not weight_trains or got[1].dtype == w.dtype)
+
+    def test_rms_norm_weight_gradient_alone():
+        """ln_tuning's first norm: the input (the embeddings' output) needs no gradient."""
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(37, 48, generator=g)                   # rows: not a multiple of the 4 programs
+        w = (torch.rand(48, generator=g) + 0.5).requires_grad_()
+        up = torch.randn(37, 48, generator=g)
+        _, (got,) = grads(lambda a, b: K.rms_norm(a, b, 1e-6), (x, w), up)
+        _, (want,) = grads(lambda a, b: hf_rms_norm(a, b, 1e-6), (x.double(), w.detach().double().requires_grad_()),
+                           up.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
     def test_rms_norm_keeps_its_input_and_one_fp32_rstd_per_row():
         x = torch.randn(6, 40, dtype=torch.bfloat16, requires_grad=True)

@@ -6,9 +6,9 @@ in place, and NF4 dequantization, each one kernel forward and one backward, for
 bf16, fp16 and fp32 tensors with fp32 arithmetic inside. They keep for backward
 exactly what the C kernels keep (RMSNorm: its input and one fp32 rstd per row;
 SwiGLU: gate and up; RoPE: cos and sin only), so the memory estimator's accounting
-is the same on both devices. A transformer step on a GPU is bound by kernel
-launches long before bandwidth: torch runs each of these as five to ten launches
-(plus dtype casts), here it is one.
+is the same on both devices. The first GPU run of the project found a small
+model's step bound by kernel launches (issue 25): torch runs each of these parts
+as five to ten launches (plus dtype casts), here each is one.
 
 When they are used (`applies`): triton imports, the switch `STUDIO_TRITON_KERNELS`
 is not 0, and the tensors are CUDA tensors of a float dtype. The switch:
@@ -40,7 +40,7 @@ MODES = ("0", "1", "interpret")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _lock = threading.Lock()
-_ops: Optional[ModuleType] = None          # engine.kernels.ops, once loaded
+_ops: Optional[ModuleType] = None          # engine.kernels.api, once loaded
 _interpreted: Optional[bool] = None        # whether the loaded kernels run in Triton's interpreter
 _unavailable: Optional[str] = None         # why they cannot be used, once known
 
@@ -139,13 +139,14 @@ def applies(*tensors: torch.Tensor) -> bool:
     """True when these tensors go to the Triton kernels: all on one CUDA device (or
     CPU in 'interpret' mode), of a float dtype (bf16, fp16, fp32; they may differ),
     plain tensors or parameters (not DTensors or other subclasses, whose storage a
-    kernel cannot address), not empty, the switch on and triton importable. Shapes
-    are the kernels' to check."""
-    if _mode == "0" or torch.compiler.is_compiling():     # compiled regions: Inductor fuses these ops itself
+    kernel cannot address), not empty, the switch on, triton importable, and not
+    inside a region torch.compile traces (there torch's ops stay: its compiler
+    fuses them itself). Shapes are the kernels' to check."""
+    if _mode == "0":
         return False
     first = tensors[0]
     kind = first.device.type
-    if not (kind == "cuda" or (kind == "cpu" and _mode == "interpret")):
+    if not (kind == "cuda" or (kind == "cpu" and _mode == "interpret")) or torch.compiler.is_compiling():
         return False
     return (first.numel() > 0 and all(type(t) in _PLAIN and t.device == first.device and t.dtype in FLOAT_DTYPES
                                       for t in tensors)

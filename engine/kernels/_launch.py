@@ -3,7 +3,6 @@ the device to launch on, block sizes and warps by row width."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from functools import lru_cache
 
@@ -37,10 +36,19 @@ LAUNCHES: Counter = Counter()
 def launch(kernel, grid: tuple, on: torch.Tensor, *args, **meta) -> None:
     """kernel[grid](*args, **meta) with `on`'s GPU the current device (a no-op for
     CPU tensors, which only the interpreter runs), counted in LAUNCHES."""
-    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-    LAUNCHES[name] += 1
-    with torch.cuda.device(on.device) if on.device.type == "cuda" else contextlib.nullcontext():
+    LAUNCHES[_name(kernel)] += 1
+    # switching the current device costs two driver calls a launch; a process (or rank) normally
+    # computes on its current device already, so switch only when the tensor lives elsewhere
+    if on.device.type == "cuda" and on.device.index is not None and on.device.index != torch.cuda.current_device():
+        with torch.cuda.device(on.device):
+            kernel[grid](*args, **meta)
+    else:
         kernel[grid](*args, **meta)
+
+
+@lru_cache(maxsize=None)
+def _name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
 
 
 def row_block(cols: int, name: str) -> int:

@@ -29,17 +29,19 @@ BLOCK = 1024
 
 
 @triton.jit
-def _nf4_kernel(packed_ptr, code_ptr, absmax_ptr, scale_ptr, out_ptr, numel, block, dq_block,
-                DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
+def _nf4_kernel(packed_ptr, code_ptr, absmax_ptr, scale_ptr, out_ptr, numel,
+                QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    # the quantization blocks are compile-time constants (64 and 256 in practice): a
+    # division by them is a shift, where a runtime one is a 64-bit integer division
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     byte = tl.load(packed_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
     nibble = tl.where((offs & 1) == 1, byte & 15, byte >> 4)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    b = offs // block
+    b = offs // QBLOCK
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.float32)
-        scale = tl.load(scale_ptr + b // dq_block, mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + b // DQ_BLOCK, mask=mask, other=0.0)
         absmax = tl.math.div_rn(q, 255.0) * scale
     else:
         absmax = tl.load(absmax_ptr + b, mask=mask, other=0.0)
@@ -77,6 +79,6 @@ def nf4_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tenso
         return out
     packed, code, absmax = packed.contiguous(), code.to(torch.float32).contiguous(), absmax.contiguous()
     scale = absmax_scale.contiguous() if dq else absmax
-    launch(_nf4_kernel, (triton.cdiv(numel, BLOCK),), packed, packed, code, absmax, scale, out, numel, block,
-           dq_block, DOUBLE_QUANT=dq, BLOCK=BLOCK, num_warps=4)
+    launch(_nf4_kernel, (triton.cdiv(numel, BLOCK),), packed, packed, code, absmax, scale, out, numel,
+           QBLOCK=block, DQ_BLOCK=dq_block if dq else 1, DOUBLE_QUANT=dq, BLOCK=BLOCK, num_warps=4)
     return out

@@ -56,7 +56,9 @@ def set_mode(mode: str) -> None:
 
 
 def enabled_for(x: torch.Tensor) -> bool:
-    return _mode == "on" or (_mode == "auto" and x.is_cuda)
+    """Whether x takes the one-node path: by the mode, and never inside a region torch.compile
+    traces (engine.compile), where Inductor fuses the plain module path itself."""
+    return (_mode == "on" or (_mode == "auto" and x.is_cuda)) and not torch.compiler.is_compiling()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
