@@ -5,8 +5,9 @@ measured in the same process, one after the other, on the same data (issue #25, 
 Cases (GPU): SmolLM2-135M at 8 x 1024 and a Llama-3.2-1B-shaped model with random weights at
 4 x 2048, LoRA r16 alpha 32 on all seven linears of every block, AdamW, lr 2e-4. Every data row
 is longer than the sequence, so every batch on both sides is exactly batch x seq tokens.
-Engine sides: `precision: bf16` eager (the default path), `training.compile` (torch.compile of
-each block: the baseline the eager path must beat), and QLoRA (NF4 base, same LoRA).
+Engine sides: `precision: bf16` eager (the default path), `training.compile: true` (torch.compile
+of each block: the baseline the eager path must beat), `training.compile: cudagraphs` (each
+compiled block replayed as a CUDA graph), and QLoRA (NF4 base, same LoRA, eager).
 
 - steady step: mean seconds per step after the warm-up (the engine's own step clock in
   `TrainResult.history`; on the peft side a `TrainerCallback` that synchronizes the device at
@@ -150,7 +151,7 @@ class Profiled:
 
 
 def engine_side(model: str, data: Path, batch: int, seq: int, method: dict, cfg: dict, dev: torch.device,
-                compile_: bool = False, profile_dir: Path | None = None) -> dict:
+                compile_: bool | str = False, profile_dir: Path | None = None) -> dict:
     from engine.config import parse_run_config
     from engine.prepare import prepare_run
     from engine.train import train
@@ -283,10 +284,13 @@ def peers_check(st, failures: list, dry: bool, dev: torch.device) -> None:
         sides = {}
         plan = [("engine eager", lambda: engine_side(model, data, batch, seq, LORA16, cfg, dev, profile_dir=work)),
                 ("HF Trainer + peft", lambda: peft_side(Path(model_dir), data, batch, seq, cfg, dev)),
-                ("engine QLoRA", lambda: engine_side(model, data, batch, seq, dict(LORA16, name="qlora"), cfg, dev))]
+                ("engine QLoRA", lambda: engine_side(model, data, batch, seq, dict(LORA16, name="qlora"), cfg, dev,
+                                                     profile_dir=work))]
         if not dry:
-            plan.insert(1, ("engine compile", lambda: engine_side(model, data, batch, seq, LORA16, cfg, dev,
-                                                                  compile_=True)))
+            plan[1:1] = [(f"engine compile{' + CUDA graphs' if c == 'cudagraphs' else ''}",
+                          lambda c=c: engine_side(model, data, batch, seq, LORA16, cfg, dev, compile_=c,
+                                                  profile_dir=work))
+                         for c in (True, "cudagraphs")]
         for side, fn in plan:
             t0 = time.perf_counter()
             try:
@@ -316,24 +320,33 @@ def peers_check(st, failures: list, dry: bool, dev: torch.device) -> None:
             sr, pr = eng["step_s"] / ref["step_s"], eng["peak"] / ref["peak"]
             parts.append(f"step {sr:.2f}x HF+peft (target <= {ts}: {'met' if ts and sr <= ts else 'NOT met'}), "
                          f"peak {pr:.2f}x (target <= {tp}: {'met' if tp and pr <= tp else 'NOT met'})")
-        if eng and comp:
-            parts.append(f"eager / compiled step {eng['step_s'] / comp['step_s']:.2f}")
+        graphs = sides.get("engine compile + CUDA graphs")
+        for name, other in (("compiled", comp), ("compiled + CUDA graphs", graphs)):
+            if eng and other:
+                parts.append(f"eager / {name} step {eng['step_s'] / other['step_s']:.2f}")
+                # same data, seed and steps: a compiled run that does not learn as eager does is broken
+                if abs(other["loss1"] - eng["loss1"]) > 0.02 * abs(eng["loss1"] - eng["loss0"]) + 0.02:
+                    failures.append(f"peers {label} {name}: last loss {other['loss1']:.4f} vs eager "
+                                    f"{eng['loss1']:.4f} (first {eng['loss0']:.4f})")
+                    parts.append(f"{name} LEARNS DIFFERENTLY from eager")
         if eng and q:
             qr = q["step_s"] / eng["step_s"]
             parts.append(f"QLoRA / LoRA step {qr:.2f} (target <= {TARGET_QLORA}: "
                          f"{'met' if qr <= TARGET_QLORA else 'NOT met'})")
         if eng and est and eng["peak"]:
             parts.append(f"estimate / measured peak {est / eng['peak']:.2f}")
-        if eng and eng.get("busy") is not None:
-            parts.append(f"GPU busy {100 * eng['busy']:.0f}% of the step (target >= {100 * TARGET_BUSY:.0f}%: "
-                         f"{'met' if eng['busy'] >= TARGET_BUSY else 'NOT met'})")
-        for side in ("engine eager", "HF Trainer + peft", "engine QLoRA", "engine compile"):
+        for side in ("engine eager", "engine compile", "engine compile + CUDA graphs", "engine QLoRA"):
             r = sides.get(side)
+            if r and r.get("busy") is not None:
+                parts.append(f"GPU busy in {side}: {100 * r['busy']:.0f}% of the step (target >= "
+                             f"{100 * TARGET_BUSY:.0f}%: {'met' if r['busy'] >= TARGET_BUSY else 'NOT met'})")
+        for side, r in sides.items():
             if r and not all(x == x and abs(x) != float("inf") for x in (r["loss0"], r["loss1"])):
                 failures.append(f"peers {label} {side}: a non-finite loss")
         st.say(f"- {label}: " + ("; ".join(parts) if parts else "nothing to compare"))
-        if eng and eng.get("top"):
-            total = sum(us for _, us in eng["top"]) or 1.0
-            st.say("  - kernels that took the most GPU time in the profiled eager steps: " + "; ".join(
-                f"`{name[:60]}` {us / 1e3:.1f} ms" for name, us in eng["top"]) + f" (top-6 total {total / 1e3:.1f} ms)")
+        for side in ("engine eager", "engine QLoRA"):
+            r = sides.get(side)
+            if r and r.get("top"):
+                st.say(f"  - {side}: the kernels that took the most GPU time over {cfg['profiled']} profiled steps: "
+                       + "; ".join(f"`{name[:60]}` {us / 1e3:.1f} ms" for name, us in r["top"]))
     st.say()

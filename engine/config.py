@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -155,8 +155,10 @@ class TrainingConfig(_Strict):
                             "weights are loaded straight to the device in that dtype, trainable parameters and their "
                             "optimizer states are fp32, matmuls run under autocast; fp16 adds loss scaling "
                             "(docs/precision.md)")
-    compile: bool = Field(False, description="torch.compile each transformer block (engine.compile): fewer "
-                          "kernel launches per step, after a first step that compiles; CUDA is where it pays")
+    compile: Union[bool, Literal["cudagraphs"]] = Field(
+        False, description="torch.compile each transformer block (engine.compile): fewer kernel launches per "
+                           "step, after a first step that compiles; 'cudagraphs' also replays each compiled block "
+                           "as a CUDA graph (CUDA only); CUDA is where either pays")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
     retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
 from . import fused, kernels
-from .compile import COMPILE_BUCKET, compile_blocks
+from .compile import COMPILE_BUCKET, compile_blocks, step_begin
 from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather, pad_to_multiple
 from .config import GENERATION_METRICS, METRIC_DIRECTION
 from .gemm import matmul, matmul_t
@@ -371,7 +371,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     if not any(p.requires_grad for p in model.parameters()):
         raise RuntimeError(f"method {cfg.method.name!r} left no trainable parameters")
     if t.compile:
-        compile_blocks(model)
+        compile_blocks(model, t.compile)
     runner = TaskLoss(model, cfg.task, prep.spec.extra_loss)
     if dist is not None:
         runner = D.wrap(runner, model, dist)
@@ -437,6 +437,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                 break
             loss_acc = 0.0
             step_tokens = 0
+            step_begin(t.compile)
             for micro in range(t.grad_accum):
                 batch = stream.next()
                 if t.compile:       # a few bucketed lengths rather than one compiled shape per batch

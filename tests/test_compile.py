@@ -39,6 +39,17 @@ def test_compiled_blocks_train_like_eager(monkeypatch):
     assert any("lora_A" in n for n, p in prep.model.named_parameters() if p.requires_grad)
 
 
+def test_cudagraphs_setting_parses_and_trains_on_cpu(monkeypatch):
+    """`compile: cudagraphs` is accepted; on the CPU (no CUDA graphs) it trains as compiled."""
+    monkeypatch.setenv("STUDIO_COMPILE_BACKEND", "aot_eager")
+    from engine.config import ConfigError, parse_run_config as parse
+    prep, res = run("cudagraphs", {"name": "lora", "r": 2})
+    assert res.steps == 3 and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(prep.model))
+    with pytest.raises((ConfigError, ValueError), match="training.compile"):
+        parse({"model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct"},
+               "method": {"name": "lora"}, "training": {"compile": "sometimes"}})
+
+
 def test_eager_by_default():
     prep, _ = run(False, {"name": "lora", "r": 2})
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks(prep.model))
