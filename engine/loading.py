@@ -230,13 +230,15 @@ def load_into(model: nn.Module, model_dir: Path, dtype: torch.dtype, device: tor
                 continue
             want = (torch.float32 if keeps_fp32(mod) else dtype) if old.is_floating_point() else old.dtype
             new = nn.Parameter(reader.read(e, want, device), requires_grad=old.requires_grad)
-            for m, a in owners.get(id(old), [(mod, attr)]):
-                m._parameters[a] = new
+            for m, a in owners.pop(id(old), [(mod, attr)]):   # popped: a module a transform replaces
+                m._parameters[a] = new                          # must not stay alive through this map
+            del old, mod
             loaded[id(new)] = ck
             if mod_name in pending:
                 pending[mod_name] -= 1
                 if pending[mod_name] == 0:
-                    _replace(model, mod_name, transform(mod_name, mod))
+                    _replace(model, mod_name, transform(mod_name, model.get_submodule(mod_name)))
+                    release_free_memory()
     finally:
         reader.close()
     if hasattr(model, "tie_weights"):   # a tied head the checkpoint leaves out shares its twin's tensor
@@ -248,6 +250,27 @@ def load_into(model: nn.Module, model_dir: Path, dtype: torch.dtype, device: tor
         if left:
             _replace(model, name, transform(name, model.get_submodule(name)))
     return loaded
+
+
+_libc = None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim`; a no-op
+    elsewhere). A transform frees a layer's 16-bit weight and its temporaries after
+    making a smaller tensor; glibc keeps such freed chunks in its heap (its mmap
+    threshold grows after the first large free), so without this the resident memory
+    of a QLoRA load grows by every layer it quantized (+0.25 GB on SmolLM2-135M)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
