@@ -249,7 +249,10 @@ def load_into(model: nn.Module, model_dir: Path, dtype: torch.dtype, device: tor
     for name, left in pending.items():            # a target whose bias the checkpoint lacked
         if left:
             _replace(model, name, transform(name, model.get_submodule(name)))
-    return loaded
+    # only parameters still in the model: a transformed one is gone, and its id may already name
+    # another object
+    alive = {id(p): p for p in model.parameters()}
+    return {i: k for i, k in loaded.items() if i in alive and alive[i].is_floating_point()}
 
 
 _libc = None

@@ -3,6 +3,7 @@ method, make the task head trainable."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -98,14 +99,23 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     # a model loaded elsewhere (a caller's copy, new task heads) is put in place here; what it held
     # before stays reachable until the method is applied, for trainable weights' exact fp32 values
     previous = place_base(loaded.model, dtype, device)
-    base = {id(p) for p in loaded.model.parameters()}
+    # the base's parameters by identity, not by id() alone: a parameter the method drops (a weight
+    # QLoRA quantizes) frees its id, and Python hands it to the next object made - a LoRA matrix,
+    # which must not be taken for that checkpoint weight
+    before = {id(p): weakref.ref(p) for p in loaded.model.parameters()}
     ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer, dtype=dtype)
     torch.manual_seed(cfg.training.seed)
     model = apply_method(loaded.model, spec, cfg.method, ctx)
+    base = {id(p) for p in model.parameters() if id(p) in before and before[id(p)]() is p}
     reread = reread_fp32(loaded.checkpoint, loaded.loaded_keys) if loaded.loaded_keys else None
-    settle_dtypes(model, dtype, base=base,
-                  exact=lambda p: previous[id(p)] if id(p) in previous else (reread(p) if reread else None))
-    del previous
+
+    def exact(p):
+        if id(p) not in base:
+            return None
+        return previous[id(p)] if id(p) in previous else (reread(p) if reread else None)
+
+    settle_dtypes(model, dtype, base=base, exact=exact)
+    del previous, before
     n_params, n_trainable = count_parameters(model)
     data = None
     if tasks is not None:
