@@ -159,6 +159,29 @@ def test_qlora_compute_dtype_follows_the_run(precision, compute, want):
     assert prep.model._quantization_report["total"]["numel"] > 0
 
 
+def test_qlora_on_a_model_loaded_elsewhere_keeps_its_own_lora_init():
+    """A loaded fp32 copy (as engine.measure passes one) is cast, then QLoRA frees the
+    linears it quantizes: a new LoRA matrix may get a freed weight's id(), and must not
+    be handed that weight's old fp32 value as its 'exact' one (engine.precision.ParamMap)."""
+    from engine.methods.lora import LoraLinear
+    from engine.train import compute_loss
+
+    from engine.measure import prepare_for_measure
+
+    loaded = load_model("tiny-llama", "causal_lm")
+    prep = prepare_for_measure("tiny-llama", {"name": "qlora"}, task="causal_lm", loaded=loaded, precision="bf16")
+    layers = [m for m in prep.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(not m.lora_B.weight.any() for m in layers)          # B starts at zero
+    assert all(m.lora_A.weight.shape == (m.r, m.in_features) for m in layers)
+    assert check_contract(prep.model, torch.bfloat16) == []
+    ids = torch.randint(1000, 2000, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compute_loss(prep.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                         "labels": ids}, "causal_lm")
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_qlora_quantizes_while_streaming(tmp_path):
     """A local checkpoint: every block linear arrives as NF4 (the loader's transform),
     so apply_qlora finds them quantized already and keeps their load-time error report."""
