@@ -2,7 +2,8 @@
 GPU is available and commit bench/RESULTS-gpu.md.
 
 Sections, each on `--device` (default cuda) with bf16 autocast, as a run with
-`training.precision: bf16` trains (fp32 weights, bf16 matmuls):
+`training.precision: bf16` trains (bf16 frozen base, fp32 trainables, bf16 matmuls;
+docs/precision.md):
 
 1. engine vs peft: step time (torch.cuda.synchronize around every step, median
    after warm-up, the two sides alternated over `--rounds`) and
@@ -305,7 +306,7 @@ def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
             continue
         before = allocated(dev)          # the previous case released its memory when it ended
         try:
-            prep = prepare_for_measure(model_name, method, task=task, loaded=loaded)
+            prep = prepare_for_measure(model_name, method, task=task, loaded=loaded, precision="bf16", device=dev.type)
         except ValueError as e:
             st.say(f"| {name} | refused by the method: {str(e).splitlines()[0][:150]} |||||||||")
             continue

@@ -55,11 +55,15 @@ def test_device_kind_and_run_estimate_for_each_kind():
 
     assert device_kind("cuda:NVIDIA H200") == device_kind("cuda") == "cuda"
     assert device_kind("cpu") == device_kind("mps") == "cpu"
-    cfg = parse_run_config(TINY_RUN)
+    cfg = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "precision": "fp32"}})
     cuda, cpu = estimate_run(cfg, "tiny-bert", device="cuda"), estimate_run(cfg, "tiny-bert", device="cpu")
     assert cuda.rows["cuda_context"] == CUDA_CONTEXT_BYTES and cpu.rows["cuda_context"] == 0
     assert cuda.rows["weights"] == cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
     assert cpu.inputs["device"] == "cpu"
+    # precision auto (engine.precision): bf16 on a CUDA worker, fp32 on a CPU one
+    auto = parse_run_config(TINY_RUN)
+    assert estimate_run(auto, "tiny-bert", device="cuda").inputs["dtype"] == "bf16"
+    assert estimate_run(auto, "tiny-bert", device="cpu").inputs["dtype"] == "fp32"
 
 
 def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(settings):

@@ -159,6 +159,29 @@ def test_qlora_compute_dtype_follows_the_run(precision, compute, want):
     assert prep.model._quantization_report["total"]["numel"] > 0
 
 
+def test_qlora_on_a_model_loaded_elsewhere_keeps_its_own_lora_init():
+    """A loaded fp32 copy (as engine.measure passes one) is cast, then QLoRA frees the
+    linears it quantizes: a new LoRA matrix may get a freed weight's id(), and must not
+    be handed that weight's old fp32 value as its 'exact' one (engine.precision.ParamMap)."""
+    from engine.methods.lora import LoraLinear
+    from engine.train import compute_loss
+
+    from engine.measure import prepare_for_measure
+
+    loaded = load_model("tiny-llama", "causal_lm")
+    prep = prepare_for_measure("tiny-llama", {"name": "qlora"}, task="causal_lm", loaded=loaded, precision="bf16")
+    layers = [m for m in prep.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(not m.lora_B.weight.any() for m in layers)          # B starts at zero
+    assert all(m.lora_A.weight.shape == (m.r, m.in_features) for m in layers)
+    assert check_contract(prep.model, torch.bfloat16) == []
+    ids = torch.randint(1000, 2000, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compute_loss(prep.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                         "labels": ids}, "causal_lm")
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_qlora_quantizes_while_streaming(tmp_path):
     """A local checkpoint: every block linear arrives as NF4 (the loader's transform),
     so apply_qlora finds them quantized already and keeps their load-time error report."""
@@ -224,3 +247,46 @@ def test_streaming_loader_refuses_a_damaged_checkpoint_naming_file_and_tensor(tm
 def test_tiny_models_are_built_in_the_dtype():
     m = load_model("tiny-llama", "causal_lm", dtype=torch.bfloat16).model
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+
+
+# ---- downstream of a bf16 run -------------------------------------------------------------------
+
+def test_a_bf16_run_generates_merges_and_reloads_in_fp32(tmp_path):
+    """Evaluation with generation metrics runs on the bf16 model; merging folds the fp32
+    LoRA into the bf16 weights with the adapted model's outputs; the saved adapter
+    rebuilt on a fresh (fp32) base gives the same outputs to bf16 precision."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from engine.adapters import load_trained, merged_model_files, save_adapter
+
+    cfg = run_cfg(steps=4, eval_every=4, eval_generate=2, eval_generate_tokens=4, learning_rate=2e-2,
+                  method={"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    prep = prepare_run(cfg)
+    res = train(prep)
+    assert res.eval["gen_rows"] == 2 and "rouge_l" in res.eval
+    save_adapter(prep, tmp_path / "a")
+    ids = torch.randint(1000, 2000, (2, 10), generator=torch.Generator().manual_seed(0))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    prep.model.eval()
+    with torch.no_grad(), amp:
+        adapted = prep.model(input_ids=ids).logits.float()
+    back = load_trained(cfg, tmp_path / "a")
+    assert {p.dtype for p in back.model.parameters()} == {torch.float32}
+    with torch.no_grad(), amp:
+        reloaded = back.model(input_ids=ids).logits.float()
+    d = merged_model_files(prep)
+    try:
+        merged = AutoModelForCausalLM.from_pretrained(d).eval()
+        assert merged.get_input_embeddings().weight.dtype == torch.bfloat16
+        with torch.no_grad(), amp:
+            folded = merged(input_ids=ids).logits.float()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    base = load_model("tiny-llama", "causal_lm", dtype=torch.bfloat16).model.eval()
+    with torch.no_grad(), amp:
+        plain = base(input_ids=ids).logits.float()
+    tol = 2e-2 * adapted.abs().max()
+    moved = (adapted - plain).abs().max()
+    assert moved > 5 * tol                    # the adapter changes the outputs: the comparisons can fail
+    assert (folded - adapted).abs().max() <= tol
+    assert (reloaded - adapted).abs().max() <= tol
