@@ -142,7 +142,14 @@ class LossChunkProbe:
         return self._orig(fn, *args, **kw)
 
     def _observe(self, logits: torch.Tensor) -> None:
-        self.peak = max(self.peak, logits.numel() * logits.element_size())
+        nbytes = logits.numel() * logits.element_size()
+        kind = logits.device.type
+        if torch.is_autocast_enabled(kind):
+            # under autocast the chunk's product is made in the autocast dtype and converted
+            # to these fp32 logits: both are live at that moment (and a copy of that size is
+            # made again from the gradient chunk for grad_h)
+            nbytes += logits.numel() * torch.finfo(torch.get_autocast_dtype(kind)).bits // 8
+        self.peak = max(self.peak, nbytes)
 
     def __enter__(self):
         from . import train

@@ -15,7 +15,7 @@ from ..loss import LOSS_CHUNK
 from .catalog import GPU_PRESETS, GiB, catalog_text, default_task, load_model_config, model_dims
 from .counts import added_params, count_total_params, count_trainable, head_params, is_deberta
 from .devices import STRATEGIES, gathered_units, per_device_rows
-from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS,
+from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS, MASTER_BYTES,
                        OPTIMIZER_ALIASES, OPTIMIZERS, QUANTS, ROWS, TASKS, appendix_hidden_states,
                        model_weight_bytes, optimizer_bytes, quant_of, simple_rows, slide_hidden_states)
 from .plans import activation_plan
@@ -258,10 +258,10 @@ def _estimate(q: _Query) -> Estimate:
                                                 grad_checkpointing=q.grad_checkpointing)
         trains_base = spec.trains_base_weights
         rows = {"cuda_context": CUDA_CONTEXT_BYTES if q.device == "cuda" else 0,
-                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base),
-                "gradients": size * n_tr,
+                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base, n_tr),
+                "gradients": MASTER_BYTES * n_tr,
                 "hidden_states": hidden,
-                "optimizer": optimizer_bytes(n_tr, size, q.optimizer)}
+                "optimizer": optimizer_bytes(n_tr, MASTER_BYTES, q.optimizer)}
         if task == "causal_lm":
             notes.append(f"logits: our chunked cross-entropy keeps one fp32 chunk of ≤{LOSS_CHUNK} tokens × vocab")
         if q.optimizer == "sgd":
@@ -270,7 +270,7 @@ def _estimate(q: _Query) -> Estimate:
             notes.append("paged_adamw_8bit: its states are counted on the device (paging moves them to CPU "
                          "memory only when the device runs short)")
         units = gathered_units(dims, n_params=n_params, n_tr=n_tr, added=added, size=size, quant=quant,
-                               trains_base_weights=trains_base,
+                               trains_base_weights=trains_base, master=MASTER_BYTES,
                                trained_layers=sum(lp.trains_anything() for lp in plan.layers))
     rows = per_device_rows(rows, world_size=q.world_size, strategy=q.strategy, units=units)
     if q.world_size > 1:

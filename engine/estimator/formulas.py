@@ -69,23 +69,30 @@ def nf4_bytes(n_weights: int, quant: str) -> int:
     return math.ceil(n_weights * (NF4_DQ_BITS if quant == "nf4-dq" else NF4_BITS) / 8)
 
 
+MASTER_BYTES = 4                      # trainable parameters, their gradients and AdamW states: fp32 (master weights)
+
+
 def model_weight_bytes(dims: ModelDims, n_params: int, added: int, size: int, quant: str,
-                       trains_base_weights: bool) -> int:
-    """The base model's parameters plus the method's added ones; frozen block
-    linears in NF4 (4 bits + block constants) when quantized, everything else in
-    the training dtype. Methods that train the block linears themselves keep
-    those in the training dtype."""
+                       trains_base_weights: bool, n_tr: int = 0) -> int:
+    """The base model's parameters plus the method's added ones, as the engine holds
+    them under the precision contract (docs/precision.md): every trainable parameter
+    (`n_tr`: the method's own and any trainable base weight or head) in fp32, the
+    frozen rest in the run's dtype (`size` bytes), and the frozen block linears in NF4
+    (4 bits + block constants) when quantized. Methods that train the block linears
+    themselves are never quantized. With `size` = 4 (fp32) this is 4·(N + added)."""
+    frozen = n_params + added - n_tr
     if quant == "none" or trains_base_weights:
-        return size * (n_params + added)
+        return size * frozen + MASTER_BYTES * n_tr
     q = frozen_linear_params(dims)
-    return nf4_bytes(q, quant) + size * (n_params - q + added)
+    return nf4_bytes(q, quant) + size * (frozen - q) + MASTER_BYTES * n_tr
 
 
 def optimizer_bytes(n_tr: int, size: int, optimizer: str) -> int:
-    """AdamW: two states in the parameters' dtype (PyTorch keeps exp_avg and
-    exp_avg_sq like the parameter); 8-bit AdamW (paged or not; Dettmers et al.
-    2022): two 1-byte states plus two fp32 constants per block of 2048; plain SGD
-    (no momentum): nothing."""
+    """AdamW: two states like the parameter (PyTorch keeps exp_avg and exp_avg_sq in
+    the parameter's dtype; trainable parameters are fp32 master weights, so `size` is
+    MASTER_BYTES for the `model` formula); 8-bit AdamW (paged or not; Dettmers et al.
+    2022): two 1-byte states plus two fp32 constants per block of 2048; plain SGD (no
+    momentum): nothing."""
     if optimizer == "adamw":
         return 2 * size * n_tr
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
