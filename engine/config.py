@@ -150,7 +150,11 @@ class TrainingConfig(_Strict):
     group_by_length: bool = Field(False, description="batch rows of similar length together (less padding)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16. Under bf16/fp16 the frozen base "
+                            "weights are loaded straight to the device in that dtype, trainable parameters and their "
+                            "optimizer states are fp32, matmuls run under autocast; fp16 adds loss scaling "
+                            "(docs/precision.md)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: never)")
     retries: int = Field(0, ge=0, le=10, description="requeue a run whose worker died, resuming from its checkpoint")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(

@@ -205,11 +205,12 @@ def set_attention(model: nn.Module, attention: str) -> None:
 
 def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, num_labels: int = 2,
                  optimizer: str = "adamw", keep_saved: bool = False, seed: int = 0,
-                 extra_loss=None, backward: bool = True) -> Measured:
+                 extra_loss=None, backward: bool = True, amp: Optional[torch.dtype] = None) -> Measured:
     """One step of our training loop (compute_loss, backward, optimizer step) on
     `model` (a method already applied), recording the estimator's rows.
     `backward=False` records the forward only (hidden_states and weights; the
-    gradient and optimizer rows are then 0) — what the accuracy bench needs."""
+    gradient and optimizer rows are then 0) — what the accuracy bench needs.
+    `amp`: the run's autocast dtype (engine.precision.autocast_dtype), None for fp32."""
     from .methods import count_parameters
     from .train import compute_loss
 
@@ -226,7 +227,8 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with SavedTensorRecorder(params, keep=keep_saved) as rec, LossChunkProbe(params) as chunks:
+    with SavedTensorRecorder(params, keep=keep_saved) as rec, LossChunkProbe(params) as chunks, \
+            torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         loss = compute_loss(model, batch, task)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
@@ -323,6 +325,7 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
     random batch of `batch_size` x `seq_len` tokens. The first step, unmeasured,
     creates the optimizer's states, which are live through every later step."""
     from .optim import make_optimizer as run_optimizer
+    from .precision import autocast_dtype
     from .train import TaskLoss
 
     model = prep.model
@@ -336,13 +339,15 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
     num_labels = getattr(model.config, "num_labels", 2)
     model.train()
     runner = TaskLoss(model, prep.config.task, prep.spec.extra_loss)
+    amp = autocast_dtype(t.precision, device)
     opt = run_optimizer(optimizer or t.optimizer, trainable, lr=1e-4, weight_decay=t.weight_decay)
 
     def one_step():
         batch = synthetic_batch(prep.config.task, batch_size, seq_len, vocab, num_labels, seed, device)
-        loss, extra = runner(batch)
-        if extra is not None:
-            loss = loss + extra
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss, extra = runner(batch)
+            if extra is not None:
+                loss = loss + extra
         loss.backward()
         del loss, extra
         grads = tensor_bytes(p.grad for p in trainable)
@@ -391,16 +396,24 @@ def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimiz
 
 def measure_prepared(prep, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
                      keep_saved: bool = False, backward: bool = True) -> Measured:
-    """Measure one step of a run prepared by `engine.prepare.prepare_run`."""
+    """Measure one step of a run prepared by `engine.prepare.prepare_run`, under its
+    precision (engine.precision)."""
+    from .precision import autocast_dtype
+
     num_labels = getattr(prep.model.config, "num_labels", 2)
+    device = next(prep.model.parameters()).device
     return measure_step(prep.model, prep.config.task, batch_size=batch_size, seq_len=seq_len,
                         num_labels=num_labels, optimizer=optimizer, keep_saved=keep_saved,
-                        extra_loss=prep.spec.extra_loss, backward=backward)
+                        extra_loss=prep.spec.extra_loss, backward=backward,
+                        amp=autocast_dtype(prep.config.training.precision, device))
 
 
 def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = None, num_labels: int = 2,
-                        attention: str = "sdpa", loaded=None, seed: int = 0):
-    """A Prepared run for `model_name` + `method` without reading a dataset.
+                        attention: str = "sdpa", loaded=None, seed: int = 0, precision: str = "fp32",
+                        device: str = "cpu"):
+    """A Prepared run for `model_name` + `method` without reading a dataset, in
+    `precision` (training.precision) on `device` (training.device): the model is
+    placed as a real run's would be (engine.precision).
 
     `loaded` (an `engine.models.LoadedModel`) is deep-copied, so one loaded model
     can serve many measurements."""
@@ -415,7 +428,7 @@ def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = 
     labels = [f"label{i}" for i in range(num_labels)] if task == "classification" else []
     dataset = "demo-sentiment" if task == "classification" else "demo-instruct"
     cfg = parse_run_config({"model": model_name, "task": task, "dataset": {"name": dataset}, "method": method,
-                            "training": {"seed": seed, "device": "cpu"}})
+                            "training": {"seed": seed, "device": device, "precision": precision}})
     if loaded is None:
         loaded = load_model(model_name, task, num_labels=num_labels, seed=seed)
     else:
@@ -428,9 +441,11 @@ def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = 
 
 def measure(model_name: str, method: dict, *, batch_size: int = 1, seq_len: int = 128, task: Optional[str] = None,
             num_labels: int = 2, attention: str = "sdpa", optimizer: str = "adamw", loaded=None,
-            keep_saved: bool = False, backward: bool = True) -> Measured:
-    """Measure one training step of `method` on `model_name` (bundled or tiny)."""
+            keep_saved: bool = False, backward: bool = True, precision: str = "fp32",
+            device: str = "cpu") -> Measured:
+    """Measure one training step of `method` on `model_name` (bundled or tiny) in
+    `precision` on `device`."""
     prep = prepare_for_measure(model_name, method, task=task, num_labels=num_labels, attention=attention,
-                               loaded=loaded)
+                               loaded=loaded, precision=precision, device=device)
     return measure_prepared(prep, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                             keep_saved=keep_saved, backward=backward)

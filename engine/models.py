@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .loading import CheckpointError, load_into, meta_model
+
 log = logging.getLogger(__name__)
 
 BUNDLED_MODELS = {
@@ -46,6 +48,8 @@ class LoadedModel:
     tokenizer: object
     source: str           # what was loaded: a directory, "tiny-llama", ...
     load_seconds: float
+    checkpoint: Optional[Path] = None          # the local directory streamed from (engine.loading)
+    loaded_keys: Optional[dict] = None         # {id(parameter): checkpoint key} of what it streamed
 
 
 def default_cache_dir() -> Path:
@@ -186,10 +190,21 @@ def load_tokenizer(name: str, **kw):
 
 def load_model(name: str, task: str = "classification", num_labels: int = 2, *,
                allowed_roots: Optional[Sequence[str | Path]] = None, cache_dir: Optional[Path] = None,
-               seed: int = 0, id2label: Optional[dict] = None) -> LoadedModel:
+               seed: int = 0, id2label: Optional[dict] = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", transform=None) -> LoadedModel:
     """Load `name` for `task`: a bundled model, a tiny random model, a local
-    directory or a hub id. Heads not in the checkpoint are seeded with `seed`."""
+    directory or a hub id, with its weights in `dtype` on `device` (docs/precision.md).
+    Heads not in the checkpoint are seeded with `seed`.
+
+    A local checkpoint (the bundled models, a directory) is streamed tensor by tensor
+    into a model built on the meta device (engine.loading): its weights never exist
+    in another dtype or on another device first, and `transform` (an
+    engine.loading.ModuleTransform, e.g. QLoRA's quantizer) replaces modules as their
+    weights arrive. A tiny model is built in `dtype` on `device` directly. A hub id
+    goes through transformers' `from_pretrained(dtype=, device_map=)` (no transform:
+    the method then quantizes after loading)."""
     t0 = time.perf_counter()
+    device = torch.device(device)
     torch.manual_seed(seed)
     extra = {}
     if task == "classification":
@@ -204,16 +219,20 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, *,
             setattr(cfg, k, v)
         if TINY_MODELS[name] == "llama":
             cfg.pad_token_id = tok.pad_token_id
-        model = _auto_class(task).from_config(cfg)
+        with torch.device(device):
+            model = _auto_class(task).from_config(cfg, dtype=dtype)
         model.config.name_or_path = name
-        return LoadedModel(model.float().eval(), tok, name, time.perf_counter() - t0)
+        return LoadedModel(model.eval(), tok, name, time.perf_counter() - t0)
     src = resolve_model_dir(name, allowed_roots=allowed_roots, cache_dir=cache_dir)
+    loaded_keys = None
     try:
         tok = load_tokenizer(name, allowed_roots=allowed_roots, cache_dir=cache_dir) if isinstance(src, str) \
             else _tokenizer_from_dir(src)
-        model = _auto_class(task).from_pretrained(
-            src, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
-            local_files_only=not isinstance(src, str), **extra)
+        if isinstance(src, str):
+            model = _auto_class(task).from_pretrained(
+                src, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False, **extra)
+        else:
+            model, loaded_keys = _stream_local(src, task, dtype, device, transform, seed, extra)
     except OSError as e:
         if isinstance(src, str):
             raise ModelLoadError(
@@ -222,10 +241,24 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, *,
                 f"{str(e).splitlines()[0][:200]}). On a machine without network access, download the model "
                 f"elsewhere and give its local directory.") from None
         raise ModelLoadError(f"model: could not load {str(src)!r}: {e}") from None
+    except CheckpointError as e:
+        raise ModelLoadError(f"model: {e}") from None
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     model.config.name_or_path = name if name in BUNDLED_MODELS else str(src)
-    return LoadedModel(model.eval(), tok, str(src), time.perf_counter() - t0)
+    return LoadedModel(model.eval(), tok, str(src), time.perf_counter() - t0,
+                       checkpoint=None if isinstance(src, str) else Path(src), loaded_keys=loaded_keys)
+
+
+def _stream_local(src: Path, task: str, dtype: torch.dtype, device: torch.device, transform, seed: int,
+                  extra: dict):
+    """A local safetensors model streamed into a meta-built model (engine.loading)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False, **extra)
+    model = meta_model(_auto_class(task), config, dtype)
+    keys = load_into(model, src, dtype, device, transform=transform, seed=seed)
+    return model, keys
 
 
 def _tokenizer_from_dir(d: Path):

@@ -14,7 +14,9 @@ from .arch import head_modules
 from .config import RunConfig
 from .data import DataProgress, Examples, load_examples
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
+from .loading import reread_fp32
 from .models import LoadedModel, load_model
+from .precision import pick_device, place_base, run_dtype, settle_dtypes
 from .swaps import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
 from .tasks import TaskSet, install_task_heads
 from .tokens import Tokenized, tokenize_examples
@@ -60,7 +62,10 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
                 path_resolver: Optional[Callable[[str], Path]] = None, max_data_bytes: Optional[int] = None,
                 examples: Optional[Examples] = None, data_cache_dir: Optional[Path] = None,
                 on_data_progress: Optional[DataProgress] = None, progress: bool = False) -> Prepared:
-    """Load the model and the data and apply the method. The data is read, mapped and
+    """Load the model and the data and apply the method. The model comes back on its
+    device (training.device) in the run's precision (engine.precision): frozen base
+    weights in the run dtype, trainable parameters fp32; loaded straight that way
+    (engine.loading) unless `loaded` is given. The data is read, mapped and
     tokenized into memory-mapped Arrow tables cached under `data_cache_dir` (default:
     engine.data.default_cache_dir()); `on_data_progress(stage, rows_done, rows_total)`
     reports the tokenization (engine.data.format_progress words it), `progress` draws a
@@ -80,15 +85,27 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     elif examples is None:
         examples = load_examples(cfg.dataset, cfg.task, seed=cfg.training.seed, path_resolver=path_resolver,
                                  cache_dir=data_cache_dir, on_progress=on_data_progress, **kw)
-    if loaded is None:
+    device = pick_device(cfg.training.device)
+    dtype = run_dtype(cfg.training.precision, device)
+    if loaded is None:   # straight to the run's dtype and device (docs/precision.md)
         id2label = dict(enumerate(examples.labels)) if cfg.task == "classification" else None
+        transform = spec.load_transform(cfg.method, dtype) if spec.load_transform is not None else None
         loaded = load_model(cfg.model, cfg.task, num_labels=max(2, examples.num_labels), allowed_roots=allowed_roots,
-                            cache_dir=cache_dir, seed=cfg.training.seed, id2label=id2label)
+                            cache_dir=cache_dir, seed=cfg.training.seed, id2label=id2label, dtype=dtype,
+                            device=device, transform=transform)
     if tasks is not None and cfg.task == "classification":
         install_task_heads(loaded.model, tasks.num_labels, seed=cfg.training.seed)
-    ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer)
+    # a model loaded elsewhere (a caller's copy, new task heads) is put in place here; what it held
+    # before stays reachable until the method is applied, for trainable weights' exact fp32 values
+    previous = place_base(loaded.model, dtype, device)
+    base = {id(p) for p in loaded.model.parameters()}
+    ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer, dtype=dtype)
     torch.manual_seed(cfg.training.seed)
     model = apply_method(loaded.model, spec, cfg.method, ctx)
+    reread = reread_fp32(loaded.checkpoint, loaded.loaded_keys) if loaded.loaded_keys else None
+    settle_dtypes(model, dtype, base=base,
+                  exact=lambda p: previous[id(p)] if id(p) in previous else (reread(p) if reread else None))
+    del previous
     n_params, n_trainable = count_parameters(model)
     data = None
     if tasks is not None:

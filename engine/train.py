@@ -27,6 +27,7 @@ from .config import GENERATION_METRICS, METRIC_DIRECTION
 from .gemm import matmul, matmul_t
 from .generation import GenerationSet, evaluate_generation, generation_set, next_token_logits
 from .optim import make_optimizer
+from .precision import autocast_dtype, grad_scaler, pick_device  # noqa: F401  (pick_device: re-exported)
 from .prepare import Prepared
 from .tasks import combine_eval, task_context, temperature_probs
 from .tokens import tokenize_examples
@@ -75,22 +76,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("history", "last_state")}
-
-
-def pick_device(pref: str) -> torch.device:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("training.device: 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_dtype(pref: str, device: torch.device) -> Optional[torch.dtype]:
-    if pref == "bf16" or (pref == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    if pref == "fp16":
-        return torch.float16
-    return None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -359,8 +344,9 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     main = dist is None or dist.is_main
     torch.manual_seed(t.seed)
     device = dist.device if dist is not None else pick_device(t.device)
-    amp = autocast_dtype(t.precision, device)
+    amp = autocast_dtype(t.precision, device)   # the contract (engine.precision): prepare_run placed the model
     model = prep.model.to(device)
+    scaler = grad_scaler(amp, device)           # fp16: loss scaling
     tok = prep.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     data = prep.data if prep.data is not None else tokenize_examples(prep.examples, tok, t.max_seq_len)
@@ -463,7 +449,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                     if not torch.isfinite(task_loss if dist is not None else loss):
                         raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; "
                                                  f"try a lower training.learning_rate")
-                    (loss / t.grad_accum).backward()
+                    scaled = loss / t.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 if dist is None:
                     loss_acc += loss.item() / t.grad_accum
                 else:
@@ -471,12 +458,18 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                                  + (extra.item() / world if extra is not None else 0.0)) / t.grad_accum
             if dist is not None:
                 loss_acc = dist.all_reduce_sum([loss_acc])[0]
+            if scaler is not None:   # true gradients for the method's hook and the clipping
+                scaler.unscale_(opt)
             if prep.spec.after_backward is not None:
                 prep.spec.after_backward(model, step, steps)
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             lr_used = sched.get_last_lr()[0]
-            opt.step()
+            if scaler is not None:   # skips the step when the fp16 gradients overflowed, then lowers the scale
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if prep.spec.after_step is not None:

@@ -272,11 +272,19 @@ def test_qlora_keeps_no_tensor_in_the_weights_file_mapping(tmp_path):
     lm.model.save_pretrained(d)
     lm.tokenizer.save_pretrained(d)
     weights = (d / "model.safetensors").resolve()
-    m = load_model(str(d), "causal_lm", allowed_roots=[tmp_path]).model
+    from transformers import AutoModelForCausalLM
+
     def in_mapping(t):
         return any(lo <= t.data_ptr() < hi for lo, hi in file_mapped_ranges(weights))
-    # transformers does map the file (else this test would prove nothing)
-    assert any(in_mapping(p) for p in m.parameters())
+    # transformers' from_pretrained does map the file (else this test would prove nothing)
+    ref = AutoModelForCausalLM.from_pretrained(d)
+    assert any(in_mapping(p) for p in ref.parameters())
+    # with qlora applied to it, own_unquantized_tensors copies what stayed in the mapping out
+    ref, _, _ = apply(ref, {"name": "qlora", "r": 4})
+    assert not [n for n, t in list(ref.named_parameters()) + list(ref.named_buffers()) if in_mapping(t)]
+    # engine.models streams the file (engine.loading): nothing is in the mapping from the start
+    m = load_model(str(d), "causal_lm", allowed_roots=[tmp_path]).model
+    assert not [n for n, t in list(m.named_parameters()) + list(m.named_buffers()) if in_mapping(t)]
     m, _, _ = apply(m, {"name": "qlora", "r": 4})
     assert not [n for n, t in list(m.named_parameters()) + list(m.named_buffers()) if in_mapping(t)]
     b = batch(m.config.vocab_size)

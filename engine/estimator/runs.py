@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Union
 
+from ..precision import run_dtype_name
 from .estimates import Estimate, estimate
 
 
@@ -23,14 +24,14 @@ def device_kind(device: str) -> str:
 
 def estimate_run(cfg, model: Union[str, dict], *, device: str = "cuda", num_labels: int = 2) -> Estimate:
     """Estimate one training step of run config `cfg` (an engine.config.RunConfig) per
-    device: its method, batch size, max_seq_len, precision (auto and fp32 count as
-    fp32), optimizer, world size and strategy. `model`: a name the estimator knows
+    device: its method, batch size, max_seq_len, precision (as engine.precision resolves
+    it for the device: auto is bf16 on CUDA, fp32 on CPU), optimizer, world size and strategy. `model`: a name the estimator knows
     or a config.json dict; `device`: a device kind or a worker's device name."""
     t = cfg.training
     dist = t.distributed
     kw = {"optimizer": t.optimizer} if getattr(t, "optimizer", None) else {}
     return estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
-                    seq_len=t.max_seq_len, dtype="fp32" if t.precision in ("auto", "fp32") else t.precision,
+                    seq_len=t.max_seq_len, dtype=run_dtype_name(t.precision, device_kind(device)),
                     task=cfg.task, num_labels=num_labels, world_size=dist.world_size, strategy=dist.strategy,
                     device=device_kind(device), **kw)
 

@@ -31,6 +31,7 @@ class ApplyContext:
     task: str                     # "classification" | "causal_lm"
     seed: int = 0
     tokenizer: Any = None         # for prompt-init from text
+    dtype: Optional[torch.dtype] = None   # the run dtype (engine.precision.run_dtype); None: fp32
 
 
 @dataclass
@@ -76,6 +77,9 @@ class MethodSpec:
     adds_params: bool = True      # False: trains parameters the base model already has (full, top_k, bitfit, ...)
     quantizes_base: bool = False  # the frozen base is stored quantized (QLoRA's NF4)
     trains_base_weights: bool = False   # the block linear weights themselves train (full, top_k): never quantized
+    # (method config, run dtype) -> an engine.loading.ModuleTransform that replaces modules while the
+    # checkpoint streams in (QLoRA quantizes each block linear as its weight arrives); None: load as is
+    load_transform: Optional[Callable[[MethodConfig, "torch.dtype"], Any]] = None
     # What each block trains, for the estimator's saved-activation model (engine.methods.plan.Plan):
     plan: Optional[Callable[["ModelDims", MethodConfig, str], "Plan"]] = None   # (dims, cfg, task)
 

@@ -31,13 +31,22 @@ from .lora import LoraConfig, LoraLinear, count_lora_trainable, dense_weight, ex
 from .nf4 import BLOCK, QuantState, dequantize_nf4, quantize_nf4, summarize_errors
 from .targeting import is_conv1d, linear_like
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class QLoraConfig(LoraConfig):
     name: Literal["qlora"] = "qlora"
     double_quant: bool = Field(True, description="quantize the absmax constants to 8 bits (blocks of 256)")
-    compute_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the dequantized weight in forward")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the NF4 weight is dequantized to for its matmuls: auto = the run's dtype "
+                            "(training.precision: bf16 on CUDA by default, fp32 on CPU); fp32 / bf16 / fp16 explicit")
+
+
+def compute_dtype_of(cfg: QLoraConfig, run_dtype) -> torch.dtype:
+    """`compute_dtype` resolved: `auto` is the run dtype (fp32 when none is given)."""
+    if cfg.compute_dtype == "auto":
+        return run_dtype or torch.float32
+    return COMPUTE_DTYPES[cfg.compute_dtype]
 
 
 _scratch = threading.local()
@@ -164,14 +173,33 @@ def quantizable_names(model: nn.Module) -> list[str]:
 def quantize_model(model: nn.Module, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
                    names=None) -> dict[str, dict]:
     """Replace the block linear layers by NF4Linear; returns the quantization error
-    of each against its fp32 weight."""
-    report = {}
+    of each against the weight it was made from (fp32, or the run dtype when the
+    layer was quantized while loading). Layers quantized while loading are kept."""
+    report = {n: m.load_error for n, m in model.named_modules() if isinstance(m, NF4Linear)
+              and getattr(m, "load_error", None) is not None}
     for name in names if names is not None else quantizable_names(model):
         base = model.get_submodule(name)
         q = NF4Linear(base, double_quant, compute_dtype)
         report[name] = layer_error(dense_weight(base).detach().float(), q)
         set_submodule(model, name, q)
     return report
+
+
+class QuantizeOnLoad:
+    """engine.loading.ModuleTransform: each block linear becomes an NF4Linear as soon as
+    its weight has streamed in, so the 16-bit (or fp32) copy of at most one layer
+    exists at a time (QLoRA of a model larger than host memory)."""
+
+    def __init__(self, cfg: QLoraConfig, run_dtype):
+        self.double_quant, self.compute_dtype = cfg.double_quant, compute_dtype_of(cfg, run_dtype)
+
+    def select(self, model: nn.Module) -> set[str]:
+        return set(quantizable_names(model))
+
+    def __call__(self, name: str, module: nn.Module) -> nn.Module:
+        q = NF4Linear(module, self.double_quant, self.compute_dtype)
+        q.load_error = layer_error(dense_weight(module).detach().float(), q)
+        return q
 
 
 @torch.no_grad()
@@ -182,12 +210,14 @@ def own_unquantized_tensors(model: nn.Module) -> None:
     whole mapping stays, and the pages of the fp32 weights just quantized away keep
     counting as resident memory: 0.4 GB on SmolLM2-135M, more than the 4-bit saving
     would be worth. Tied parameters stay tied (each Parameter is visited once). The
-    NF4 tensors were made in process memory and are left as they are."""
+    NF4 tensors were made in process memory and are left as they are, and so is any
+    tensor in a resizable storage (made by this process, e.g. streamed in by
+    engine.loading: a file mapping's storage is not resizable)."""
     made_here = {id(t) for m in model.modules() if isinstance(m, NF4Linear)
                  for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
     for t in list(model.parameters()) + list(model.buffers()):
         if (id(t) in made_here or not isinstance(t.data, torch.Tensor) or t.device.type != "cpu"
-                or t.numel() == 0):
+                or t.numel() == 0 or t.untyped_storage().resizable()):
             continue
         t.data = t.data.clone()
 
@@ -205,7 +235,7 @@ def apply_qlora(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> None:
         raise ValueError("method.init: 'pissa' is not available with qlora (the base weight is quantized)")
     freeze_all(model)
     names = lora_target_names(model, cfg)
-    report = quantize_model(model, cfg.double_quant, COMPUTE_DTYPES[cfg.compute_dtype])
+    report = quantize_model(model, cfg.double_quant, compute_dtype_of(cfg, ctx.dtype))
     own_unquantized_tensors(model)
     ranks, alphas = ranks_and_alphas(cfg, names)
     torch.manual_seed(ctx.seed)
@@ -248,5 +278,5 @@ SPEC = MethodSpec(
     summary="LoRA over a base whose linear weights are stored as 4-bit NF4 (double-quantized constants).",
     trains="low-rank matrices A and B; the NF4 base stays frozen",
     mergeable=True, merge=merge_and_unload, peft_export=export_qlora_peft, count_trainable=count_qlora_trainable,
-    family="lora", quantizes_base=True, plan=plan_lora,
+    family="lora", quantizes_base=True, plan=plan_lora, load_transform=QuantizeOnLoad,
 )
