@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from ..dims import ModelDims
 from .counts import block_linear_weights, block_params
-from .formulas import nf4_bytes
+from .formulas import nf4_bytes, step_total
 
 STRATEGIES = ("ddp", "fsdp")
 PREFETCHED_BLOCKS = 1        # FSDP2 all-gathers the next block while the current one runs
@@ -73,16 +74,23 @@ def gathered_units(dims: ModelDims, *, n_params: int, n_tr: int, added: int, siz
                          root_grads=master * max(0, n_tr - trainable_per_block * lt))
 
 
-def per_device_rows(rows: dict, *, world_size: int, strategy: str, units: GatheredUnits) -> dict:
+def per_device_rows(rows: dict, *, world_size: int, strategy: str, units: GatheredUnits,
+                    step_temporary: Optional[int] = None) -> dict:
     """The rows one device holds. One device, or DDP: the rows as they are.
     FSDP on N devices: ⌈weights/N⌉ + gathered weights, ⌈gradients/N⌉ + gathered
     gradients, ⌈optimizer/N⌉; CUDA context and hidden states (per-rank batch)
-    unchanged."""
+    unchanged. `total`: the sum of the rows (the slide's reading), or, given the
+    optimizer's `step_temporary` (the `model` formula), the step's peak
+    (formulas.step_total)."""
     out = dict(rows)
-    if world_size > 1 and strategy == "fsdp":
-        n = world_size
+    out.pop("total", None)
+    n = world_size if world_size > 1 and strategy == "fsdp" else 1
+    if n > 1:
         out["weights"] = -(-rows["weights"] // n) + units.weights
         out["gradients"] = -(-rows["gradients"] // n) + units.gradients
         out["optimizer"] = -(-rows["optimizer"] // n)
-    out["total"] = sum(v for k, v in out.items() if k != "total")
+    if step_temporary is None:
+        out["total"] = sum(out.values())
+    else:
+        out["total"] = step_total(out, -(-step_temporary // n))
     return out

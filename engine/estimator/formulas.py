@@ -81,10 +81,47 @@ def model_weight_bytes(dims: ModelDims, n_params: int, added: int, size: int, qu
     (4 bits + block constants) when quantized. Methods that train the block linears
     themselves are never quantized. With `size` = 4 (fp32) this is 4·(N + added)."""
     frozen = n_params + added - n_tr
+    fp32_norms = frozen_fp32_norm_params(dims, size, n_tr, frozen)
+    rest = size * (frozen - fp32_norms) + MASTER_BYTES * (n_tr + fp32_norms)
     if quant == "none" or trains_base_weights:
-        return size * frozen + MASTER_BYTES * n_tr
+        return rest
     q = frozen_linear_params(dims)
-    return nf4_bytes(q, quant) + size * (frozen - q) + MASTER_BYTES * n_tr
+    return nf4_bytes(q, quant) + rest - size * q
+
+
+def frozen_fp32_norm_params(dims: ModelDims, size: int, n_tr: int, frozen: int) -> int:
+    """LayerNorm parameters a 16-bit run keeps in fp32 although frozen
+    (engine.precision.keeps_fp32): every block's two and the embeddings' one, when no
+    norm trains (at most the `frozen` count: `full` has none frozen; `ln_tuning`, whose
+    trainable norms are counted fp32 already, is overstated by their 2 extra bytes each)."""
+    if size == MASTER_BYTES or dims.norm != "layernorm":
+        return 0
+    return min(frozen, (2 * dims.num_layers + 1) * 2 * dims.hidden_size)
+
+
+def optimizer_step_temporary(dims: ModelDims, n_tr: int, optimizer: str, device: str, embeddings: bool) -> int:
+    """Bytes AdamW allocates on top of its states while it steps (torch.optim.AdamW):
+    on CUDA its multi-tensor (foreach) path makes one fp32 temporary for all trainable
+    parameters at once (sqrt of the second moments); on CPU the single-tensor path
+    makes one per parameter, so the largest trainable parameter's (the embeddings when
+    they train, else at most a block linear). 8-bit AdamW and SGD: none counted."""
+    if optimizer != "adamw" or not n_tr:
+        return 0
+    if device == "cuda":
+        return MASTER_BYTES * n_tr
+    largest = dims.vocab_size * dims.hidden_size if embeddings else \
+        dims.hidden_size * max(dims.intermediate_size, dims.hidden_size)
+    return MASTER_BYTES * min(n_tr, largest)
+
+
+def step_total(rows: dict, step_temporary: int) -> int:
+    """The step's peak, from the rows: weights and optimizer states live throughout;
+    the saved activations are freed during backward while the gradients are made, and
+    the optimizer steps once they are all made, so the peak is the larger of the
+    activations (with the gradients made so far: small whenever the activations are the
+    larger) and the gradients plus the optimizer's step temporary."""
+    return (rows["cuda_context"] + rows["weights"] + rows["optimizer"]
+            + max(rows["hidden_states"], rows["gradients"] + step_temporary))
 
 
 def optimizer_bytes(n_tr: int, size: int, optimizer: str) -> int:
