@@ -42,7 +42,7 @@ from stamp import Stamp  # noqa: E402
 
 from engine.estimator import clear_estimate_cache, estimate  # noqa: E402
 from engine.measure import measure_prepared, prepare_for_measure, step_peak  # noqa: E402
-from engine.methods import METHODS  # noqa: E402
+from engine.methods import METHODS, get_method  # noqa: E402
 
 MiB = 1 << 20
 MODELS = {"smollm2-135m": "causal_lm", "minilm": "classification"}
@@ -74,7 +74,7 @@ def pct(est: int, measured: int) -> float:
 
 
 def run(models: list[str], methods: list[str], shapes: list[tuple[int, int]], step_shapes: set,
-        verbose: bool) -> list[dict]:
+        verbose: bool, dtypes: tuple = ("bf16", "fp32")) -> list[dict]:
     from engine.models import load_model
 
     rows = []
@@ -82,22 +82,26 @@ def run(models: list[str], methods: list[str], shapes: list[tuple[int, int]], st
         task = MODELS[model]
         loaded = load_model(model, task)
         max_pos = loaded.model.config.max_position_embeddings
-        for name in methods:
+        for name, dtype in [(n, d) for n in methods for d in dtypes]:
             method = {"name": name}
             for seq, batch in shapes:
                 if seq > max_pos:
                     continue
-                row = {"model": model, "method": name, "seq": seq, "batch": batch}
+                row = {"model": model, "method": name, "dtype": dtype, "seq": seq, "batch": batch}
                 try:
                     t0 = time.perf_counter()
-                    prep = prepare_for_measure(model, method, task=task, loaded=loaded)
+                    # a method that quantizes the base loads it itself, layer by layer (engine.loading)
+                    own = get_method(name).quantizes_base and dtype != "fp32"
+                    prep = prepare_for_measure(model, method, task=task, loaded=None if own else loaded,
+                                               precision=dtype)
                     m = measure_prepared(prep, batch_size=batch, seq_len=seq, backward=False)
                     row["measured"] = m.rows["hidden_states"]
-                    est = estimate(model, method, batch_size=batch, seq_len=seq, task=task, device="cpu").rows
+                    est = estimate(model, method, batch_size=batch, seq_len=seq, task=task, device="cpu",
+                                   dtype=dtype).rows
                     row["est_rows"] = est
                     row["model_est"] = est["hidden_states"]
                     row["appendix"] = estimate(model, method, batch_size=batch, seq_len=seq, task=task,
-                                               formula="appendix").rows["hidden_states"]
+                                               formula="appendix", dtype=dtype).rows["hidden_states"]
                     row["model_err"] = pct(row["model_est"], row["measured"])
                     row["appendix_err"] = pct(row["appendix"], row["measured"])
                     if (seq, batch) in step_shapes:
@@ -121,7 +125,7 @@ def run(models: list[str], methods: list[str], shapes: list[tuple[int, int]], st
 
 
 def fmt_row(r: dict) -> str:
-    head = f"{r['model']:<13} {r['method']:<17} {r['seq']:>5} {r['batch']:>3}"
+    head = f"{r['model']:<13} {r['method']:<17} {r.get('dtype', 'fp32'):<5} {r['seq']:>5} {r['batch']:>3}"
     if "error" in r:
         return f"{head}  n/a: {r['error']}"
     ok = "ok" if abs(r["model_err"]) <= TARGET else "MISS"
@@ -134,40 +138,42 @@ def fmt_row(r: dict) -> str:
     return line
 
 
-HEADER = (f"{'model':<13} {'method':<17} {'seq':>5} {'bs':>3} {'measured':>10} {'model':>10} {'err':>8} {'':<4} "
+HEADER = (f"{'model':<13} {'method':<17} {'dtype':<5} {'seq':>5} {'bs':>3} {'measured':>10} {'model':>10} {'err':>8} {'':<4} "
           f"{'appendix':>10} {'err':>8}   (MiB)")
 
 
 def step_summary(rows: list[dict]) -> list[str]:
-    """The weights / gradients / optimizer rows and the total against one real step."""
-    st = [r for r in rows if "step" in r]
-    if not st:
-        return ["No training steps were measured."]
+    """The weights / gradients / optimizer rows and the total against one real step, per dtype."""
     lines = []
-    for k in STEP_ROWS:
-        errs = [r[f"{k}_err"] for r in st]
-        exact = sum(e == 0 for e in errs)
-        lines.append(f"- `{k}`: equal to the real tensors' bytes in {exact} of {len(st)} steps; "
-                     f"error {min(errs):+.2f}% … {max(errs):+.2f}%.")
-    within = sum(abs(r["total_err"]) <= TARGET for r in st)
-    worst = max(st, key=lambda r: abs(r["total_err"]))
-    over = sum(r["total_err"] > TARGET for r in st)
-    under = sum(r["total_err"] < -TARGET for r in st)
-    lines.append(f"- `total` against the step's allocator peak: within ±{TARGET:.0f}% in {within} of {len(st)} "
-                 f"steps ({over} above, {under} below; worst {worst['total_err']:+.1f}%: {worst['method']} on "
-                 f"{worst['model']}, seq {worst['seq']}, batch {worst['batch']}).")
-    return lines
+    for dtype in sorted({r.get("dtype", "fp32") for r in rows}):
+        st = [r for r in rows if "step" in r and r.get("dtype", "fp32") == dtype]
+        if not st:
+            continue
+        lines.append(f"{dtype}:")
+        for k in STEP_ROWS + ("hidden_states",):
+            errs = [r[f"{k}_err"] if k != "hidden_states" else r["model_err"] for r in st]
+            within = sum(abs(e) <= TARGET for e in errs)
+            lines.append(f"- `{k}`: within ±{TARGET:.0f}% of the real tensors' bytes in {within} of {len(st)} steps; "
+                         f"error {min(errs):+.2f}% … {max(errs):+.2f}%.")
+        within = sum(abs(r["total_err"]) <= TARGET for r in st)
+        worst = max(st, key=lambda r: abs(r["total_err"]))
+        over = sum(r["total_err"] > TARGET for r in st)
+        under = sum(r["total_err"] < -TARGET for r in st)
+        lines.append(f"- `total` against the step's allocator peak: within ±{TARGET:.0f}% in {within} of {len(st)} "
+                     f"steps ({over} above, {under} below; worst {worst['total_err']:+.1f}%: {worst['method']} on "
+                     f"{worst['model']}, seq {worst['seq']}, batch {worst['batch']}).")
+    return lines or ["No training steps were measured."]
 
 
 def step_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | method | seq | batch | weights err | gradients err | optimizer err | hidden err | "
+    lines = ["| model | method | dtype | seq | batch | weights err | gradients err | optimizer err | hidden err | "
              "est. total MiB | measured peak MiB | total err | est. grad+opt MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "step" not in r:
             continue
         e = r["est_rows"]
-        lines.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | {r['weights_err']:+.2f}% | "
+        lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | {r['seq']} | {r['batch']} | {r['weights_err']:+.2f}% | "
                      f"{r['gradients_err']:+.2f}% | {r['optimizer_err']:+.2f}% | {r['model_err']:+.1f}% | "
                      f"{e['total'] / MiB:.1f} | {r['step']['peak'] / MiB:.1f} | {r['total_err']:+.1f}% | "
                      f"{(e['gradients'] + e['optimizer']) / MiB:.1f} |")
@@ -184,13 +190,15 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         "",
         "Measured = bytes of the tensors autograd saves during one forward of our training loop "
         "(`engine.train.compute_loss`), deduplicated by storage, parameters excluded, plus the largest "
-        "chunk of fp32 logits our chunked cross-entropy holds at once (`engine.measure`). fp32, SDPA attention, "
+        "chunk of fp32 logits our chunked cross-entropy holds at once, with the 16-bit product it is converted from under "
+        "autocast (`engine.measure`). Each precision as a run holds it (`training.precision`, docs/precision.md: "
+        "bf16 = frozen weights bf16, trainables fp32, autocast; fp32 = everything fp32), SDPA attention, "
         "every method with its default config (LoRA family on the architecture's default targets), "
         "full (unpadded) random batches. Estimates use `device='cpu'` (CPU dropout masks are fp32 and CPU SDPA "
         "under dropout falls back to the math kernel, as on the machine that measured).",
         "",
         f"Result: `model` within ±{TARGET:.0f}% in {within} of {len(ok)} cases"
-        + (f" (worst {worst['model_err']:+.1f}%: {worst['method']} on {worst['model']}, seq {worst['seq']}, "
+        + (f" (worst {worst['model_err']:+.1f}%: {worst['method']} {worst['dtype']} on {worst['model']}, seq {worst['seq']}, "
            f"batch {worst['batch']})" if worst else "")
         + (f"; `appendix` {min(app):+.0f}% … {max(app):+.0f}%." if app else "."),
         "",
@@ -199,7 +207,7 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         "For the shapes marked for a step (" + ", ".join(f"{s_}x{b_}" for s_, b_ in sorted(args.step_set))
         + "), the second of two real steps of our training loop per case (`engine.measure.step_peak`: task loss and the "
         "method's extra loss, backward, `clip_grad_norm_(1.0)`, the run's AdamW from `engine.optim`, `step()`), "
-        "fp32 on CPU. Weights, gradients and optimizer are the bytes of the real tensors (parameters; their "
+        "on CPU. Weights, gradients and optimizer are the bytes of the real tensors (parameters; their "
         "`.grad` after backward; the optimizer's state tensors after `step()`), compared with the estimate for "
         "`device='cpu'` (no CUDA context). The measured peak is the peak of live bytes in torch's CPU allocator "
         "during the step (torch.profiler with `profile_memory=True`: every allocation and free, summed in time "
@@ -227,14 +235,14 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         "Shapes (seq x batch): " + ", ".join(f"{s_}x{b_}" for s_, b_ in args.shape_list)
         + ". MiniLM has 512 positions, so its sequences stop at 512.",
         "",
-        "| model | method | seq | batch | measured MiB | model MiB | model err | appendix MiB | appendix err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | method | dtype | seq | batch | measured MiB | model MiB | model err | appendix MiB | appendix err |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | n/a | | | | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | {r['seq']} | {r['batch']} | n/a | | | | {r['error']} |")
         else:
-            lines.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | {r['measured'] / MiB:.1f} | "
+            lines.append(f"| {r['model']} | {r['method']} | {r['dtype']} | {r['seq']} | {r['batch']} | {r['measured'] / MiB:.1f} | "
                          f"{r['model_est'] / MiB:.1f} | {r['model_err']:+.1f}% | {r['appendix'] / MiB:.1f} | "
                          f"{r['appendix_err']:+.1f}% |")
     return "\n".join(lines) + "\n"
@@ -251,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-shapes", default="",
                     help="seq x batch shapes that also run one training step (default: --quick the largest batch, "
                          "else every shape), e.g. 128x4")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="training.precision values to measure (bf16, fp32)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-estimator.md")))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
     timing = timing_70b()
     print("estimate() time:", ", ".join(f"{k} {v:.2f} ms" for k, v in timing.items()))
     print(HEADER)
-    rows = run(models, methods, shapes, args.step_set, verbose=True)
+    rows = run(models, methods, shapes, args.step_set, verbose=True, dtypes=tuple(args.dtypes.split(",")))
     seconds = time.perf_counter() - t0
     ok = [r for r in rows if "error" not in r]
     within = sum(abs(r["model_err"]) <= TARGET for r in ok)

@@ -13,7 +13,8 @@ docs/precision.md):
    and compared with peft's LoRA on the bf16-autocast fp32 base).
 2. The estimator's total (`device='cuda'`, dtype bf16 as the studio stores a bf16
    run's estimate, and fp32 beside it) against `max_memory_allocated` of one real
-   step (our loss under autocast, backward, AdamW step) for EVERY registered method
+   step of a bf16 run (prepared with `precision: bf16` on the device: frozen weights
+   bf16, trainables fp32; our loss under autocast, backward, AdamW step) for EVERY registered method
    (engine.methods.METHODS) at seq 512 x batch 4. max_memory_allocated cannot see
    the CUDA context, so the error is taken against the total without the
    estimator's cuda_context row. A method that refuses the model says why.
@@ -276,7 +277,7 @@ def measured_step(model, task: str, batch: dict, dev: torch.device, extra_loss=N
 def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
     from engine.estimator import estimate
     from engine.measure import prepare_for_measure, synthetic_batch
-    from engine.methods import METHODS
+    from engine.methods import METHODS, get_method
     from engine.models import load_model
 
     model_name, task, seq, bs = cfg["model"], cfg["task"], cfg["seq"], cfg["batch"]
@@ -306,7 +307,10 @@ def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
             continue
         before = allocated(dev)          # the previous case released its memory when it ended
         try:
-            prep = prepare_for_measure(model_name, method, task=task, loaded=loaded, precision="bf16", device=dev.type)
+            # as a bf16 run holds it (docs/precision.md): frozen weights bf16 on the device, trainables fp32;
+            # a method that quantizes the base loads it itself, layer by layer
+            prep = prepare_for_measure(model_name, method, task=task, precision="bf16", device=dev.type,
+                                       loaded=None if get_method(name).quantizes_base else loaded)
         except ValueError as e:
             st.say(f"| {name} | refused by the method: {str(e).splitlines()[0][:150]} |||||||||")
             continue

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from ..dims import ModelDims
 from .counts import block_linear_weights, block_params
-from .formulas import nf4_bytes
+from .formulas import nf4_bytes, step_total
 
 STRATEGIES = ("ddp", "fsdp")
 PREFETCHED_BLOCKS = 1        # FSDP2 all-gathers the next block while the current one runs
@@ -46,10 +47,13 @@ class GatheredUnits:
 
 
 def gathered_units(dims: ModelDims, *, n_params: int, n_tr: int, added: int, size: int, quant: str,
-                   trains_base_weights: bool, trained_layers: int) -> GatheredUnits:
+                   trains_base_weights: bool, trained_layers: int, master: int = None) -> GatheredUnits:
     """What FSDP2 materialises per rank. `trained_layers`: how many blocks hold
     trainable parameters; the method's added and trainable parameters are
-    spread evenly over them (the rest are the root's: prompts, the task head)."""
+    spread evenly over them (the rest are the root's: prompts, the task head).
+    Frozen parameters take `size` bytes, trainable ones and gradients `master`
+    (fp32 master weights; default `size`, as the slide's formulas count them)."""
+    master = size if master is None else master
     L, bp = dims.num_layers, block_params(dims)
     if quant != "none" and not trains_base_weights:
         lw = block_linear_weights(dims)
@@ -59,25 +63,34 @@ def gathered_units(dims: ModelDims, *, n_params: int, n_tr: int, added: int, siz
     lt = max(0, min(trained_layers, L))
     added_per_block = math.ceil(added / lt) if lt else 0
     trainable_per_block = min(bp + added_per_block, math.ceil(n_tr / lt)) if lt else 0
+    base_trained = max(0, trainable_per_block - added_per_block) if trains_base_weights else 0
     root_params = max(0, n_params - L * bp)
     root_added = max(0, added - added_per_block * lt)
-    return GatheredUnits(root_weights=size * (root_params + root_added),
-                         block_weights=block_base + size * added_per_block,
+    root_tr = min(root_params + root_added, max(0, n_tr - trainable_per_block * lt))
+    return GatheredUnits(root_weights=size * (root_params + root_added - root_tr) + master * root_tr,
+                         block_weights=block_base + (master - size) * base_trained + master * added_per_block,
                          blocks=min(L, 1 + PREFETCHED_BLOCKS),
-                         block_grads=size * trainable_per_block,
-                         root_grads=size * max(0, n_tr - trainable_per_block * lt))
+                         block_grads=master * trainable_per_block,
+                         root_grads=master * max(0, n_tr - trainable_per_block * lt))
 
 
-def per_device_rows(rows: dict, *, world_size: int, strategy: str, units: GatheredUnits) -> dict:
+def per_device_rows(rows: dict, *, world_size: int, strategy: str, units: GatheredUnits,
+                    step_temporary: Optional[int] = None) -> dict:
     """The rows one device holds. One device, or DDP: the rows as they are.
     FSDP on N devices: ⌈weights/N⌉ + gathered weights, ⌈gradients/N⌉ + gathered
     gradients, ⌈optimizer/N⌉; CUDA context and hidden states (per-rank batch)
-    unchanged."""
+    unchanged. `total`: the sum of the rows (the slide's reading), or, given the
+    optimizer's `step_temporary` (the `model` formula), the step's peak
+    (formulas.step_total)."""
     out = dict(rows)
-    if world_size > 1 and strategy == "fsdp":
-        n = world_size
+    out.pop("total", None)
+    n = world_size if world_size > 1 and strategy == "fsdp" else 1
+    if n > 1:
         out["weights"] = -(-rows["weights"] // n) + units.weights
         out["gradients"] = -(-rows["gradients"] // n) + units.gradients
         out["optimizer"] = -(-rows["optimizer"] // n)
-    out["total"] = sum(v for k, v in out.items() if k != "total")
+    if step_temporary is None:
+        out["total"] = sum(out.values())
+    else:
+        out["total"] = step_total(out, -(-step_temporary // n))
     return out

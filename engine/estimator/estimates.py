@@ -15,9 +15,10 @@ from ..loss import LOSS_CHUNK
 from .catalog import GPU_PRESETS, GiB, catalog_text, default_task, load_model_config, model_dims
 from .counts import added_params, count_total_params, count_trainable, head_params, is_deberta
 from .devices import STRATEGIES, gathered_units, per_device_rows
-from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS,
+from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS, MASTER_BYTES,
                        OPTIMIZER_ALIASES, OPTIMIZERS, QUANTS, ROWS, TASKS, appendix_hidden_states,
-                       model_weight_bytes, optimizer_bytes, quant_of, simple_rows, slide_hidden_states)
+                       model_weight_bytes, optimizer_bytes, optimizer_step_temporary, quant_of, simple_rows,
+                       slide_hidden_states)
 from .plans import activation_plan
 from .saved import model_hidden_states
 
@@ -241,6 +242,7 @@ def _estimate(q: _Query) -> Estimate:
         if q.quant != "none" or q.optimizer != "adamw" or q.grad_checkpointing:
             notes.append(f"the {q.formula} formula ignores quantization, the optimizer kind and gradient "
                          f"checkpointing (16/32-bit weights, two optimizer states)")
+        temporary = None                  # total = the sum of the rows, as the slide adds them
         units = gathered_units(dims, n_params=n_params, n_tr=n_tr, added=0, size=size, quant="none",
                                trains_base_weights=False, trained_layers=dims.num_layers if n_tr else 0)
     else:
@@ -255,13 +257,16 @@ def _estimate(q: _Query) -> Estimate:
             notes.append("hidden states for GPT-2 / DeBERTa use the BERT-style block (not checked by measurement)")
         hidden, breakdown = model_hidden_states(cfg, dims, plan, batch=q.batch_size, seq=q.seq_len, size=size,
                                                 task=task, attention=q.attention, device=q.device,
-                                                grad_checkpointing=q.grad_checkpointing)
+                                                grad_checkpointing=q.grad_checkpointing,
+                                                weight_casts=not (q.world_size > 1 and q.strategy == "fsdp"))
         trains_base = spec.trains_base_weights
         rows = {"cuda_context": CUDA_CONTEXT_BYTES if q.device == "cuda" else 0,
-                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base),
-                "gradients": size * n_tr,
+                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base, n_tr)
+                + plan.buffer_bytes,
+                "gradients": MASTER_BYTES * n_tr,
                 "hidden_states": hidden,
-                "optimizer": optimizer_bytes(n_tr, size, q.optimizer)}
+                "optimizer": optimizer_bytes(n_tr, MASTER_BYTES, q.optimizer)}
+        temporary = optimizer_step_temporary(dims, n_tr, q.optimizer, q.device, plan.embeddings)
         if task == "causal_lm":
             notes.append(f"logits: our chunked cross-entropy keeps one fp32 chunk of ≤{LOSS_CHUNK} tokens × vocab")
         if q.optimizer == "sgd":
@@ -270,9 +275,10 @@ def _estimate(q: _Query) -> Estimate:
             notes.append("paged_adamw_8bit: its states are counted on the device (paging moves them to CPU "
                          "memory only when the device runs short)")
         units = gathered_units(dims, n_params=n_params, n_tr=n_tr, added=added, size=size, quant=quant,
-                               trains_base_weights=trains_base,
+                               trains_base_weights=trains_base, master=MASTER_BYTES,
                                trained_layers=sum(lp.trains_anything() for lp in plan.layers))
-    rows = per_device_rows(rows, world_size=q.world_size, strategy=q.strategy, units=units)
+    rows = per_device_rows(rows, world_size=q.world_size, strategy=q.strategy, units=units,
+                           step_temporary=temporary)
     if q.world_size > 1:
         if q.strategy == "ddp":
             notes.append(f"per device: DDP keeps a full replica on each of {q.world_size} devices; batch_size is "

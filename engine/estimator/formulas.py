@@ -69,23 +69,67 @@ def nf4_bytes(n_weights: int, quant: str) -> int:
     return math.ceil(n_weights * (NF4_DQ_BITS if quant == "nf4-dq" else NF4_BITS) / 8)
 
 
+MASTER_BYTES = 4                      # trainable parameters, their gradients and AdamW states: fp32 (master weights)
+
+
 def model_weight_bytes(dims: ModelDims, n_params: int, added: int, size: int, quant: str,
-                       trains_base_weights: bool) -> int:
-    """The base model's parameters plus the method's added ones; frozen block
-    linears in NF4 (4 bits + block constants) when quantized, everything else in
-    the training dtype. Methods that train the block linears themselves keep
-    those in the training dtype."""
+                       trains_base_weights: bool, n_tr: int = 0) -> int:
+    """The base model's parameters plus the method's added ones, as the engine holds
+    them under the precision contract (docs/precision.md): every trainable parameter
+    (`n_tr`: the method's own and any trainable base weight or head) in fp32, the
+    frozen rest in the run's dtype (`size` bytes), and the frozen block linears in NF4
+    (4 bits + block constants) when quantized. Methods that train the block linears
+    themselves are never quantized. With `size` = 4 (fp32) this is 4·(N + added)."""
+    frozen = n_params + added - n_tr
+    fp32_norms = frozen_fp32_norm_params(dims, size, n_tr, frozen)
+    rest = size * (frozen - fp32_norms) + MASTER_BYTES * (n_tr + fp32_norms)
     if quant == "none" or trains_base_weights:
-        return size * (n_params + added)
+        return rest
     q = frozen_linear_params(dims)
-    return nf4_bytes(q, quant) + size * (n_params - q + added)
+    return nf4_bytes(q, quant) + rest - size * q
+
+
+def frozen_fp32_norm_params(dims: ModelDims, size: int, n_tr: int, frozen: int) -> int:
+    """LayerNorm parameters a 16-bit run keeps in fp32 although frozen
+    (engine.precision.keeps_fp32): every block's two and the embeddings' one, when no
+    norm trains (at most the `frozen` count: `full` has none frozen; `ln_tuning`, whose
+    trainable norms are counted fp32 already, is overstated by their 2 extra bytes each)."""
+    if size == MASTER_BYTES or dims.norm != "layernorm":
+        return 0
+    return min(frozen, (2 * dims.num_layers + 1) * 2 * dims.hidden_size)
+
+
+def optimizer_step_temporary(dims: ModelDims, n_tr: int, optimizer: str, device: str, embeddings: bool) -> int:
+    """Bytes AdamW allocates on top of its states while it steps (torch.optim.AdamW):
+    on CUDA its multi-tensor (foreach) path makes one fp32 temporary for all trainable
+    parameters at once (sqrt of the second moments); on CPU the single-tensor path
+    makes one per parameter, so the largest trainable parameter's (the embeddings when
+    they train, else at most a block linear). 8-bit AdamW and SGD: none counted."""
+    if optimizer != "adamw" or not n_tr:
+        return 0
+    if device == "cuda":
+        return MASTER_BYTES * n_tr
+    largest = dims.vocab_size * dims.hidden_size if embeddings else \
+        dims.hidden_size * max(dims.intermediate_size, dims.hidden_size)
+    return MASTER_BYTES * min(n_tr, largest)
+
+
+def step_total(rows: dict, step_temporary: int) -> int:
+    """The step's peak, from the rows: weights and optimizer states live throughout;
+    the saved activations are freed during backward while the gradients are made, and
+    the optimizer steps once they are all made, so the peak is the larger of the
+    activations (with the gradients made so far: small whenever the activations are the
+    larger) and the gradients plus the optimizer's step temporary."""
+    return (rows["cuda_context"] + rows["weights"] + rows["optimizer"]
+            + max(rows["hidden_states"], rows["gradients"] + step_temporary))
 
 
 def optimizer_bytes(n_tr: int, size: int, optimizer: str) -> int:
-    """AdamW: two states in the parameters' dtype (PyTorch keeps exp_avg and
-    exp_avg_sq like the parameter); 8-bit AdamW (paged or not; Dettmers et al.
-    2022): two 1-byte states plus two fp32 constants per block of 2048; plain SGD
-    (no momentum): nothing."""
+    """AdamW: two states like the parameter (PyTorch keeps exp_avg and exp_avg_sq in
+    the parameter's dtype; trainable parameters are fp32 master weights, so `size` is
+    MASTER_BYTES for the `model` formula); 8-bit AdamW (paged or not; Dettmers et al.
+    2022): two 1-byte states plus two fp32 constants per block of 2048; plain SGD (no
+    momentum): nothing."""
     if optimizer == "adamw":
         return 2 * size * n_tr
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):

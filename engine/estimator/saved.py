@@ -28,6 +28,18 @@ class Shape:
     a: int              # bytes per activation element (training dtype)
     device: str
     attention: str
+    resid: int = 0      # bytes per element of the residual stream (0: a); fp32 when trained embeddings feed it
+    weight_casts: bool = True   # autocast's 16-bit copies of fp32 trained weights are kept (not under FSDP,
+    #                             which gathers each unit's parameters in the compute dtype and frees them)
+
+    @property
+    def amp(self) -> bool:
+        """A 16-bit run: fp32 master weights, matmuls under autocast (docs/precision.md)."""
+        return self.a < 4
+
+    @property
+    def r(self) -> int:
+        return self.resid or self.a
 
     @property
     def tokens(self) -> int:
@@ -61,23 +73,45 @@ def dropout_mask_bytes(shape: Shape) -> int:
 
 
 def linear_site(lp: LayerPlan, path: str, saved: Saved, x_key: str, x_numel: int, out_numel_per_tok: int,
-                shape: Shape, rg_in: bool) -> bool:
-    """One linear layer reading x: what it saves (its input when its weight
-    trains; LoRA's input, dropout and rank-r output; DoRA's scaled output) and
-    whether its output requires grad."""
+                shape: Shape, rg_in: bool, x_bytes: int = 0) -> bool:
+    """One linear layer reading x (`x_bytes` per element; 0: the activation dtype):
+    what it saves (its input when its weight trains; LoRA's input, dropout and rank-r
+    output; DoRA's scaled output) and whether its output requires grad.
+
+    Under autocast (a 16-bit run) a matmul computes in 16 bits from 16-bit copies of
+    its fp32 operands, and those copies are what it saves: an fp32 input is copied per
+    layer (never shared); a trainable fp32 weight is copied when the input's gradient
+    needs it; LoRA's layers upcast their input to the fp32 of their matrices, so each
+    keeps its own 16-bit copy of it, and of A (when the input needs a gradient) and B."""
     a, T = shape.a, shape.tokens
+    x_bytes = x_bytes or a
+    n_in = x_numel // max(T, 1)
+    cast_in = shape.amp and x_bytes == 4
+    in_key = f"{path}.in_cast" if cast_in else x_key
     trains = path in lp.full
     if trains:
-        saved.add(x_key, x_numel * a)
+        saved.add(in_key, x_numel * (a if shape.amp else x_bytes))
+        if shape.amp and rg_in and shape.weight_casts:
+            saved.add(f"{path}.weight_cast", n_in * out_numel_per_tok * a)
     if path in lp.weight_saved:
         # an adapter that builds a weight-sized tensor from its parameters (LoHa/LoKr's ΔW, OFT's
         # rotation blocks) keeps it and the layer input for backward
-        saved.add(x_key, x_numel * a)
+        saved.add(in_key, x_numel * (a if shape.amp else x_bytes))
         saved.add(f"{path}.weight_saved", lp.weight_saved[path] * a)
         return True
     if path in lp.lora:
         r, p = lp.lora[path]
-        if p > 0:
+        if shape.amp:
+            if p > 0:      # dropout on the fp32 copy: its mask (CPU: fp32 noise; CUDA: bool)
+                saved.add(f"{path}.lora_dropout_mask", x_numel * (1 if shape.device == "cuda" else 4))
+            saved.add(f"{path}.lora_in_cast", x_numel * a)
+            if rg_in:
+                saved.add(f"{path}.lora_A_cast", n_in * r * a)
+            saved.add(f"{path}.lora_B_cast", r * out_numel_per_tok * a)
+            if lp.dora and rg_in:
+                # DoRA's combined weight W + s·BA, copied to 16 bits for the input's gradient
+                saved.add(f"{path}.dora_weight_cast", n_in * out_numel_per_tok * a)
+        elif p > 0:
             saved.add(f"{path}.lora_dropout_mask", x_numel * dropout_mask_bytes(shape))
             saved.add(f"{path}.lora_dropout_out", x_numel * a)
         else:
@@ -91,20 +125,39 @@ def linear_site(lp: LayerPlan, path: str, saved: Saved, x_key: str, x_numel: int
 
 def norm_site(saved: Saved, key: str, shape: Shape, dims: ModelDims, rg: bool, trains: bool, n_tok: int) -> bool:
     """RMSNorm (Llama: upcast to fp32, x·rsqrt, weight·x) or LayerNorm (input,
-    mean, rstd). Returns whether the output requires grad."""
+    mean, rstd). Returns whether the output requires grad. The input is the residual
+    stream (`shape.r` bytes per element)."""
     h, a = dims.hidden_size, shape.a
     if not (rg or trains):
         return False
     if dims.norm == "rmsnorm":
+        if fused_rms_norm(shape, trains):
+            # the fused kernels (fp32 CPU C, CUDA Triton) keep the input and an fp32 rstd per row
+            if rg or trains:
+                saved.add(key + ".in", n_tok * h * shape.r)
+                saved.add(key + ".rsqrt", n_tok * 4)
+            return True
         if rg:
             saved.add(key + ".in_fp32", n_tok * h * 4)        # x.float() (same storage as x in fp32)
             saved.add(key + ".rsqrt", n_tok * 4)
         if trains:
-            saved.add(key + ".normed", n_tok * h * a)
+            saved.add(key + ".normed", n_tok * h * shape.r)    # the normalized x, back in the input's dtype
     else:
-        saved.add(key + ".in", n_tok * h * a)
+        saved.add(key + ".in", n_tok * h * shape.r)
         saved.add(key + ".stats", n_tok * 8)                  # mean and rstd, fp32
     return True
+
+
+def fused_rms_norm(shape: Shape, trains: bool) -> bool:
+    """Which RMSNorm runs: on CUDA the Triton kernel (engine/kernels); on CPU the C
+    kernel for fp32 with a frozen weight (engine.swaps); otherwise transformers' ops."""
+    return shape.device == "cuda"
+
+
+def norm_out_bytes(shape: Shape, trains: bool) -> int:
+    """Bytes per element of a norm's output: weight · x in the input's dtype, promoted
+    to fp32 when the weight is an fp32 trainable (or the input fp32)."""
+    return 4 if (trains or shape.r == 4) else shape.a
 
 
 def uses_math_kernel(shape: Shape, dropout_p: float) -> bool:
@@ -136,6 +189,9 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
     math_path = uses_math_kernel(shape, dropout_p)
     if eager or math_path:
         n_rep = heads // dims.num_kv_heads
+        # CPU SDPA's math kernel computes a 16-bit attention in fp32: its q, k, v copies,
+        # probabilities and dropout mask are fp32
+        a = 4 if math_path and shape.amp else a
         saved.add("attn.q", T * hq * a)
         # eager attention repeats grouped k/v to every head (a copy when n_rep > 1)
         saved.add("attn.k", B * Skv * (hq if n_rep > 1 else kv) * a)
@@ -148,7 +204,7 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
         else:
             saved.add("attn.probs", probs * a)
         if dropout_p > 0:
-            saved.add("attn.dropout_mask", probs * dropout_mask_bytes(shape))
+            saved.add("attn.dropout_mask", probs * (4 if math_path and shape.amp else dropout_mask_bytes(shape)))
             saved.add("attn.probs_dropped", probs * a)
         return
     # SDPA flash / memory-efficient: q, k, v, output and the fp32 log-sum-exp; no seq² tensor.
@@ -190,9 +246,10 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
     hq, kv = dims.num_heads * dims.head_dim, dims.kv_dim
     p = {x.short: x.path for x in dims.block_linears()}
     rg_n1 = norm_site(s, "ln1", shape, dims, rg, lp.norms, T) or lp.bias
-    rg_q = linear_site(lp, p["q_proj"], s, "n1", T * h, hq, shape, rg_n1)
-    rg_k = linear_site(lp, p["k_proj"], s, "n1", T * h, kv, shape, rg_n1)
-    rg_v = linear_site(lp, p["v_proj"], s, "n1", T * h, kv, shape, rg_n1)
+    nb = norm_out_bytes(shape, lp.norms)
+    rg_q = linear_site(lp, p["q_proj"], s, "n1", T * h, hq, shape, rg_n1, nb)
+    rg_k = linear_site(lp, p["k_proj"], s, "n1", T * h, kv, shape, rg_n1, nb)
+    rg_v = linear_site(lp, p["v_proj"], s, "n1", T * h, kv, shape, rg_n1, nb)
     if "k" in lp.ia3:
         s.add("ia3.k", T * kv * a)
         rg_k = True
@@ -215,8 +272,8 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
     rg2 = rg or rg_o
     rg_n2 = norm_site(s, "ln2", shape, dims, rg2, lp.norms, T) or lp.bias
     par = adapter_site(lp, "ffn", s, shape, dims, "n2") if any(k == "parallel" for k, *_ in lp.adapters) else False
-    rg_g = linear_site(lp, p["gate_proj"], s, "n2", T * h, i, shape, rg_n2)
-    rg_u = linear_site(lp, p["up_proj"], s, "n2", T * h, i, shape, rg_n2)
+    rg_g = linear_site(lp, p["gate_proj"], s, "n2", T * h, i, shape, rg_n2, nb)
+    rg_u = linear_site(lp, p["up_proj"], s, "n2", T * h, i, shape, rg_n2, nb)
     # the engine's fused SwiGLU (engine.swaps.SwiGLUMLP) keeps silu's input, not its output:
     # gate(x) for either gradient, up(x) for gate's
     if rg_g or rg_u:
@@ -279,11 +336,14 @@ def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict
 
 
 def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, seq: int, size: int, task: str,
-                        attention: str, device: str, grad_checkpointing: bool) -> tuple[int, dict]:
+                        attention: str, device: str, grad_checkpointing: bool,
+                        weight_casts: bool = True) -> tuple[int, dict]:
     """Bytes autograd saves during one forward of our training loop; with a
     breakdown {part: bytes}."""
     shape = Shape(batch=batch, seq=seq, prompt=plan.prompt_tokens, prefix=0, a=size, device=device,
-                  attention="eager" if attention == "eager" else "sdpa")
+                  attention="eager" if attention == "eager" else "sdpa",
+                  resid=4 if plan.embeddings else 0,      # fp32 trained embeddings make the residual fp32
+                  weight_casts=weight_casts)
     T, h, a = shape.tokens, dims.hidden_size, size
     parts: dict[str, int] = {}
     # embeddings
@@ -330,9 +390,10 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
         rg_f = norm_site(tail, "final_norm", shape, dims, rg, plan.final_norm, T)
         if task == "causal_lm":
             n = batch * (seq - 1)
-            tail.add("loss.hidden", T * h * a)                 # final hidden and its shifted copy
+            fb = norm_out_bytes(shape, plan.final_norm)
+            tail.add("loss.hidden", T * h * fb)                # final hidden and its shifted copy
             if batch > 1 or plan.prompt_tokens:
-                tail.add("loss.shifted", n * h * a)
+                tail.add("loss.shifted", n * h * fb)
             tail.add("loss.index", n * 9)                      # kept-token mask and indices
             chunk = min(n, LOSS_CHUNK)
             tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
