@@ -28,6 +28,8 @@ GRIDS = {
     "other": [1e-3, 3e-3, 1e-2],
 }
 
+LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]   # the rates a sweep may climb to
+
 
 def grid_for(spec) -> list[float]:
     if spec.family == "prompt":
@@ -80,7 +82,10 @@ def main(argv=None) -> int:
     examples = None
     for name in [m.strip() for m in a.methods.split(",") if m.strip()]:
         spec = METHODS[name]
-        for lr in grid_for(spec):
+        grid = list(grid_for(spec))
+        i = 0
+        while i < len(grid):
+            lr = grid[i]
             try:
                 r = one_run(name, lr, a.steps, a.batch, a.seq, a.seed, examples)
             except Exception as e:   # a method that cannot run on MiniLM: said, not hidden
@@ -91,6 +96,11 @@ def main(argv=None) -> int:
                    f"{r['train_s']:.1f} |")
             if name not in best or r["accuracy"] > best[name][1] + 1e-9:
                 best[name] = (lr, r["accuracy"])
+            # the best so far is the largest rate tried: try the next rung of the ladder
+            higher = [x for x in LADDER if x > lr * 1.01]
+            if i == len(grid) - 1 and best[name][0] == lr and higher:
+                grid.append(higher[0])
+            i += 1
         if a.out:   # after each method: a long sweep that is stopped keeps what it measured
             st.write("default-lr", title="Per-method default learning rates (Launch defaults), partial",
                      path=Path(a.out))
