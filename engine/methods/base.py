@@ -78,6 +78,9 @@ class MethodSpec:
     trains_base_weights: bool = False   # the block linear weights themselves train (full, top_k): never quantized
     # What each block trains, for the estimator's saved-activation model (engine.methods.plan.Plan):
     plan: Optional[Callable[["ModelDims", MethodConfig, str], "Plan"]] = None   # (dims, cfg, task)
+    # The learning rate of a run whose config gives none (training.learning_rate left out),
+    # measured on the Launch form's first run: bench/default_lr.py, bench/RESULTS-default-lr.md
+    default_lr: Optional[float] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
