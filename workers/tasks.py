@@ -166,8 +166,8 @@ class PhaseWriter:
 def config_fault(error: BaseException, training_started: bool) -> bool:
     """Whether a run failed on what its config asks for (a missing column, a model that
     does not exist, targets the model lacks), so that running it again cannot succeed:
-    a ValueError (ConfigError, DataError, ModelLoadError, TargetModulesError, ...) raised
-    before the first training step."""
+    a ValueError (ConfigError, DataError, ModelLoadError, TargetModulesError, a metric the
+    data cannot score, ...) raised before the first training step finished."""
     return isinstance(error, ValueError) and not training_started
 
 
@@ -297,7 +297,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
     log.info("run %s: started on %s (%s)", run_id, me, dev)
     from .tracking import open_mirror
     mirror = open_mirror(settings, run_id, cfg_dict)   # trackers (MLflow, TensorBoard, W&B); never blocks training
-    started = [False]   # the first training step began: a failure after it is not the config's
+    started = [False]   # a training step finished: a failure after it is not the config's
     try:
         cfg = parse_run_config(cfg_dict)
         resume = load_checkpoint(settings, run_id)
@@ -335,6 +335,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                      tokens_per_s=m.get("tokens_per_s"))
 
             def on_step(m):
+                started[0] = True
                 on_step_dict(m.to_dict())
 
             def on_checkpoint(step, state):
@@ -368,7 +369,6 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                 prep = prepare_run(cfg, on_data_progress=on_data_progress, on_phase=phase, **prepare_kwargs)
                 beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
                 store_device_estimate(url, run_id, cfg, prep.model.config.to_dict(), dev)
-                started[0] = True
                 result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
                                on_checkpoint=on_checkpoint, on_phase=phase)
         rd = result.to_dict()
