@@ -6,6 +6,8 @@ The best rate of each method is what its MethodSpec.default_lr should say
 
     python bench/default_lr.py                      # every method
     python bench/default_lr.py --methods lora,ia3   # some
+    python bench/default_lr.py --methods lora --steps 60 --seeds 0,1,2 --lrs 0.003,0.005,0.01
+                                                    # fixed rates, several seeds: mean and worst accuracy
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ def one_run(method: str, lr: float, steps: int, batch: int, seq: int, seed: int,
             "examples": prep.examples}
 
 
+def seeds_table(st, a, methods) -> int:
+    """Each method at each of --lrs with each of --seeds: is the rate good whatever the seed?"""
+    seeds = [int(x) for x in a.seeds.split(",")]
+    st.say(f"Seeds {', '.join(map(str, seeds))} (the seed draws the head's and the adapter's initial weights "
+           f"and the batch order; the validation rows are fixed).")
+    st.say("")
+    st.say("| method | learning rate | " + " | ".join(f"accuracy seed {s}" for s in seeds) + " | mean | worst |")
+    st.say("|---|---|" + "---|" * (len(seeds) + 2))
+    for name in [m.strip() for m in a.methods.split(",") if m.strip()]:
+        lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else grid_for(methods[name])
+        for lr in lrs:
+            accs = [one_run(name, lr, a.steps, a.batch, a.seq, s)["accuracy"] for s in seeds]
+            st.say(f"| {name} | {lr:g} | " + " | ".join(f"{x:.4f}" for x in accs) +
+                   f" | {sum(accs) / len(accs):.4f} | {min(accs):.4f} |")
+    st.write("default-lr-seeds", title="Learning rates across seeds", path=Path(a.out) if a.out else None)
+    return 0
+
+
 def main(argv=None) -> int:
     from engine.methods import METHODS
 
@@ -66,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="", help="several seeds (then --lrs): each rate's mean and worst accuracy")
+    p.add_argument("--lrs", default="", help="the rates to try (default: the method family's grid, climbing)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     import torch
@@ -75,6 +97,8 @@ def main(argv=None) -> int:
            f"{a.steps} steps, batch {a.batch}, max_seq_len {a.seq}, seed {a.seed}, linear schedule, fp32, "
            f"{torch.get_num_threads()} torch thread(s). Accuracy after the last step; train s = the training "
            f"loop with its final evaluation. Best = the highest accuracy (the lower rate on a tie).")
+    if a.seeds:
+        return seeds_table(st, a, METHODS)
     st.say("")
     st.say("| method | learning rate | accuracy | eval loss | final train loss | train s |")
     st.say("|---|---|---|---|---|---|")
