@@ -19,7 +19,7 @@ training time (bench/RESULTS-eval-budget.md)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 Phase = Callable[[str], None]
 
@@ -118,3 +118,19 @@ class Eta:
                 final = s == self.steps
                 rest += self.guess(step_s, final) if mean is None else mean * (self.final_ratio if final else 1.0)
         return rest
+
+
+def run_eta(t, start_step: int, steps: int, max_rows: int, n_answers: int, val_sizes: Sequence[int]) -> Eta:
+    """The Eta of a training loop: training config `t`, evaluations of at most `max_rows`
+    rows of each validation split in `val_sizes` (every row at the end with eval_full), and
+    `n_answers` generated answers per evaluation."""
+    from .batching import eval_sample
+
+    def rows(final: bool) -> int:
+        return sum(len(eval_sample(n, None if final and t.eval_full else max_rows, t.seed)) for n in val_sizes)
+
+    every, final = rows(False), rows(True)
+    return Eta(start_step, steps, eval_steps(start_step, steps, t.eval_every),
+               lambda step_s, last: guess_eval_s(step_s, final if last else every, t.batch_size, n_answers,
+                                                 t.eval_generate_tokens),
+               final_ratio=final / max(1, every))

@@ -408,16 +408,8 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         torch.manual_seed(t.seed + 1_000_003 * dist.rank + start_step)
     metric_name, higher = primary_metric(cfg.task, cfg.metric)
     gen_sets = generation_sets(prep, log_reason=main)
-    n_answers = sum(len(g.prompts) for g in gen_sets if g is not None)
-    val_sizes = [len(d.validation) for d in prep.tasks.data] if multi else [len(val_enc)]
-
-    def rows_scored(final: bool) -> int:
-        return sum(len(eval_sample(n, None if final and t.eval_full else max_rows, t.seed)) for n in val_sizes)
-
-    eta = phases.Eta(start_step, steps, phases.eval_steps(start_step, steps, t.eval_every),
-                     lambda step_s, final: phases.guess_eval_s(step_s, rows_scored(final), t.batch_size,
-                                                               n_answers, t.eval_generate_tokens),
-                     final_ratio=rows_scored(True) / max(1, rows_scored(False)))
+    eta = phases.run_eta(t, start_step, steps, max_rows, sum(len(g.prompts) for g in gen_sets if g is not None),
+                         [len(d.validation) for d in prep.tasks.data] if multi else [len(val_enc)])
     bar_ref: list = [None]
 
     def say(text: str) -> None:   # the phase, to the caller and onto the progress bar

@@ -34,8 +34,8 @@ def test_launch_shows_the_parameter_count_the_worker_records():
     worker counts it; the estimator alone says 22,713,986, the base without the 73,728 LoRA weights)."""
     _, text = view(launch_tab.CPU, target_modules="query,value")
     assert "Trainable: **74,498** of 22,787,714 parameters" in text
-    assert service.parameter_counts("minilm", "classification",
-                                     {"name": "lora", "r": 8, "target_modules": ["query", "value"]}) == (22787714, 74498)
+    lora = {"name": "lora", "r": 8, "target_modules": ["query", "value"]}
+    assert service.parameter_counts("minilm", "classification", lora) == (22787714, 74498)
 
 
 def test_every_catalog_model_is_offered_and_marked_estimate_only():

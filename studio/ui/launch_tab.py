@@ -16,6 +16,7 @@ from engine.methods import METHODS
 from .. import charts, service
 from .common import GIB, Ctx
 from .forms import (DEFAULT_DATASET, DEFAULT_EVAL_GENERATE, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER,
+                    DEFAULT_STEPS,
                     FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES, OPTIMIZERS, STRATEGIES, WANDB_MODES, build_config,
                     build_method, default_dataset, default_lr, default_metric, default_task, distributed_of,
                     field_choices,
@@ -252,7 +253,7 @@ class LaunchTab:
                 self.tasks_yaml = gr.Code("", language="yaml", label="Tasks (empty: one dataset)", interactive=True,
                                           elem_id="tasks-yaml")
         with gr.Row():
-            self.max_steps = gr.Number(30, label="max steps", precision=0, elem_id="max-steps")
+            self.max_steps = gr.Number(DEFAULT_STEPS, label="max steps", precision=0, elem_id="max-steps")
             self.batch = gr.Number(8, label="batch size", precision=0, elem_id="batch")
             self.lr = gr.Number(default_lr(DEFAULT_METHOD), label="learning rate", elem_id="lr",
                                 info="the method's measured default (bench/RESULTS-default-lr.md)")
