@@ -193,5 +193,7 @@ def test_the_playground_example_is_one_the_default_run_gets_right(page, served):
     box = page.locator("#pg-text").get_by_role("textbox")
     box.fill(box.get_attribute("placeholder"))                 # the example the Playground shows
     page.locator("#pg-go").click()
-    wait_text(page, "#pg-probs-1", r"positive", timeout_s=120)
-    assert text_of(page, "#pg-probs-1").strip().startswith("positive"), text_of(page, "#pg-probs-1")
+    wait_text(page, "#pg-probs-1", r"\d+%", timeout_s=120)
+    lines = text_of(page, "#pg-probs-1").strip().splitlines()   # run label, top label, then label / % pairs
+    probs = {lines[i]: int(lines[i + 1].rstrip("%")) for i in range(2, len(lines) - 1, 2)}
+    assert lines[1] == "positive" and probs["positive"] >= 75, lines

@@ -6,7 +6,7 @@ no ETA once a run has ended, and resume offered only where it can succeed."""
 from __future__ import annotations
 
 from engine.methods import METHODS, default_learning_rate
-from studio import compare, service
+from studio import checks, compare, service
 from studio.ui import forms, launch_tab, runs_tab
 
 from test_ui_logic import fake_run, launch_form
@@ -35,7 +35,7 @@ def test_launch_shows_the_parameter_count_the_worker_records():
     _, text = view(launch_tab.CPU, target_modules="query,value")
     assert "Trainable: **74,498** of 22,787,714 parameters" in text
     lora = {"name": "lora", "r": 8, "target_modules": ["query", "value"]}
-    assert service.parameter_counts("minilm", "classification", lora) == (22787714, 74498)
+    assert checks.parameter_counts("minilm", "classification", lora) == (22787714, 74498)
 
 
 def test_every_catalog_model_is_offered_and_marked_estimate_only():

@@ -196,20 +196,20 @@ def test_launch_refuses_a_dataset_that_does_not_fit_the_task_naming_the_file(set
 
 
 def test_a_catalog_model_estimates_but_is_refused_at_launch(settings):
-    from studio import service
+    from studio import checks, service
 
-    assert service.is_estimate_only("llama-3-8b") and not service.is_estimate_only("minilm")
+    assert checks.is_estimate_only("llama-3-8b") and not checks.is_estimate_only("minilm")
     with pytest.raises(service.SubmitError, match="model: 'llama-3-8b' is in the estimator's catalog only"):
         service.validate_config({"model": "llama-3-8b", "task": "causal_lm", "dataset": {"name": "demo-instruct"},
                                  "method": {"name": "lora"}}, settings)
 
 
 def test_launch_and_the_worker_count_parameters_from_one_source(settings):
-    from studio import service
+    from studio import checks, service
     from workers.tasks import execute_run
 
     method = {"name": "lora", "r": 4, "target_modules": ["query", "value"]}
-    counts = service.parameter_counts("tiny-bert", "classification", method, settings)
+    counts = checks.parameter_counts("tiny-bert", "classification", method, settings)
     rid = service.submit_run(settings, {"model": "tiny-bert", "dataset": {"name": "demo-sentiment", "max_rows": 32},
                                         "method": method, "training": {"max_steps": 1, "batch_size": 4}})
     assert execute_run(rid, settings) == "succeeded"

@@ -13,7 +13,7 @@ from engine.data import BUNDLED_DATASETS
 from engine.estimator import GPU_PRESETS
 from engine.methods import METHODS
 
-from .. import charts, service
+from .. import charts, checks, service
 from .common import GIB, Ctx
 from .forms import (DEFAULT_DATASET, DEFAULT_EVAL_GENERATE, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER,
                     DEFAULT_STEPS,
@@ -128,7 +128,7 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     except Exception as e:
         return charts.empty("Memory estimate", "no estimate"), f"⚠ Estimate unavailable: {e}"
     d = est.to_dict()
-    counts = service.parameter_counts(model, task, m)   # as the worker counts the run it trains
+    counts = checks.parameter_counts(model, task, m)   # as the worker counts the run it trains
     if counts:
         d["n_params"], d["n_trainable"] = counts
         d["trainable_percent"] = 100 * counts[1] / counts[0] if counts[0] else 0.0
@@ -157,7 +157,7 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     per = f"per device, {world} × {strategy}, " if world > 1 else ""
     where = ("estimated for the **CPU** (no CUDA context; no GPU is connected)" if on_cpu
              else "estimated for a **CUDA** GPU")
-    only = f"  \n_{model} is in the catalog only: estimate, not train_" if service.is_estimate_only(model) else ""
+    only = f"  \n_{model} is in the catalog only: estimate, not train_" if checks.is_estimate_only(model) else ""
     text = (f"{where}{only}  \n"
             f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({per}{formula} formula, batch {int(batch)}, "
             f"seq {int(seq)}, {dtype}, {optimizer})  \n{fits}  \n"
