@@ -41,7 +41,7 @@ CONFIGS = {
                           "metric": "rouge_l"},
 }
 SERVE_TIMEOUT_S = 180
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 1200     # a quiet 2-core machine needs about a minute per step below; a loaded one far more
 
 
 def fail(what: str, output: str = "") -> "NoReturn":  # noqa: F821
@@ -65,8 +65,12 @@ def train_each(env: dict, work: Path) -> None:
         cfg.write_text(json.dumps({"name": name, **body}))
         out = work / "out" / name
         t0 = time.monotonic()
-        p = subprocess.run([str(STUDIO), "train", str(cfg), "--out", str(out)], env=env, capture_output=True,
-                           text=True, timeout=RUN_TIMEOUT_S)
+        try:
+            p = subprocess.run([str(STUDIO), "train", str(cfg), "--out", str(out)], env=env, capture_output=True,
+                               text=True, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            fail(f"peft-studio train {name} did not finish within {RUN_TIMEOUT_S} s",
+                 (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
         if p.returncode != 0:
             fail(f"peft-studio train {name} exited {p.returncode}", p.stdout + p.stderr)
         missing = [f for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl")
