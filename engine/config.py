@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .methods import MethodConfig, parse_method_config
+from .methods import MethodConfig, default_learning_rate, parse_method_config
 
 Task = Literal["classification", "causal_lm"]
 
@@ -134,7 +134,8 @@ class TrainingConfig(_Strict):
     epochs: Optional[float] = Field(None, gt=0, le=10_000)
     batch_size: int = Field(8, gt=0, le=4096)
     grad_accum: int = Field(1, gt=0, le=1024)
-    learning_rate: float = Field(5e-4, gt=0, le=10)
+    learning_rate: Optional[float] = Field(None, gt=0, le=10, description="null or left out: the method's "
+                                           "default (MethodSpec.default_lr, measured in bench/default_lr.py)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -142,8 +143,9 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(64, gt=0, le=131072)
     eval_every: int = Field(10, ge=0)
     eval_batches: Optional[int] = Field(None, gt=0)
-    eval_max_rows: Optional[int] = Field(2000, gt=0, description="evaluate on at most this many validation rows "
-                                         "(a sample drawn by the seed); null: all")
+    eval_max_rows: Optional[int] = Field(None, gt=0, description="evaluate on at most this many validation rows "
+                                         "(a sample drawn by the seed); null or left out: 2,000 on CUDA, on a "
+                                         "CPU a sixth of the rows trained on (at least 32; engine.phases)")
     eval_full: bool = Field(False, description="the final evaluation scores every validation row")
     packing: bool = Field(False, description="causal LM: concatenate examples up to max_seq_len, attention "
                           "kept inside each example")
@@ -165,9 +167,9 @@ class TrainingConfig(_Strict):
         "adamw", description="adamw (fp32 states) | adamw_8bit (block-wise 8-bit states, engine.optim) | "
                             "paged_adamw_8bit (8-bit states kept in host memory)")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    eval_generate: int = Field(64, ge=0, le=100_000, description="causal LM: at each evaluation decode this many "
+    eval_generate: int = Field(8, ge=0, le=100_000, description="causal LM: at each evaluation decode this many "
                                "validation prompts greedily and score BLEU, ROUGE-L and exact match (0: off)")
-    eval_generate_tokens: int = Field(64, gt=0, le=4096, description="the most new tokens decoded per prompt "
+    eval_generate_tokens: int = Field(32, gt=0, le=4096, description="the most new tokens decoded per prompt "
                                       "for the generation metrics")
 
     @model_validator(mode="after")
@@ -300,6 +302,14 @@ class RunConfig(_Strict):
     def metric_name(self) -> str:
         """The metric that ranks this run."""
         return self.metric or ("accuracy" if self.task == "classification" else "eval_loss")
+
+    @model_validator(mode="after")
+    def _default_learning_rate(self):
+        # left out (or null): the method's measured default, written into the config so that
+        # the stored run says what it trained with; a given rate is kept as it is
+        if self.training.learning_rate is None:
+            self.training.learning_rate = default_learning_rate(self.method.name)
+        return self
 
     @model_validator(mode="after")
     def _method_tasks(self):

@@ -124,7 +124,8 @@ def greedy_decode(model: nn.Module, tokenizer, prompts: Sequence, max_new_tokens
                   device: torch.device | str = "cpu", on_token: Optional[Callable[[int, int], None]] = None, *,
                   forward: Optional[Forward] = None, all_done: Optional[Callable[[bool], bool]] = None,
                   amp: Optional[torch.dtype] = None, max_prompt_len: Optional[int] = None,
-                  stop_ids: Optional[set[int]] = None) -> list[str]:
+                  stop_ids: Optional[set[int]] = None,
+                  on_batch: Optional[Callable[[int, int], None]] = None) -> list[str]:
     """Greedy continuations of `prompts` (text, formatted as training formats prompts,
     or lists of token ids used as they are), decoded without special tokens and trimmed.
 
@@ -134,6 +135,7 @@ def greedy_decode(model: nn.Module, tokenizer, prompts: Sequence, max_new_tokens
     `forward` replaces `next_token_logits(model, ...)` (a distributed run's wrapped
     module); `all_done(mine)` turns this process's "every row stopped" into the
     group's (every rank then takes the same number of steps). `amp`: autocast dtype.
+    `on_batch(done, total)` is called after each batch with the prompts answered so far.
     The model is put in eval mode for the call and restored; the RNG state is untouched."""
     device = torch.device(device)
     fwd = forward or (lambda **kw: next_token_logits(model, **kw))
@@ -152,6 +154,8 @@ def greedy_decode(model: nn.Module, tokenizer, prompts: Sequence, max_new_tokens
                                      all_done, (lambda j, t, rows=rows: on_token(rows[j], t)) if on_token else None)
                 for i, toks in zip(rows, made):
                     outs[i] = toks
+                if on_batch is not None:
+                    on_batch(min(lo + len(rows), len(order)), len(order))
     finally:
         model.train(was_training)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in outs]
@@ -249,11 +253,15 @@ def has_references(validation) -> bool:
 def evaluate_generation(model: nn.Module, tokenizer, gset: GenerationSet, *, max_new_tokens: int, batch_size: int,
                         device: torch.device, amp: Optional[torch.dtype] = None, forward: Optional[Forward] = None,
                         all_done: Optional[Callable[[bool], bool]] = None,
-                        max_prompt_len: Optional[int] = None) -> dict:
+                        max_prompt_len: Optional[int] = None,
+                        on_answers: Optional[Callable[[int, int], None]] = None) -> dict:
     """Decode `gset`'s prompts and score them: score_generations' numbers plus `samples`,
-    the first MAX_SAMPLES (prompt, reference, output) triples."""
+    the first MAX_SAMPLES (prompt, reference, output) triples. `on_answers(k, K)` reports
+    the answers generated so far, after each batch."""
+    if on_answers is not None:
+        on_answers(0, len(gset.prompts))
     outputs = greedy_decode(model, tokenizer, gset.prompts, max_new_tokens, batch_size, device, forward=forward,
-                            all_done=all_done, amp=amp, max_prompt_len=max_prompt_len)
+                            all_done=all_done, amp=amp, max_prompt_len=max_prompt_len, on_batch=on_answers)
     out = score_generations(outputs, gset.references)
     out["samples"] = [{"prompt": clean_text(p), "reference": clean_text(r), "output": clean_text(o)}
                       for p, r, o in list(zip(gset.prompts, gset.references, outputs))[:MAX_SAMPLES]]

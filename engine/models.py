@@ -119,6 +119,14 @@ def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
     return final
 
 
+def needs_conversion(name: str, cache_dir: Optional[Path] = None) -> bool:
+    """True when loading bundled model `name` first converts its GGUF file (no cached copy yet)."""
+    if not (BUNDLED_MODELS.get(name) or {}).get("gguf"):
+        return False
+    final = Path(cache_dir or default_cache_dir()) / f"{name}-{SMOLLM2_CACHE_VERSION}"
+    return not (final / "model.safetensors").exists()
+
+
 def tiny_config(family: str, vocab_size: int, **over):
     from transformers import BertConfig, LlamaConfig
 

@@ -61,7 +61,8 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
                 allowed_roots: Optional[Sequence[str | Path]] = None, cache_dir: Optional[Path] = None,
                 path_resolver: Optional[Callable[[str], Path]] = None, max_data_bytes: Optional[int] = None,
                 examples: Optional[Examples] = None, data_cache_dir: Optional[Path] = None,
-                on_data_progress: Optional[DataProgress] = None, progress: bool = False) -> Prepared:
+                on_data_progress: Optional[DataProgress] = None, progress: bool = False,
+                on_phase: Optional[Callable[[str], None]] = None) -> Prepared:
     """Load the model and the data and apply the method. The model comes back on its
     device (training.device) in the run's precision (engine.precision): frozen base
     weights in the run dtype, trainable parameters fp32; loaded straight that way
@@ -69,7 +70,8 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     tokenized into memory-mapped Arrow tables cached under `data_cache_dir` (default:
     engine.data.default_cache_dir()); `on_data_progress(stage, rows_done, rows_total)`
     reports the tokenization (engine.data.format_progress words it), `progress` draws a
-    tqdm bar with rows/s."""
+    tqdm bar with rows/s; `on_phase(text)` hears when the model starts loading (or converting,
+    engine.phases)."""
     spec = get_method(cfg.method.name)
     if cfg.training.packing and spec.family == "prompt":
         raise ValueError(f"training.packing: not with method {cfg.method.name!r} (its virtual tokens would be "
@@ -88,6 +90,11 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     device = pick_device(cfg.training.device)
     dtype = run_dtype(cfg.training.precision, device)
     if loaded is None:   # straight to the run's dtype and device (docs/precision.md)
+        if on_phase is not None:
+            from . import phases
+            from .models import needs_conversion
+            converts = needs_conversion(cfg.model, cache_dir)
+            on_phase(phases.converting(cfg.model) if converts else phases.loading(cfg.model))
         id2label = dict(enumerate(examples.labels)) if cfg.task == "classification" else None
         transform = spec.load_transform(cfg.method, dtype) if spec.load_transform is not None else None
         loaded = load_model(cfg.model, cfg.task, num_labels=max(2, examples.num_labels), allowed_roots=allowed_roots,

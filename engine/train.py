@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed as D
-from . import fused, kernels
+from . import fused, kernels, phases
 from .compile import COMPILE_BUCKET, compile_blocks, step_begin
 from .batching import BatchStream, MultiTaskStream, as_rows, eval_sample, gather, pad_to_multiple
 from .config import GENERATION_METRICS, METRIC_DIRECTION
@@ -228,10 +228,12 @@ class TaskLoss(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, encoded, task: str, batch_size: int, pad_id: int,
              device: torch.device, amp: Optional[torch.dtype], max_batches: Optional[int] = None,
-             dist: Optional["D.Dist"] = None, runner: Optional[nn.Module] = None, rows=None) -> dict:
+             dist: Optional["D.Dist"] = None, runner: Optional[nn.Module] = None, rows=None,
+             on_rows: Optional[Callable[[int, int], None]] = None) -> dict:
     """Mean validation loss and accuracy / perplexity over the rows `rows` (indices;
     default all) of `encoded` (a tokenized dataset or a list of encoded rows), at most
-    `max_batches` batches; `eval_rows` says how many rows were scored. Distributed:
+    `max_batches` batches; `eval_rows` says how many rows were scored. `on_rows(n, N)`
+    reports the rows scored so far (this rank's share times the world size). Distributed:
     each rank scores its share and the sums are all-reduced (`runner` is the wrapped
     TaskLoss that forward must go through)."""
     if encoded is None or len(encoded) == 0:
@@ -247,6 +249,9 @@ def evaluate(model: nn.Module, encoded, task: str, batch_size: int, pad_id: int,
     most = -(-len(encoded) // (dist.world_size if dist is not None else 1))   # rows of the largest share
     n_batches = -(-most // batch_size)
     acc = [0.0, 0.0, 0.0]
+    world = dist.world_size if dist is not None else 1
+    if on_rows is not None:
+        on_rows(0, len(encoded))
     for i in range(n_batches):   # the same number of forwards on every rank (FSDP gathers in each)
         rows = mine[i * batch_size:(i + 1) * batch_size]
         batch = {k: v.to(device) for k, v in gather(data, rows if len(rows) else encoded[:1], pad_id).items()}
@@ -255,6 +260,8 @@ def evaluate(model: nn.Module, encoded, task: str, batch_size: int, pad_id: int,
         if len(rows):
             loss, correct, count = s.tolist()
             acc = [acc[0] + (loss if task == "classification" else loss * count), acc[1] + correct, acc[2] + count]
+        if on_rows is not None:
+            on_rows(min(len(encoded), (i + 1) * batch_size * world), len(encoded))
     if dist is not None:
         acc = dist.all_reduce_sum(acc)
     model.train(was_training)
@@ -334,9 +341,13 @@ def generation_sets(prep: Prepared, log_reason: bool = True) -> list[Optional[Ge
 def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None, progress: bool = False,
           resume_state: Optional[dict] = None,
-          on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+          on_checkpoint: Optional[Callable[[int, dict], None]] = None,
+          on_phase: Optional[phases.Phase] = None) -> TrainResult:
     """Train a prepared run. `on_step` is called after every optimizer step;
-    `should_stop` is polled before every step (True ends the run as cancelled).
+    `should_stop` is polled before every step (True ends the run as cancelled);
+    `on_phase(text)` hears what the loop does (engine.phases: training, evaluating
+    n / N rows, generating k / K answers), as it starts and as evaluations progress.
+    StepMetrics.eta_s counts the evaluations still to come (engine.phases.Eta).
     In a process group (training.distributed.world_size > 1) every rank calls this;
     only rank 0 should pass `on_step` / `on_checkpoint` / `progress`, and any
     rank's `should_stop` stops them all at the same step."""
@@ -363,9 +374,11 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                                  **stream_kw)
     else:
         stream = BatchStream(data.train, t.batch_size * world, pad_id, t.seed, **stream_kw)   # global batches
-    eval_rows = eval_sample(len(val_enc), t.eval_max_rows, t.seed)    # bounded evaluation (the final one too,
-    final_rows = eval_sample(len(val_enc), None if t.eval_full else t.eval_max_rows, t.seed)   # unless eval_full)
     steps = total_steps(prep, stream.batches_per_epoch)
+    # bounded evaluation (the final one too, unless eval_full); unset: by device (engine.phases)
+    max_rows = phases.eval_rows_bound(t.eval_max_rows, steps, t.batch_size, t.grad_accum, device.type)
+    eval_rows = eval_sample(len(val_enc), max_rows, t.seed)
+    final_rows = eval_sample(len(val_enc), None if t.eval_full else max_rows, t.seed)
     if resume_state:
         restore_trainable(resume_state, model)
     if not any(p.requires_grad for p in model.parameters()):
@@ -386,6 +399,15 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         torch.manual_seed(t.seed + 1_000_003 * dist.rank + start_step)
     metric_name, higher = primary_metric(cfg.task, cfg.metric)
     gen_sets = generation_sets(prep, log_reason=main)
+    eta = phases.run_eta(t, start_step, steps, max_rows, sum(len(g.prompts) for g in gen_sets if g is not None),
+                         [len(d.validation) for d in prep.tasks.data] if multi else [len(val_enc)])
+    bar_ref: list = [None]
+
+    def say(text: str) -> None:   # the phase, to the caller and onto the progress bar
+        if on_phase is not None and main:
+            on_phase(text)
+        if bar_ref[0] is not None:
+            bar_ref[0].set_description_str(f"{cfg.name} · {text}", refresh=True)
     history: list[dict] = []
     best: Optional[float] = None
     last_eval: dict = {}
@@ -393,14 +415,16 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     if progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start_step, desc=cfg.name, unit="step")
+        bar_ref[0] = bar
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     tokens_seen, loss_val, cancelled = 0, None, False
     t0 = time.perf_counter()
     step = start_step
+    say(phases.training(step, steps))
 
-    def gen_eval(ev: dict, i: int) -> dict:   # the generation metrics of task i joined to its eval dict
+    def gen_eval(ev: dict, i: int, task_name: str = "") -> dict:   # the generation metrics of task i joined to its eval
         gs = gen_sets[i] if i < len(gen_sets) else None
         if not ev or gs is None:
             return ev
@@ -408,20 +432,24 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         return {**ev, **evaluate_generation(
             model, tok, gs, max_new_tokens=t.eval_generate_tokens, batch_size=t.batch_size, device=device, amp=amp,
             max_prompt_len=t.max_seq_len, forward=(lambda **kw: wrapped(kw, decode=True)) if dist is not None else None,
-            all_done=(lambda mine: not dist.any(not mine)) if dist is not None else None)}
+            all_done=(lambda mine: not dist.any(not mine)) if dist is not None else None,
+            on_answers=lambda k, n: say(phases.generating(k, n, task_name)))}
 
     def run_eval(final: bool) -> dict:
         kw = dict(dist=dist, runner=D.eval_module(runner, dist))
         if not multi:
             return gen_eval(evaluate(model, val_enc, cfg.task, t.batch_size, pad_id, device, amp, t.eval_batches,
-                                     rows=final_rows if final else eval_rows, **kw), 0)
+                                     rows=final_rows if final else eval_rows,
+                                     on_rows=lambda n, N: say(phases.evaluating(n, N)), **kw), 0)
         per = {}
         for i, (name, d) in enumerate(zip(prep.tasks.names, prep.tasks.data)):
             n = len(d.validation)
             with task_context(model, i):
                 per[name] = gen_eval(evaluate(model, d.validation, cfg.task, t.batch_size, pad_id, device, amp,
                                               t.eval_batches, rows=eval_sample(n, None if final and t.eval_full
-                                                                               else t.eval_max_rows, t.seed), **kw), i)
+                                                                               else max_rows, t.seed),
+                                              on_rows=lambda a, b, name=name: say(phases.evaluating(a, b, name)),
+                                              **kw), i, name)
         return combine_eval({k: v for k, v in per.items() if v})
 
     def snapshot() -> dict:   # a collective under FSDP: every rank builds it, rank 0 keeps it
@@ -429,6 +457,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
 
     with PeakRSS() as rss:
         while step < steps:
+            step_t0 = time.perf_counter()
             stop = bool(should_stop and should_stop())
             if dist is not None:
                 stop = dist.any(stop)
@@ -489,9 +518,15 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
             tokens_seen += step_tokens
             loss_val = loss_acc
             elapsed = time.perf_counter() - t0
-            done = step - start_step
+            eta.add_step(time.perf_counter() - step_t0)
             eval_now = (t.eval_every and step % t.eval_every == 0) or step == steps
-            ev = run_eval(step == steps) if eval_now else None
+            ev = None
+            if eval_now:
+                eval_t0 = time.perf_counter()
+                ev = run_eval(step == steps)
+                eta.add_eval(time.perf_counter() - eval_t0)
+                if step < steps:
+                    say(phases.training(step, steps))
             if ev:
                 last_eval = ev
                 m = ev.get(metric_name)
@@ -499,7 +534,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
                     best = m
             sm = StepMetrics(step=step, max_steps=steps, loss=loss_val, lr=lr_used,
                              tokens_per_s=tokens_seen / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed,
-                             eta_s=elapsed / done * (steps - step) if done else 0.0,
+                             eta_s=eta.left(step),
                              epoch=stream.position, eval=ev)
             history.append(sm.to_dict())
             if bar is not None:

@@ -30,6 +30,7 @@ def _die(msg: str, code: int = 2) -> "NoReturn":  # noqa: F821
 
 
 def cmd_train(args) -> int:
+    from engine import phases
     from engine.adapters import save_adapter
     from engine.config import ConfigError, load_run_config
     from engine.data import DataError
@@ -43,9 +44,10 @@ def cmd_train(args) -> int:
         out = Path(args.out or f"runs/{cfg.name}")
         if cfg.training.distributed.world_size > 1:
             return train_distributed(cfg, out)
-        print(f"[{cfg.name}] loading {cfg.model} and {cfg.dataset.label()} ...",
-              file=sys.stderr)
-        prep = prepare_run(cfg, progress=True)
+        print(f"[{cfg.name}] reading {cfg.dataset.label()} ...", file=sys.stderr)
+        # loading / converting the model: a line each (engine.phases); training and evaluating: on the bar
+        prep = prepare_run(cfg, progress=True,
+                           on_phase=lambda text: print(f"[{cfg.name}] {text} ...", file=sys.stderr))
     except (ConfigError, DataError, ModelLoadError, TargetModulesError, ValueError) as e:
         _die(str(e))
     print(f"[{cfg.name}] {cfg.method.name}: {prep.n_trainable:,} trainable of {prep.n_params:,} parameters "
@@ -59,6 +61,7 @@ def cmd_train(args) -> int:
             mf.flush()
         result = train(prep, on_step=on_step, progress=True)
     os.replace(tmp_metrics, metrics_path)
+    print(f"[{cfg.name}] {phases.SAVING} ...", file=sys.stderr)
     save_adapter(prep, out, extra_files={"results.json": json.dumps(result.to_dict(), indent=2).encode()})
     ev = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items() if isinstance(v, (int, float)))
     print(f"[{cfg.name}] done: {result.steps} steps in {result.duration_s:.1f} s, loss {result.final_loss:.4f}"

@@ -59,9 +59,16 @@ def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
     # check with "Overflow when unpacking long long" (no field named)
     if not -2**63 <= cfg.training.seed < 2**64:
         raise SubmitError("training.seed: must fit in 64 bits")
+    from .checks import check_dataset_for_task, is_estimate_only
+
+    if is_estimate_only(cfg.model):
+        raise SubmitError(f"model: {cfg.model!r} is in the estimator's catalog only: its weights are not on this "
+                          f"machine, so it can be estimated but not trained here; pick a bundled model or give a "
+                          f"local model directory")
     for field, path in cfg.dataset.file_paths():    # a multi-task run: every task's files
         check_dataset_path(settings, path, field)
     check_against_model(cfg, settings)
+    check_dataset_for_task(cfg, settings)
     return cfg
 
 
@@ -331,6 +338,18 @@ def cancel_run(settings: Settings, run_id: int) -> str:
     return st
 
 
+def not_resumable(run: dict) -> Optional[str]:
+    """Why run `run` (a run dict) cannot be resumed ('is running; ...'), or None when it can: only failed or
+    cancelled runs can, and not one that failed on its config (the worker records
+    results.failed_on = 'config': a missing column or model fails the same way again)."""
+    if run.get("status") not in ("failed", "cancelled"):
+        return f"is {run.get('status')}; only failed or cancelled runs can be resumed"
+    if (run.get("results") or {}).get("failed_on") == "config":
+        return ("failed on its config, so running it again would fail the same way; fix the config "
+                "(Clone into Launch) and launch it as a new run")
+    return None
+
+
 def resume_run(settings: Settings, run_id: int) -> dict:
     """Queue a failed or cancelled run again; it continues from its last checkpoint
     (or starts over when it has none)."""
@@ -341,9 +360,9 @@ def resume_run(settings: Settings, run_id: int) -> dict:
         run = s.get(db.Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} not found")
-        status = run.status
-    if status not in ("failed", "cancelled"):
-        raise SubmitError(f"run {run_id} is {status}; only failed or cancelled runs can be resumed")
+        why = not_resumable(db.run_to_dict(run))
+    if why:
+        raise SubmitError(f"run {run_id} {why}")
     step = checkpoint_step(settings, run_id)
     token = requeue_run(settings, run_id, ("failed", "cancelled"),
                         reason=f"resumed from step {step}" if step else "restarted (no checkpoint)")

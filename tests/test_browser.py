@@ -51,8 +51,12 @@ def test_launch_lora_from_the_form_and_watch_it_succeed(page, served):
 
 
 def test_changing_the_rank_changes_the_estimate(page):
-    before = wait_text(page, "#estimate-text", r"Trainable: [\d,]+ of")
-    assert "Trainable: 74,498 of 22,713,986" in before           # MiniLM, LoRA r=8 on query,value
+    # a CPU-only studio starts on its CPU; this test is about a GPU's fit
+    wait_text(page, "#estimate-text", r"estimated for the CPU")
+    page.locator("#gpu input").click()
+    page.get_by_role("option", name=re.compile(r"^24 GB")).first.click()
+    before = wait_text(page, "#estimate-text", r"estimated for a CUDA GPU[\s\S]*Trainable: [\d,]+ of")
+    assert "Trainable: 74,498 of 22,787,714" in before           # MiniLM, LoRA r=8 on query,value (as trained)
     rank = page.locator("#rank input[type=number]")
     rank.fill("32")
     rank.press("Enter")

@@ -55,7 +55,8 @@ def test_controls_come_from_each_methods_config_class():
 def test_first_load_is_a_real_model_on_real_data_with_lora():
     """The default Launch form trains MiniLM on the sentiment demo with LoRA, and is valid as it stands."""
     assert (forms.DEFAULT_MODEL, forms.DEFAULT_DATASET, forms.DEFAULT_METHOD) == ("minilm", "demo-sentiment", "lora")
-    assert forms.MODEL_CHOICES[0] == "minilm" and {"tiny-bert", "tiny-llama"} <= set(forms.MODEL_CHOICES)
+    values = [v for _, v in forms.MODEL_CHOICES]
+    assert values[0] == "minilm" and {"tiny-bert", "tiny-llama"} <= set(values)
     form = launch_form(model=forms.DEFAULT_MODEL, task=forms.default_task(forms.DEFAULT_MODEL))
     cfg = forms.build_config(form)
     assert cfg["model"] == "minilm" and cfg["task"] == "classification"
@@ -205,9 +206,13 @@ def test_gpu_choices_add_worker_gpus():
     workers = [{"name": "w1", "device": "cuda:NVIDIA H100 80GB HBM3", "total_memory": 85_000_000_000},
                {"name": "cpu1", "device": "cpu", "total_memory": 24_000_000_000}]
     ch = launch_tab.gpu_choices(workers)
-    assert [v for _, v in ch[:5]] == [str(int(b)) for _, b in GPU_PRESETS]     # the estimator's presets
-    assert len(ch) == 6 and ch[-1] == ("w1: NVIDIA H100 80GB HBM3 (85 GB)", "85000000000")
+    assert ch[0][1] == launch_tab.CPU and "no CUDA context" in ch[0][0]        # this machine's CPU first
+    assert [v for _, v in ch[1:6]] == [str(int(b)) for _, b in GPU_PRESETS]    # the estimator's presets
+    assert len(ch) == 7 and ch[-1] == ("w1: NVIDIA H100 80GB HBM3 (85 GB)", "85000000000")
     assert launch_tab.gpu_label("85000000000", workers).startswith("w1:")
+    # the menu starts on a GPU where one is in reach, else on the CPU (this test machine has none)
+    assert launch_tab.default_device(workers) == str(int(launch_tab.DEFAULT_GPU))
+    assert launch_tab.default_device(workers[1:]) == launch_tab.CPU
 
 
 # ------------------------------------------------------------------ runs table and compare

@@ -7,6 +7,7 @@ Any other path must lie under STUDIO_DATA_ROOTS on the worker's machine."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,22 @@ def upload_name(path: str) -> Optional[str]:
     if not name or "/" in name or "\\" in name or name.startswith(".") or len(name) > 100:
         raise ValueError(f"dataset.path: invalid upload reference {path[:120]!r}")
     return name
+
+
+# the stored name save_upload gives a file (uuid4 hex + suffix), with or without the reference prefix
+_STORED = re.compile(r"(?:upload:)?\b([0-9a-f]{32}\.(?:csv|jsonl|parquet))\b")
+
+
+def upload_display_names(settings: Settings, text: str) -> str:
+    """`text` with every uploaded dataset's stored name (`upload:<hex>.csv` or `<hex>.csv`)
+    replaced by the file name it was uploaded as (a name with no recorded upload stays)."""
+    stored = sorted(set(_STORED.findall(text)))
+    if not stored:
+        return text
+    with db.transaction(settings.database_url) as s:
+        names = dict(s.execute(select(db.Upload.stored_name, db.Upload.name)
+                               .where(db.Upload.stored_name.in_(stored))).all())
+    return _STORED.sub(lambda m: names.get(m.group(1), m.group(0)), text)
 
 
 def check_local_path(settings: Settings, path: str) -> Path:

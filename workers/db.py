@@ -286,8 +286,10 @@ def claim_run(s: Session, run_id: int, *, host: str, pid: int, device: str, toke
 
 
 def finish_run(s: Session, run_id: int, status: str, **values) -> bool:
-    """running -> succeeded/failed/cancelled (only from running)."""
+    """running -> succeeded/failed/cancelled (only from running). The phase is cleared:
+    a finished run is doing nothing (a failure's message is in `error`)."""
     assert status in FINISHED
+    values.setdefault("phase", None)
     res = s.execute(update(Run).where(Run.id == run_id, Run.status == "running").values(
         status=status, finished_at=utcnow(), **values))
     return res.rowcount == 1

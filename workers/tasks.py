@@ -112,14 +112,19 @@ def write_zip(path: str | Path, files: dict[str, bytes]) -> None:
             z.writestr(name, files[name], compress_type=kind)
 
 
-def publish_adapter(settings: Settings, prep, cfg: dict, result_dict: dict, history: list, run_id: int):
+def publish_adapter(settings: Settings, prep, cfg: dict, result_dict: dict, history: list, run_id: int,
+                    on_phase=None):
     """The adapter zip (weights, model-card README, run config, metrics) put into the
     artifact store. `prep` is the Prepared run, or the adapter's files by name (a
-    distributed run's rank 0 wrote them). Returns (Stored, file names)."""
+    distributed run's rank 0 wrote them). `on_phase(text)` hears 'saving' and then
+    'uploading'. Returns (Stored, file names)."""
+    from engine import phases
     from engine.adapters import adapter_files
 
     from .store import get_store
 
+    if on_phase is not None:
+        on_phase(phases.SAVING)
     files = dict(prep) if isinstance(prep, dict) else adapter_files(prep)
     files["README.md"] = model_card(cfg, result_dict, run_id, "adapter_config.json" in files).encode()
     files["run_config.yaml"] = yaml.safe_dump(cfg, sort_keys=False).encode()
@@ -131,10 +136,39 @@ def publish_adapter(settings: Settings, prep, cfg: dict, result_dict: dict, hist
     try:
         write_zip(tmp, files)
         del files
+        if on_phase is not None:
+            on_phase(phases.UPLOADING)
         obj = store.put_file(f"runs/{int(run_id)}/adapter-{uuid.uuid4().hex[:12]}.zip", tmp)
     finally:
         os.unlink(tmp)
     return obj, names
+
+
+class PhaseWriter:
+    """A run's `phase` column from the engine's phase texts (engine.phases): a new kind of
+    phase (loading, preparing data, training, evaluating, saving, ...) is written at once,
+    progress within one kind at most once a second; each is also a log line."""
+
+    def __init__(self, beat, run_id: int, interval_s: float = 1.0):
+        self.beat, self.run_id, self.interval_s = beat, run_id, interval_s
+        self.kind: Optional[str] = None
+        self.last = 0.0
+
+    def __call__(self, text: str) -> None:
+        kind, now = text.split(":", 1)[0], time.monotonic()
+        if kind == self.kind and now - self.last < self.interval_s:
+            return
+        self.kind, self.last = kind, now
+        self.beat(phase=text[:200])
+        log.info("run %s: %s", self.run_id, text)
+
+
+def config_fault(error: BaseException, training_started: bool) -> bool:
+    """Whether a run failed on what its config asks for (a missing column, a model that
+    does not exist, targets the model lacks), so that running it again cannot succeed:
+    a ValueError (ConfigError, DataError, ModelLoadError, TargetModulesError, a metric the
+    data cannot score, ...) raised before the first training step finished."""
+    return isinstance(error, ValueError) and not training_started
 
 
 class RunMonitor:
@@ -263,6 +297,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
     log.info("run %s: started on %s (%s)", run_id, me, dev)
     from .tracking import open_mirror
     mirror = open_mirror(settings, run_id, cfg_dict)   # trackers (MLflow, TensorBoard, W&B); never blocks training
+    started = [False]   # a training step finished: a failure after it is not the config's
     try:
         cfg = parse_run_config(cfg_dict)
         resume = load_checkpoint(settings, run_id)
@@ -289,6 +324,8 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                         db.heartbeat(s, run_id, **values)
                 with_db_retry(write, what=f"run {run_id}: progress")
 
+            phase = PhaseWriter(beat, run_id)
+
             def on_step_dict(m: dict):
                 row = {k: m.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "eta_s", "epoch",
                                               "eval")}
@@ -298,6 +335,7 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                      tokens_per_s=m.get("tokens_per_s"))
 
             def on_step(m):
+                started[0] = True
                 on_step_dict(m.to_dict())
 
             def on_checkpoint(step, state):
@@ -314,28 +352,25 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
                     beat(ranks=db.json_safe(places))
                     log.info("run %s: ranks at %s", run_id, places)
 
+                started[0] = True   # the ranks load and check the run themselves
                 result, prep = run_distributed(settings, run_id, cfg, resume, on_step=on_step_dict,
                                                on_checkpoint=on_checkpoint, should_stop=should_stop,
                                                on_ranks=on_ranks, prepare_kwargs=prepare_kwargs)
                 store_device_estimate(url, run_id, cfg, cfg.model, dev)
             else:
                 from engine.data import format_progress
-                shown = [0.0]
 
                 def on_data_progress(stage: str, done: int, total: int):
-                    # at most one write a second, and always the last one of a stage
-                    now = time.monotonic()
-                    if now - shown[0] >= 1.0 or done >= total:
-                        shown[0] = now
-                        text = format_progress(stage, done, total)
-                        beat(phase=text[:200])
-                        log.info("run %s: %s", run_id, text)
+                    text = format_progress(stage, done, total)
+                    if done >= total and total:   # the last one of a stage is always written
+                        phase.kind = None
+                    phase(text)
 
-                prep = prepare_run(cfg, on_data_progress=on_data_progress, **prepare_kwargs)
-                beat(n_params=prep.n_params, n_trainable=prep.n_trainable, phase=None)
+                prep = prepare_run(cfg, on_data_progress=on_data_progress, on_phase=phase, **prepare_kwargs)
+                beat(n_params=prep.n_params, n_trainable=prep.n_trainable)
                 store_device_estimate(url, run_id, cfg, prep.model.config.to_dict(), dev)
                 result = train(prep, on_step=on_step, should_stop=should_stop, resume_state=resume,
-                               on_checkpoint=on_checkpoint)
+                               on_checkpoint=on_checkpoint, on_phase=phase)
         rd = result.to_dict()
         if result.cancelled and not mon.cancel.is_set():
             # this worker is shutting down: keep the progress and give the run back to the queue
@@ -357,7 +392,9 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
             log.info("run %s: cancelled at step %s", run_id, result.steps)
             return "cancelled"
         history = with_db_retry(lambda: metrics_history(url, run_id), what=f"run {run_id}: history")
-        obj, names = publish_adapter(settings, prep, cfg.to_dict(), rd, history, run_id)
+        obj, names = publish_adapter(settings, prep, cfg.to_dict(), rd, history, run_id,
+                                     on_phase=lambda text: with_db_retry(
+                                         lambda: _set_phase(url, run_id, text), what=f"run {run_id}: phase"))
         replaced = []
 
         def finish_ok():
@@ -388,9 +425,13 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         if retry_lost_rank(settings, run_id, e, msg):
             return "queued"
 
+        msg = display_names(settings, msg)   # an upload by the name it was uploaded as, not its stored key
+        # a run that failed on its config is not offered a resume that cannot succeed (studio.service.resume_run)
+        fault = {"failed_on": "config"} if config_fault(e, started[0]) else None
+
         def finish_failed():
             with db.transaction(url) as s:
-                db.finish_run(s, run_id, "failed", error=msg[:4000])
+                db.finish_run(s, run_id, "failed", error=msg[:4000], results=fault)
         try:
             with_db_retry(finish_failed, what=f"run {run_id}: fail")
         except Exception as e2:   # the reaper will fail it by heartbeat timeout
@@ -398,6 +439,23 @@ def execute_run(run_id: int, settings: Optional[Settings] = None, token: Optiona
         return "failed"
     finally:   # status, estimate, memory and adapter go to the trackers; waits at most STUDIO_TRACKING_FLUSH_S
         mirror.close()
+
+
+def _set_phase(url: str, run_id: int, text: str) -> None:
+    with db.transaction(url) as s:
+        db.heartbeat(s, run_id, phase=text[:200])
+
+
+def display_names(settings: Settings, text: str) -> str:
+    """`text` with each uploaded dataset's stored key (upload:<hex>.csv, <hex>.csv) replaced
+    by the file name it was uploaded as; unchanged where the database has no such upload."""
+    from .datasets import upload_display_names
+
+    try:
+        return upload_display_names(settings, text)
+    except Exception as e:   # a message is still worth recording with its keys in it
+        log.warning("could not name the uploads in a message: %s", e)
+        return text
 
 
 def retry_lost_rank(settings: Settings, run_id: int, error: BaseException, msg: str) -> bool:

@@ -37,6 +37,16 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"method.name: unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
+FALLBACK_LR = 5e-4   # a method whose spec gives no default_lr
+
+
+def default_learning_rate(name: str) -> float:
+    """The learning rate a run of method `name` trains with when its config gives none:
+    the spec's `default_lr` (bench/RESULTS-default-lr.md measured them)."""
+    lr = get_method(name).default_lr
+    return float(lr) if lr is not None else FALLBACK_LR
+
+
 def parse_method_config(data: Any) -> MethodConfig:
     if isinstance(data, MethodConfig):
         return data
@@ -48,5 +58,6 @@ def parse_method_config(data: Any) -> MethodConfig:
 
 __all__ = [
     "METHODS", "ApplyContext", "MethodConfig", "MethodSpec", "PeftExport",
-    "count_parameters", "freeze_all", "get_method", "method_names", "parse_method_config",
+    "count_parameters", "default_learning_rate", "freeze_all", "get_method", "method_names",
+    "parse_method_config",
 ]

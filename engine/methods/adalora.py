@@ -229,4 +229,5 @@ SPEC = MethodSpec(
     mergeable=True, merge=merge_and_unload, count_trainable=count_adalora_trainable,
     extra_loss=orthogonal_regularization, after_backward=adalora_after_backward, after_step=adalora_after_step,
     family="lora", plan=plan_adalora,
+    default_lr=0.03,   # bench/RESULTS-default-lr.md
 )

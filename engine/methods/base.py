@@ -82,6 +82,9 @@ class MethodSpec:
     load_transform: Optional[Callable[[MethodConfig, "torch.dtype"], Any]] = None
     # What each block trains, for the estimator's saved-activation model (engine.methods.plan.Plan):
     plan: Optional[Callable[["ModelDims", MethodConfig, str], "Plan"]] = None   # (dims, cfg, task)
+    # The learning rate of a run whose config gives none (training.learning_rate left out),
+    # measured on the Launch form's first run: bench/default_lr.py, bench/RESULTS-default-lr.md
+    default_lr: Optional[float] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:

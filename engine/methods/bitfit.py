@@ -105,4 +105,5 @@ SPEC = MethodSpec(
     trains="bias vectors (added ones on bias-free models)", mergeable=True, merge=merge_bitfit,
     count_trainable=count_bitfit,
     family="selective", adds_params=False, plan=plan_bitfit,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -225,4 +225,5 @@ SPEC = MethodSpec(
             "and rank-1 fast weights; compacter++ puts them after the FFN only.",
     trains="the shared A_i (n^3), each adapter's low-rank fast weights and biases, and the adapted sublayers' norms",
     count_trainable=count_compacter, family="adapter", plan=plan_compacter,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -120,4 +120,5 @@ SPEC = MethodSpec(
     trains="A, B and a magnitude per output feature on the target linear layers",
     mergeable=True, merge=merge_and_unload, peft_export=export_dora_peft, count_trainable=count_dora_trainable,
     family="lora", plan=plan_dora,
+    default_lr=0.005,   # bench/RESULTS-default-lr.md
 )

@@ -41,4 +41,5 @@ SPEC = MethodSpec(
     summary="Trains every weight: the reference point for quality and cost.",
     trains="every parameter", mergeable=True, merge=merge_and_unload, trains_head=False, count_trainable=count_full,
     family="selective", adds_params=False, trains_base_weights=True, plan=plan_full,
+    default_lr=0.0003,   # bench/RESULTS-default-lr.md
 )

@@ -65,4 +65,5 @@ SPEC = MethodSpec(
     summary="Serial bottleneck adapters after attention and after the FFN, near-identity init.",
     trains="bottleneck adapters (down, up projections with biases) and, by default, the blocks' layer norms",
     count_trainable=count_houlsby, family="adapter", plan=plan_houlsby,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -184,4 +184,5 @@ SPEC = MethodSpec(
     trains="task / layer / position embeddings, the task projector MLP and the hypernetworks (shared by all "
            "layers and tasks); not mergeable (the generated weights depend on the task)",
     count_trainable=count_hyperformer, family="adapter", plan=plan_hyperformer,
+    default_lr=0.001,   # bench/RESULTS-default-lr.md
 )

@@ -195,4 +195,5 @@ SPEC = MethodSpec(
     trains="one scaling vector per target layer",
     mergeable=True, merge=merge_and_unload, peft_export=export_ia3_peft, count_trainable=count_ia3_trainable,
     family="ia3", plan=plan_ia3,
+    default_lr=0.1,   # bench/RESULTS-default-lr.md
 )

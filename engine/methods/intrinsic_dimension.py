@@ -337,4 +337,5 @@ SPEC = MethodSpec(
     trains="one d-dimensional vector θ_d (plus one scale per target layer with SAID)",
     mergeable=True, merge=merge_and_unload, count_trainable=count_intrinsic_trainable,
     family=FAMILY, plan=plan_intrinsic,
+    default_lr=0.03,   # bench/RESULTS-default-lr.md
 )

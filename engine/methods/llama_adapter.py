@@ -138,4 +138,5 @@ SPEC = MethodSpec(
     summary="Adaption prompts in the top L layers, joined through zero-initialised per-head gates (Llama only).",
     trains="per-layer adaption prompts (adapter_len x hidden) and gates (one per head)",
     count_trainable=count_llama_adapter, family="prompt", plan=plan_llama_adapter,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

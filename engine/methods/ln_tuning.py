@@ -55,4 +55,5 @@ SPEC = MethodSpec(
     summary="Trains only the normalization layers.",
     trains="LayerNorm / RMSNorm weights and biases", mergeable=True, merge=merge_and_unload,
     count_trainable=count_ln_tuning, family="selective", adds_params=False, plan=plan_ln_tuning,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -183,4 +183,5 @@ SPEC = MethodSpec(
     trains="two pairs of low-rank factors per target linear layer",
     mergeable=True, merge=merge_and_unload, peft_export=export_loha_peft, count_trainable=count_loha_trainable,
     load_state=load_loha_state, family=FAMILY, plan=plan_loha,
+    default_lr=0.03,   # bench/RESULTS-default-lr.md
 )

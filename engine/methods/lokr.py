@@ -200,4 +200,5 @@ SPEC = MethodSpec(
     trains="two Kronecker factors (one low-rank) per target linear layer",
     mergeable=True, merge=merge_and_unload, peft_export=export_lokr_peft, count_trainable=count_lokr_trainable,
     load_state=load_lokr_state, family=FAMILY, plan=plan_lokr,
+    default_lr=0.03,   # bench/RESULTS-default-lr.md
 )

@@ -436,4 +436,5 @@ SPEC = MethodSpec(
     trains="low-rank matrices A and B on the target linear layers",
     mergeable=True, merge=merge_and_unload, peft_export=export_lora_peft, count_trainable=count_lora_trainable,
     family="lora", plan=plan_lora,
+    default_lr=0.005,   # bench/RESULTS-default-lr.md
 )

@@ -69,4 +69,5 @@ SPEC = MethodSpec(
     summary="Prefix tuning on attention plus a scaled parallel adapter beside the FFN.",
     trains="prefixes (with their MLP) and parallel FFN adapters",
     count_trainable=count_mam, family="adapter", plan=plan_mam,
+    default_lr=0.001,   # bench/RESULTS-default-lr.md
 )

@@ -255,4 +255,5 @@ SPEC = MethodSpec(
     trains="the skew-symmetric generators of the orthogonal blocks of each target linear layer",
     mergeable=True, merge=merge_and_unload, peft_export=export_oft_peft, count_trainable=count_oft_trainable,
     load_state=load_oft_state, family=FAMILY, plan=plan_oft,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -135,4 +135,5 @@ SPEC = MethodSpec(
     trains="the prompt encoder's input embeddings and its MLP / LSTM",
     peft_export=export_p_tuning_peft, count_trainable=count_p_tuning, load_state=load_prompt_state,
     family="prompt", plan=plan_p_tuning,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -54,4 +54,5 @@ SPEC = MethodSpec(
     summary="A scaled bottleneck adapter computed from the FFN (or attention) input, added beside it.",
     trains="bottleneck adapters beside the FFN and/or attention",
     count_trainable=count_parallel_adapter, family="adapter", plan=plan_parallel_adapter,
+    default_lr=0.003,   # bench/RESULTS-default-lr.md
 )

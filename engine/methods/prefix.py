@@ -327,4 +327,5 @@ SPEC = MethodSpec(
     trains="the prefix embeddings and their MLP reparameterisation (saved folded: N x layers*2*kv_heads*head_dim)",
     peft_export=export_prefix_peft, count_trainable=count_prefix_tuning, load_state=load_prefix_state,
     family="prompt", plan=plan_prefix_tuning,
+    default_lr=0.01,   # bench/RESULTS-default-lr.md
 )

@@ -110,4 +110,5 @@ SPEC = MethodSpec(
     trains="the soft-prompt embeddings (num_virtual_tokens x hidden)",
     peft_export=export_prompt_tuning_peft, count_trainable=count_prompt_tuning, load_state=load_prompt_state,
     family="prompt", plan=plan_prompt_tuning,
+    default_lr=0.03,   # bench/RESULTS-default-lr.md
 )

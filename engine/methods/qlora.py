@@ -281,4 +281,5 @@ SPEC = MethodSpec(
     trains="low-rank matrices A and B; the NF4 base stays frozen",
     mergeable=True, merge=merge_and_unload, peft_export=export_qlora_peft, count_trainable=count_qlora_trainable,
     family="lora", quantizes_base=True, plan=plan_lora, load_transform=QuantizeOnLoad,
+    default_lr=0.005,   # bench/RESULTS-default-lr.md
 )

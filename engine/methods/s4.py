@@ -220,4 +220,5 @@ SPEC = MethodSpec(
     summary="Layers in 4 groups (spindle by default), each with its own mix of Adapter, Prefix, BitFit and LoRA.",
     trains="per group: adapters, prefixes, LoRA on query/value, biases (added zero biases on Llama)",
     count_trainable=count_s4, family="adapter", plan=plan_s4,
+    default_lr=0.001,   # bench/RESULTS-default-lr.md
 )

@@ -60,4 +60,5 @@ SPEC = MethodSpec(
     summary="Trains the last k blocks and the final norm; everything below stays frozen.",
     trains="the last k transformer blocks", mergeable=True, merge=merge_and_unload, count_trainable=count_top_k,
     family="selective", adds_params=False, trains_base_weights=True, plan=plan_top_k,
+    default_lr=0.003,   # bench/RESULTS-default-lr.md
 )

@@ -287,4 +287,5 @@ SPEC = MethodSpec(
             "computed from its input.",
     trains="LoRA A/B on query and value, the prefixes (with their MLP), FFN adapters, and one gate per sub-module",
     count_trainable=count_unipelt, family="adapter", plan=plan_unipelt,
+    default_lr=0.001,   # bench/RESULTS-default-lr.md
 )

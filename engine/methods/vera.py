@@ -197,4 +197,5 @@ SPEC = MethodSpec(
     trains="two scaling vectors per target linear layer (b: out, d: r)",
     mergeable=True, merge=merge_and_unload, peft_export=export_vera_peft, count_trainable=count_vera_trainable,
     load_state=load_vera_state, family=FAMILY, plan=plan_vera,
+    default_lr=0.1,   # bench/RESULTS-default-lr.md
 )

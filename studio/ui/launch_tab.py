@@ -8,29 +8,64 @@ from typing import Any
 
 import gradio as gr
 
+from engine.config import TrainingConfig
 from engine.data import BUNDLED_DATASETS
 from engine.estimator import GPU_PRESETS
 from engine.methods import METHODS
 
-from .. import charts, service
+from .. import charts, checks, service
 from .common import GIB, Ctx
 from .forms import (DEFAULT_DATASET, DEFAULT_EVAL_GENERATE, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OPTIMIZER,
+                    DEFAULT_STEPS,
                     FORM_KEYS, METHOD_FIELDS, MODEL_CHOICES, OPTIMIZERS, STRATEGIES, WANDB_MODES, build_config,
-                    build_method, default_dataset, default_metric, default_task, distributed_of, field_choices,
+                    build_method, default_dataset, default_lr, default_metric, default_task, distributed_of,
+                    field_choices,
                     field_default, form_from_config, method_fields, method_help, metric_choices, optimizer_of,
                     sweep_configs)
 from .forms import add_task as add_task_entry
 
 DEFAULT_GPU = next(b for name, b in GPU_PRESETS if name.startswith("24 GB"))
+CPU = "cpu"      # the device menu's value for "estimate for this machine's CPU"
+DEFAULT_GEN_TOKENS = TrainingConfig.model_fields["eval_generate_tokens"].default
+EVAL_BOUND_TEXT = ("each evaluation scores at most 2,000 validation rows on a GPU; on a CPU a sixth of the rows "
+                   "trained on (at least 32), so the final one takes about a tenth of the training time "
+                   "(training.eval_max_rows / eval_full in YAML)")
 MAX_BATCH_SHOWN = 4096
 MAX_DEVICES_SHOWN = 1024
 
 
 # ------------------------------------------------------------------ the estimate panel
 
+def host_memory() -> int:
+    """This machine's memory in bytes (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def cpu_label() -> str:
+    mem = host_memory()
+    return f"CPU (this machine{f', {mem / GIB:.0f} GiB' if mem else ''}; no CUDA context)"
+
+
+def cuda_here(workers: list[dict]) -> bool:
+    """Whether a CUDA device is in reach: a live worker reports one, or this process sees one."""
+    if any((w.get("device") or "").startswith("cuda") for w in workers):
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
+def default_device(workers: list[dict]) -> str:
+    """The device menu's first value: the 24 GB GPU preset where CUDA is in reach, else the CPU."""
+    return str(int(DEFAULT_GPU)) if cuda_here(workers) else CPU
+
+
 def gpu_choices(workers: list[dict]) -> list[tuple[str, str]]:
-    """(label, bytes as text) for the GPU dropdown: the estimator's presets, then every GPU a live worker reports."""
-    out = [(name, str(int(b))) for name, b in GPU_PRESETS]
+    """(label, value) for the device dropdown: this machine's CPU, the estimator's GPU presets
+    (bytes as text), then every GPU a live worker reports."""
+    out = [(cpu_label(), CPU)] + [(name, str(int(b))) for name, b in GPU_PRESETS]
     for w in workers:
         dev, total = w.get("device") or "", w.get("total_memory")
         if total and dev.startswith("cuda"):
@@ -39,6 +74,8 @@ def gpu_choices(workers: list[dict]) -> list[tuple[str, str]]:
 
 
 def gpu_label(value: str, workers: list[dict]) -> str:
+    if value == CPU:
+        return "CPU"
     return next((label for label, v in gpu_choices(workers) if v == str(value)), f"{int(value) / 1e9:.0f} GB")
 
 
@@ -80,17 +117,23 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     devices with `strategy`, with `optimizer`'s states; errors become a message, never an exception."""
     from engine.estimator import estimate, largest_batch_that_fits, smallest_world_size_that_fits
 
+    on_cpu = gpu == CPU
     try:
         m = build_method(method, fields, extra_yaml or "")
         strategy, world = distributed_of({"strategy": strategy, "devices": world_size})
         optimizer = optimizer_of({"optimizer": optimizer})
-        kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task, optimizer=optimizer)
+        kw = dict(seq_len=int(seq), dtype=dtype, quant=quant, formula=formula, task=task, optimizer=optimizer,
+                  device="cpu" if on_cpu else "cuda")
         est = estimate(model, m, batch_size=int(batch), world_size=world, strategy=strategy, **kw)
     except Exception as e:
         return charts.empty("Memory estimate", "no estimate"), f"⚠ Estimate unavailable: {e}"
     d = est.to_dict()
-    gpu_bytes = int(float(gpu)) if gpu else None
-    name = gpu_name or (f"{gpu_bytes / 1e9:.0f} GB" if gpu_bytes else "")
+    counts = checks.parameter_counts(model, task, m)   # as the worker counts the run it trains
+    if counts:
+        d["n_params"], d["n_trainable"] = counts
+        d["trainable_percent"] = 100 * counts[1] / counts[0] if counts[0] else 0.0
+    gpu_bytes = (host_memory() or None) if on_cpu else (int(float(gpu)) if gpu else None)
+    name = "CPU (this machine)" if on_cpu else gpu_name or (f"{gpu_bytes / 1e9:.0f} GB" if gpu_bytes else "")
     fits = ""
     if gpu_bytes:
         try:
@@ -112,7 +155,11 @@ def estimate_view(model, task, method, fields: dict, extra_yaml, batch, seq, for
     rows = " · ".join(f"{charts.ROW_LABELS[k]} {v / GIB:.3f}" for k, v in d["rows"].items() if k in charts.ROW_LABELS)
     notes = "".join(f"  \n_note: {n}_" for n in d.get("notes", [])[:3])
     per = f"per device, {world} × {strategy}, " if world > 1 else ""
-    text = (f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({per}{formula} formula, batch {int(batch)}, "
+    where = ("estimated for the **CPU** (no CUDA context; no GPU is connected)" if on_cpu
+             else "estimated for a **CUDA** GPU")
+    only = f"  \n_{model} is in the catalog only: estimate, not train_" if checks.is_estimate_only(model) else ""
+    text = (f"{where}{only}  \n"
+            f"**Total: {d['rows']['total'] / GIB:.3f} GiB** ({per}{formula} formula, batch {int(batch)}, "
             f"seq {int(seq)}, {dtype}, {optimizer})  \n{fits}  \n"
             f"Trainable: **{d['n_trainable']:,}** of {d['n_params']:,} parameters "
             f"(**{d['trainable_percent']:.4f}%**)  \nGiB — {rows}{paged_text(optimizer, d['rows'])}{notes}")
@@ -183,7 +230,7 @@ class LaunchTab:
                 self.ds_source = gr.Radio(["bundled", "upload"], value="bundled", label="Dataset", elem_id="ds-source")
                 self.ds_name = gr.Dropdown(list(BUNDLED_DATASETS), value=DEFAULT_DATASET, label="Bundled dataset",
                                            elem_id="ds-name")
-                self.max_rows = gr.Number(0, label="max rows (0 = all)", precision=0, minimum=0, elem_id="max-rows")
+                self.max_rows = gr.Number(0, label="max rows (0 = all)", precision=0, elem_id="max-rows")
             self.upload = gr.File(label="Upload CSV / JSONL / Parquet", file_types=[".csv", ".jsonl", ".parquet"],
                                   visible=False, elem_id="upload")
             self.upload_path = gr.Textbox(visible=False, elem_id="upload-path")
@@ -202,17 +249,19 @@ class LaunchTab:
                 with gr.Row():
                     self.task_name = gr.Textbox(label="task name", placeholder="from the dataset", elem_id="task-name")
                     self.add_task_btn = gr.Button("Add this dataset as a task", elem_id="add-task")
-                    self.temperature = gr.Number(10.0, label="temperature T", minimum=1, elem_id="temperature")
+                    self.temperature = gr.Number(10.0, label="temperature T", elem_id="temperature")
                 self.tasks_yaml = gr.Code("", language="yaml", label="Tasks (empty: one dataset)", interactive=True,
                                           elem_id="tasks-yaml")
         with gr.Row():
-            self.max_steps = gr.Number(30, label="max steps", precision=0, minimum=1, elem_id="max-steps")
-            self.batch = gr.Number(8, label="batch size", precision=0, minimum=1, elem_id="batch")
-            self.lr = gr.Number(5e-4, label="learning rate", elem_id="lr")
-            self.seq = gr.Number(64, label="max seq len", precision=0, minimum=8, elem_id="seq")
-            self.eval_every = gr.Number(10, label="eval every", precision=0, minimum=0, elem_id="eval-every")
+            self.max_steps = gr.Number(DEFAULT_STEPS, label="max steps", precision=0, elem_id="max-steps")
+            self.batch = gr.Number(8, label="batch size", precision=0, elem_id="batch")
+            self.lr = gr.Number(default_lr(DEFAULT_METHOD), label="learning rate", elem_id="lr",
+                                info="the method's measured default (bench/RESULTS-default-lr.md)")
+            self.seq = gr.Number(64, label="max seq len", precision=0, elem_id="seq")
+            self.eval_every = gr.Number(10, label="eval every", precision=0, elem_id="eval-every",
+                                        info=EVAL_BOUND_TEXT)
             self.seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-            self.devices = gr.Number(1, label="devices", precision=0, minimum=1, elem_id="devices",
+            self.devices = gr.Number(1, label="devices", precision=0, elem_id="devices",
                                      info="one process per GPU")
             self.strategy = gr.Radio(STRATEGIES, value="ddp", label="strategy", elem_id="strategy",
                                      info="fsdp shards the model")
@@ -222,8 +271,9 @@ class LaunchTab:
             self.metric = gr.Dropdown(metric_choices(task0), value=default_metric(task0), label="metric",
                                       elem_id="metric", info="what ranks the run (its best metric)")
             self.eval_generate = gr.Number(DEFAULT_EVAL_GENERATE, label="generate on N eval prompts", precision=0,
-                                           minimum=0, visible=task0 == "causal_lm", elem_id="eval-generate",
-                                           info="BLEU / ROUGE-L / exact match at each evaluation (0: off)")
+                                           visible=task0 == "causal_lm", elem_id="eval-generate",
+                                           info=f"BLEU / ROUGE-L / exact match at each evaluation, at most "
+                                                f"{DEFAULT_GEN_TOKENS} new tokens each (0: off)")
         with gr.Accordion("Tracking", open=False, elem_id="tracking"):
             gr.Markdown("Mirror the run to your experiment tracker: params, metrics per step, the memory estimate "
                         "and the measured peak, the adapter and the status. Credentials stay in the worker's "
@@ -254,7 +304,8 @@ class LaunchTab:
             self.formula = gr.Radio(["model", "appendix", "slide"], value="model", label="Formula", elem_id="formula")
             self.dtype = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="Precision", elem_id="dtype")
         with gr.Row():
-            self.gpu = gr.Dropdown(gpu_choices([]), value=str(int(DEFAULT_GPU)), label="GPU", elem_id="gpu")
+            self.gpu = gr.Dropdown(gpu_choices([]), value=str(int(DEFAULT_GPU)), label="Device", elem_id="gpu",
+                                   info="what the estimate is for; a CPU-only studio starts on the CPU")
             self.quant = gr.Radio(["none", "nf4", "nf4-dq"], value="none", label="Base weights", elem_id="quant")
         self.est_plot = gr.Plot(label="Memory estimate", elem_id="estimate-plot")
         self.est_md = gr.Markdown(elem_id="estimate-text")
@@ -315,8 +366,13 @@ class LaunchTab:
         self.model.input(on_model, [self.model, self.method], [self.task, self.ds_name, targets])
 
         def on_method(mname, m):
-            return self.method_updates(mname, m)
-        self.method.input(on_method, [self.method, self.model], [self.method_md] + list(self.fields.values()))
+            # what belonged to the previous method goes: its learning rate, its base quantization, its YAML options
+            spec = METHODS.get(mname)
+            return self.method_updates(mname, m) | {
+                self.lr: default_lr(mname), self.extra_method: "",
+                self.quant: "nf4" if spec is not None and spec.quantizes_base else "none"}
+        self.method.input(on_method, [self.method, self.model],
+                          [self.method_md, self.lr, self.extra_method, self.quant] + list(self.fields.values()))
 
         self.task.change(self.task_updates, [self.task, self.metric], [self.metric, self.eval_generate])
 
@@ -402,5 +458,7 @@ class LaunchTab:
               trigger_mode="always_last")
 
         def on_load(ds):
-            return {self.gpu: gr.update(choices=gpu_choices(ctx.workers())), self.preview: bundled_preview(ds)}
+            workers = ctx.workers()
+            return {self.gpu: gr.update(choices=gpu_choices(workers), value=default_device(workers)),
+                    self.preview: bundled_preview(ds)}
         demo.load(on_load, self.ds_name, [self.gpu, self.preview]).then(on_estimate, est_inputs, est_outs)

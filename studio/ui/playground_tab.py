@@ -25,6 +25,11 @@ def run_label(run: dict) -> str:
     return f"#{run['id']} {run['name']} ({run['method']}, {run['model']}, {run['task']})"
 
 
+# The example shown in the text box: the Launch form's default run (MiniLM + LoRA, 30 steps, its default
+# rate, seed 0) calls it positive with p 0.99, where the base model (an untrained head) is at a coin flip;
+# the old one ("a film that stays with you long after it ends") came out 0.54 positive (#24).
+EXAMPLE = "a wonderful film: great acting and a story I loved"
+
 class PlaygroundTab:
     """The Playground tab's components (built inside the current gr.Tab) and its events."""
 
@@ -37,7 +42,7 @@ class PlaygroundTab:
                                    elem_id="pg-run", scale=4)
             self.refresh = gr.Button("Refresh", elem_id="pg-refresh", scale=1)
         self.text = gr.Textbox(label="Text / prompt", lines=3, elem_id="pg-text",
-                               placeholder="a film that stays with you long after it ends")
+                               placeholder=EXAMPLE)
         with gr.Row():
             self.temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)",
                                          elem_id="pg-temperature")

@@ -40,7 +40,7 @@ def run_row(r: dict) -> list:
     return [r["id"], r["name"], r["model"], r["method"], r["rank"], r["status"],
             None if tr is None else round(tr, 4),
             None if r["best_metric"] is None else round(r["best_metric"], 4),
-            None if not r["estimated_peak_bytes"] else round(r["estimated_peak_bytes"] / GIB, 3),
+            None if not compare.estimate_of(r)[0] else round(compare.estimate_of(r)[0] / GIB, 3),
             None if not r["measured_peak_bytes"] else round(r["measured_peak_bytes"] / GIB, 3),
             None if r["tokens_per_s"] is None else round(r["tokens_per_s"], 1),
             None if r["duration_s"] is None else round(r["duration_s"], 1), r["owner"] or "–"]
@@ -113,12 +113,13 @@ def run_status_md(run: dict, metrics: list[dict]) -> str:
     lines = [f"### Run {run['id']} · {run['name']} — `{run['status']}`",
              f"step **{run['steps_done']}** / {run['max_steps'] or '?'}"
              + (f" · loss **{loss:.4f}**" if loss is not None else ""),
-             f"tokens/s **{last.get('tokens_per_s') or 0:.1f}** · ETA **{fmt_eta(last.get('eta_s'))}**" if last else "",
+             (f"tokens/s **{last.get('tokens_per_s') or 0:.1f}**"
+              + (f" · ETA **{fmt_eta(last.get('eta_s'))}**" if run["status"] == "running" else "")) if last else "",
              f"validation: {ev}" if ev else "",
              f"_{run['phase']}_" if run.get("phase") and run["status"] == "running" else "",
              resumed_text(run),
              f"{placement_text(run)} · launched by: {run.get('owner') or '–'}",
-             f"trainable: {run['n_trainable']:,} / {run['n_params']:,}" if run.get("n_params") else "",
+             f"trainable: {run['n_trainable']:,} of {run['n_params']:,} parameters" if run.get("n_params") else "",
              tracking_text(run)]
     if run.get("error") and run["status"] in ("failed", "cancelled"):
         lines.append(f"**{'Error' if run['status'] == 'failed' else 'Note'}:** {run['error']}")
@@ -200,7 +201,7 @@ def run_log(run: dict, metrics: list[dict]) -> str:
 
 def run_signature(run: Optional[dict]) -> Optional[tuple]:
     return None if run is None else (run["id"], run["status"], run["steps_done"], run.get("finished_at"),
-                                     len(run.get("warnings") or []), repr(run.get("tracking")))
+                                     len(run.get("warnings") or []), repr(run.get("tracking")), run.get("phase"))
 
 
 def adapter_download(settings: Settings, run_id: int) -> Optional[str]:
@@ -324,7 +325,8 @@ class RunsTab:
                      **self.generation(metrics, label)}
 
     def actions(self, run: Optional[dict]) -> dict:
-        """The download button (with the adapter zip) and the merged-model button for `run`."""
+        """The download button (with the adapter zip), the merged-model button and the resume
+        button (only where a resume can succeed: service.not_resumable) for `run`."""
         path = None
         if run and run.get("adapter"):
             path = adapter_download(self.ctx.settings, run["id"])
@@ -332,7 +334,8 @@ class RunsTab:
         gguf = bool(run and run["status"] == "succeeded" and run.get("task") == "causal_lm")
         return {self.dl_btn: gr.update(value=path, interactive=path is not None),
                 self.merged_btn: gr.update(interactive=bool(run and run.get("adapter") and spec and spec.mergeable)),
-                self.gguf_btn: gr.update(interactive=gguf)}
+                self.gguf_btn: gr.update(interactive=gguf),
+                self.resume_btn: gr.update(interactive=bool(run) and service.not_resumable(run) is None)}
 
     def rows(self, request, q, st, sb, desc) -> list[list]:
         return filter_sort(runs_table(self.ctx.settings, owner=self.ctx.visible_owner(request)), q, st, sb, desc)
@@ -345,7 +348,7 @@ class RunsTab:
         detail_outs = [self.status_md, self.loss_plot, self.eval_plot, self.config, self.log, self.gen_group,
                        self.gen_plot, self.sample_step, self.samples]
         run_outs = [self.table, self.table_sig, self.run_sig, *detail_outs, self.dl_btn, self.merged_btn,
-                    self.gguf_btn, self.merged_file, self.gguf_file, self.gguf_msg]
+                    self.gguf_btn, self.resume_btn, self.merged_file, self.gguf_file, self.gguf_msg]
 
         def show_run(rid, q, st, sb, desc, smoothing, request: gr.Request = None):
             """Full refresh: the table, the selected run's details and actions."""
