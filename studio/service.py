@@ -142,10 +142,9 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
     """The memory estimate stored with a run, per device (world size, strategy and
     optimizer of the run config). A model the estimator cannot place is a
     SubmitError: without an estimate no worker could be checked for room."""
-    from engine.estimator import estimate
+    from engine.estimator import estimate_run
     from engine.models import ModelLoadError
 
-    t = cfg.training
     model = cfg.model
     try:
         conf = model_config_for(cfg.model, settings)
@@ -153,12 +152,8 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
         raise SubmitError(str(e)) from None
     if conf is not None and conf.get("model_type"):
         model = conf
-    dist = t.distributed
-    kw = {"optimizer": t.optimizer} if getattr(t, "optimizer", None) else {}
-    try:
-        est = estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
-                       seq_len=t.max_seq_len, dtype="fp32" if t.precision in ("auto", "fp32") else t.precision,
-                       task=cfg.task, world_size=dist.world_size, strategy=dist.strategy, **kw)
+    try:   # for a CUDA device until a worker claims the run (engine.estimator.runs): auto is bf16 there
+        est = estimate_run(cfg, model, device="cuda")
     except (ValueError, NotImplementedError) as e:   # the config asks what the estimator cannot answer
         raise SubmitError(f"estimate: cannot estimate the memory of {cfg.model!r} with {cfg.method.name!r} "
                           f"({e}); without an estimate no worker can be checked for room") from None

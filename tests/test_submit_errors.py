@@ -57,12 +57,13 @@ def test_an_estimate_the_config_makes_impossible_is_a_422_naming_it(api):
 
 
 def test_a_broken_estimator_is_a_500_with_its_reason_not_a_skipped_check(api, monkeypatch):
-    import engine.estimator
+    import engine.estimator.runs
 
     def broken(*a, **k):
         raise RuntimeError("estimator exploded")
 
-    monkeypatch.setattr(engine.estimator, "estimate", broken)
+    # the studio estimates a submitted run through engine.estimator.runs (its precision resolved for CUDA)
+    monkeypatch.setattr(engine.estimator.runs, "estimate", broken)
     add_worker(api.settings, "w-small", 1 << 20)   # a worker the run could never fit
     r = api.post("/runs", json=run_config())
     assert r.status_code == 500, r.text
@@ -75,6 +76,7 @@ def test_a_broken_estimator_is_a_500_with_its_reason_not_a_skipped_check(api, mo
 @pytest.mark.parametrize("total", [None, 0, -5, 1.5, True])
 def test_an_estimate_without_a_byte_total_is_a_500(api, monkeypatch, total):
     import engine.estimator
+    import engine.estimator.runs
 
     real = engine.estimator.estimate
 
@@ -84,7 +86,7 @@ def test_an_estimate_without_a_byte_total_is_a_500(api, monkeypatch, total):
         est.to_json = lambda: {"n_params": est.n_params, "n_trainable": est.n_trainable, "rows": dict(est.rows)}
         return est
 
-    monkeypatch.setattr(engine.estimator, "estimate", no_total)
+    monkeypatch.setattr(engine.estimator.runs, "estimate", no_total)
     r = api.post("/runs", json=run_config())
     assert r.status_code == 500 and r.json()["detail"].startswith("estimate: the estimator gave "), r.text
     assert api.get("/runs").json() == []
