@@ -96,6 +96,13 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float = 30) -> str:
     raise AssertionError(f"{selector}: {pattern!r} not seen within {timeout_s} s; last text: {text!r}")
 
 
+def shown_probabilities(page, column: int) -> dict[str, float]:
+    """The Playground column's label -> probability as its bars hold them: each bar is a
+    <meter> whose value is the probability itself (the percentages beside it are rounded)."""
+    return dict(page.evaluate("(sel) => Array.from(document.querySelectorAll(sel + ' meter'))"
+                              ".map(m => [m.getAttribute('aria-label'), m.value])", f"#pg-probs-{column}"))
+
+
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import Studio, studio_env
 
 from browser_helpers import (UI_TIMEOUT_MS, browser, finished_run, open_tab, page, select_run_row,  # noqa: F401
-                             served, text_of, wait_text)
+                             served, shown_probabilities, text_of, wait_text)
 
 pytestmark = pytest.mark.browser
 
@@ -133,8 +133,14 @@ def test_playground_shows_base_and_adapter_side_by_side(page, served):
     page.locator("#pg-text").get_by_role("textbox").fill("a wonderful, moving film")
     page.locator("#pg-go").click()
     wait_text(page, "#pg-msg", r"classification · base \+ 1 run on tiny-bert", timeout_s=60)
-    for sel in ("#pg-probs-0", "#pg-probs-1"):
-        wait_text(page, sel, r"(positive|negative)")
+    with served.client() as c:
+        r = c.post("/api/generate", json={"run_ids": [rid], "prompt": "a wonderful, moving film"})
+    assert r.status_code == 200, r.text
+    base, run = (o["probabilities"] for o in r.json()["outputs"])
+    assert run != pytest.approx(base, abs=1e-5)          # the adapter moves them: the columns can be told apart
+    for i, want in enumerate((base, run)):
+        wait_text(page, f"#pg-probs-{i}", r"(positive|negative)")
+        assert shown_probabilities(page, i) == pytest.approx(want, abs=1e-6), i
 
 
 @pytest.mark.postgres

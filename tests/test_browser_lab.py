@@ -20,8 +20,8 @@ from studio import charts
 
 from test_gguf_export import make_model_dir
 
-from browser_helpers import (browser, open_tab, select_run_row, served, studio_page, tiny_config,  # noqa: F401
-                             wait_text)
+from browser_helpers import (browser, open_tab, select_run_row, served, studio_page, text_of,  # noqa: F401
+                             tiny_config, wait_text)
 
 pytestmark = pytest.mark.browser
 PAGE_TIMEOUT_MS = 120_000     # this module's runs train in the studio's worker while its pages load
@@ -36,11 +36,13 @@ def page(browser, served, runs):
 
 
 def llama_config(name: str) -> dict:
-    """A tiny-llama causal-LM run that decodes 4 validation prompts at each of its 2 evaluations."""
+    """A tiny-llama causal-LM run that decodes 4 validation prompts at each of its 2 evaluations.
+    Its learning rate is high enough that the outputs are text and change between the two
+    (at 1e-2 the tiny random model still decodes only its stop token at both)."""
     return {"name": name, "model": "tiny-llama", "task": "causal_lm", "metric": "bleu",
             "dataset": {"name": "demo-instruct", "max_rows": 64},
             "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-            "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "max_seq_len": 64,
+            "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-2, "max_seq_len": 64,
                          "eval_every": 3, "eval_batches": 1, "eval_generate": 4, "eval_generate_tokens": 8}}
 
 
@@ -131,12 +133,34 @@ def test_generation_metrics_curves_and_samples_in_the_runs_tab(page, served, run
     assert "reference" in table and "output" in table
     first = last["samples"][0]
     assert first["prompt"].split("\n")[0][:30] in table and first["reference"].split("\n")[0][:30] in table
-    # the earlier evaluation's samples through the step selector
+    # the earlier evaluation's samples through the step selector: a sample whose output differs
+    # between the two evaluations; choosing step 3 must show its step-3 text and drop its step-6 text
+    early, late = changed_output(evals[0]["eval"], last)
     assert "step 6" in page.locator("#sample-step input").input_value()
+    assert late in words(text_of(page, "#gen-samples"))
     page.locator("#sample-step input").click()
     page.get_by_role("option", name="step 3").click()
-    early = evals[0]["eval"]["samples"][0]["output"].split("\n")[0][:20]
-    wait_text(page, "#gen-samples", re.escape(early) if early.strip() else r"prompt")
+    wait_text(page, "#gen-samples", r"\s+".join(re.escape(w) for w in early.split()))
+    shown = words(text_of(page, "#gen-samples"))
+    assert early in shown and late not in shown, (early, late, shown)
+
+
+def words(text: str) -> str:
+    """`text` with every run of whitespace one space (as a table cell renders it)."""
+    return " ".join(text.split())
+
+
+def changed_output(early_ev: dict, late_ev: dict) -> tuple[str, str]:
+    """(step-3 text, step-6 text) of the first sample whose output changed between the two
+    evaluations, each found nowhere in the other evaluation's samples; fails when none did."""
+    def cells(ev):
+        return " | ".join(words(str(s[k])) for s in ev["samples"] for k in ("prompt", "reference", "output"))
+    for a, b in zip(early_ev["samples"], late_ev["samples"]):
+        e, l = words(a["output"])[:40], words(b["output"])[:40]
+        if e and l and e not in cells(late_ev) and l not in cells(early_ev):
+            return e, l
+    raise AssertionError(f"no sample's output changed between the evaluations: {early_ev['samples']}, "
+                         f"{late_ev['samples']}")
 
 
 def test_the_smoothing_slider_changes_the_loss_curve(page, served, runs):

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 import conftest
-from browser_helpers import CHROMIUM, browser, open_tab, studio_page, tiny_config, wait_text  # noqa: F401
+from browser_helpers import (CHROMIUM, browser, open_tab, shown_probabilities, studio_page, tiny_config,  # noqa: F401
+                             wait_text)
 from conftest import Studio, studio_env, wait_status
 
 pytestmark = pytest.mark.browser
@@ -105,15 +106,25 @@ def test_two_adapters_beside_their_base_fill_three_columns(runs, page, served):
     assert shown == [o["output"] for o in r.json()["outputs"]]
 
 
-def test_a_classification_pair_shows_probabilities_from_each(runs, page):
-    choose(page, [runs["bert-a"], runs["bert-b"]])
+def test_a_classification_pair_shows_probabilities_from_each(runs, page, served):
+    ids = [runs["bert-a"], runs["bert-b"]]
+    choose(page, ids)
     page.locator("#pg-text").get_by_role("textbox").fill("a wonderful, moving film")
     page.locator("#pg-go").click()
     wait_text(page, "#pg-msg", r"classification · base \+ 2 runs on tiny-bert", timeout_s=60)
+    with httpx.Client(base_url=served.url, timeout=300) as c:
+        r = c.post("/api/generate", json={"run_ids": ids, "prompt": "a wonderful, moving film"})
+    assert r.status_code == 200, r.text
+    want = [o["probabilities"] for o in r.json()["outputs"]]          # the base, then each run
     for i in range(3):
         text = wait_text(page, f"#pg-probs-{i}", r"(positive|negative)")
         assert "positive" in text and "negative" in text and "%" in text
         assert not page.locator(f"#pg-out-{i}").is_visible()
+        # each column shows its own model's numbers: the REST API's for the same text
+        assert shown_probabilities(page, i) == pytest.approx(want[i], abs=1e-6), i
+    # the three columns' numbers differ by more than the comparison's tolerance: a page that showed one
+    # model's probabilities in every column would fail it (the two runs differ by ~5e-5 here)
+    assert all(want[i] != pytest.approx(want[j], abs=1e-5) for i, j in ((0, 1), (0, 2), (1, 2))), want
     assert visible_columns(page) == [0, 1, 2]      # once drawn (a column is empty until its label renders)
 
 

@@ -112,8 +112,14 @@ def test_sampling_is_repeatable_by_seed(client, trained):
     out = lambda ans: [o["output"] for o in ans["outputs"]]   # noqa: E731
     assert out(a) == out(b) and a["settings"]["seed"] == 5
     assert out(a) != out(c)
-    unseeded = post(client, runs, max_new_tokens=4, temperature=1.0).json()
-    assert 0 <= unseeded["settings"]["seed"] < 2**31                     # the seed drawn is reported
+    # no seed given: the one drawn is reported, and posting it again gives the same answer
+    unseeded = post(client, runs, max_new_tokens=10, temperature=1.5, top_p=0.95).json()
+    seed = unseeded["settings"]["seed"]
+    assert 0 <= seed < 2**31
+    again = post(client, runs, max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed).json()
+    assert out(again) == out(unseeded) and again["settings"]["seed"] == seed
+    nearby = post(client, runs, max_new_tokens=10, temperature=1.5, top_p=0.95, seed=(seed + 1) % 2**31).json()
+    assert out(nearby) != out(unseeded)               # the seed decides the answer: the comparison says something
 
 
 def test_streamed_tokens_arrive_in_order_and_join_to_the_answer(client, trained):

@@ -8,6 +8,7 @@ metric; the training RNG untouched; SmolLM2 stopping at its EOS (slow)."""
 
 import json
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -44,6 +45,15 @@ def gen_evals(history) -> list[dict]:
     return [h["eval"] for h in history if h["eval"]]
 
 
+def assert_scores_are_of_the_samples(ev: dict, prefix: str = "") -> None:
+    """The evaluation's BLEU / ROUGE-L / exact match / row count are the scores of its own
+    stored (output, reference) pairs (every scored row is kept as a sample here)."""
+    samples = ev[f"{prefix}samples"]
+    assert len(samples) == ev[f"{prefix}gen_rows"], "every scored row must be a sample to rescore them"
+    again = score_generations([s["output"] for s in samples], [s["reference"] for s in samples])
+    assert {k: ev[f"{prefix}{k}"] for k in again} == pytest.approx(again)
+
+
 # ------------------------------------------------------------------ scoring
 
 def test_scores_of_identical_disjoint_and_partial_outputs():
@@ -76,10 +86,11 @@ def test_scores_of_identical_disjoint_and_partial_outputs():
 
 # ------------------------------------------------------------------ decoding
 
-def perturbed(method: dict):
+def perturbed(method: dict, cfg: Optional[dict] = None):
     """A prepared tiny-llama run whose trainable tensors are moved off their (often
-    identity) start, so the method really changes what is decoded."""
-    prep = prepare_run(parse_run_config(config(method)))
+    identity) start, so the method really changes what is decoded (the tiny random
+    base alone decodes only [SEP])."""
+    prep = prepare_run(parse_run_config(cfg or config(method)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in prep.model.parameters():
@@ -150,8 +161,8 @@ def test_every_evaluation_has_generation_metrics_and_samples_from_the_validation
     prompts = None
     for ev in evals:
         assert GEN_KEYS <= set(ev)
-        assert 0.0 <= ev["bleu"] <= 100.0 and 0.0 <= ev["rouge_l"] <= 1.0 and 0.0 <= ev["exact_match"] <= 1.0
         assert ev["gen_rows"] == 6 and len(ev["samples"]) == 6 <= MAX_SAMPLES
+        assert_scores_are_of_the_samples(ev)
         for s in ev["samples"]:
             assert set(s) == {"prompt", "reference", "output"} and isinstance(s["output"], str)
             assert (s["prompt"], s["reference"]) in pairs
@@ -170,6 +181,35 @@ def test_generation_off_gives_no_generation_keys_and_the_same_training_losses(ru
     assert [ev["eval_loss"] for ev in gen_evals(res.history)] == [ev["eval_loss"] for ev in gen_evals(without.history)]
 
 
+def write_pairs(path, prompts: list[str], responses: list[str]) -> dict:
+    path.write_text("".join(json.dumps({"q": p, "a": r}) + "\n" for p, r in zip(prompts, responses)))
+    return {"path": str(path), "prompt_column": "q", "response_column": "a"}
+
+
+def test_a_runs_scores_are_of_each_output_against_its_own_reference(tmp_path):
+    """Every other reference is what the model decodes for its prompt, so the scores are
+    well above zero and differ row by row: scored against another row's reference, or the
+    prompts, a run would report other numbers than its stored samples give."""
+    prompts = [f"Tell me something about item number {i}." for i in range(100)]
+    path = tmp_path / "echo.jsonl"
+    cfg = config(dataset=write_pairs(path, prompts, ["placeholder"] * 100), max_steps=1, learning_rate=1e-9,
+                 eval_generate=MAX_SAMPLES, eval_generate_tokens=4)
+    prep = perturbed(LORA, cfg)                      # the run's model as it will be trained (a learning rate of ~0)
+    decoded = greedy_decode(prep.model, prep.tokenizer, prompts, 4, 16, "cpu", max_prompt_len=32)
+    assert sum(bool(d) for d in decoded) > 90 and len(set(decoded)) > 50, decoded[:10]
+    refs = [d if i % 2 == 0 and d else f"another answer for row {i}" for i, d in enumerate(decoded)]
+    res = train(perturbed(LORA, {**cfg, "dataset": write_pairs(path, prompts, refs)}))
+    ev = res.eval
+    assert ev["gen_rows"] == MAX_SAMPLES
+    assert_scores_are_of_the_samples(ev)
+    assert 0 < ev["exact_match"] < 1 and ev["bleu"] > 0, ev
+    outs, got = [s["output"] for s in ev["samples"]], [s["reference"] for s in ev["samples"]]
+    assert all(s["reference"] == refs[prompts.index(s["prompt"])] for s in ev["samples"])
+    rotated = score_generations(outs, got[1:] + got[:1])         # the check has power: wrong pairs score otherwise
+    assert {k: ev[k] for k in ("bleu", "rouge_l", "exact_match")} != pytest.approx(
+        {k: rotated[k] for k in ("bleu", "rouge_l", "exact_match")})
+
+
 def test_metric_rouge_l_makes_the_best_metric_the_highest_rouge_l(tmp_path):
     path = tmp_path / "yes.jsonl"        # one answer to learn: ROUGE-L climbs from 0 within a few steps
     path.write_text("".join(json.dumps({"q": f"question number {i}", "a": "yes"}) + "\n" for i in range(60)))
@@ -178,6 +218,8 @@ def test_metric_rouge_l_makes_the_best_metric_the_highest_rouge_l(tmp_path):
     res = train(prepare_run(parse_run_config(cfg)))
     rouge = [ev["rouge_l"] for ev in gen_evals(res.history)]
     assert len(rouge) == 4 and max(rouge) > min(rouge), rouge
+    for ev in gen_evals(res.history):      # scores above zero: scored against anything but "yes", they would differ
+        assert_scores_are_of_the_samples(ev)
     assert res.metric_name == "rouge_l" and res.best_metric == max(rouge)
     assert primary_metric("causal_lm", "rouge_l") == ("rouge_l", True)
     assert primary_metric("causal_lm") == ("eval_loss", False) and primary_metric("classification")[0] == "accuracy"
@@ -214,6 +256,7 @@ def test_multi_task_runs_report_generation_metrics_per_task(tmp_path):
     for task in ("instruct", "pairs"):
         assert {f"eval/{task}/{k}" for k in GEN_KEYS} <= set(ev)
         assert ev[f"eval/{task}/gen_rows"] == 3 and len(ev[f"eval/{task}/samples"]) == 3
+        assert_scores_are_of_the_samples(ev, f"eval/{task}/")
     assert not [k for k in ev if k.startswith("eval/stories/") and k.split("/")[-1] in GEN_KEYS]
     assert ev["bleu"] == pytest.approx((ev["eval/instruct/bleu"] + ev["eval/pairs/bleu"]) / 2)
     assert ev["gen_rows"] == 6 and "samples" not in ev              # samples only per task
@@ -236,6 +279,7 @@ def test_a_worker_run_serves_generation_metrics_through_the_api(settings):
     evals = [m["eval"] for m in rows.json() if m["eval"]]
     assert len(evals) == 1 and GEN_KEYS <= set(evals[0]) and evals[0]["gen_rows"] == 6
     assert {"prompt", "reference", "output"} == set(evals[0]["samples"][0])
+    assert_scores_are_of_the_samples(evals[0])
     run = c.get(f"/runs/{rid}").json()
     assert run["metric_name"] == "exact_match" and run["best_metric"] == evals[0]["exact_match"]
 
@@ -248,9 +292,10 @@ def test_fsdp_on_two_cpu_ranks_reports_generation_metrics(tmp_path):
     res = launch_local(cfg, tmp_path / "out")
     assert res.world_size == 2 and res.steps == 2
     assert GEN_KEYS <= set(res.eval) and res.eval["gen_rows"] == 4 and len(res.eval["samples"]) == 4
-    assert all(math.isfinite(res.eval[k]) for k in ("bleu", "rouge_l", "exact_match"))
+    assert_scores_are_of_the_samples(res.eval)
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert GEN_KEYS <= set(rows[-1]["eval"])
+    assert_scores_are_of_the_samples(rows[-1]["eval"])
 
 
 # ------------------------------------------------------------------ the bundled SmolLM2

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,9 +340,9 @@ def test_route_serves_a_gguf_that_loads_and_matches_the_merged_model(served, tmp
         name = safe_filename(f"{RUN_NAME}-q8_0.gguf")
         assert "/" not in name and name.endswith("-q8_0.gguf")
         assert f'filename="{name}"' in r.headers["content-disposition"]
-        t0 = time.monotonic()
+        # asked again: the same bytes from the cache, built once (the log's count below), not timed
         again = c.get(f"/api/runs/{rid}/gguf", params={"quant": "q8_0"}, timeout=300)
-        assert again.status_code == 200 and again.content == r.content and time.monotonic() - t0 < 30
+        assert again.status_code == 200 and again.content == r.content
         m = c.get(f"/api/runs/{rid}/merged", timeout=300)
         assert m.status_code == 200
     (tmp_path / "gguf").mkdir()

@@ -144,21 +144,48 @@ def test_fastfood_and_dense_agree_on_a_model_small_enough_for_both():
 
 
 @pytest.mark.parametrize("projection", ["dense", "fastfood"])
-def test_training_in_the_subspace_lowers_the_loss(projection):
+def test_training_in_the_subspace_lowers_the_loss_through_P_theta(projection):
+    """The classification head is frozen, so θ_d is the only trainable tensor and the loss
+    can fall only through the weights θ_0 + P θ_d. Training lowers it; θ_d back at zero
+    gives the untrained model's logits exactly, so the whole change came through P θ_d. (The
+    frozen random head reads the features at a small scale: a large learning rate for the 64
+    numbers of θ_d makes the fall clear of noise.)"""
     cfg = parse_run_config({
         "name": "id-test", "model": "tiny-bert", "task": "classification",
         "dataset": {"name": "demo-sentiment", "max_rows": 200},
         "method": method_cfg(d=64, projection=projection),
-        "training": {"max_steps": 20, "batch_size": 8, "learning_rate": 2e-2, "max_seq_len": 24,
+        "training": {"max_steps": 20, "batch_size": 8, "learning_rate": 3e-1, "max_seq_len": 24,
                      "eval_every": 0, "eval_batches": 2}})
     prep = prepare_run(cfg)
-    assert projection_kind(prep.model) == projection
-    theta = next(p for n, p in prep.model.named_parameters() if n.endswith("theta_d"))
+    model = prep.model
+    assert projection_kind(model) == projection
+    for _, head in head_modules(model):
+        head.requires_grad_(False)                      # the head stays as initialised
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].endswith("theta_d"), trainable
+    theta = model.get_parameter(trainable[0])
+    b = labelled_batch(prep, 32)
+    untrained = logits(model, b)
     res = train(prep)
     first = sum(h["loss"] for h in res.history[:5]) / 5
     last = sum(h["loss"] for h in res.history[-5:]) / 5
     assert res.steps == 20 and last < first
-    assert float(theta.detach().abs().max()) > 0        # θ_d moved
+    trained = logits(model, b)
+    loss = lambda out: float(torch.nn.functional.cross_entropy(out, b["labels"]))   # noqa: E731
+    assert loss(trained) < loss(untrained) - 1e-3, (loss(untrained), loss(trained))
+    with torch.no_grad():
+        theta.zero_()
+    torch.testing.assert_close(logits(model, b), untrained, atol=1e-5, rtol=0)
+
+
+def labelled_batch(prep: Prepared, n: int) -> dict:
+    """The first `n` training rows of the run, tokenized, with their class ids."""
+    rows = prep.examples.train[:n]
+    enc = prep.tokenizer(rows["text"], return_tensors="pt", padding=True, truncation=True,
+                         max_length=prep.config.training.max_seq_len)
+    ids = {name: i for i, name in enumerate(prep.examples.labels)}
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([ids[y] for y in rows["label"]])}
 
 
 # ---- save / load / merge ---------------------------------------------------------------------------

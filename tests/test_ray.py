@@ -1,7 +1,8 @@
 """A run of two ranks on a Ray cluster: the test starts a local Ray head (two CPUs,
 its own temp dir and port), a studio whose worker has STUDIO_RAY_ADDRESS and only
 one local device, and submits through REST. Every step's metrics reach the
-database, each rank's place is recorded, the adapter downloads."""
+database, each rank's place (with its Ray node's address) is recorded, the adapter
+downloads."""
 
 import os
 import signal
@@ -68,6 +69,8 @@ def test_a_two_worker_run_on_ray_succeeds_with_every_steps_metrics(tmp_path, ray
             metrics = c.get(f"/api/runs/{rid}/metrics").json()
             assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5] and all(m["loss"] > 0 for m in metrics)
             assert [x["rank"] for x in run["ranks"]] == [0, 1] and all(x["pid"] > 0 for x in run["ranks"])
+            # the ranks ran on Ray: a Ray rank records its node's address, a local rank has none
+            assert all(x.get("node_ip") for x in run["ranks"]), run["ranks"]
             assert run["world_size"] == 2 and run["steps_done"] == 5
             assert c.get(f"/api/runs/{rid}/adapter").status_code == 200
     finally:

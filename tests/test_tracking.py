@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from conftest import free_port, require, stop_groups, wait_http
 
@@ -172,19 +173,42 @@ def llama_run(mlflow_server, tmp_path_factory):
 
 # ------------------------------------------------------------------ a tracker that is down (no server needed)
 
-def test_a_tracker_that_is_down_neither_fails_nor_holds_up_the_run(tmp_path, _mlflow_process):
-    dead = f"http://127.0.0.1:{free_port()}"          # nothing listens there
-    cfg = {**BERT, "name": "down", "training": {**BERT["training"], "max_steps": 2, "eval_every": 0},
-           "tracking": {"mlflow": dead}}
+def test_a_tracker_that_is_down_neither_fails_nor_holds_up_the_run(tmp_path, _mlflow_process, monkeypatch):
+    from workers.tracking import Mirror
+
+    port = free_port()                                 # nothing listens there
+    steps = 8
+    cfg = {**BERT, "name": "down", "training": {**BERT["training"], "max_steps": steps, "eval_every": 0},
+           "tracking": {"mlflow": f"http://127.0.0.1:{port}"}}
+    tried: list[str] = []                              # the threads that tried to reach the dead tracker
+    connect = socket.socket.connect
+
+    def watched(sock, address):
+        if isinstance(address, tuple) and len(address) >= 2 and address[1] == port:
+            tried.append(threading.current_thread().name)
+        return connect(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", watched)
+    in_mirror: list[float] = []                        # seconds the training thread spent handing each step over
+    log_step = Mirror.log_step
+
+    def timed(self, row):
+        t0 = time.perf_counter()
+        log_step(self, row)
+        in_mirror.append(time.perf_counter() - t0)
+    monkeypatch.setattr(Mirror, "log_step", timed)
     with worker_env(tmp_path, STUDIO_TRACKING_FLUSH_S=2) as s:
         run = train(s, cfg)
-    # the run finished; what came after it was recorded is the bounded flush (2 s) and little more
     assert run["status"] == "succeeded" and run["adapter"] is not None
-    recorded = finished_at(run) - dt.datetime.fromisoformat(run["started_at"]).timestamp()
-    assert run["wall_s"] <= recorded + 2 + 4, (run["wall_s"], recorded)
+    assert [m["step"] for m in run["metrics"]] == list(range(1, steps + 1)) and len(in_mirror) == steps
+    # the tracker was tried, only ever from its own background thread: training made no network call
+    assert tried and set(tried) == {"tracker-mlflow"}, sorted(set(tried))
+    # handing the steps to the mirror took a sliver of the training loop's own time (both measured in
+    # this process, so a busy machine slows both alike); a tracker that blocked each step would take most
+    assert sum(in_mirror) < 0.1 * run["duration_s"], (in_mirror, run["duration_s"])
     msgs = [w["message"] for w in run["warnings"]]
     assert msgs and all(m.startswith("mlflow:") for m in msgs), msgs
-    assert any("gave up" in m or "unreachable" in m for m in msgs), msgs
+    # the run's end waited the bounded flush, then gave up on what was still buffered
+    assert any("gave up" in m and "not delivered" in m for m in msgs), msgs
     assert len(msgs) == len(set(msgs)) <= 3, msgs        # once per problem kind, not once per step
     assert all(dt.datetime.fromisoformat(w["at"]) for w in run["warnings"])
     assert "mlflow" not in (run["tracking"] or {})      # never reached: nothing to link to
@@ -466,6 +490,35 @@ def test_migration_0006_adds_and_removes_the_columns(backend, tmp_path, request)
 
 # ------------------------------------------------------------------ the Launch form's side (no browser)
 
+TRACKED_YAML = """
+name: tracked
+model: tiny-bert
+task: classification
+dataset:
+  name: demo-sentiment
+method:
+  name: lora
+  r: 8
+  alpha: 16
+  target_modules: [query, value]
+training:
+  max_steps: 30
+  batch_size: 8
+  learning_rate: 5.0e-4
+  max_seq_len: 64
+  eval_every: 10
+  seed: 0
+metric: eval_loss
+tracking:
+  mlflow: http://mlflow:5000
+  tensorboard: true
+  wandb:
+    project: team
+    entity: lab
+    mode: offline
+"""
+
+
 def test_the_launch_form_builds_tracking_metric_and_eval_generate_as_the_yaml_would():
     from engine.config import parse_run_config
     from studio import service
@@ -474,16 +527,14 @@ def test_the_launch_form_builds_tracking_metric_and_eval_generate_as_the_yaml_wo
 
     plain = forms.build_config(launch_form())
     assert "tracking" not in plain and "metric" not in plain and "eval_generate" not in plain["training"]
-    cfg = forms.build_config(launch_form(metric="eval_loss", tensorboard=True, mlflow_uri=" http://mlflow:5000 ",
-                                         wandb_project="team", wandb_entity="lab", wandb_mode="offline",
-                                         eval_generate=8))     # eval_generate: causal LM only
+    cfg = forms.build_config(launch_form(run_name="tracked", metric="eval_loss", tensorboard=True,
+                                         mlflow_uri=" http://mlflow:5000 ", wandb_project="team", wandb_entity="lab",
+                                         wandb_mode="offline", eval_generate=8))     # eval_generate: causal LM only
     assert cfg["metric"] == "eval_loss" and "eval_generate" not in cfg["training"]
     assert cfg["tracking"] == {"mlflow": "http://mlflow:5000", "tensorboard": True,
                                "wandb": {"project": "team", "entity": "lab", "mode": "offline"}}
-    yaml_cfg = parse_run_config({**cfg, "tracking": {"mlflow": "http://mlflow:5000", "tensorboard": True,
-                                                     "wandb": {"project": "team", "entity": "lab",
-                                                               "mode": "offline"}}})
-    assert parse_run_config(cfg).to_dict() == yaml_cfg.to_dict()
+    # the same run written by hand as a YAML file: the form's first-load values and the tracking above
+    assert parse_run_config(cfg).to_dict() == parse_run_config(yaml.safe_load(TRACKED_YAML)).to_dict()
     lm = forms.build_config(launch_form(model="tiny-llama", task="causal_lm", ds_name="demo-instruct",
                                         target_modules="q_proj", metric="bleu", eval_generate=8))
     assert lm["training"]["eval_generate"] == 8 and parse_run_config(lm).metric_name == "bleu"

@@ -126,6 +126,19 @@ def wait_steps(c, rid: int, n: int, timeout: float = 600) -> dict:
 
 # ------------------------------------------------------------------ budgets, without processes
 
+def until_in_line(pool: MemoryBudget, n: int, answered: list, timeout: float = 30) -> None:
+    """Wait until `n` requests wait in the pool's line, or one was answered. A request joins
+    the line and tests its turn under the pool's lock, so a ticket seen under that lock is one
+    that has been refused once and now waits: no sleep decides what the pool has seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with pool._cond:                        # the pool's own record of its waiters
+            if len(pool._line) >= n or answered:
+                return
+        assert time.monotonic() < deadline, f"{n} request(s) never reached the pool"
+        time.sleep(0.01)
+
+
 def test_the_budget_is_the_estimate_plus_the_margin_and_waits_first_come_first_served():
     s = load_settings()
     b = run_budget(s, run_cfg("b", 3), "cpu", 3 * GIB)
@@ -143,12 +156,12 @@ def test_the_budget_is_the_estimate_plus_the_margin_and_waits_first_come_first_s
     pool, never = MemoryBudget(100), threading.Event()
     assert pool.acquire(1, 60, never) and pool.reserved() == 60
     got = []
-    t2 = threading.Thread(target=lambda: got.append(("big", pool.acquire(2, 150, never))))
+    t2 = threading.Thread(target=lambda: got.append(("big", pool.acquire(2, 150, never))), daemon=True)
     t2.start()                                  # larger than everything: waits for an empty worker
-    time.sleep(0.3)
-    t3 = threading.Thread(target=lambda: got.append(("small", pool.acquire(3, 10, never))))
+    until_in_line(pool, 1, got)
+    t3 = threading.Thread(target=lambda: got.append(("small", pool.acquire(3, 10, never))), daemon=True)
     t3.start()                                  # would fit now, but comes after the big one
-    time.sleep(0.3)
+    until_in_line(pool, 2, got)
     assert got == []
     pool.release(1)
     t2.join(5)
