@@ -536,8 +536,9 @@ def test_the_launch_form_builds_tracking_metric_and_eval_generate_as_the_yaml_wo
     # the same run written by hand as a YAML file: the form's first-load values and the tracking above
     assert parse_run_config(cfg).to_dict() == parse_run_config(yaml.safe_load(TRACKED_YAML)).to_dict()
     lm = forms.build_config(launch_form(model="tiny-llama", task="causal_lm", ds_name="demo-instruct",
-                                        target_modules="q_proj", metric="bleu", eval_generate=8))
-    assert lm["training"]["eval_generate"] == 8 and parse_run_config(lm).metric_name == "bleu"
+                                        target_modules="q_proj", metric="bleu", eval_generate=16))
+    # (8, the schema's default, stays implicit; 16 is written)
+    assert lm["training"]["eval_generate"] == 16 and parse_run_config(lm).metric_name == "bleu"
     for c in (cfg, lm):                                      # a clone gives the same config back
         assert forms.build_config(forms.form_from_config(c)) == {**c, "name": c["name"] + "-copy"}
     assert forms.metric_choices("causal_lm") == ["eval_loss", "perplexity", "bleu", "rouge_l", "exact_match"]
