@@ -137,6 +137,7 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
     SubmitError: without an estimate no worker could be checked for room."""
     from engine.estimator import estimate
     from engine.models import ModelLoadError
+    from engine.precision import run_dtype_name
 
     t = cfg.training
     model = cfg.model
@@ -150,7 +151,7 @@ def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
     kw = {"optimizer": t.optimizer} if getattr(t, "optimizer", None) else {}
     try:
         est = estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
-                       seq_len=t.max_seq_len, dtype="fp32" if t.precision in ("auto", "fp32") else t.precision,
+                       seq_len=t.max_seq_len, dtype=run_dtype_name(t.precision, "cuda"),   # made for CUDA
                        task=cfg.task, world_size=dist.world_size, strategy=dist.strategy, **kw)
     except (ValueError, NotImplementedError) as e:   # the config asks what the estimator cannot answer
         raise SubmitError(f"estimate: cannot estimate the memory of {cfg.model!r} with {cfg.method.name!r} "
