@@ -2,7 +2,8 @@
 GPU is available and commit bench/RESULTS-gpu.md.
 
 Sections, each on `--device` (default cuda) with bf16 autocast, as a run with
-`training.precision: bf16` trains (fp32 weights, bf16 matmuls):
+`training.precision: bf16` trains (bf16 frozen base, fp32 trainables, bf16 matmuls;
+docs/precision.md):
 
 1. engine vs peft: step time (torch.cuda.synchronize around every step, median
    after warm-up, the two sides alternated over `--rounds`) and
@@ -272,7 +273,7 @@ def measured_step(model, task: str, batch: dict, dev: torch.device, extra_loss=N
 def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
     from engine.estimator import estimate
     from engine.measure import prepare_for_measure, synthetic_batch
-    from engine.methods import METHODS, get_method
+    from engine.methods import METHODS
     from engine.models import load_model
 
     model_name, task, seq, bs = cfg["model"], cfg["task"], cfg["seq"], cfg["batch"]
@@ -302,10 +303,9 @@ def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
             continue
         before = allocated(dev)          # the previous case released its memory when it ended
         try:
-            # as a bf16 run holds it (docs/precision.md): frozen weights bf16 on the device, trainables fp32;
-            # a method that quantizes the base loads it itself, layer by layer
-            prep = prepare_for_measure(model_name, method, task=task, precision="bf16", device=dev.type,
-                                       loaded=None if get_method(name).quantizes_base else loaded)
+            # as a bf16 run holds it (docs/precision.md): frozen weights bf16 on the device, trainables fp32
+            prep = prepare_for_measure(model_name, method, task=task, loaded=loaded, precision="bf16",
+                                       device=dev.type)
         except ValueError as e:
             st.say(f"| {name} | refused by the method: {str(e).splitlines()[0][:150]} |||||||||")
             continue

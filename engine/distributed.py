@@ -175,10 +175,28 @@ def wrap(runner: nn.Module, model: nn.Module, dist: Dist) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
     from .arch import blocks
 
+    kw = {"mp_policy": mp} if (mp := mixed_precision_policy(model)) is not None else {}
     for block in blocks(model):
-        fully_shard(block)
-    fully_shard(runner)
+        fully_shard(block, **kw)
+    fully_shard(runner, **kw)
     return runner
+
+
+def mixed_precision_policy(model: nn.Module):
+    """FSDP2's policy for a model under the precision contract (engine.precision): a bf16
+    or fp16 frozen base beside fp32 trainable parameters (and fp32 LayerNorms). Each unit
+    is all-gathered and computed in the 16-bit dtype (the fp32 parameters are cast for
+    the forward, as autocast would), gradients are reduced in fp32 into the fp32
+    sharded master weights. None for an fp32 model: FSDP's default, unchanged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    low = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if not low:
+        return None
+    if len(low) > 1:
+        raise DistributedError(f"training.distributed.strategy 'fsdp': the model mixes {sorted(map(str, low))}; "
+                               f"one 16-bit run dtype is expected")
+    return MixedPrecisionPolicy(param_dtype=low.pop(), reduce_dtype=torch.float32)
 
 
 @contextlib.contextmanager
@@ -242,9 +260,25 @@ def unshard_for_export(runner: nn.Module, dist: Optional[Dist]) -> None:
     if dist is None or dist.strategy != "fsdp":
         return
     from torch.distributed.fsdp import FSDPModule
+    # under a mixed precision policy unshard() gathers the 16-bit compute copies; the trainable
+    # parameters are exported from their fp32 sharded master weights instead
+    masters = {n: full(p.detach()) for n, p in runner.named_parameters()
+               if p.requires_grad and p.dtype == torch.float32} if _mixed(runner) else {}
     for m in runner.modules():
         if isinstance(m, FSDPModule):
             m.unshard()
+    for n, p in runner.named_parameters():
+        if n in masters:
+            p.data = masters[n].to(p.device)
+
+
+def _mixed(runner: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    for m in runner.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            return getattr(state._mp_policy, "param_dtype", None) is not None
+    return False
 
 
 # ---- helpers for launchers (engine.launch) -------------------------------------------------------

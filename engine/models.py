@@ -49,7 +49,7 @@ class LoadedModel:
     source: str           # what was loaded: a directory, "tiny-llama", ...
     load_seconds: float
     checkpoint: Optional[Path] = None          # the local directory streamed from (engine.loading)
-    loaded_keys: Optional[dict] = None         # {id(parameter): checkpoint key} of what it streamed
+    loaded_keys: Optional[object] = None       # engine.precision.ParamMap: parameter -> checkpoint key
 
 
 def default_cache_dir() -> Path:

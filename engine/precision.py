@@ -22,6 +22,7 @@ Training", ICLR 2018):
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -77,6 +78,37 @@ def grad_scaler(dtype: Optional[torch.dtype], device: torch.device):
     return torch.amp.GradScaler(device.type)
 
 
+class ParamMap:
+    """Values keyed by parameter identity. The parameters are held weakly and checked
+    on lookup: a parameter freed on the way (QLoRA replaces the linears it quantizes)
+    may have its id() reused by a new one (a LoRA matrix), which must not inherit the
+    old one's value."""
+
+    def __init__(self):
+        self._d: dict[int, tuple] = {}
+
+    def __setitem__(self, p: torch.Tensor, value) -> None:
+        self._d[id(p)] = (weakref.ref(p), value)
+
+    def get(self, p: torch.Tensor, default=None):
+        e = self._d.get(id(p))
+        return e[1] if e is not None and e[0]() is p else default
+
+    def __contains__(self, p: torch.Tensor) -> bool:
+        e = self._d.get(id(p))
+        return e is not None and e[0]() is p
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def param_set(params: Iterable[torch.Tensor]) -> ParamMap:
+    out = ParamMap()
+    for p in params:
+        out[p] = True
+    return out
+
+
 def keeps_fp32(module: nn.Module) -> bool:
     """Modules whose parameters stay fp32 under every precision: LayerNorm, which autocast
     computes in fp32 on CUDA, and which on CPU accepts a bf16 or fp32 input only with
@@ -85,9 +117,9 @@ def keeps_fp32(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm)
 
 
-def fp32_kept(model: nn.Module) -> set[int]:
-    """ids of the parameters `keeps_fp32` keeps in fp32."""
-    return {id(p) for m in model.modules() if keeps_fp32(m) for p in m.parameters(recurse=False)}
+def fp32_kept(model: nn.Module) -> ParamMap:
+    """The parameters `keeps_fp32` keeps in fp32."""
+    return param_set(p for m in model.modules() if keeps_fp32(m) for p in m.parameters(recurse=False))
 
 
 def floating_params(model: nn.Module) -> Iterable[nn.Parameter]:
@@ -100,19 +132,19 @@ def floating_params(model: nn.Module) -> Iterable[nn.Parameter]:
 
 
 @torch.no_grad()
-def place_base(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
+def place_base(model: nn.Module, dtype: torch.dtype, device: torch.device) -> ParamMap:
     """Every floating parameter of a base model (no method applied yet) in `dtype` on
     `device`, other parameters and every buffer on `device` (buffers keep their dtype:
-    rotary frequencies stay fp32, as transformers loads them). Returns {id(parameter):
-    its previous data} for those whose dtype changed. A no-op for a model loaded in
+    rotary frequencies stay fp32, as transformers loads them). Returns each parameter
+    whose dtype changed with its previous data. A no-op for a model loaded in
     place already."""
-    previous = {}
+    previous = ParamMap()
     kept = fp32_kept(model)
     for p in {id(p): p for p in model.parameters()}.values():
-        want = (torch.float32 if id(p) in kept else dtype) if p.is_floating_point() else p.dtype
+        want = (torch.float32 if p in kept else dtype) if p.is_floating_point() else p.dtype
         if p.dtype != want or p.device != device:
             if p.dtype != want:
-                previous[id(p)] = p.data
+                previous[p] = p.data
             p.data = p.data.to(device=device, dtype=want)
     for m in model.modules():
         for k, b in m._buffers.items():
@@ -122,7 +154,7 @@ def place_base(model: nn.Module, dtype: torch.dtype, device: torch.device) -> di
 
 
 @torch.no_grad()
-def settle_dtypes(model: nn.Module, dtype: torch.dtype, *, base: Optional[set[int]] = None,
+def settle_dtypes(model: nn.Module, dtype: torch.dtype, *, base: Optional[ParamMap] = None,
                   exact: Optional[Callable[[nn.Parameter], Optional[torch.Tensor]]] = None) -> None:
     """Put every parameter of a model with its method applied in its contract dtype:
     trainable parameters, and those of modules that `keeps_fp32`, become fp32 (master
@@ -135,15 +167,15 @@ def settle_dtypes(model: nn.Module, dtype: torch.dtype, *, base: Optional[set[in
     references held by methods stay valid)."""
     kept = fp32_kept(model)
     for p in floating_params(model):
-        if p.requires_grad or id(p) in kept:
+        if p.requires_grad or p in kept:
             if p.dtype != torch.float32:
                 src = exact(p) if exact is not None else None
                 p.data = src.to(p.device, torch.float32) if src is not None else p.data.float()
-        elif (base is None or id(p) in base) and p.dtype != dtype:
+        elif (base is None or p in base) and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 
-def check_contract(model: nn.Module, dtype: torch.dtype, base: Optional[set[int]] = None) -> list[str]:
+def check_contract(model: nn.Module, dtype: torch.dtype, base: Optional[ParamMap] = None) -> list[str]:
     """Names of parameters that break the contract (trainable not fp32, frozen base not
     in `dtype`); empty when it holds. For tests and assertions."""
     bad, seen, kept = [], set(), fp32_kept(model)
@@ -151,10 +183,10 @@ def check_contract(model: nn.Module, dtype: torch.dtype, base: Optional[set[int]
         if id(p) in seen or not p.is_floating_point():
             continue
         seen.add(id(p))
-        if (p.requires_grad or id(p) in kept) and p.dtype != torch.float32:
+        if (p.requires_grad or p in kept) and p.dtype != torch.float32:
             bad.append(f"{n} ({'trainable' if p.requires_grad else 'kept fp32'}, {p.dtype})")
-        elif id(p) in kept:
+        elif p in kept:
             continue
-        elif not p.requires_grad and (base is None or id(p) in base) and p.dtype != dtype:
+        elif not p.requires_grad and (base is None or p in base) and p.dtype != dtype:
             bad.append(f"{n} (frozen, {p.dtype})")
     return bad

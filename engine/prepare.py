@@ -16,7 +16,7 @@ from .data import DataProgress, Examples, load_examples
 from .methods import ApplyContext, MethodSpec, count_parameters, get_method
 from .loading import reread_fp32
 from .models import LoadedModel, load_model
-from .precision import pick_device, place_base, run_dtype, settle_dtypes
+from .precision import param_set, pick_device, place_base, run_dtype, settle_dtypes
 from .swaps import fuse_swiglu_mlps, use_fast_linears, use_fused_layers
 from .tasks import TaskSet, install_task_heads
 from .tokens import Tokenized, tokenize_examples
@@ -98,13 +98,13 @@ def prepare_run(cfg: RunConfig, *, loaded: Optional[LoadedModel] = None,
     # a model loaded elsewhere (a caller's copy, new task heads) is put in place here; what it held
     # before stays reachable until the method is applied, for trainable weights' exact fp32 values
     previous = place_base(loaded.model, dtype, device)
-    base = {id(p) for p in loaded.model.parameters()}
+    base = param_set(loaded.model.parameters())
     ctx = ApplyContext(task=cfg.task, seed=cfg.training.seed, tokenizer=loaded.tokenizer, dtype=dtype)
     torch.manual_seed(cfg.training.seed)
     model = apply_method(loaded.model, spec, cfg.method, ctx)
     reread = reread_fp32(loaded.checkpoint, loaded.loaded_keys) if loaded.loaded_keys else None
     settle_dtypes(model, dtype, base=base,
-                  exact=lambda p: previous[id(p)] if id(p) in previous else (reread(p) if reread else None))
+                  exact=lambda p: previous.get(p) if p in previous else (reread(p) if reread else None))
     del previous
     n_params, n_trainable = count_parameters(model)
     data = None

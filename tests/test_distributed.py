@@ -212,3 +212,19 @@ def test_each_rank_takes_its_share_and_weight_of_a_global_batch():
     local, w = shard_batch({k: v[:1] for k, v in batch.items()}, Dist(1, 2, 1, "ddp", torch.device("cpu"), "gloo"),
                            "causal_lm")
     assert w == 0.0 and local["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_bf16_run_on_two_ranks_takes_one_process_steps(tmp_path, strategy):
+    """training.precision bf16: each rank holds the bf16 base and fp32 trainables (FSDP2
+    all-gathers and computes each unit in bf16 and reduces gradients in fp32,
+    engine.distributed.mixed_precision_policy); the losses follow one process's to
+    bf16 precision, and the exported adapter is fp32 as ever."""
+    one = finished(tmp_path, config(1, precision="bf16"), "one")
+    two = finished(tmp_path, config(2, strategy, precision="bf16"), strategy)
+    (ra, ta, ma, _), (rb, tb, mb, _) = one, two
+    assert ra["steps"] == rb["steps"] == 6
+    for x, y in zip(ma, mb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-2), (x["step"], x["loss"], y["loss"])
+    assert ta.keys() == tb.keys() and {t.dtype for t in tb.values()} == {torch.float32}
+    assert all(t.abs().max() > 1e-3 for k, t in tb.items() if "lora_B" in k)

@@ -79,16 +79,18 @@ def test_device_kind_and_run_estimate_for_each_kind():
 
     assert device_kind("cuda:NVIDIA H200") == device_kind("cuda") == "cuda"
     assert device_kind("cpu") == device_kind("mps") == "cpu"
-    cfg = parse_run_config(TINY_RUN)
+    cfg = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "precision": "fp32"}})
     cuda, cpu = estimate_run(cfg, "tiny-bert", device="cuda"), estimate_run(cfg, "tiny-bert", device="cpu")
     assert cuda.rows["cuda_context"] == CUDA_CONTEXT_BYTES and cpu.rows["cuda_context"] == 0
     assert cpu.inputs["device"] == "cpu"
-    # precision auto is what the run will use there: bf16 on CUDA (frozen weights bf16, trainables fp32),
-    # fp32 on CPU; the trainables' optimizer states are fp32 either way
-    assert (cuda.inputs["dtype"], cpu.inputs["dtype"]) == ("bf16", "fp32")
-    assert cuda.rows["weights"] < 0.6 * cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
-    fp32 = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "precision": "fp32"}})
-    assert estimate_run(fp32, "tiny-bert", device="cuda").rows["weights"] == cpu.rows["weights"]
+    assert cuda.rows["weights"] == cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
+    # precision auto is what the run will use there (engine.precision): bf16 on a CUDA worker (frozen
+    # weights bf16, trainables fp32), fp32 on a CPU one; the trainables' optimizer states are fp32 either way
+    auto = parse_run_config(TINY_RUN)
+    a_cuda, a_cpu = estimate_run(auto, "tiny-bert", device="cuda"), estimate_run(auto, "tiny-bert", device="cpu")
+    assert (a_cuda.inputs["dtype"], a_cpu.inputs["dtype"]) == ("bf16", "fp32")
+    assert a_cuda.rows["weights"] < 0.6 * a_cpu.rows["weights"] and a_cuda.rows["optimizer"] == a_cpu.rows["optimizer"]
+    assert a_cpu.rows == cpu.rows
     # a run that asks for the CPU trains there on any worker, and is estimated so
     on_cpu = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "device": "cpu"}})
     forced = estimate_run(on_cpu, "tiny-bert", device="cuda:NVIDIA H200")

@@ -189,3 +189,38 @@ def test_merged_model_export_reloads_with_automodel(method, tmp_path):
     # (merged qlora = the dequantized base plus the LoRA delta, in fp32)
     torch.testing.assert_close(logits(reloaded, batch), ours, atol=ATOL, rtol=0)
     assert (out / "tokenizer_config.json").exists()
+
+
+def test_a_bf16_runs_adapter_loads_in_peft_on_a_bf16_base(tmp_path):
+    """A LoRA trained under training.precision bf16 (bf16 frozen base, fp32 adapter)
+    exports the same peft files as ever (fp32 tensors); peft loads them onto the base
+    loaded in bf16 and, under the same autocast, gives our logits to bf16 precision."""
+    from peft import PeftModel
+    from engine.prepare import prepare_run
+    from engine.train import train
+
+    cfg = parse_run_config({
+        "model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct", "max_rows": 64},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "training": {"max_steps": 6, "batch_size": 8, "max_seq_len": 48, "learning_rate": 2e-2, "eval_every": 0,
+                     "eval_batches": 1, "eval_generate": 0, "precision": "bf16", "device": "cpu"}})
+    prep = prepare_run(cfg)
+    train(prep)
+    write_dir_atomic(tmp_path / "a", adapter_files(prep))
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    assert any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)   # it trained
+
+    base = load_model("tiny-llama", "causal_lm", dtype=torch.bfloat16).model
+    pm = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
+    ids = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    prep.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = prep.model(input_ids=ids).logits.float()
+        theirs = pm(input_ids=ids).logits.float()
+    scale = ours.abs().max()
+    assert (ours - theirs).abs().max() <= 2e-2 * scale
+    with pm.disable_adapter(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        without = pm(input_ids=ids).logits.float()
+    assert (ours - without).abs().max() > 10 * (ours - theirs).abs().max()   # the adapter is what matches

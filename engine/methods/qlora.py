@@ -26,10 +26,10 @@ from torch import nn
 from ..arch import arch_of, set_submodule
 from ..gemm import matmul, matmul_t
 from .base import ApplyContext, MethodSpec, PeftExport, QuantizedLayer, freeze_all, merge_and_unload
-from .lora import LoraConfig, LoraLinear, count_lora_trainable, dense_weight, export_lora_peft, inject_lora, \
-    lora_target_names, plan_lora, ranks_and_alphas
+from .lora import LoraConfig, LoraLinear, count_lora_trainable, default_targets, dense_weight, export_lora_peft, \
+    inject_lora, plan_lora, ranks_and_alphas
 from .nf4 import BLOCK, QuantState, dequantize_nf4, quantize_nf4, summarize_errors
-from .targeting import is_conv1d, linear_like
+from .targeting import is_conv1d, linear_like, resolve_targets
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -234,7 +234,9 @@ def apply_qlora(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> None:
     if cfg.init == "pissa":
         raise ValueError("method.init: 'pissa' is not available with qlora (the base weight is quantized)")
     freeze_all(model)
-    names = lora_target_names(model, cfg)
+    # layers quantized while loading (QuantizeOnLoad) are NF4Linear already: still targets
+    names = resolve_targets(model, cfg.target_modules or default_targets(model),
+                            want=lambda m: linear_like(m) or isinstance(m, NF4Linear))
     report = quantize_model(model, cfg.double_quant, compute_dtype_of(cfg, ctx.dtype))
     own_unquantized_tensors(model)
     ranks, alphas = ranks_and_alphas(cfg, names)
