@@ -218,12 +218,9 @@ def markdown(rows: list[dict], timing: dict, args, seconds: float) -> str:
         *step_summary(ok),
         "",
         "The measured step is a run's second: the optimizer states the first step made are live through it, "
-        "as through every later step. The estimate's total adds weights, gradients, hidden states and "
-        "optimizer states as if all were live at once; in a real step the saved activations are freed during "
-        "backward while the gradients are made, so where gradients are large against the activations (full "
-        "fine-tuning) the estimate's total is above the measured peak. intrinsic_dimension's random-projection "
-        "buffers (not parameters) are in no row, so its total is below. Reported as measured; the formula is "
-        "not changed here.",
+        "as through every later step. The estimate's total is the step's peak (docs/estimator.md): weights and "
+        "optimizer states, plus the larger of the hidden states and the gradients with AdamW's step temporary. "
+        "intrinsic_dimension's random-projection buffers (not parameters) are in no row, so its total is below.",
         "",
         *step_table(ok),
         "",

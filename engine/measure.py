@@ -10,7 +10,7 @@ compared row by row:
   whose storage belongs to a model parameter (frozen or trainable) are weights,
   not activations, and are left out. This is exact and device-independent, so it
   works on CPU.
-- `weights`, `gradients`, `optimizer`: bytes of the parameters and buffers (the model's state: a method's fixed random projection is one), of their `.grad`
+- `weights`, `gradients`, `optimizer`: bytes of the parameters, of their `.grad`
   after backward, and of the optimizer state after one `step()`.
 - On CUDA, `peak_allocated` is `torch.cuda.max_memory_allocated()` over the step.
 - `step_peak` runs one clean step the way `engine.train.train` does (the task
@@ -252,7 +252,7 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     seconds = time.perf_counter() - t0
-    weights = tensor_bytes(list(params) + list(model.buffers()))     # the model's state: parameters and buffers
+    weights = tensor_bytes(params)
     breakdown = {"forward_saved": forward_saved, "loss_chunk": chunks.peak}
     rows = {"cuda_context": 0, "weights": weights, "gradients": grads, "hidden_states": hidden,
             "optimizer": opt_bytes}
@@ -307,7 +307,7 @@ class AllocatorPeak:
 class StepPeak:
     """One clean training step: rows from the real tensors and the step's peak."""
 
-    weights: int          # bytes of the parameters and buffers (the model's state)
+    weights: int          # bytes of the parameters
     gradients: int        # bytes of the trainable parameters' .grad after backward
     optimizer: int        # bytes of the optimizer's state tensors after step()
     live_before: int      # bytes of parameters and buffers live when the step began
@@ -377,7 +377,7 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
     else:
         peak, kind = live_before + alloc.peak, "cpu_allocator"
     del opt
-    return StepPeak(weights=tensor_bytes(list(params) + list(model.buffers())), gradients=grads, optimizer=opt_bytes, live_before=live_before,
+    return StepPeak(weights=tensor_bytes(params), gradients=grads, optimizer=opt_bytes, live_before=live_before,
                     peak=int(peak), peak_kind=kind, seconds=seconds)
 
 

@@ -328,7 +328,7 @@ def test_nf4_weights_include_block_constants():
     dq = estimate("llama-2-7b", LORA_QV, quant="nf4-dq", **kw)
     cfg = load_model_config("llama-2-7b")
     q = est.frozen_linear_params(est.model_dims(cfg))
-    rest = 2 * (plain.n_params - q + plain.n_trainable)
+    rest = 2 * (plain.n_params - q) + 4 * plain.n_trainable         # the LoRA matrices are fp32 master weights
     assert nf4.rows["weights"] == -(-q * 4.5 // 8) + rest
     assert abs(dq.rows["weights"] - rest - q * (4 + 8 / 64 + 32 / (64 * 256)) / 8) < 2
     assert dq.rows["weights"] < nf4.rows["weights"] < plain.rows["weights"] / 3
@@ -382,8 +382,8 @@ def test_fsdp_lora_rows_for_four_devices_are_a_quarter_plus_the_gathered_units()
     kw = dict(batch_size=1, seq_len=1024, dtype="bf16")
     one = estimate("llama-2-7b", LORA_QV, **kw).rows
     four = estimate("llama-2-7b", LORA_QV, world_size=4, strategy="fsdp", **kw).rows
-    # frozen weights in bf16, the LoRA matrices fp32 master weights (docs/precision.md)
-    gathered_w = 2 * L7_ROOT + 2 * (2 * L7_BLOCK + 4 * L7_LORA_PER_BLOCK)
+    # gathered in bf16 (FSDP2's MixedPrecisionPolicy), the LoRA matrices' fp32 masters too
+    gathered_w = 2 * L7_ROOT + 2 * 2 * (L7_BLOCK + L7_LORA_PER_BLOCK)
     assert one["weights"] / 4 < four["weights"] <= one["weights"] / 4 + gathered_w + 1
     assert four["weights"] == -(-one["weights"] // 4) + gathered_w
     assert four["weights"] < 0.36 * one["weights"]           # about a quarter: the overhead is 1.3 GB of 13.5
@@ -397,8 +397,8 @@ def test_fsdp_full_fine_tuning_shards_gradients_and_optimizer():
     kw = dict(batch_size=1, seq_len=512, dtype="bf16")
     one = estimate("llama-2-7b", {"name": "full"}, **kw).rows
     four = estimate("llama-2-7b", {"name": "full"}, world_size=4, strategy="fsdp", **kw).rows
-    # every parameter trains: fp32 master weights, gathered as they are kept
-    assert four["weights"] == -(-one["weights"] // 4) + 4 * L7_ROOT + 2 * 4 * L7_BLOCK
+    # every parameter trains: fp32 master weights, sharded; gathered in bf16 (MixedPrecisionPolicy)
+    assert four["weights"] == -(-one["weights"] // 4) + 2 * L7_ROOT + 2 * 2 * L7_BLOCK
     # one block's full gradient until its reduce-scatter, the root's until the end of backward
     assert four["gradients"] == -(-one["gradients"] // 4) + 4 * (L7_BLOCK + L7_ROOT)
     assert four["optimizer"] == -(-one["optimizer"] // 4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.estimator import CUDA_CONTEXT_BYTES, device_kind, estimate, estimate_run
-from engine.measure import AllocatorPeak, prepare_for_measure, step_peak
+from engine.measure import AllocatorPeak, measure_prepared, prepare_for_measure, step_peak
 
 TINY_RUN = {"name": "tiny", "model": "tiny-bert", "task": "classification",
             "dataset": {"name": "demo-sentiment", "max_rows": 64},
@@ -29,24 +29,48 @@ def test_allocator_peak_sees_what_is_allocated_and_freed():
     assert a.end == 1 << 20
 
 
-@pytest.mark.parametrize("model,task,method", [
-    ("tiny-llama", "causal_lm", {"name": "lora", "r": 4}),
-    ("tiny-bert", "classification", {"name": "full"}),
-])
-def test_one_real_step_matches_weights_gradients_and_optimizer_rows(model, task, method):
-    prep = prepare_for_measure(model, method, task=task)
-    sp = step_peak(prep, batch_size=2, seq_len=32)
-    est = estimate(model, method, batch_size=2, seq_len=32, task=task, device="cpu").rows
+# (model, task, method, precision, whether the total is promised within 10% at this shape). Every row is
+# promised: weights, gradients and optimizer states are the real tensors' bytes, the hidden states what
+# autograd saves (engine.measure). The total is the step's peak; on tiny-llama under bf16 the peak of the
+# chunked loss's backward over a 32k vocabulary is ~14% above it at these tiny shapes (bench: SmolLM2 within 1%).
+ROW_CASES = [
+    ("tiny-llama", "causal_lm", {"name": "lora", "r": 4}, "fp32", True),
+    ("tiny-llama", "causal_lm", {"name": "lora", "r": 4}, "bf16", False),
+    ("tiny-llama", "causal_lm", {"name": "prefix_tuning"}, "fp32", True),
+    ("tiny-llama", "causal_lm", {"name": "full"}, "bf16", False),
+    ("tiny-bert", "classification", {"name": "lora"}, "fp32", True),
+    ("tiny-bert", "classification", {"name": "lora"}, "bf16", True),
+    ("tiny-bert", "classification", {"name": "houlsby"}, "bf16", True),
+    ("tiny-bert", "classification", {"name": "ia3"}, "fp32", True),
+]
+
+
+def within(est: int, measured: int, pct: float = 10.0) -> bool:
+    return abs(est - measured) <= pct / 100 * measured
+
+
+@pytest.mark.parametrize("model,task,method,precision,total_promised", ROW_CASES,
+                         ids=[f"{c[0]}-{c[2]['name']}-{c[3]}" for c in ROW_CASES])
+def test_every_row_is_what_one_real_step_holds(model, task, method, precision, total_promised):
+    prep = prepare_for_measure(model, method, task=task, precision=precision)
+    hidden = measure_prepared(prep, batch_size=4, seq_len=32, backward=False).rows["hidden_states"]
+    sp = step_peak(prep, batch_size=4, seq_len=32)
+    est = estimate(model, method, batch_size=4, seq_len=32, task=task, device="cpu", dtype=precision).rows
     assert est["cuda_context"] == 0
-    assert (sp.weights, sp.gradients, sp.optimizer) == (est["weights"], est["gradients"], est["optimizer"])
+    # trainable parameters, their gradients and AdamW's states are fp32 master weights at every precision
+    assert (sp.gradients, sp.optimizer) == (est["gradients"], est["optimizer"])
+    assert within(est["weights"], sp.weights, 1.0), (est["weights"], sp.weights)
+    assert within(est["hidden_states"], hidden), (est["hidden_states"], hidden)
     assert sp.peak_kind == "cpu_allocator"
     # the measured (second) step starts with the weights and both AdamW states live (made by
     # the first step), and holds the gradients on top of them
     assert sp.live_before == sp.weights + sp.optimizer + sum(b.numel() * b.element_size() for b in prep.model.buffers())
     assert sp.peak >= sp.live_before + sp.gradients
     assert sp.optimizer == 2 * sp.gradients > 0
-    # and is of the size of the estimate's total (the bench reports how close, per case)
-    assert 0.5 < est["total"] / sp.peak < 2.0
+    if total_promised:
+        assert within(est["total"], sp.peak), (est["total"], sp.peak)
+    else:                                       # said above: below the peak, never by more than 15%
+        assert within(est["total"], sp.peak, 15.0), (est["total"], sp.peak)
     assert all(p.grad is None for p in prep.model.parameters())       # the step cleans up after itself
 
 
@@ -58,12 +82,19 @@ def test_device_kind_and_run_estimate_for_each_kind():
     cfg = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "precision": "fp32"}})
     cuda, cpu = estimate_run(cfg, "tiny-bert", device="cuda"), estimate_run(cfg, "tiny-bert", device="cpu")
     assert cuda.rows["cuda_context"] == CUDA_CONTEXT_BYTES and cpu.rows["cuda_context"] == 0
-    assert cuda.rows["weights"] == cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
     assert cpu.inputs["device"] == "cpu"
-    # precision auto (engine.precision): bf16 on a CUDA worker, fp32 on a CPU one
+    assert cuda.rows["weights"] == cpu.rows["weights"] and cuda.rows["optimizer"] == cpu.rows["optimizer"]
+    # precision auto is what the run will use there (engine.precision): bf16 on a CUDA worker (frozen
+    # weights bf16, trainables fp32), fp32 on a CPU one; the trainables' optimizer states are fp32 either way
     auto = parse_run_config(TINY_RUN)
-    assert estimate_run(auto, "tiny-bert", device="cuda").inputs["dtype"] == "bf16"
-    assert estimate_run(auto, "tiny-bert", device="cpu").inputs["dtype"] == "fp32"
+    a_cuda, a_cpu = estimate_run(auto, "tiny-bert", device="cuda"), estimate_run(auto, "tiny-bert", device="cpu")
+    assert (a_cuda.inputs["dtype"], a_cpu.inputs["dtype"]) == ("bf16", "fp32")
+    assert a_cuda.rows["weights"] < 0.6 * a_cpu.rows["weights"] and a_cuda.rows["optimizer"] == a_cpu.rows["optimizer"]
+    assert a_cpu.rows == cpu.rows
+    # a run that asks for the CPU trains there on any worker, and is estimated so
+    on_cpu = parse_run_config({**TINY_RUN, "training": {**TINY_RUN["training"], "device": "cpu"}})
+    forced = estimate_run(on_cpu, "tiny-bert", device="cuda:NVIDIA H200")
+    assert forced.inputs["device"] == "cpu" and forced.rows == cpu.rows
 
 
 def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(settings):
@@ -79,7 +110,9 @@ def test_a_cpu_worker_stores_a_cpu_estimate_and_compare_labels_each_figure(setti
     run = service.get_run(settings, rid)
     est = run["estimate"]
     assert est["device"] == "cpu" and est["rows"]["cuda_context"] == 0
-    assert est["rows"]["total"] == sum(v for k, v in est["rows"].items() if k != "total")
+    r = est["rows"]          # the step's peak: activations freed in backward while gradients are made
+    assert r["weights"] + r["optimizer"] + max(r["hidden_states"], r["gradients"]) <= r["total"] \
+        <= sum(v for k, v in r.items() if k != "total")
     assert est["rows"]["total"] < submitted["estimate"]["rows"]["total"] - CUDA_CONTEXT_BYTES // 2
     assert run["estimated_peak_bytes"] == submitted["estimated_peak_bytes"]     # the routing figure stays
     fig = compare.memory_figures(run)

@@ -53,7 +53,7 @@ def test_the_chosen_optimizer_reaches_the_run_config_and_its_stored_estimate(opt
     assert parsed.training.optimizer == opt
     stored = service.estimate_for(parsed)       # what a submitted run keeps and the capacity check reads
     direct = estimate("tiny-bert", parsed.method.model_dump(exclude_none=True), batch_size=8, seq_len=64,
-                      task="classification", optimizer=opt)
+                      task="classification", optimizer=opt, dtype="bf16")   # precision auto, made for CUDA
     assert stored["rows"]["optimizer"] == direct.rows["optimizer"] > 0
     assert stored["rows"]["total"] == direct.total
 

@@ -17,12 +17,14 @@ import pytest
 
 import conftest
 from conftest import Studio, stop_groups, studio_env, wait_status
-from workers.packing import BUDGET_ERROR, GIB, RUN_SLACK_BYTES, MemoryBudget, run_budget
+from workers import packing
+from workers.packing import BUDGET_ERROR, CPU_PROCESS_MB, GIB, MIB, RUN_SLACK_BYTES, MemoryBudget, run_budget
 from workers.settings import load_settings
 
 # tiny-bert's submit (CUDA) estimate is ~1.0 GiB, so it is routed to workers of >= 2 GiB;
-# on a CPU worker its own estimate is ~5 MiB and it reserves ~0.57 GiB (cap + 512 MiB process).
-FOUR_FIT_GB = "3"
+# on a CPU worker its own estimate is ~5 MiB and it reserves ~0.8 GiB (cap + 640 MiB process until a child
+# has reported its measured baseline).
+FOUR_FIT_GB = "4"
 HEARTBEAT_TIMEOUT = 90
 # each run is a fresh interpreter importing torch and transformers: ~10 s alone, minutes when the
 # 2-core machine is shared; the suite's 600 s per test is too short for four at once under load
@@ -144,7 +146,13 @@ def test_the_budget_is_the_estimate_plus_the_margin_and_waits_first_come_first_s
     b = run_budget(s, run_cfg("b", 3), "cpu", 3 * GIB)
     assert b.estimate and b.estimate_source == "cpu" and not b.exclusive
     assert b.cap == int(b.estimate * 1.2) + RUN_SLACK_BYTES
-    assert b.reservation == b.cap + 512 * 1024 ** 2                 # a CPU process's own memory
+    assert b.reservation == b.cap + int(CPU_PROCESS_MB * MIB)       # a CPU process's own memory, until measured
+    packing.note_baseline(700 * MIB)                                # a child reported its baseline: measured
+    packing.note_baseline(600 * MIB)
+    try:
+        assert run_budget(s, run_cfg("b", 3), "cpu", 3 * GIB).reservation == b.cap + 700 * MIB
+    finally:
+        packing._STATE.pop("measured_process", None)
     assert run_budget(s, run_cfg("b", 3), "cuda:X", 80 * GIB).reservation == \
         run_budget(s, run_cfg("b", 3), "cuda:X", 80 * GIB).cap     # CUDA: device memory only
     alone = run_budget(s, run_cfg("b", 3), "cpu", GIB // 2)
@@ -202,14 +210,30 @@ def test_four_runs_share_one_worker_at_once(studio):
     assert all(r["duration_s"] > 3 for r in runs)
     most = max(watch.samples, key=lambda w: len(w["running"]))
     assert len(most["running"]) == 4 and set(most["running"]) == set(ids), most
-    assert most["concurrency"] == 4 and most["total_memory"] == 3 * GIB
+    assert most["concurrency"] == 4 and most["total_memory"] == 4 * GIB
     assert 4 * 0.5 * GIB < most["reserved_memory"] <= most["total_memory"], most
 
 
+def test_three_tiny_llama_runs_fit_their_budgets_with_the_default_margin(studio):
+    """Issue 25: each was stopped as over its budget (RSS 0.104 GiB above its baseline against a cap
+    of 0.102 GiB = estimate 0.033 + 20% + 64 MiB): the final evaluation's generations and the
+    libraries' set-up are memory no estimate row shows, now in the measured runtime allowance."""
+    llama = {"model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct", "max_rows": 100},
+             "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    with worker(studio, "llama@test", STUDIO_WORKER_CONCURRENCY=3, STUDIO_WORKER_MEMORY_GB=3), \
+            client(studio) as c:
+        ids = [submit(c, {**run_cfg(f"llama-{i}", 12), **llama}) for i in range(3)]
+        runs = [wait_status(c, rid, timeout=1800) for rid in ids]
+    assert all(r["status"] == "succeeded" for r in runs), ([(r["status"], r["error"]) for r in runs], studio.logs())
+    assert len({r["worker_pid"] for r in runs}) == 3
+    starts, ends = [at(r["started_at"]) for r in runs], [at(r["finished_at"]) for r in runs]
+    assert max(starts) < min(ends), [(r["started_at"], r["finished_at"]) for r in runs]   # all three at once
+
+
 def test_memory_for_two_runs_only_two_at_a_time(studio):
-    # each run reserves its cap + 900 MiB here, so 2 GiB holds two (the routing needs 2 GiB)
+    # each run reserves its cap (~0.17 GiB) + 800 MiB here, so 2 GiB holds two (the routing needs 2 GiB)
     with worker(studio, "two@test", STUDIO_WORKER_CONCURRENCY=4, STUDIO_WORKER_MEMORY_GB=2,
-                STUDIO_WORKER_PROCESS_MB=900), client(studio) as c:
+                STUDIO_WORKER_PROCESS_MB=800), client(studio) as c:
         ids = [submit(c, run_cfg(f"two-{i}", 12)) for i in range(4)]
         runs = [wait_status(c, rid, timeout=1800) for rid in ids]
     assert all(r["status"] == "succeeded" for r in runs), (runs, studio.logs())

@@ -7,14 +7,17 @@ threads. Each thread that receives a run:
    claiming it (the run's row is still `queued`):
    - `estimate` E: `workers.tasks.device_estimate` of the run's config (CPU: no
      CUDA context); the submit estimate when the estimator does not know the model.
-   - `cap` = E × (1 + margin) + 64 MiB (STUDIO_WORKER_MEMORY_MARGIN, default 0.2).
+   - `cap` = E × (1 + margin) + 160 MiB (STUDIO_WORKER_MEMORY_MARGIN, default 0.2).
      The margin is the issue's "exceeds its estimate by more than the margin"; the
-     fixed 64 MiB is the training loop's own runtime that no estimate row holds
-     (thread stacks, allocator caching, oneDNN scratch, Python objects), which
-     alone is several times a tiny model's whole estimate.
-   - `reservation` = cap + the process's own memory P (STUDIO_WORKER_PROCESS_MB:
-     512 MiB on CPU, where interpreter, libraries, tokenizer and tokenized data live
-     in the same memory the runs share; 0 on CUDA, where E is device memory).
+     fixed 160 MiB is what a run process holds that no estimate row shows (libraries'
+     set-up on the first steps, oneDNN and allocator caches, the final evaluation's
+     batches and generations), measured by bench/run_process_memory.py: twice the
+     largest residual it found.
+   - `reservation` = cap + the process's own memory P: STUDIO_WORKER_PROCESS_MB when
+     set; on CUDA 0 (E is device memory); on CPU, where interpreter, libraries,
+     tokenizer and tokenized data live in the memory the runs share, the largest
+     baseline this worker's children have reported (measured), 640 MiB before the
+     first one has (the bench measured 545-569 MiB).
 2. waits, first come first served, until its reservation fits beside the runs
    already reserved: Σ reservations ≤ the worker's memory (device_report's
    total_memory, capped by STUDIO_WORKER_MEMORY_GB). A run whose reservation alone
@@ -77,11 +80,18 @@ log = logging.getLogger("peft_studio.packing")
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
-RUN_SLACK_BYTES = 64 * MIB          # the training loop's runtime beyond the estimate (see above)
-CPU_PROCESS_MB = 512.0              # a CPU child's own memory: interpreter, libraries, tokenizer, data
+# What a run's process holds beyond its estimate's rows, measured by bench/run_process_memory.py
+# (bench/RESULTS-run-process.md): above its baseline, a tiny-llama LoRA run peaked 78 MiB over its
+# estimate (libraries' set-up on the first steps, oneDNN and allocator caches, and ~60 MiB in the
+# final evaluation's generations), tiny-bert 27 MiB. Twice the largest, for allocator variance.
+RUN_SLACK_BYTES = 160 * MIB
+# A CPU child's own memory (interpreter, torch, transformers, tokenizer, tokenized data) until the
+# worker has measured one: the baseline its children reported there was 545-569 MiB.
+CPU_PROCESS_MB = 640.0
 WATCH_INTERVAL_S = 0.2
 BUDGET_ERROR = "out of its memory budget"
 _ESTIMATE_LOCK = threading.Lock()
+_BASELINE_LOCK = threading.Lock()
 
 
 def device_kind(device: str) -> str:
@@ -96,10 +106,21 @@ def default_concurrency(settings: Settings, device: str) -> int:
 
 
 def process_bytes(settings: Settings, device: str) -> int:
+    """The memory a run's own process takes beside its budget: STUDIO_WORKER_PROCESS_MB
+    when set; on CUDA 0 (the budget is device memory); on CPU the largest baseline a
+    child of this worker has reported (measured), and CPU_PROCESS_MB before any has."""
     mb = settings.worker_process_mb
-    if mb is None:
-        mb = CPU_PROCESS_MB if device_kind(device) == "cpu" else 0.0
-    return int(mb * MIB)
+    if mb is not None:
+        return int(mb * MIB)
+    if device_kind(device) != "cpu":
+        return 0
+    return _STATE.get("measured_process") or int(CPU_PROCESS_MB * MIB)
+
+
+def note_baseline(nbytes: int) -> None:
+    """A child reported its baseline: later reservations take the largest seen."""
+    with _BASELINE_LOCK:
+        _STATE["measured_process"] = max(int(nbytes), _STATE.get("measured_process") or 0)
 
 
 def gib(b: Optional[int]) -> str:
@@ -303,6 +324,7 @@ def _run_child(settings: Settings, run_id: int, token: Optional[int], b: Budget)
                 msg = here.recv()
                 if msg.get("kind") == "prepared":
                     baseline = int(msg["baseline"])
+                    note_baseline(baseline)
                     log.info("run %s: prepared; process baseline %s, model tensors %s", run_id,
                              gib(baseline), gib(msg.get("tensors")))
                 elif msg.get("kind") == "done":

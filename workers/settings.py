@@ -20,7 +20,8 @@ STUDIO_WORKER_CONCURRENCY  how many runs one worker holds at once while their me
 STUDIO_WORKER_MEMORY_MARGIN  a packed run may use its estimate times (1 + margin) before it is
                       stopped as out of its memory budget (default 0.2)
 STUDIO_WORKER_PROCESS_MB  memory each packed run's process needs beyond its estimate (interpreter,
-                      libraries, tokenizer, data), reserved with it (default: 512 on CPU, 0 on CUDA,
+                      libraries, tokenizer, data), reserved with it (default on CPU: the largest
+                      baseline the worker's run processes reported, 640 before the first; 0 on CUDA,
                       where the estimate is of device memory)
 """
 

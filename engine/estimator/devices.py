@@ -51,8 +51,8 @@ def gathered_units(dims: ModelDims, *, n_params: int, n_tr: int, added: int, siz
     """What FSDP2 materialises per rank. `trained_layers`: how many blocks hold
     trainable parameters; the method's added and trainable parameters are
     spread evenly over them (the rest are the root's: prompts, the task head).
-    Frozen parameters take `size` bytes, trainable ones and gradients `master`
-    (fp32 master weights; default `size`, as the slide's formulas count them)."""
+    Gathered parameters take `size` bytes (FSDP2 gathers in the compute dtype), the
+    gradients `master` (fp32 reduction; default `size`, as the slide's formulas count)."""
     master = size if master is None else master
     L, bp = dims.num_layers, block_params(dims)
     if quant != "none" and not trains_base_weights:
@@ -63,12 +63,11 @@ def gathered_units(dims: ModelDims, *, n_params: int, n_tr: int, added: int, siz
     lt = max(0, min(trained_layers, L))
     added_per_block = math.ceil(added / lt) if lt else 0
     trainable_per_block = min(bp + added_per_block, math.ceil(n_tr / lt)) if lt else 0
-    base_trained = max(0, trainable_per_block - added_per_block) if trains_base_weights else 0
     root_params = max(0, n_params - L * bp)
     root_added = max(0, added - added_per_block * lt)
-    root_tr = min(root_params + root_added, max(0, n_tr - trainable_per_block * lt))
-    return GatheredUnits(root_weights=size * (root_params + root_added - root_tr) + master * root_tr,
-                         block_weights=block_base + (master - size) * base_trained + master * added_per_block,
+    # FSDP2's MixedPrecisionPolicy gathers every parameter in the compute dtype (`size`), fp32 masters too
+    return GatheredUnits(root_weights=size * (root_params + root_added),
+                         block_weights=block_base + size * added_per_block,
                          blocks=min(L, 1 + PREFETCHED_BLOCKS),
                          block_grads=master * trainable_per_block,
                          root_grads=master * max(0, n_tr - trainable_per_block * lt))

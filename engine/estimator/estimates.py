@@ -261,8 +261,7 @@ def _estimate(q: _Query) -> Estimate:
                                                 weight_casts=not (q.world_size > 1 and q.strategy == "fsdp"))
         trains_base = spec.trains_base_weights
         rows = {"cuda_context": CUDA_CONTEXT_BYTES if q.device == "cuda" else 0,
-                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base, n_tr)
-                + plan.buffer_bytes,
+                "weights": model_weight_bytes(dims, n_params, added, size, quant, trains_base, n_tr),
                 "gradients": MASTER_BYTES * n_tr,
                 "hidden_states": hidden,
                 "optimizer": optimizer_bytes(n_tr, MASTER_BYTES, q.optimizer)}

@@ -22,18 +22,30 @@ def device_kind(device: str) -> str:
     return "cuda" if str(device).lower().startswith("cuda") else "cpu"
 
 
+def run_device_kind(cfg, device: str) -> str:
+    """The kind of device run config `cfg` trains on when a worker with `device` runs
+    it: `training.device: cpu` trains on the CPU whatever the worker has (and `cuda` on
+    a CPU worker fails before it trains, so its estimate stays the CUDA one)."""
+    if getattr(cfg.training, "device", "auto") in ("cpu", "cuda"):
+        return cfg.training.device
+    return device_kind(device)
+
+
 def estimate_run(cfg, model: Union[str, dict], *, device: str = "cuda", num_labels: int = 2) -> Estimate:
     """Estimate one training step of run config `cfg` (an engine.config.RunConfig) per
-    device: its method, batch size, max_seq_len, precision (as engine.precision resolves
-    it for the device: auto is bf16 on CUDA, fp32 on CPU), optimizer, world size and strategy. `model`: a name the estimator knows
-    or a config.json dict; `device`: a device kind or a worker's device name."""
+    device, as the run will train on a worker with `device` (a device kind or a worker's
+    device name): on the device `training.device` picks there, in the dtype
+    `training.precision` resolves to on it (engine.precision: auto is bf16 on CUDA,
+    fp32 on CPU), with its method, batch size, max_seq_len, optimizer, world size and
+    strategy. `model`: a name the estimator knows or a config.json dict."""
     t = cfg.training
     dist = t.distributed
+    kind = run_device_kind(cfg, device)
     kw = {"optimizer": t.optimizer} if getattr(t, "optimizer", None) else {}
     return estimate(model, cfg.method.model_dump(exclude_none=True), batch_size=t.batch_size,
-                    seq_len=t.max_seq_len, dtype=run_dtype_name(t.precision, device_kind(device)),
+                    seq_len=t.max_seq_len, dtype=run_dtype_name(t.precision, kind),
                     task=cfg.task, num_labels=num_labels, world_size=dist.world_size, strategy=dist.strategy,
-                    device=device_kind(device), **kw)
+                    device=kind, **kw)
 
 
 def run_estimate_json(est: Estimate) -> dict:

@@ -311,21 +311,7 @@ def plan_intrinsic(dims, cfg: IntrinsicDimensionConfig, task: str) -> Plan:
         sizes[l.name] = l.in_features * l.out_features
         if cfg.said:
             sizes[l.name] += layer_rows(l.out_features, l.in_features, l.bias)
-    plan = weight_saved_plan(dims, sizes)
-    plan.buffer_bytes = projection_bytes(dims, cfg, task)
-    return plan
-
-
-def projection_bytes(dims, cfg: IntrinsicDimensionConfig, task: str) -> int:
-    """Bytes of the projections' buffers: a dense P_i is D_i x d fp32; Fastfood keeps
-    a sign and a permutation of length L and one Gaussian row of L per block."""
-    rows = [layer_rows(l.out_features, l.in_features, l.bias) for l in _targets(dims, cfg, task)]
-    if not rows:
-        return 0
-    if choose_projection(cfg, sum(rows)) == "dense":
-        return 4 * cfg.d * sum(rows)
-    L = 1 << max(0, (cfg.d - 1).bit_length())
-    return sum(4 * L + 8 * L + 4 * L * -(-r // L) for r in rows)
+    return weight_saved_plan(dims, sizes)
 
 
 SPEC = MethodSpec(

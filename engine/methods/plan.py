@@ -43,8 +43,6 @@ class Plan:
     lm_head: bool = False
     pooler: bool = False
     head: bool = True                              # classification head
-    buffer_bytes: int = 0                          # fixed tensors the method adds that are not parameters
-    #                                                (intrinsic dimension's random projection), in the weights row
     notes: list = field(default_factory=list)
 
 
