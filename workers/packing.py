@@ -17,7 +17,7 @@ threads. Each thread that receives a run:
      set; on CUDA 0 (E is device memory); on CPU, where interpreter, libraries,
      tokenizer and tokenized data live in the memory the runs share, the largest
      baseline this worker's children have reported (measured), 640 MiB before the
-     first one has (the bench measured 545-569 MiB).
+     first one has (the bench measured 542-569 MiB).
 2. waits, first come first served, until its reservation fits beside the runs
    already reserved: Σ reservations ≤ the worker's memory (device_report's
    total_memory, capped by STUDIO_WORKER_MEMORY_GB). A run whose reservation alone
@@ -81,12 +81,12 @@ log = logging.getLogger("peft_studio.packing")
 MIB = 1024 ** 2
 GIB = 1024 ** 3
 # What a run's process holds beyond its estimate's rows, measured by bench/run_process_memory.py
-# (bench/RESULTS-run-process.md): above its baseline, a tiny-llama LoRA run peaked 78 MiB over its
+# (bench/RESULTS-run-process.md): above its baseline, a tiny-llama LoRA run peaked 76-79 MiB over its
 # estimate (libraries' set-up on the first steps, oneDNN and allocator caches, and ~60 MiB in the
 # final evaluation's generations), tiny-bert 27 MiB. Twice the largest, for allocator variance.
 RUN_SLACK_BYTES = 160 * MIB
 # A CPU child's own memory (interpreter, torch, transformers, tokenizer, tokenized data) until the
-# worker has measured one: the baseline its children reported there was 545-569 MiB.
+# worker has measured one: the baseline its children reported there was 542-569 MiB.
 CPU_PROCESS_MB = 640.0
 WATCH_INTERVAL_S = 0.2
 BUDGET_ERROR = "out of its memory budget"
