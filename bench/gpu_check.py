@@ -277,7 +277,7 @@ def measured_step(model, task: str, batch: dict, dev: torch.device, extra_loss=N
 def estimator_check(st: Stamp, cfg: dict, dev: torch.device) -> None:
     from engine.estimator import estimate
     from engine.measure import prepare_for_measure, synthetic_batch
-    from engine.methods import METHODS
+    from engine.methods import METHODS, get_method
     from engine.models import load_model
 
     model_name, task, seq, bs = cfg["model"], cfg["task"], cfg["seq"], cfg["batch"]
