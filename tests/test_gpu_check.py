@@ -55,9 +55,11 @@ def test_gpu_check_dry_run_writes_stamped_rows_for_every_method(tmp_path):
 
 
 def test_gpu_check_dry_run_refuses_the_official_results_path(tmp_path):
+    official = REPO / "bench" / "RESULTS-gpu.md"
+    before = official.read_bytes() if official.exists() else None
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--sections", "nf4",
                            "--out", str(REPO / "bench" / "RESULTS-gpu.md")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert "never writes bench/RESULTS-gpu.md" in proc.stderr
-    assert not (REPO / "bench" / "RESULTS-gpu.md").exists()
+    assert (official.read_bytes() if official.exists() else None) == before    # the measured file is untouched

@@ -54,9 +54,10 @@ def test_one_function_resolves_precision_on_a_device():
 def test_the_estimators_run_helper_resolves_precision_the_same_way():
     from engine.estimator.runs import estimate_run
 
-    cfg = run_cfg(precision="auto")
+    cfg = run_cfg(precision="auto", device="auto")     # (device cpu would train on the CPU on any worker)
     assert estimate_run(cfg, "tiny-llama", device="cpu").inputs["dtype"] == "fp32"
     assert estimate_run(cfg, "tiny-llama", device="cuda:NVIDIA H200").inputs["dtype"] == "bf16"
+    assert estimate_run(run_cfg(precision="auto"), "tiny-llama", device="cuda:NVIDIA H200").inputs["dtype"] == "fp32"
     assert estimate_run(run_cfg(precision="fp16"), "tiny-llama", device="cpu").inputs["dtype"] == "fp16"
 
 

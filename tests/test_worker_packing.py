@@ -207,7 +207,7 @@ def test_four_runs_share_one_worker_at_once(studio):
     assert len(pids) == 4 and wp.pid not in pids                      # one process per run
     starts, ends = [at(r["started_at"]) for r in runs], [at(r["finished_at"]) for r in runs]
     assert max(starts) < min(ends), [(r["started_at"], r["finished_at"]) for r in runs]   # all four at once
-    assert all(r["duration_s"] > 3 for r in runs)
+    assert all(r["results"]["steps"] == 12 for r in runs), runs     # each trained all its steps (no clock)
     most = max(watch.samples, key=lambda w: len(w["running"]))
     assert len(most["running"]) == 4 and set(most["running"]) == set(ids), most
     assert most["concurrency"] == 4 and most["total_memory"] == 4 * GIB
