@@ -5,6 +5,7 @@
   worker    a Celery worker for the configured broker
   train     run the engine directly on a config file, no queue
   submit    queue a config file on the studio's database/broker
+  evaluate  queue an lm-evaluation-harness benchmark of a finished run (or a base model)
   estimate  memory estimate for a model/method/batch/sequence
   db        database migrations (upgrade / downgrade / current)
 """
@@ -169,6 +170,39 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Queue a benchmark job; with --wait, poll the database until it ends and print it."""
+    import time
+
+    from studio import benchmarks as bm
+    from studio.service import NotFound, get_run
+    from workers.settings import load_settings
+
+    settings = load_settings()
+    body = {"tasks": [t for t in (args.tasks or "").split(",") if t.strip()], "limit": args.limit,
+            "num_fewshot": args.num_fewshot}
+    if args.user_task:
+        body["user_tasks"] = [Path(f).read_text() for f in args.user_task]
+    try:
+        if args.run_id == "base":
+            if not args.model:
+                _die("model: give --model with RUN_ID 'base'")
+            job = bm.submit_for_base(settings, {**body, "model": args.model}, owner=os.environ.get("USER"))
+        else:
+            try:
+                run = get_run(settings, int(args.run_id))
+            except ValueError:
+                _die(f"run_id: a run id or 'base', not {args.run_id!r}")
+            job = bm.submit_for_run(settings, run, body, owner=os.environ.get("USER"))
+    except (bm.BenchmarkRequestError, NotFound, OSError) as e:
+        _die(str(e))
+    while args.wait and job["status"] in ("queued", "running"):
+        time.sleep(1.0)
+        job = bm.get_job(settings, job["id"])
+    print(json.dumps(job, indent=2 if args.wait else None))
+    return 1 if job["status"] in ("failed", "cancelled") else 0
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -204,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="queue a config file on the configured database/broker")
     sb.add_argument("config")
     sb.set_defaults(fn=cmd_submit)
+
+    ev = sub.add_parser("evaluate", help="queue an lm-evaluation-harness benchmark of a finished run")
+    ev.add_argument("run_id", help="a finished causal-LM run's id, or 'base' with --model")
+    ev.add_argument("--tasks", default="", help="comma-separated harness task names")
+    ev.add_argument("--user-task", action="append", default=None, metavar="YAML",
+                    help="a harness task YAML over an uploaded file (repeatable)")
+    ev.add_argument("--limit", type=float, default=None, help="documents per task (a fraction below 1: that share)")
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--model", default=None, help="the base model, with RUN_ID 'base'")
+    ev.add_argument("--wait", action="store_true", help="wait for the job and print its results")
+    ev.set_defaults(fn=cmd_evaluate)
 
     e = sub.add_parser("estimate", help="GPU memory estimate")
     e.add_argument("--model", required=True)

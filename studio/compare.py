@@ -350,3 +350,38 @@ def front_markdown(points: list[dict], front: list, metric: str, cost: str) -> s
     arrow = "higher" if higher_is_better(metric) else "lower"
     return (f"**Pareto frontier ({cost}; {metric}, {arrow} is better):** no other run beats these on both.\n\n"
             f"| run | method | {cost} | {metric} |\n|---|---|---|---|\n{body}")
+
+
+# ---------------------------------------------------------------- ranking by a benchmark metric
+
+def benchmark_choices(jobs: list[dict]) -> list[str]:
+    """'task / metric' labels of the benchmark metrics that the runs' succeeded jobs report."""
+    seen: dict[str, None] = {}
+    for j in jobs:
+        if j["status"] == "succeeded" and j["run_id"] is not None:
+            for r in j.get("results") or []:
+                for m in r["metrics"]:
+                    seen.setdefault(f"{r['task']} / {m}", None)
+    return sorted(seen)
+
+
+def rank_by_benchmark(runs: list[dict], scores: dict, choice: str) -> list[list]:
+    """[rank, run, method, value ± stderr] of `runs` by the metric `choice` ('task / metric')
+    of their newest succeeded benchmark (studio.benchmarks.latest_scores's `scores`), best
+    first by the harness's own higher_is_better; runs without that score are left out."""
+    if not choice or " / " not in choice:
+        return []
+    task, metric = choice.split(" / ", 1)
+    found = []
+    for r in runs:
+        row = next((v for k, v in scores.items() if k[0] == r["id"]), {})
+        m = ((row.get(task) or {}).get("metrics") or {}).get(metric)
+        if m and m.get("value") is not None:
+            found.append((r, m))
+    higher = next((m.get("higher_is_better") for _, m in found if m.get("higher_is_better") is not None), True)
+    found.sort(key=lambda p: -p[1]["value"] if higher else p[1]["value"])
+    out = []
+    for i, (r, m) in enumerate(found, 1):
+        se = m.get("stderr")
+        out.append([i, run_label(r), r["method"], f"{m['value']:.4f}" + (f" ± {se:.4f}" if se is not None else "")])
+    return out

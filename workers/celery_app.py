@@ -28,7 +28,7 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     url, opts = broker_options(settings)
-    app = Celery("peft_studio", include=["workers.tasks"])
+    app = Celery("peft_studio", include=["workers.tasks", "workers.benchmark_task"])
     app.conf.update(
         broker_url=url,
         broker_transport_options=opts,

@@ -184,6 +184,58 @@ class WorkerRow(Base):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class BenchmarkJob(Base):
+    """A queued lm-evaluation-harness job (workers.benchmarks) on a finished run, or on a
+    base model alone (run_id None: `model`, with `seed` for a random test model).
+    States as a run's: queued -> running -> succeeded | failed (queued -> cancelled)."""
+
+    __tablename__ = "benchmark_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=True,
+                                                  index=True)
+    model: Mapped[str] = mapped_column(String(500))
+    seed: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    # harness task names; user tasks ([{"name", "config"}], safe YAML already checked) beside them
+    tasks: Mapped[list] = mapped_column(JSON)
+    user_tasks: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
+    limit: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    num_fewshot: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    queue_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    phase: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    worker_host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+
+
+class BenchmarkResult(Base):
+    """One task's scores from one benchmark job: the harness's metrics with their
+    standard errors ({name: {"value", "stderr", "higher_is_better"}}), the task version,
+    the number of documents scored and the limit it ran with."""
+
+    __tablename__ = "benchmark_results"
+    __table_args__ = (UniqueConstraint("job_id", "task", name="uq_benchmark_results_job_task"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("benchmark_jobs.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=True,
+                                                  index=True)
+    model: Mapped[str] = mapped_column(String(500))
+    task: Mapped[str] = mapped_column(String(200))
+    version: Mapped[Optional[str]] = mapped_column(String(40), nullable=True)
+    n_samples: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    n_total: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    limit: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 # ------------------------------------------------------------------ engine/session
 
 _ENGINES: dict[str, Engine] = {}

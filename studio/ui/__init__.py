@@ -1,5 +1,6 @@
 """The Gradio UI: Launch (config + live memory estimate), Runs (live progress,
 actions, downloads), Compare (runs side by side), Playground (base vs adapter),
+Benchmarks (lm-evaluation-harness jobs, runs x tasks),
 one module per tab; the form helpers they share are in `forms`. Everything shown
 is read from the database, so a reopened browser shows the same state."""
 
@@ -10,6 +11,7 @@ import gradio as gr
 from workers.settings import Settings
 
 from .common import Ctx
+from .benchmarks_tab import BenchmarksTab
 from .compare_tab import CompareTab
 from .launch_tab import LaunchTab
 from .playground_tab import PlaygroundTab
@@ -35,12 +37,15 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
                 comparing = CompareTab(ctx)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 playground = PlaygroundTab(ctx)
+            with gr.Tab("Benchmarks", id="benchmarks", elem_id="tab-benchmarks"):
+                benchmarks = BenchmarksTab(ctx)
         timer = gr.Timer(POLL_S)
         launch.wire(demo, runs.run_id)
         runs.wire(demo, timer, selected_store)
         runs.wire_clone(launch, tabs)
         comparing.wire(demo)
         playground.wire(demo)
+        benchmarks.wire(demo)
     return demo
 
 

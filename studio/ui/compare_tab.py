@@ -3,7 +3,8 @@ tokens seen or epoch (training loss smoothed as in TensorBoard), the metric
 against trainable parameters and against peak memory with each Pareto frontier
 marked and listed, generation metrics (BLEU, ROUGE-L, exact match), memory,
 speed, adapter size, the config differences, a CSV of the table, and the
-subspace similarity of two LoRA adapters."""
+subspace similarity of two LoRA adapters, and a ranking by any benchmark metric
+(lm-evaluation-harness jobs of the Benchmarks tab)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import gradio as gr
 
 from workers.settings import Settings
 
-from .. import charts, compare, d90, service
+from .. import benchmarks, charts, compare, d90, service
 from .common import Ctx, run_choices, write_download
 
 COMPARE_STATUSES = ("succeeded", "running", "failed", "cancelled")
+BENCH_COLUMNS = ["rank", "run", "method", "value ± stderr"]
 
 
 def compare_view(settings: Settings, ids: list[int], x_axis: str, diff_only: bool,
@@ -106,6 +108,11 @@ class CompareTab:
         self.table = gr.Dataframe(headers=compare.TABLE_COLUMNS, interactive=False, label="Side by side",
                                   elem_id="compare-table", wrap=True)
         self.csv = gr.DownloadButton("Download table (CSV)", value=None, interactive=False, elem_id="compare-csv")
+        with gr.Row():
+            self.bench_metric = gr.Dropdown([], label="Rank by benchmark (task / metric)",
+                                            elem_id="compare-bench-metric", scale=2)
+        self.bench_rank = gr.Dataframe(headers=BENCH_COLUMNS, interactive=False, label="Benchmark ranking",
+                                       elem_id="compare-bench-rank", wrap=True)
         self.diff = gr.Checkbox(True, label="differences only", elem_id="compare-diff")
         self.cfg = gr.Dataframe(interactive=False, label="Configs", elem_id="compare-config", wrap=True)
         with gr.Group(visible=False) as self.sim_group:
@@ -194,6 +201,25 @@ class CompareTab:
             return charts.loss_curves(metrics, x="x", xlabel=x_axis, title="Training loss", smoothing=smoothing)
         self.smoothing.change(on_smoothing, [self.runs, self.x, self.smoothing], self.loss, trigger_mode="always_last",
                               show_progress="hidden")
+
+        def bench_choices(sel, request: gr.Request = None):
+            ids = visible_ids(sel, request)
+            jobs = benchmarks.list_jobs(ctx.settings, run_ids=ids, owner=ctx.visible_owner(request)) if ids else []
+            opts = compare.benchmark_choices(jobs)
+            return gr.update(choices=opts, value=opts[0] if opts else None)
+        self.runs.change(bench_choices, [self.runs], self.bench_metric)
+
+        def on_bench(sel, choice, request: gr.Request = None):
+            import pandas as pd
+
+            ids = visible_ids(sel, request)
+            if not ids or not choice:
+                return None
+            jobs = benchmarks.list_jobs(ctx.settings, run_ids=ids, owner=ctx.visible_owner(request))
+            rows = compare.rank_by_benchmark(service.get_runs(ctx.settings, ids), benchmarks.latest_scores(jobs),
+                                             choice)
+            return pd.DataFrame(rows, columns=BENCH_COLUMNS) if rows else None
+        self.bench_metric.change(on_bench, [self.runs, self.bench_metric], self.bench_rank)
 
         def on_module(mod, sim):
             if not mod or not sim or mod not in sim.get("phi", {}):
