@@ -80,8 +80,9 @@ def submit_for_run(settings: Settings, run: dict, body: dict, *, owner: Optional
                                     f"language models")
     req = _job_request(settings, body)
     seed = (run.get("config") or {}).get("training", {}).get("seed")
+    # the job belongs to the run's owner (an admin evaluating someone's run: they see its scores too)
     return _queue(settings, run_id=int(run["id"]), model=run["model"], seed=_seed_for(run["model"], seed),
-                  owner=owner, **req)
+                  owner=run.get("owner") or owner, **req)
 
 
 def submit_for_base(settings: Settings, body: dict, *, owner: Optional[str] = None) -> dict:

@@ -172,7 +172,7 @@ def test_a_job_whose_worker_died_is_failed_never_left_running(settings):
 
 # ---------------------------------------------------------------- REST input and owners
 
-def test_rest_refuses_bad_requests_and_other_users_runs(settings):
+def test_rest_refuses_bad_requests_naming_the_field(settings):
     from fastapi.testclient import TestClient
 
     from studio import service
@@ -206,3 +206,39 @@ def test_rest_refuses_bad_requests_and_other_users_runs(settings):
         assert c.post(f"/benchmarks/{jid}/cancel").json() == {"status": "cancelled"}
         assert c.get("/benchmarks/424242").status_code == 404
         assert c.get("/benchmarks?run_ids=x").status_code == 422
+
+
+def test_with_login_on_a_user_evaluates_and_sees_only_their_own_runs_and_jobs(settings):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from studio import auth as auth_mod
+    from studio import service
+    from studio.api import build_api
+    from studio.auth import Auth
+    from workers import db
+
+    cfg = {"name": "llama", "model": "tiny-llama", "task": "causal_lm", "dataset": {"name": "demo-instruct"},
+           "method": {"name": "lora", "r": 2, "target_modules": ["q_proj"]}, "training": {"max_steps": 1}}
+    rid = service.submit_run(settings, cfg, owner="alice")
+    with db.transaction(settings.database_url) as s:
+        s.get(db.Run, rid).status = "succeeded"
+        s.add(db.Adapter(run_id=rid, key="k", size=1, sha256="0" * 64, files=[]))
+    auth = Auth(users={"alice": auth_mod._hash("a-pw"), "bob": auth_mod._hash("b-pw")})
+
+    def cred(u, p):
+        return {"authorization": "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode()}
+    body = {"tasks": ["arc_easy"], "limit": 2}
+    with TestClient(build_api(settings, auth=auth), raise_server_exceptions=False) as c:
+        assert c.post(f"/runs/{rid}/evaluate", json=body).status_code == 401
+        assert c.get("/benchmarks").status_code == 401
+        assert c.post(f"/runs/{rid}/evaluate", json=body, headers=cred("bob", "b-pw")).status_code == 404
+        r = c.post(f"/runs/{rid}/evaluate", json=body, headers=cred("alice", "a-pw"))
+        assert r.status_code == 202, r.text
+        jid = r.json()["id"]
+        assert [j["id"] for j in c.get("/benchmarks", headers=cred("alice", "a-pw")).json()] == [jid]
+        assert c.get("/benchmarks", headers=cred("bob", "b-pw")).json() == []
+        assert c.get(f"/benchmarks/{jid}", headers=cred("bob", "b-pw")).status_code == 404
+        assert c.get(f"/benchmarks?run_ids={rid}", headers=cred("bob", "b-pw")).status_code == 404
+        assert c.post(f"/benchmarks/{jid}/cancel", headers=cred("bob", "b-pw")).status_code == 404
