@@ -242,3 +242,21 @@ def test_with_login_on_a_user_evaluates_and_sees_only_their_own_runs_and_jobs(se
         assert c.get(f"/benchmarks/{jid}", headers=cred("bob", "b-pw")).status_code == 404
         assert c.get(f"/benchmarks?run_ids={rid}", headers=cred("bob", "b-pw")).status_code == 404
         assert c.post(f"/benchmarks/{jid}/cancel", headers=cred("bob", "b-pw")).status_code == 404
+
+
+def test_cli_evaluate_queues_a_job_or_says_why_not(settings, capsys, tmp_path):
+    import json
+
+    from studio.cli import main
+
+    assert main(["evaluate", "base", "--model", "tiny-llama", "--tasks", "arc_easy,hellaswag", "--limit", "5"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["status"] == "queued" and job["tasks"] == ["arc_easy", "hellaswag"] and job["limit"] == 5
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "999", "--tasks", "arc_easy"])
+    assert e.value.code == 2 and "run 999 not found" in capsys.readouterr().err
+    bad = tmp_path / "t.yaml"
+    bad.write_text(GOOD.replace("doc_to_choice: choices", "doc_to_choice: !function utils.x"))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "base", "--model", "tiny-llama", "--user-task", str(bad)])
+    assert e.value.code == 2 and "error: user_tasks[0]: YAML tags are not allowed" in capsys.readouterr().err

@@ -4,7 +4,8 @@ evaluates the run on a multiple-choice task and a generation task written as har
 over those uploads; the scores the worker stored equal those of lm-evaluation-harness
 run directly, with its own `hf` model, on the run's merged model (log-likelihood scores
 identical, perplexity to float precision, generation within the reported stderr). The
-base model is evaluated too, scores otherwise (so the adapter was applied) and leads the table; a harness task whose data is not on the machine fails, saying so."""
+base model is evaluated too, scores otherwise (so the adapter was applied) and leads the table, with a task from the operator's task directory; a harness task whose data
+is not on the machine fails, saying so."""
 
 from __future__ import annotations
 
@@ -45,7 +46,13 @@ def wait_job(client, job_id: int, timeout: float = 420.0) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    s = Studio(studio_env(tmp), tmp)
+    ops = tmp / "operator-tasks"          # the operator's task directory (STUDIO_BENCHMARK_TASK_DIRS)
+    ops.mkdir()
+    (ops / "ops_mc.yaml").write_text(task_yaml("user_mc.yaml", str(FIXTURES / "mc.jsonl"))
+                                     .replace("task: user_mc", "task: ops_mc"))
+    # heartbeats lag on a machine shared by several test sessions (load ~9 on 2 cores): a job's
+    # heartbeat once went 50 s unwritten there, so the reaper's 8 s of studio_env is raised
+    s = Studio(studio_env(tmp, STUDIO_BENCHMARK_TASK_DIRS=str(ops), STUDIO_HEARTBEAT_TIMEOUT=120), tmp)
     yield s, tmp
     s.stop()
 
@@ -90,7 +97,8 @@ def test_a_run_evaluated_through_the_queue_scores_as_the_harness_run_directly(se
     r = c.post(f"/api/runs/{rid}/evaluate", json={"user_tasks": user_tasks})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    base = c.post("/api/benchmarks", json={"model": "smollm2-135m", "user_tasks": user_tasks[2:]})
+    base = c.post("/api/benchmarks", json={"model": "smollm2-135m", "tasks": ["ops_mc"],
+                                                "user_tasks": user_tasks[2:]})
     assert base.status_code == 202, base.text
     offline = c.post(f"/api/runs/{rid}/evaluate", json={"tasks": ["arc_easy"], "limit": 2}).json()["id"]
 
@@ -121,12 +129,16 @@ def test_a_run_evaluated_through_the_queue_scores_as_the_harness_run_directly(se
 
     base_job = wait_job(c, base.json()["id"])
     assert base_job["status"] == "succeeded", base_job["error"]
-    base_ppl = base_job["results"][0]["metrics"]["perplexity"]["value"]
+    base_res = {r["task"]: r for r in base_job["results"]}
+    assert base_res["ops_mc"]["n_samples"] == 6 and "acc" in base_res["ops_mc"]["metrics"]   # the operator's task
+    base_ppl = base_res["user_ppl"]["metrics"]["perplexity"]["value"]
     assert base_ppl != pytest.approx(ppl, rel=1e-3), "the run was scored without its adapter"
     table = c.get(f"/api/benchmarks/table?run_ids={rid}").json()
     assert table["rows"][0][0] == "base (smollm2-135m)" and table["rows"][1][0].startswith(f"#{rid} ")
-    assert table["columns"][2:] == ["user_gen (exact_match)", "user_mc (acc)", "user_ppl (perplexity)"]
-    assert " ± " in table["rows"][1][3] and table["rows"][0][3] == ""     # the base was not run on user_mc
+    assert table["columns"][2:] == ["ops_mc (acc)", "user_gen (exact_match)", "user_mc (acc)",
+                                    "user_ppl (perplexity)"]
+    assert " ± " in table["rows"][1][4] and table["rows"][0][4] == ""     # the base was not run on user_mc
+    assert " ± " in table["rows"][0][2] and table["rows"][1][2] == ""     # nor the run on ops_mc
 
     failed = wait_job(c, offline)
     assert failed["status"] == "failed"

@@ -14,8 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from browser_helpers import browser, open_tab, served, studio_page, wait_text  # noqa: F401
-from conftest import wait_status
+import conftest
+from browser_helpers import CHROMIUM, browser, open_tab, studio_page, wait_text  # noqa: F401
+from conftest import Studio, studio_env, wait_status
 
 pytestmark = pytest.mark.browser
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -24,6 +25,23 @@ RUN = {"name": "bench-llama-lora", "model": "tiny-llama", "task": "causal_lm",
        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-2, "max_seq_len": 48,
                     "eval_every": 0, "eval_batches": 1, "eval_generate": 0}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """browser_helpers' studio with the longer waits a shared machine needs (its start, the
+    heartbeats of a busy worker: see test_browser_playground)."""
+    import shutil
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (make system-deps)")
+    tmp = tmp_path_factory.mktemp("browser-benchmarks")
+    wait = conftest.wait_http
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conftest, "wait_http", lambda url, timeout=400, proc=None: wait(url, 400, proc))
+        s = Studio(studio_env(tmp, STUDIO_HEARTBEAT_TIMEOUT=120), tmp)
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
