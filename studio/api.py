@@ -106,12 +106,6 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         for cls, kwargs in getattr(module, "middleware", lambda _ctx: [])(ctx):
             api.add_middleware(cls, **kwargs)
 
-    from types import SimpleNamespace
-
-    from .benchmark_route import routes as benchmark_routes   # /runs/{id}/evaluate, /benchmarks
-    api.include_router(benchmark_routes(SimpleNamespace(settings=settings, user=user, owner_filter=owner_filter,
-                                                        load_run_for=load_run_for, is_admin=is_admin)))
-
     def custom_openapi():
         if api.openapi_schema:
             return api.openapi_schema

@@ -37,7 +37,7 @@ def check_base_model(settings: Settings, model: Any) -> str:
     test model, or a local directory under the model roots."""
     from engine.models import BUNDLED_MODELS, TINY_MODELS, ModelLoadError, resolve_model_dir
 
-    if not isinstance(model, str) or not model.strip() or len(model) > 500:
+    if not isinstance(model, str) or not model.strip() or len(model) > 500 or "\x00" in model:
         raise BenchmarkRequestError("model: a base model name (a bundled model or a local directory)")
     if model in BUNDLED_MODELS or model in TINY_MODELS:
         return model
@@ -45,6 +45,8 @@ def check_base_model(settings: Settings, model: Any) -> str:
         resolve_model_dir(model, allowed_roots=settings.model_roots, cache_dir=settings.models_dir)
     except ModelLoadError as e:
         raise BenchmarkRequestError(str(e)) from None
+    except (ValueError, OSError) as e:       # a name no file system can hold
+        raise BenchmarkRequestError(f"model: {model[:80]!r} is not a model name or directory ({e})") from None
     return model
 
 

@@ -163,7 +163,7 @@ def requeue_run(settings: Settings, run_id: int, from_statuses, reason: Optional
 def reap_and_requeue(settings: Settings, timeout_s: float, **kw) -> list[tuple[int, str, Optional[int]]]:
     """Fail or requeue runs whose worker died (see db.reap_stale_runs) and send the requeued ones;
     fail the benchmark jobs such a worker held (workers.benchmarks.reap_stale_benchmarks)."""
-    from .benchmarks import reap_stale_benchmarks
+    from .benchmark_jobs import reap_stale_benchmarks
 
     with db.transaction(settings.database_url) as s:
         out = db.reap_stale_runs(s, timeout_s, **kw)

@@ -13,12 +13,15 @@ A bad field is 422 naming it; an unknown (or someone else's) run or job 404.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
-from . import benchmarks as bm
-from . import service
+from .. import benchmarks as bm
+from .. import service
+
+if TYPE_CHECKING:
+    from . import ApiContext
 
 
 def parse_ids(raw: Optional[str]) -> list[int]:
@@ -33,7 +36,7 @@ def parse_ids(raw: Optional[str]) -> list[int]:
     return ids
 
 
-def routes(ctx) -> APIRouter:
+def routes(ctx: "ApiContext") -> APIRouter:
     r = APIRouter()
     settings = ctx.settings
 
