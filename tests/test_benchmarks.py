@@ -260,3 +260,27 @@ def test_cli_evaluate_queues_a_job_or_says_why_not(settings, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "base", "--model", "tiny-llama", "--user-task", str(bad)])
     assert e.value.code == 2 and "error: user_tasks[0]: YAML tags are not allowed" in capsys.readouterr().err
+
+
+def test_compare_ranks_runs_by_a_benchmark_metric_best_first_by_its_own_direction():
+    from studio import benchmarks, compare
+
+    def job(jid, rid, results, status="succeeded"):
+        return {"id": jid, "run_id": rid, "model": "m", "seed": None, "status": status, "results": results}
+
+    def res(task, **metrics):
+        return {"task": task, "metrics": {k: {"value": v, "stderr": 0.01, "higher_is_better": hib}
+                                          for k, (v, hib) in metrics.items()}}
+    runs = [{"id": i, "name": f"r{i}", "method": "lora"} for i in (1, 2, 3, 4)]
+    jobs = [job(1, 1, [res("mc", acc=(0.5, True)), res("ppl", perplexity=(9.0, False))]),
+            job(2, 2, [res("mc", acc=(0.7, True)), res("ppl", perplexity=(12.0, False))]),
+            job(3, 1, [res("mc", acc=(0.9, True))]),                      # run 1's newest mc score
+            job(4, 3, [res("mc", acc=(0.99, True))], status="failed"),    # a failed job counts for nothing
+            job(5, None, [res("mc", acc=(0.1, True))])]                   # the base is not a run to rank
+    assert compare.benchmark_choices(jobs) == ["mc / acc", "ppl / perplexity"]
+    scores = benchmarks.latest_scores(jobs)
+    acc = compare.rank_by_benchmark(runs, scores, "mc / acc")
+    assert [(r[0], r[1], r[3]) for r in acc] == [(1, "#1 r1", "0.9000 ± 0.0100"), (2, "#2 r2", "0.7000 ± 0.0100")]
+    ppl = compare.rank_by_benchmark(runs, scores, "ppl / perplexity")
+    assert [r[1] for r in ppl] == ["#1 r1", "#2 r2"]                    # lower perplexity first
+    assert compare.rank_by_benchmark(runs, scores, "") == []
