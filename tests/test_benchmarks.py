@@ -143,14 +143,28 @@ def test_an_adapter_changes_the_scores_and_the_base_is_untouched(smollm2):
 
 # ---------------------------------------------------------------- the reaper
 
-def test_a_job_whose_worker_died_is_failed_never_left_running(settings):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db(request, settings):
+    """The test's settings on SQLite, and on a fresh PostgreSQL database at head."""
+    if request.param == "sqlite":
+        return settings
+    import dataclasses
+
+    from workers import db
+
+    url = request.getfixturevalue("pg_url")
+    db.upgrade(url)
+    return dataclasses.replace(settings, database_url=url)
+
+
+def test_a_job_whose_worker_died_is_failed_never_left_running(any_db):
     import datetime as dt
 
     from workers import db
     from workers.benchmarks import claim_job, create_job
     from workers.queue import reap_and_requeue
 
-    with db.transaction(settings.database_url) as s:
+    with db.transaction(any_db.database_url) as s:
         stale = create_job(s, run_id=None, model="tiny-llama", seed=0, owner=None, tasks=["x"], user_tasks=[],
                            limit=None, num_fewshot=None).id
         fresh = create_job(s, run_id=None, model="tiny-llama", seed=0, owner=None, tasks=["x"], user_tasks=[],
@@ -161,9 +175,9 @@ def test_a_job_whose_worker_died_is_failed_never_left_running(settings):
         assert claim_job(s, gone, 0, "embedded-1", 3)
         assert not claim_job(s, stale, 0, "w-other", 4)            # claimed once only
         s.get(db.BenchmarkJob, stale).heartbeat_at = db.utcnow() - dt.timedelta(seconds=600)
-    reap_and_requeue(settings, 60)
-    reap_and_requeue(settings, 0, host="embedded-1", reason="the worker exited (code -9)")
-    with db.transaction(settings.database_url) as s:
+    reap_and_requeue(any_db, 60)
+    reap_and_requeue(any_db, 0, host="embedded-1", reason="the worker exited (code -9)")
+    with db.transaction(any_db.database_url) as s:
         st = {j: (s.get(db.BenchmarkJob, j).status, s.get(db.BenchmarkJob, j).error) for j in (stale, fresh, gone)}
     assert st[stale][0] == "failed" and "w-dead stopped sending heartbeats" in st[stale][1]
     assert st[fresh] == ("running", None)
