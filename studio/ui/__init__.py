@@ -1,6 +1,7 @@
 """The Gradio UI: Launch (config + live memory estimate), Runs (live progress,
 actions, downloads), Compare (runs side by side), Playground (base vs adapter),
-one module per tab; the form helpers they share are in `forms`. Everything shown
+one module per tab, and an "API keys" accordion (keys_panel); the form helpers they
+share are in `forms`. Everything shown
 is read from the database, so a reopened browser shows the same state."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from workers.settings import Settings
 
 from .common import Ctx
 from .compare_tab import CompareTab
+from .keys_panel import KeysPanel
 from .launch_tab import LaunchTab
 from .playground_tab import PlaygroundTab
 from .runs_tab import RunsTab
@@ -35,12 +37,15 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
                 comparing = CompareTab(ctx)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 playground = PlaygroundTab(ctx)
+        with gr.Accordion("API keys", open=False, elem_id="keys-accordion"):
+            keys = KeysPanel(ctx)
         timer = gr.Timer(POLL_S)
         launch.wire(demo, runs.run_id)
         runs.wire(demo, timer, selected_store)
         runs.wire_clone(launch, tabs)
         comparing.wire(demo)
         playground.wire(demo)
+        keys.wire(demo)
     return demo
 
 
