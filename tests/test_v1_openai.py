@@ -9,14 +9,13 @@ OpenAI's error shape (bad key 401, someone else's run 404, a classifier 400, bad
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import free_port, require
+from conftest import require
+from v1_helpers import serve_in_thread
 
 openai = require("openai")
 
@@ -41,8 +40,6 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import uvicorn
-
     from studio import service
     from studio.runtime import prepare_database
     from studio.server import build_app
@@ -68,20 +65,8 @@ def served(tmp_path_factory):
         keys = {u: api_keys.create_key(url, u, "test")[1] for u in ("alice", "bob", "root")}
         revoked_row, keys["revoked"] = api_keys.create_key(url, "alice", "old")
         api_keys.revoke_key(url, "alice", revoked_row["id"])
-        app = build_app(settings)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        try:
-            yield {"settings": settings, "ids": ids, "keys": keys, "url": f"http://127.0.0.1:{port}"}
-        finally:
-            server.should_exit = True
-            thread.join(30)
+        with serve_in_thread(build_app(settings)) as base_url:
+            yield {"settings": settings, "ids": ids, "keys": keys, "url": base_url}
 
 
 def client(served, who="alice", **kw):
