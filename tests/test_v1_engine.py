@@ -45,6 +45,8 @@ def test_a_batch_decodes_what_each_row_decodes_alone_and_what_generate_does(lm):
     for r, res in zip(rows, together):
         alone = run_rows(model, tok, [Row(r.prompt, r.sampling)])[0]
         assert [t.id for t in res.tokens] == [t.id for t in alone.tokens]
+        # the log-probabilities too: a random model's argmax barely moves, its distribution does
+        assert [t.logprob for t in res.tokens] == pytest.approx([t.logprob for t in alone.tokens], abs=1e-5)
         assert res.text == alone.text
         x = torch.tensor([r.prompt])
         with torch.no_grad():
