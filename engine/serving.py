@@ -242,13 +242,15 @@ def run_rows(model: nn.Module, tokenizer, rows: list[Row], lock: Optional[thread
         for i, (r, st) in enumerate(zip(rows, states)):
             if r.sampling.echo_scores:
                 n = len(r.prompt)
-                logp = head(hidden[i, width - n:width - 1]).float().log_softmax(-1)
+                logp = head(hidden[i, width - n:width - 1]).float().log_softmax(-1).cpu()
                 first = Token(r.prompt[0], _token_text(tokenizer, r.prompt[0]), None)
                 st.prompt_scores = [first] + [scored(tokenizer, logp[j], r.prompt[j + 1], r.sampling.top_logprobs)
                                              for j in range(n - 1)]
         logits = head(hidden[:, -1]).float()
     while True:
-        tok = torch.tensor([st.step(logits[i]) for i, st in enumerate(states)], dtype=torch.long, device=device)
+        # sampled on the CPU with each row's CPU generator: the same seed draws the same on any device
+        host = logits.cpu()
+        tok = torch.tensor([st.step(host[i]) for i, st in enumerate(states)], dtype=torch.long, device=device)
         if all(st.done for st in states):
             break
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)

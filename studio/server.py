@@ -1,7 +1,6 @@
 """`peft-studio serve`: FastAPI (REST at /api, the OpenAI-compatible API at /v1) with
-the Gradio UI mounted at /,
-database migrations at start, a stale-run reaper, and — with no broker
-configured — an embedded worker process that it supervises."""
+the Gradio UI mounted at /, database migrations at start, a stale-run reaper, and —
+with no broker configured — an embedded worker process that it supervises."""
 
 from __future__ import annotations
 
