@@ -324,3 +324,11 @@ def test_api_takes_the_same_key_and_shows_its_owners_runs(served):
     assert {r["owner"] for r in runs} == {"alice"}
     r = httpx.get(served["url"] + "/api/runs", headers={"Authorization": f"Bearer {served['keys']['revoked']}"})
     assert r.status_code == 401
+
+
+@pytest.mark.slow
+def test_the_bundled_smollm2_answers_through_its_chat_template(served):
+    r = client(served).chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
