@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 16                   # choices per prompt
 MAX_PROMPTS = 64             # prompts in one completions request
-MAX_STOP = 4                 # stop strings
+MAX_STOP = 16                # stop strings (OpenAI allows 4; evaluation harnesses send more)
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS = 4096            # new tokens per choice (the model's context also bounds it)
 MAX_PROMPT_CHARS = 200_000
