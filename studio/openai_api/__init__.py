@@ -4,8 +4,8 @@ OpenAI client, agent framework or evaluation tool can call a run (docs/serving.m
 
 A second FastAPI app beside /api (studio.server mounts it at /v1). Its routes are
 registered as /api's are: each module of `ROUTE_MODULES` defines
-`routes(ctx: ApiContext) -> APIRouter`; `ctx` carries the settings, the login
-dependency `user`, `owner_filter`, `load_run_for` and `is_admin`. With login on,
+`routes(ctx: ApiContext) -> APIRouter` (studio.routes.ApiContext: the settings, the
+login dependency `user`, `owner_filter`, `load_run_for` and `is_admin`). With login on,
 `BearerGate` (studio.openai_api.errors) admits only requests with a user's API key
 (`Authorization: Bearer <key>`, workers.api_keys), and a key sees what its owner sees
 in /api. Every error is in OpenAI's shape.
@@ -17,24 +17,14 @@ engine.serving)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Optional
 
 from fastapi import FastAPI, HTTPException, Request
 
 from workers.settings import Settings
 
-
-@dataclass(frozen=True)
-class ApiContext:
-    settings: Settings
-    user: Callable[..., Awaitable[Optional[str]]]
-    owner_filter: Callable[[Optional[str]], Optional[str]]
-    load_run_for: Callable[[int, Optional[str]], dict]
-    is_admin: Callable[[Optional[str]], bool]
-
-
-from . import chat, completions, models  # noqa: E402  (they import ApiContext)
+from ..routes import ApiContext
+from . import chat, completions, models
 
 ROUTE_MODULES = (models, completions, chat)
 
@@ -63,7 +53,8 @@ def context(settings: Settings, auth=None) -> ApiContext:
             raise HTTPException(404, f"run {run_id} not found")
         return run
 
-    return ApiContext(settings, user, owner_filter, load_run_for, is_admin)
+    return ApiContext(settings=settings, user=user, owner_filter=owner_filter, load_run_for=load_run_for,
+                      is_admin=is_admin)
 
 
 def build_v1(settings: Settings, auth=None) -> FastAPI:

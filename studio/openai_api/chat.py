@@ -22,7 +22,7 @@ from .errors import OpenAIError, error_body
 from .schemas import ChatRequest
 
 if TYPE_CHECKING:
-    from . import ApiContext
+    from ..routes import ApiContext
 
 DEFAULT_TOKENS = 512
 

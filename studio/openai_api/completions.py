@@ -25,7 +25,7 @@ from .schemas import CompletionRequest
 from .targets import open_target, resolve
 
 if TYPE_CHECKING:
-    from . import ApiContext
+    from ..routes import ApiContext
 
 
 def sse(obj) -> str:

@@ -10,7 +10,7 @@ from .errors import OpenAIError
 from .targets import list_models
 
 if TYPE_CHECKING:
-    from . import ApiContext
+    from ..routes import ApiContext
 
 
 def routes(ctx: "ApiContext") -> APIRouter:
