@@ -33,6 +33,8 @@ def test_a_key_made_in_the_page_opens_v1_until_revoked_there(served, browser):  
         page.get_by_label("username").fill("alice")
         page.get_by_label("password").fill("wonderland")
         page.get_by_role("button", name="Login").click()
+        # the page's load events (the keys list among them) have answered once the first estimate is drawn
+        page.wait_for_selector("#estimate-plot .js-plotly-plot", timeout=180_000)
         page.locator("#keys-accordion").get_by_text("API keys").first.click()
         page.locator("#keys-name textarea, #keys-name input").first.fill("notebook")
         page.locator("#keys-create").click()
