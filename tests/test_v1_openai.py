@@ -231,7 +231,7 @@ def test_concurrent_requests_are_batched_into_fewer_forwards(served):
     one_by_one = [c.completions.create(model=name, prompt=p, max_tokens=steps, temperature=0).choices[0].text
                   for p in prompts]
     old = runner.BATCHER.window_s
-    runner.BATCHER.window_s = 0.5        # gather what arrives together (the requests below are concurrent)
+    runner.BATCHER.window_s = 1.0        # gather what arrives together (the requests below are concurrent)
     try:
         batches, forwards = runner.BATCHER.batches, serving.FORWARDS.value
 
