@@ -295,6 +295,11 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
     from .compare_route import register_compare_routes
     register_compare_routes(api, settings, user, owner_filter)   # GET /compare (studio.compare_route)
 
+    from types import SimpleNamespace
+
+    from .studies_route import routes as study_routes
+    api.include_router(study_routes(SimpleNamespace(settings=settings, user=user, owner_filter=owner_filter)))
+
     def custom_openapi():
         if api.openapi_schema:
             return api.openapi_schema

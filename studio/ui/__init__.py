@@ -1,5 +1,6 @@
 """The Gradio UI: Launch (config + live memory estimate), Runs (live progress,
 actions, downloads), Compare (runs side by side), Playground (base vs adapter),
+Studies (each method tuned within one budget),
 one module per tab; the form helpers they share are in `forms`. Everything shown
 is read from the database, so a reopened browser shows the same state."""
 
@@ -14,6 +15,7 @@ from .compare_tab import CompareTab
 from .launch_tab import LaunchTab
 from .playground_tab import PlaygroundTab
 from .runs_tab import RunsTab
+from .studies_tab import StudiesTab
 
 POLL_S = 2.0
 
@@ -35,12 +37,15 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
                 comparing = CompareTab(ctx)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 playground = PlaygroundTab(ctx)
+            with gr.Tab("Studies", id="studies", elem_id="tab-studies"):
+                studying = StudiesTab(ctx)
         timer = gr.Timer(POLL_S)
         launch.wire(demo, runs.run_id)
         runs.wire(demo, timer, selected_store)
         runs.wire_clone(launch, tabs)
         comparing.wire(demo)
         playground.wire(demo)
+        studying.wire(demo, tabs, comparing.runs)
     return demo
 
 
