@@ -86,7 +86,7 @@ def test_a_studio_killed_mid_study_loses_no_trial(tmp_path):
     s = Studio(env, tmp_path)
     try:
         c = s.client()
-        sid = c.post("/api/studies", json=tiny_study(budget={"trials": 6}, parallel=2)).json()["id"]
+        sid = c.post("/api/studies", json=tiny_study(budget={"trials": 4}, parallel=2)).json()["id"]
         mid = wait_study(c, sid, until=lambda st: sum(t["state"] == "completed" for t in st["trials"]) >= 1
                          and len(st["trials"]) >= 3)
         assert mid["status"] == "running"
@@ -102,9 +102,9 @@ def test_a_studio_killed_mid_study_loses_no_trial(tmp_path):
         c = s2.client()
         st = wait_study(c, sid)
         assert st["status"] == "completed", s2.logs()
-        assert len(st["trials"]) == 6
+        assert len(st["trials"]) == 4
         ids = [t["run_id"] for t in st["trials"]]
-        assert all(ids) and len(set(ids)) == 6
+        assert all(ids) and len(set(ids)) == 4
         runs = [r for r in c.get("/api/runs").json() if r["name"].startswith(f"study{sid}-")]
         assert sorted(r["id"] for r in runs) == sorted(ids), "a trial's run was launched twice"
         assert all(t["state"] in ("completed", "pruned") for t in st["trials"]), st["trials"]

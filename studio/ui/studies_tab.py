@@ -20,7 +20,19 @@ from ..study_storage import StudyStorageError
 from .common import Ctx
 from .forms import DEFAULT_MODEL, MODEL_CHOICES
 
-DEFAULT_METHODS = ["lora", "ia3", "bitfit", "prompt_tuning"]
+
+
+def default_methods() -> list[str]:
+    """The form's first study: the first registered method of each family that trains new or
+    selected parameters of a full-precision base (LoRA, IA3, BitFit, prompt tuning today)."""
+    from engine.methods.base import Family
+
+    out = []
+    for fam in (Family.LORA, Family.IA3, Family.SELECTIVE, Family.PROMPT):
+        out += [n for n, s in METHODS.items()
+                if s.family == fam and not s.trains_base_weights and not s.quantizes_base][:1]
+    return out
+
 # the ranges an opened hyperparameter is searched over (the learning rate's comes from each method)
 OPEN_RANGES = {"r": [2, 32], "alpha": [4.0, 64.0], "dropout": [0.0, 0.3], "warmup_steps": [0, 10]}
 
@@ -90,7 +102,7 @@ class StudiesTab:
                 self.task = gr.Radio(["classification", "causal_lm"], value="classification", label="Task",
                                      elem_id="study-task")
             with gr.Row():
-                self.methods = gr.Dropdown(list(METHODS), value=DEFAULT_METHODS, multiselect=True, label="Methods",
+                self.methods = gr.Dropdown(list(METHODS), value=default_methods(), multiselect=True, label="Methods",
                                            elem_id="study-methods", scale=3)
                 self.ranks = gr.Textbox("", label="Ranks (optional, e.g. 4, 16)", elem_id="study-ranks", scale=1)
                 self.metric = gr.Dropdown(list(METRIC_DIRECTION), value="accuracy", label="Metric",
