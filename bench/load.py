@@ -384,7 +384,7 @@ def main() -> int:
                 "(a) has finished. The headline is the computed path: each burst is 200 queries the studio has "
                 "not been asked before, so the estimator works each one out (its plan, counts and saved "
                 "activations). A clean query is answered by the /api app's pure-ASGI estimate path "
-                "(`studio/estimate_route.py`: the route's own parameter rules and login dependency, no FastAPI "
+                "(`studio/routes/estimate.py`: the route's own parameter rules and login dependency, no FastAPI "
                 "or pydantic on the way); repeats of one query are answered from the estimator's LRU "
                 "(`engine.estimator`, the one estimate cache). Every response body is compared with the CLI's "
                 "answer for the same inputs (`peft-studio estimate ... --json`: `studio.cli.main` run per query "

@@ -1,15 +1,21 @@
 """Launch checks and figures the studio derives from a run config without training it:
-whether a model is estimate-only (a catalog entry, no weights here), the parameter counts
-the worker will record, and the dataset read against the task before a run is queued."""
+whether a model is estimate-only (a catalog entry, no weights here), the model's config
+without its weights, the method applied to a weightless copy (the structure check and the
+parameter counts the worker will record), and the dataset read against the task before a
+run is queued."""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Optional
 
 from workers.settings import Settings
 
-from . import service
+from .errors import InternalError, SubmitError
+
+log = logging.getLogger("peft_studio.service")
 
 
 def is_estimate_only(model: str) -> bool:
@@ -35,8 +41,8 @@ def parameter_counts(model: str, task: str, method: dict, settings: Optional[Set
     ds = next((n for n, meta in BUNDLED_DATASETS.items() if meta["task"] == task), None)
     try:
         cfg = parse_run_config({"model": model, "task": task, "dataset": {"name": ds}, "method": method})
-        out = service.check_against_model(cfg, settings)
-    except (ConfigError, service.SubmitError, ValueError):
+        out = check_against_model(cfg, settings)
+    except (ConfigError, SubmitError, ValueError):
         out = None
     if len(_COUNTS) > 256:
         _COUNTS.clear()
@@ -65,4 +71,56 @@ def check_dataset_for_task(cfg, settings: Settings) -> None:
             msg = upload_display_names(settings, str(e))
             if multi:
                 msg = msg.replace("dataset.", f"dataset.tasks.{i}.", 1)
-            raise service.SubmitError(msg) from None
+            raise SubmitError(msg) from None
+
+
+def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional[dict]:
+    """config.json of a model without weights: bundled/tiny/catalog/local; None for a hub id."""
+    from engine.models import ModelLoadError, check_local_model_dir
+
+    # fuzzing: a 5000-character name made Path.exists() raise OSError (ENAMETOOLONG, a 500),
+    # and control characters (NUL ...) were queued as hub ids; neither names a model
+    if len(name) > 500 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ModelLoadError("model: not a model name (over 500 characters or control characters)")
+    # a path is checked against the allowed model roots before anything reads it: the
+    # estimator's loader would read any config.json, so it only gets names (catalog)
+    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
+        from engine.estimator import load_model_config
+        try:
+            return load_model_config(name)
+        except ValueError:   # not a catalog, bundled or tiny name: a local directory or a hub id
+            pass
+    p = Path(name).expanduser()
+    if p.is_absolute() or name.startswith((".", "~")) or p.exists():
+        roots = settings.model_roots if settings else None
+        d = check_local_model_dir(p, roots)
+        return json.loads((d / "config.json").read_text())
+    return None
+
+
+def check_against_model(cfg, settings: Optional[Settings] = None) -> Optional[tuple[int, int]]:
+    """Apply the method to a weightless copy of the model (engine.prepare.dry_run);
+    returns (n_params, n_trainable) or None when the model's config is not available here."""
+    from engine.models import ModelLoadError
+    from engine.prepare import dry_run
+
+    try:
+        conf = model_config_for(cfg.model, settings)
+    except ModelLoadError as e:
+        raise SubmitError(str(e)) from None
+    if conf is None or not conf.get("model_type"):
+        return None
+    from engine.methods import get_method
+
+    try:
+        return dry_run(cfg, conf)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise SubmitError(str(e)) from None
+    except Exception as e:
+        # quantizing a base (QLoRA's NF4) reads its weights, which the meta device has not;
+        # the worker checks such a run when it loads the model. Anything else is our fault.
+        if get_method(cfg.method.name).quantizes_base:
+            log.info("meta-device check skipped for %s (it quantizes the base): %s", cfg.method.name, e)
+            return None
+        raise InternalError(f"method: the structure check of {cfg.method.name!r} on {cfg.model!r} failed "
+                            f"({type(e).__name__}: {e}); this is a fault in the studio, not in the config") from e

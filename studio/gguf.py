@@ -23,6 +23,7 @@ from workers.settings import Settings
 
 from . import service
 from .artifacts import ArtifactError
+from .run_files import gguf_dir, run_gguf_files
 
 log = logging.getLogger("peft_studio.gguf")
 QUANTS = ("f16", "q8_0")     # engine.gguf_export.QUANTS (kept here so importing this needs no torch)
@@ -35,10 +36,6 @@ class BadQuant(ValueError):
 class GGUFUnsupported(ArtifactError):
     """A run whose model GGUF export cannot express (a 409): not Llama, not a causal LM,
     a tokenizer llama.cpp has no model for."""
-
-
-def gguf_dir(settings: Settings) -> Path:
-    return settings.data_dir / "gguf"
 
 
 def base_architecture(settings: Settings, model: str) -> Optional[str]:
@@ -138,15 +135,7 @@ def _build(settings: Settings, run: dict, quant: str, final: Path) -> None:
     log.info("run %s: GGUF %s built (%d bytes, %s)", run["id"], quant, final.stat().st_size, final.name)
 
 
-def forget(settings: Settings, run_id: int) -> None:
-    """Remove every GGUF file kept for a run (the run was deleted)."""
-    folder = gguf_dir(settings)
-    if folder.is_dir():
-        _drop_stale(folder, run_id, keep_prefix="\0")
-
-
 def cached(settings: Settings, run_id: int) -> list[str]:
     """Names of the GGUF files kept for a run (for tests and housekeeping)."""
-    folder = gguf_dir(settings)
-    return sorted(p.name for p in folder.glob(f"run{int(run_id)}-*.gguf")) if folder.is_dir() else []
+    return [p.name for p in run_gguf_files(settings, run_id)]
 

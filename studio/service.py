@@ -16,21 +16,11 @@ from sqlalchemy import delete, func, select
 from workers import db
 from workers.settings import Settings
 
+from .checks import check_against_model, check_dataset_for_task, is_estimate_only, model_config_for
+from .errors import InternalError, NotFound, SubmitError
+from .run_files import forget_run_files
+
 log = logging.getLogger("peft_studio.service")
-
-
-class SubmitError(ValueError):
-    """A run that cannot be queued; the message names the field."""
-
-
-class NotFound(LookupError):
-    pass
-
-
-class InternalError(SubmitError):
-    """A run that cannot be queued because of a fault of ours, not of its config (an
-    estimator or structure check that broke): the API answers 500 with this message,
-    never a silently skipped check. A SubmitError, so the CLI and UI show it as one."""
 
 
 # ------------------------------------------------------------------ validation and estimate
@@ -59,8 +49,6 @@ def validate_config(cfg_dict: dict, settings: Optional[Settings] = None):
     # check with "Overflow when unpacking long long" (no field named)
     if not -2**63 <= cfg.training.seed < 2**64:
         raise SubmitError("training.seed: must fit in 64 bits")
-    from .checks import check_dataset_for_task, is_estimate_only
-
     if is_estimate_only(cfg.model):
         raise SubmitError(f"model: {cfg.model!r} is in the estimator's catalog only: its weights are not on this "
                           f"machine, so it can be estimated but not trained here; pick a bundled model or give a "
@@ -83,59 +71,6 @@ def check_dataset_path(settings: Settings, path: str, field: str) -> None:
         msg = str(e)
         msg = msg if msg.startswith("dataset.path: ") else f"dataset.path: {path[:200]!r} is not a valid path ({msg})"
         raise SubmitError(msg.replace("dataset.path: ", f"{field}: ", 1)) from None
-
-
-def model_config_for(name: str, settings: Optional[Settings] = None) -> Optional[dict]:
-    """config.json of a model without weights: bundled/tiny/catalog/local; None for a hub id."""
-    from engine.models import ModelLoadError, check_local_model_dir
-    import json
-
-    # fuzzing: a 5000-character name made Path.exists() raise OSError (ENAMETOOLONG, a 500),
-    # and control characters (NUL ...) were queued as hub ids; neither names a model
-    if len(name) > 500 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise ModelLoadError("model: not a model name (over 500 characters or control characters)")
-    # a path is checked against the allowed model roots before anything reads it: the
-    # estimator's loader would read any config.json, so it only gets names (catalog)
-    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
-        from engine.estimator import load_model_config
-        try:
-            return load_model_config(name)
-        except ValueError:   # not a catalog, bundled or tiny name: a local directory or a hub id
-            pass
-    p = Path(name).expanduser()
-    if p.is_absolute() or name.startswith((".", "~")) or p.exists():
-        roots = settings.model_roots if settings else None
-        d = check_local_model_dir(p, roots)
-        return json.loads((d / "config.json").read_text())
-    return None
-
-
-def check_against_model(cfg, settings: Optional[Settings] = None) -> Optional[tuple[int, int]]:
-    """Apply the method to a weightless copy of the model (engine.prepare.dry_run);
-    returns (n_params, n_trainable) or None when the model's config is not available here."""
-    from engine.models import ModelLoadError
-    from engine.prepare import dry_run
-
-    try:
-        conf = model_config_for(cfg.model, settings)
-    except ModelLoadError as e:
-        raise SubmitError(str(e)) from None
-    if conf is None or not conf.get("model_type"):
-        return None
-    from engine.methods import get_method
-
-    try:
-        return dry_run(cfg, conf)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        raise SubmitError(str(e)) from None
-    except Exception as e:
-        # quantizing a base (QLoRA's NF4) reads its weights, which the meta device has not;
-        # the worker checks such a run when it loads the model. Anything else is our fault.
-        if get_method(cfg.method.name).quantizes_base:
-            log.info("meta-device check skipped for %s (it quantizes the base): %s", cfg.method.name, e)
-            return None
-        raise InternalError(f"method: the structure check of {cfg.method.name!r} on {cfg.model!r} failed "
-                            f"({type(e).__name__}: {e}); this is a fault in the studio, not in the config") from e
 
 
 def estimate_for(cfg, settings: Optional[Settings] = None) -> dict:
@@ -409,8 +344,7 @@ def delete_run(settings: Settings, run_id: int) -> None:
             get_store(settings).delete(key)
         except StoreError as e:
             log.warning("run %s deleted, but its object could not be removed: %s", run_id, e)
-    from .gguf import forget   # this machine's GGUF files built from the run
-    forget(settings, run_id)
+    forget_run_files(settings, run_id)   # what this machine derived from the run (GGUF files)
 
 
 def list_workers(settings: Settings) -> list[dict]:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from engine import estimator
 from engine.estimator import estimate
-from studio.api import build_api
+from studio.api import build_api, flat_routes
 from studio.auth import Auth
 from workers import db
 from workers.settings import load_settings
@@ -82,7 +82,7 @@ def test_with_login_every_estimate_needs_credentials(settings, monkeypatch):
     assert c.get("/estimate", params=QUERY, headers=bad).status_code == 401
 
 
-# ---- the fast path (studio.estimate_route): same answers, same validation, same login ----
+# ---- the fast path (studio.routes.estimate): same answers, same validation, same login ----
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
@@ -91,7 +91,7 @@ import json  # noqa: E402
 import typing  # noqa: E402
 
 from studio import cli  # noqa: E402
-from studio.estimate_route import PARAMS, REQUIRED, EstimateFastPath, parse_query  # noqa: E402
+from studio.routes.estimate import PARAMS, REQUIRED, EstimateFastPath, parse_query  # noqa: E402
 
 # distinct queries over several models and methods, as a person would ask them: (REST query, CLI args)
 DISTINCT = [
@@ -150,7 +150,7 @@ def test_the_fast_path_mirrors_the_routes_parameters(settings):
     import annotated_types
 
     api = build_api(settings)
-    route = next(r for r in api.routes if getattr(r, "path", "") == "/estimate")
+    route = next(r for r in flat_routes(api) if getattr(r, "path", "") == "/estimate")
     fields = {f.name: f for f in route.dependant.query_params}
     assert set(fields) == set(PARAMS)
     for name, (kind, default, rule) in PARAMS.items():

@@ -104,11 +104,13 @@ def narrowed_document(api) -> dict:
         variants.append({"$ref": f"#/components/schemas/Method_{name}"})
     rc = comps["RunConfig"]
     rc["properties"]["method"] = {"oneOf": variants}
-    rc["properties"]["model"] = {"enum": ["tiny-bert", "tiny-llama", "gpt2", "bert-base"]}
-    rc["properties"]["dataset"] = {"anyOf": [
-        {"$ref": "#/components/schemas/DatasetConfig"},
-        {"type": "object", "additionalProperties": False, "required": ["name"],
-         "properties": {"name": {"enum": ["demo-sentiment", "demo-instruct"]}}}]}
+    # models with weights here: a catalog model (gpt2, bert-base) is refused before the
+    # structure check since #24, and a free-form dataset is refused before it too (the other
+    # fuzz cases cover both); with them in, whether any draw reached the check hung on the
+    # order in which pydantic had built the schemas
+    rc["properties"]["model"] = {"enum": ["tiny-bert", "tiny-llama"]}
+    rc["properties"]["dataset"] = {"type": "object", "additionalProperties": False, "required": ["name"],
+                                   "properties": {"name": {"enum": ["demo-sentiment", "demo-instruct"]}}}
     doc["paths"] = {"/runs": {"post": doc["paths"]["/runs"]["post"]}}
     return doc
 
@@ -175,7 +177,7 @@ def test_run_configs_with_real_methods_never_5xx(runs_schema):
     fuzz(runs_schema, "POST /runs", "positive", 2 * MAX_EXAMPLES)
     # the narrowed document gets past the schema: some configs are queued, so the
     # meta-device check of real method configs ran
-    assert any(s == 201 for _, s, _ in SEEN), SEEN[:20]
+    assert sum(s == 201 for _, s, _ in SEEN) >= 5, SEEN[:20]
 
 
 def test_a_method_name_that_is_not_a_string_is_a_422_naming_the_field(api_app):

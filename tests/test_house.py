@@ -61,12 +61,16 @@ def all_imports(body: list) -> list:
     return out
 
 
-def import_graph(package: str = "engine", deferred: bool = False) -> dict[str, set[str]]:
-    """{module: modules of `package` it imports} (at load time, or anywhere with
+HOUSE = ("engine", "studio", "workers")
+
+
+def import_graph(packages: str | tuple[str, ...] = "engine", deferred: bool = False) -> dict[str, set[str]]:
+    """{module: modules of `packages` it imports} (at load time, or anywhere with
     `deferred`). Importing a.b.c also runs the __init__ of a.b (unless the importer is
     inside a.b, which is then already loading)."""
     find = all_imports if deferred else load_time_imports
-    files = {module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    packages = (packages,) if isinstance(packages, str) else packages
+    files = {module_name(p): p for package in packages for p in (ROOT / package).rglob("*.py")}
     is_pkg = {m: p.name == "__init__.py" for m, p in files.items()}
     graph: dict[str, set[str]] = {}
     for mod, path in files.items():
@@ -157,6 +161,21 @@ def test_no_import_circle_in_the_engine_counting_deferred_imports():
                        + "; ".join(" <-> ".join(c) for c in found))
 
 
+def test_no_import_circle_in_the_house_counting_deferred_imports():
+    """engine, studio and workers together: an import moved into a function to dodge a
+    circle (studio.service <-> studio.gguf, workers.tasks <-> workers.packing were two)
+    still closes it."""
+    found = cycles(import_graph(HOUSE, deferred=True))
+    assert not found, ("import circles in the house (imports inside functions included): "
+                       + "; ".join(" <-> ".join(c) for c in found))
+
+
+def test_the_house_graph_sees_imports_across_packages_and_inside_functions():
+    g = import_graph(HOUSE, deferred=True)
+    assert "workers.settings" in g["studio.api"]          # across packages, at load time
+    assert "engine.estimator" in g["studio.routes.estimate"]   # inside a function
+
+
 # ---- method names tested as strings ------------------------------------------------------------------
 
 SCANNED = ("engine", "studio", "workers")
@@ -245,3 +264,48 @@ def test_no_method_name_is_tested_outside_engine_methods():
         problems += [f"more than one UI default method: {w}" for w in ui_defaults]
     assert not problems, ("method names tested outside engine/methods/ (ask get_method(name).family, "
                           ".adds_params, .quantizes_base, .plan, ... instead):\n" + "\n".join(problems))
+
+
+# ---- routes: one way in ---------------------------------------------------------------------------
+
+ROUTE_DECORATORS = {"get", "post", "put", "delete", "patch", "api_route", "websocket", "route"}
+
+
+def route_decorators_outside_routes(tree: ast.AST) -> list[int]:
+    """Lines of `@x.get(...)`-style route decorators that are not inside a function named
+    `routes` (the one way in: studio.routes' modules define `routes(ctx) -> APIRouter`)."""
+    bad: list[int] = []
+
+    def visit(node, inside: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            now = inside or (isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and child.name == "routes")
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not inside:
+                for d in child.decorator_list:
+                    if isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in ROUTE_DECORATORS:
+                        bad.append(d.lineno)
+            visit(child, now)
+
+    visit(tree, False)
+    return bad
+
+
+def test_routes_are_registered_one_way():
+    import studio.routes as routes_pkg
+
+    offenders = []
+    for package in HOUSE:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for line in route_decorators_outside_routes(ast.parse(path.read_text(), str(path))):
+                offenders.append(f"{path.relative_to(ROOT)}:{line}")
+    assert not offenders, "a route registered outside a `routes(ctx)` function: " + ", ".join(offenders)
+    listed = {m.__name__ for m in routes_pkg.ROUTE_MODULES}
+    for path in (ROOT / "studio" / "routes").glob("*.py"):
+        if path.name != "__init__.py":
+            assert f"studio.routes.{path.stem}" in listed, f"{path.name} is not in studio.routes.ROUTE_MODULES"
+    assert all(callable(getattr(m, "routes", None)) for m in routes_pkg.ROUTE_MODULES)
+
+
+def test_the_route_check_sees_a_stray_route():
+    src = ("def build(api):\n    @api.get('/x')\n    def x():\n        pass\n"
+           "def routes(ctx):\n    @api.post('/y')\n    def y():\n        pass\n")
+    assert route_decorators_outside_routes(ast.parse(src)) == [2]

@@ -5,7 +5,7 @@ threads. Each thread that receives a run:
 
 1. works out the run's **memory budget** for this worker's device kind, before
    claiming it (the run's row is still `queued`):
-   - `estimate` E: `workers.tasks.device_estimate` of the run's config (CPU: no
+   - `estimate` E: `workers.this_worker.device_estimate` of the run's config (CPU: no
      CUDA context); the submit estimate when the estimator does not know the model.
    - `cap` = E × (1 + margin) + 160 MiB (STUDIO_WORKER_MEMORY_MARGIN, default 0.2).
      The margin is the issue's "exceeds its estimate by more than the margin"; the
@@ -158,7 +158,7 @@ def run_budget(settings: Settings, config: dict, device: str, total: int,
     try:
         from engine.config import parse_run_config
 
-        from .tasks import device_estimate
+        from .this_worker import device_estimate
 
         cfg = parse_run_config(config)
         with _ESTIMATE_LOCK:   # transformers' lazy imports are not thread-safe on first use
@@ -255,7 +255,7 @@ def presence_loop(settings: Settings, name: str, stop: threading.Event) -> None:
 
 def run_packed(run_id: int, token: Optional[int], settings: Settings) -> str:
     """The Celery task body on a packing worker: reserve, run in a child, watch, settle."""
-    from .tasks import SHUTDOWN
+    from .this_worker import SHUTDOWN
 
     budget_pool: MemoryBudget = _STATE["budget"]
     device = _STATE["device"]
@@ -271,7 +271,7 @@ def run_packed(run_id: int, token: Optional[int], settings: Settings) -> str:
              gib(budget_pool.reserved()), gib(budget_pool.total))
     if not budget_pool.acquire(run_id, b.reservation, SHUTDOWN):
         return _give_back(settings, run_id, token)
-    from .tasks import worker_name
+    from .this_worker import worker_name
 
     publish_state(settings, worker_name())
     try:
@@ -297,7 +297,7 @@ def _give_back(settings: Settings, run_id: int, token: Optional[int]) -> str:
 def _run_child(settings: Settings, run_id: int, token: Optional[int], b: Budget) -> str:
     from multiprocessing.connection import Connection
 
-    from .tasks import SHUTDOWN
+    from .this_worker import SHUTDOWN
 
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "workers.run_child", str(run_id), "--fd", str(w), "--parent", str(os.getpid())]
@@ -380,7 +380,7 @@ def settle(settings: Settings, run_id: int, pid: int, token: Optional[int], why:
     with `why`, or requeued while `retry` and training.retries allow. One
     transaction; returns the run's new status, or None when it was no longer ours."""
     from .queue import send, world_size_of
-    from .tasks import worker_name
+    from .this_worker import worker_name
 
     sent = None
     with db.transaction(settings.database_url) as s:

@@ -21,12 +21,9 @@ import yaml
 from . import db
 from .celery_app import app
 from .settings import Settings, load_settings
+from .this_worker import SHUTDOWN, device_estimate, worker_name  # noqa: F401  (tasks.SHUTDOWN is the flag)
 
 log = logging.getLogger("peft_studio.worker")
-
-
-def worker_name() -> str:
-    return os.environ.get("STUDIO_WORKER_NAME") or f"worker-{os.getpid()}@{db.hostname()}"
 
 
 def device_report() -> dict:
@@ -199,9 +196,6 @@ class RunMonitor:
         self._t.join(timeout=10)
 
 
-SHUTDOWN = threading.Event()   # set when this worker is asked to stop (warm shutdown)
-
-
 def with_db_retry(fn, *, what: str, budget_s: float = 120.0):
     """Run a database write, retrying while the server is unreachable (restarts,
     failovers); writes are idempotent, so a retry never duplicates a row."""
@@ -228,18 +222,6 @@ def metrics_history(url: str, run_id: int) -> list[dict]:
         rows = s.scalars(select(db.Metric).where(db.Metric.run_id == run_id).order_by(db.Metric.step))
         return [{"step": m.step, "loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s, "elapsed_s": m.elapsed_s,
                  "eta_s": m.eta_s, "epoch": m.epoch, "eval": m.eval} for m in rows]
-
-
-def device_estimate(cfg, model_config, device: str) -> dict:
-    """The run's estimate for the kind of device this worker trains on (a CPU worker:
-    `device='cpu'`, no CUDA context), from the config of the model it loaded (a
-    config.json dict) or a model name the estimator knows."""
-    from engine.estimator import estimate_run, run_estimate_json
-
-    num_labels = 2
-    if isinstance(model_config, dict):
-        num_labels = max(2, len(model_config.get("id2label") or {}))
-    return run_estimate_json(estimate_run(cfg, model_config, device=device, num_labels=num_labels))
 
 
 def store_device_estimate(url: str, run_id: int, cfg, model_config, device: str) -> None:

@@ -8,13 +8,16 @@ is a 422 naming `run_ids`; a run that does not exist, or is someone else's, a 40
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 
 from workers.settings import Settings
 
-from . import compare, service
+from .. import compare, service
+
+if TYPE_CHECKING:
+    from . import ApiContext
 
 MAX_RUNS = 50
 
@@ -40,10 +43,9 @@ def compare_body(settings: Settings, runs: list[dict]) -> dict:
             "pareto": par["front"], "metric": par["metric"]}
 
 
-def register_compare_routes(api: FastAPI, settings: Settings, user: Callable,
-                            owner_filter: Callable[[Optional[str]], Optional[str]]) -> None:
-    """Add GET /compare to `api`; `user` is the app's login dependency and `owner_filter`
-    maps a user to the owner whose runs they see (None: everyone's)."""
+def routes(ctx: ApiContext) -> APIRouter:
+    """GET /compare; runs the user may not see are a 404, as if they did not exist."""
+    api, settings, user, owner_filter = APIRouter(), ctx.settings, ctx.user, ctx.owner_filter
 
     @api.get("/compare")
     def compare_runs(run_ids: str = Query(..., max_length=2000, description="run ids separated by commas"),
@@ -63,3 +65,5 @@ def register_compare_routes(api: FastAPI, settings: Settings, user: Callable,
                 raise HTTPException(404, f"run_ids: run {rid} not found")
             runs.append(run)
         return compare_body(settings, runs)
+
+    return api

@@ -16,15 +16,16 @@ of different bases or tasks, 409; a bad prompt or setting 422 (each naming the f
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.settings import Settings
+from .. import playground as pg
 
-from . import playground as pg
+if TYPE_CHECKING:
+    from . import ApiContext
 
 
 class GenerateRequest(BaseModel):
@@ -44,8 +45,9 @@ def ndjson(events) -> bytes:
     return (json.dumps(events, ensure_ascii=False) + "\n").encode()
 
 
-def register_generate_routes(api: FastAPI, settings: Settings, user: Callable, load_run_for: Callable) -> None:
-    """Add POST /generate to the /api app (behind its login gate, owner checks by `load_run_for`)."""
+def routes(ctx: ApiContext) -> APIRouter:
+    """POST /generate (behind the app's login gate; each run owner-checked)."""
+    api, settings, user, load_run_for = APIRouter(), ctx.settings, ctx.user, ctx.load_run_for
 
     @api.post("/generate", responses={200: {"content": {"application/x-ndjson": {}}}})
     def generate(body: GenerateRequest, u: Optional[str] = Depends(user)):
@@ -77,3 +79,5 @@ def register_generate_routes(api: FastAPI, settings: Settings, user: Callable, l
             except Exception as e:   # the status line is sent: say what broke on a line of its own
                 yield ndjson({"error": f"{type(e).__name__}: {e}"})
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return api

@@ -1,18 +1,19 @@
 """`GET /api/runs/{run_id}/gguf?quant=f16|q8_0`: a Llama-architecture run's merged
 model as one GGUF file (studio.gguf builds and caches it). Registered from
-studio.api.build_api, so the login gate and the owner check apply as to every
+studio.routes like every other /api route, so the login gate and the owner check apply as to every
 other run route."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, Response
 
-from workers.settings import Settings
+from .. import service
 
-from . import service
+if TYPE_CHECKING:
+    from . import ApiContext
 
 ERRORS = {404: {"description": "no such run (or not yours)"},
           409: {"description": "the run cannot be exported: not finished, a method that does not merge, "
@@ -20,9 +21,9 @@ ERRORS = {404: {"description": "no such run (or not yours)"},
           422: {"description": "quant is not one of f16, q8_0"}}
 
 
-def register_gguf_routes(api: FastAPI, settings: Settings, user: Callable, load_run_for: Callable) -> None:
-    """Add the GGUF route to `api`; `user` is its credentials dependency and
-    `load_run_for(run_id, user)` its owner-checked run lookup (404 otherwise)."""
+def routes(ctx: ApiContext) -> APIRouter:
+    """GET /runs/{run_id}/gguf, owner-checked like every run route."""
+    api, settings, user, load_run_for = APIRouter(), ctx.settings, ctx.user, ctx.load_run_for
 
     @api.get("/runs/{run_id}/gguf", response_class=Response,
              responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS})
@@ -31,8 +32,8 @@ def register_gguf_routes(api: FastAPI, settings: Settings, user: Callable, load_
         """The run's adapter merged into the base weights, as GGUF (llama.cpp, Ollama,
         LM Studio): f16, or q8_0 (8-bit blocks, about half the size). Built on first
         request, then cached."""
-        from .artifacts import ArtifactError
-        from .gguf import BadQuant, gguf_file
+        from ..artifacts import ArtifactError
+        from ..gguf import BadQuant, gguf_file
 
         load_run_for(run_id, u)
         try:
@@ -44,3 +45,5 @@ def register_gguf_routes(api: FastAPI, settings: Settings, user: Callable, load_
         except ArtifactError as e:
             raise HTTPException(409, str(e))
         return FileResponse(path, media_type="application/octet-stream", filename=name)
+
+    return api

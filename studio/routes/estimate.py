@@ -1,4 +1,4 @@
-"""GET /api/estimate: the one function that answers it, and a pure-ASGI fast path.
+"""GET /api/estimate: the route, the one function that answers it, and a pure-ASGI fast path.
 
 The estimate is arithmetic over a config (`engine.estimator.estimate`, well under a
 millisecond); answered through FastAPI, its dependency solving and pydantic
@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal, Optional
 from urllib.parse import parse_qsl
 
-from fastapi import HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import Response
 from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from . import ApiContext
 
 # name -> (kind, default, rule): kind "str" (rule: (min length, max length)), "int" (rule:
 # (minimum, maximum)), "choice" (rule: the allowed values), "bool". The default REQUIRED
-# marks a required parameter; None an optional one. Mirrors the route in studio/api.py.
+# marks a required parameter; None an optional one. Mirrors `routes` below.
 REQUIRED = object()
 PARAMS: dict[str, tuple] = {
     "model": ("str", REQUIRED, (1, 500)),
@@ -159,3 +163,40 @@ class EstimateFastPath:
                     await send({"type": "http.response.body", "body": body})
                     return
         await self.app(scope, receive, send)
+
+
+def routes(ctx: ApiContext) -> APIRouter:
+    """GET /estimate through FastAPI: what the fast path leaves to it (anything not plainly
+    valid is answered here, 422 naming the field), and the OpenAPI description."""
+    api, settings, user = APIRouter(), ctx.settings, ctx.user
+
+    @api.get("/estimate")
+    async def estimate(request: Request, model: str = Query(..., min_length=1, max_length=500),
+                       method: str = Query(..., min_length=1, max_length=40),
+                       r: Optional[int] = Query(None, ge=1, le=4096),
+                       target_modules: Optional[str] = Query(None, max_length=1000),
+                       batch: int = Query(1, ge=1, le=65536), seq: int = Query(512, ge=1, le=1048576),
+                       dtype: Literal["fp32", "fp16", "bf16"] = "bf16",
+                       quant: Literal["none", "nf4", "nf4-dq"] = "none",
+                       formula: Literal["slide", "appendix", "model"] = "model",
+                       optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adamw8bit"] = "adamw",
+                       grad_checkpointing: bool = False,
+                       task: Optional[Literal["classification", "causal_lm"]] = None,
+                       world_size: int = Query(1, ge=1, le=4096),
+                       strategy: Literal["ddp", "fsdp"] = "ddp",
+                       u: Optional[str] = Depends(user)) -> dict:
+        """Memory per device for one training step (`engine.estimator.estimate`, whose
+        answers are cached there): `world_size` devices with `strategy` ddp or fsdp.
+        A clean query is answered before FastAPI runs (`EstimateFastPath`)."""
+        body = estimate_answer(settings, model=model, method=method, r=r, target_modules=target_modules,
+                               batch=batch, seq=seq, dtype=dtype, quant=quant, formula=formula,
+                               optimizer=optimizer, grad_checkpointing=grad_checkpointing, task=task,
+                               world_size=world_size, strategy=strategy)
+        return Response(body, media_type="application/json")
+
+    return api
+
+
+def middleware(ctx: ApiContext) -> list:
+    """The fast path, asking the route's own login dependency."""
+    return [(EstimateFastPath, {"settings": ctx.settings, "user": ctx.user})]
