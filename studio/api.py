@@ -106,11 +106,6 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         for cls, kwargs in getattr(module, "middleware", lambda _ctx: [])(ctx):
             api.add_middleware(cls, **kwargs)
 
-    from types import SimpleNamespace
-
-    from .studies_route import routes as study_routes
-    api.include_router(study_routes(SimpleNamespace(settings=settings, user=user, owner_filter=owner_filter)))
-
     def custom_openapi():
         if api.openapi_schema:
             return api.openapi_schema

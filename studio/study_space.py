@@ -65,7 +65,7 @@ def parse_study(body: Any) -> dict:
     """Check a study request (the REST body / CLI file) and return it normalized:
     {name, base, methods: [method sections], budget: {trials | gpu_hours, max_trials},
     metric, search, pruner, parallel, seed}. Every error names the field."""
-    from engine.config import METRIC_DIRECTION, TASK_METRICS
+    from engine.config import METRIC_DIRECTION, TASK_METRICS, text_problem
     from engine.methods import get_method
 
     if not isinstance(body, dict):
@@ -73,10 +73,10 @@ def parse_study(body: Any) -> dict:
     known = {"name", "base", "methods", "budget", "metric", "search", "pruner", "parallel", "seed"}
     extra = sorted(set(body) - known)
     if extra:
-        raise StudyError(f"{extra[0]}: unknown key (a study takes {', '.join(sorted(known))})")
+        raise StudyError(f"study: unknown key {extra[0][:50]!r} (a study takes {', '.join(sorted(known))})")
     name = body.get("name", "study")
-    if not isinstance(name, str) or not 0 < len(name) <= 120 or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise StudyError("name: 1 to 120 printable characters")
+    if not isinstance(name, str) or not 0 < len(name) <= 120 or text_problem(name):
+        raise StudyError("name: 1 to 120 printable characters (no control characters or lone surrogates)")
     base = body.get("base")
     if not isinstance(base, dict):
         raise StudyError("base: a run config (model, dataset, training, ...) without 'method'")
@@ -100,8 +100,10 @@ def parse_study(body: Any) -> dict:
     if len({repr(sorted(s.items())) for s in sections}) != len(sections):
         raise StudyError("methods: the same method entry is given twice")
     task = base.get("task", "classification")
+    if task not in ("classification", "causal_lm"):
+        raise StudyError("base.task: classification or causal_lm")
     metric = body.get("metric") or ("accuracy" if task == "classification" else "eval_loss")
-    if metric not in METRIC_DIRECTION:
+    if not isinstance(metric, str) or metric not in METRIC_DIRECTION:
         raise StudyError(f"metric: one of {', '.join(METRIC_DIRECTION)}, got {metric!r}")
     if task in TASK_METRICS and metric not in TASK_METRICS[task]:
         raise StudyError(f"metric: {metric!r} is not a {task} metric (one of {', '.join(TASK_METRICS[task])})")
@@ -139,7 +141,7 @@ def parse_study(body: Any) -> dict:
     if isinstance(norm_search.get("learning_rate"), dict):
         raise StudyError("search.learning_rate: give [low, high] (searched on a log scale)")
     pruner = body.get("pruner", "successive_halving")
-    if pruner not in PRUNERS:
+    if not isinstance(pruner, str) or pruner not in PRUNERS:
         raise StudyError(f"pruner: one of {', '.join(PRUNERS)}")
     parallel = body.get("parallel", len(sections))
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 256:

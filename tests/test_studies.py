@@ -56,7 +56,8 @@ def run_study_in_process(settings, sid: int, max_rounds: int = 40) -> dict:
     ({"metric": "bleu"}, "metric"),
     ({"search": {"learning_rate": [0, 1]}}, "search.learning_rate"),
     ({"search": {"batch_size": [1, 2]}}, "search.batch_size"),
-    ({"colour": "red"}, "colour"),
+    ({"colour": "red"}, "study"),
+    ({"metric": ["accuracy"]}, "metric"),
 ])
 def test_a_bad_request_names_the_field(change, field):
     import re
