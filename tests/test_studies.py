@@ -148,6 +148,23 @@ def test_a_study_runs_every_trial_as_an_ordinary_run_within_the_budget(settings)
         first = min((t for t in st["trials"] if t["method"] == m), key=lambda t: t["number"])
         assert first["params"]["learning_rate"] == pytest.approx(default_learning_rate(m))
     assert studies.winners(st) == [st["best"]["lora"]["run_id"], st["best"]["bitfit"]["run_id"]]
+    # what the view draws from it
+    from studio import study_charts
+    figs = [study_charts.lr_curve(st), study_charts.pruning_history(st), *study_charts.pareto_charts(st)[:2]]
+    assert all(len(f.data) >= 2 for f in figs)          # a trace per method at least
+    assert [row[0] for row in study_charts.best_table(st)] == ["lora", "bitfit"]
+
+
+def test_a_gpu_hours_budget_stops_each_method_when_its_share_is_used(settings):
+    from workers.tasks import execute_run
+
+    sid = studies.create_study(settings, tiny_study(budget={"gpu_hours": 1e-6}))
+    assert len(queued_runs(settings)) == 2          # one per method: nothing used yet
+    for rid in queued_runs(settings):
+        execute_run(rid, settings)
+    advance(settings, sid)                          # each method has used more than its share
+    st = studies.get_study(settings, sid)
+    assert st["status"] == "completed" and len(st["trials"]) == 2
 
 
 def test_a_driver_stopped_between_steps_loses_no_trial(settings):
