@@ -245,8 +245,8 @@ def arms_with_budget(settings: Settings, spec: dict, the_arms: list[Arm], quotas
 
 def _new_trial(settings: Settings, study_id: int, spec: dict, arm: Arm, study, owner: Optional[str]) -> None:
     """Ask the arm's study for a trial, record it (`launching`), then launch it."""
-    first = not study.get_trials(deepcopy=False)
-    if first:   # every arm starts from its method's measured default
+    first = n_trials_so_far(settings, study_id, arm) == 0
+    if first:   # every arm starts from its method's measured default (an unrecorded ask does not count)
         study.enqueue_trial(default_params(spec, arm), skip_if_exists=True)
     trial = study.ask()
     params = suggest(trial, spec, arm)

@@ -199,6 +199,10 @@ def test_a_driver_stopped_between_steps_loses_no_trial(settings):
     assert len(final["trials"]) == 4 and all(t["run_id"] for t in final["trials"])
     assert len({t["run_id"] for t in final["trials"]}) == 4
     assert len(service.list_runs(settings)) == 4, "a run was launched twice"
+    from engine.methods import default_learning_rate
+    firsts = [t for t in final["trials"] if t["method"] == arm.label]
+    assert min(firsts, key=lambda t: t["number"])["params"]["learning_rate"] == pytest.approx(
+        default_learning_rate(arm.name))        # the unrecorded ask did not take the default's place
     optuna_trials = study_driver.optuna_study(settings, sid, spec, arm, 0, 2).get_trials()
     assert any(t.user_attrs.get("reason", "").startswith("the driver stopped") for t in optuna_trials)
 

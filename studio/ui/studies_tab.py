@@ -33,6 +33,7 @@ def default_methods() -> list[str]:
                 if s.family == fam and not s.trains_base_weights and not s.quantizes_base][:1]
     return out
 
+FOLLOW_S = 5.0     # how often the view of a running study refreshes itself
 # the ranges an opened hyperparameter is searched over (the learning rate's comes from each method)
 OPEN_RANGES = {"r": [2, 32], "alpha": [4.0, 64.0], "dropout": [0.0, 0.3], "warmup_steps": [0, 10]}
 
@@ -174,6 +175,17 @@ class StudiesTab:
         self.refresh.click(choices, self.study, self.study).then(
             lambda sid, request: self.view(sid, request), self.study, outs)
         self.study.change(lambda sid, request: self.view(sid, request), self.study, outs)
+
+        def on_tick(sid, request: gr.Request = None):
+            """While the picked study runs, its view follows it; a finished one is left alone."""
+            if not sid:
+                return {c: gr.skip() for c in outs}
+            try:
+                running = studies.get_study(ctx.settings, int(sid), owner=ctx.visible_owner(request))["status"]
+            except service.NotFound:
+                return {c: gr.skip() for c in outs}
+            return self.view(sid, request) if running == "running" else {c: gr.skip() for c in outs}
+        gr.Timer(FOLLOW_S).tick(on_tick, self.study, outs, show_progress="hidden")
 
         def on_create(*args, request: gr.Request = None):
             try:
