@@ -27,6 +27,7 @@ class Arch:
     ffn_path: str                  # the module whose output is the FFN output
     norm_types: tuple[str, ...] = ("LayerNorm", "LlamaRMSNorm", "RMSNorm")
     default_lora_targets: tuple[str, ...] = field(default=())
+    generates: bool = True         # a causal LM that can continue text (served on /v1); BERT: no
 
 
 LLAMA = Arch(
@@ -50,6 +51,7 @@ BERT = Arch(
     ffn_in=("intermediate.dense",), ffn_out="output.dense",
     attn_path="attention", ffn_path="output",
     default_lora_targets=("query", "value"),
+    generates=False,
 )
 
 GPT2 = Arch(

@@ -3,10 +3,12 @@ STUDIO_USERS_FILE (one `name:password` or `name:sha256:<hex>` per line);
 STUDIO_ADMINS names admins (comma-separated). With no users, login is off and
 the studio only serves on loopback addresses unless explicitly overridden.
 
-The UI uses Gradio's login page; the REST API takes HTTP Basic credentials on
-every route, its documents included (`RequireLogin`, in front of the whole /api
-app); only /api/live, which reveals nothing, answers without. Failed attempts are
-rate limited per user name and client address."""
+The UI uses Gradio's login page; the REST API takes HTTP Basic credentials, or a
+user's API key as `Authorization: Bearer <key>` (workers.api_keys; `key_lookup`),
+on every route, its documents included (`RequireLogin`, in front of the whole /api
+app); only /api/live, which reveals nothing, answers without. The OpenAI-compatible
+/v1 takes the API key only (studio.openai_api). Failed attempts are rate limited per
+user name and client address."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import HTTPException, Request
 
@@ -35,6 +37,8 @@ def _hash(pw: str) -> str:
 class Auth:
     users: dict[str, str] = field(default_factory=dict)      # name -> sha256 hex of password
     admins: set[str] = field(default_factory=set)
+    # API key -> its owner's name, or None for no such (unrevoked) key; set by the server
+    key_lookup: Optional[Callable[[str], Optional[str]]] = None
     _failures: dict = field(default_factory=lambda: defaultdict(deque))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,10 +91,28 @@ class Auth:
             self._fail(f"*|{client}")
         return ok
 
+    def key_user(self, key: str, client: str = "") -> Optional[str]:
+        """The user an API key belongs to (a user of this studio's login), or None;
+        failures count against the client address like wrong passwords."""
+        if self._limited(f"*|{client}"):
+            return None
+        name = self.key_lookup(key) if (self.key_lookup and key) else None
+        if name is None or name not in self.users:
+            self._fail(f"*|{client}")
+            return None
+        return name
+
     def api_user(self, request: Request) -> str:
-        """The user named by HTTP Basic credentials, or 401/429."""
+        """The user named by HTTP Basic credentials or a Bearer API key, or 401/429."""
         client = request.client.host if request.client else ""
         hdr = request.headers.get("authorization", "")
+        if hdr.lower().startswith("bearer ") and self.key_lookup is not None:
+            if self._limited(f"*|{client}"):
+                raise HTTPException(429, "too many failed logins; wait a minute")
+            name = self.key_user(hdr[7:].strip(), client)
+            if name is None:
+                raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            return name
         if not hdr.lower().startswith("basic "):
             raise HTTPException(401, "login required (HTTP Basic)", headers={"WWW-Authenticate": "Basic"})
         try:

@@ -7,6 +7,7 @@
   submit    queue a config file on the studio's database/broker
   estimate  memory estimate for a model/method/batch/sequence
   db        database migrations (upgrade / downgrade / current)
+  keys      API keys for /v1 (create NAME / list / revoke ID), per user
 """
 
 from __future__ import annotations
@@ -219,6 +220,51 @@ def cmd_study(args) -> int:
     print(json.dumps({"id": sid, "status": st["status"], "best": st["best"]}))
     return 0 if st["status"] == "completed" else 1
 
+def cmd_keys(args) -> int:
+    """API keys of a user (workers.api_keys). With login on, --user must name one of its
+    users; an admin's view of everyone's keys is --all."""
+    from studio.auth import Auth
+    from studio.runtime import prepare_database
+    from workers import api_keys
+    from workers.settings import load_settings
+
+    s = load_settings()
+    prepare_database(s)
+    auth = Auth.from_env()
+    user = args.user
+    if auth.enabled and not args.all and user not in auth.users:
+        _die("--user: login is on; name one of the studio's users (STUDIO_USERS / STUDIO_USERS_FILE)"
+             if user is None else f"--user: {user!r} is not a user of this studio")
+    url = s.database_url
+    if args.action == "create":
+        if not args.name:
+            _die("NAME: give the key a name, e.g. `peft-studio keys create laptop --user alice`")
+        try:
+            row, key = api_keys.create_key(url, user, args.name)
+        except api_keys.ApiKeyError as e:
+            _die(str(e))
+        print(json.dumps({**row, "key": key}) if args.json else
+              f"key {row['id']} ({row['name']}) for {user or 'this studio'}; shown only now:\n{key}")
+        if not auth.enabled:
+            print("note: login is off, so /v1 is open and needs no key", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        rows = api_keys.list_keys(url, user, everyone=args.all)
+        if args.json:
+            print(json.dumps(rows))
+        for r in [] if args.json else rows:
+            state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
+            print(f"{r['id']:>5}  {r['prefix']}…  {r['name']:<30} {r['owner'] or '-':<20} {r['created_at']}  {state}")
+        return 0
+    try:
+        key_id = int(args.name or "")
+    except ValueError:
+        _die("ID: the number of the key to revoke (see `peft-studio keys list`)")
+    if not api_keys.revoke_key(url, user, key_id, everyone=args.all):
+        _die(f"ID: no key {key_id} of {user or 'this studio'}")
+    print(f"key {key_id} revoked")
+    return 0
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -285,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["upgrade", "downgrade", "current"])
     d.add_argument("revision", nargs="?", default=None)
     d.set_defaults(fn=cmd_db)
+
+    k = sub.add_parser("keys", help="API keys for the OpenAI-compatible /v1 (create NAME, list, revoke ID)")
+    k.add_argument("action", choices=["create", "list", "revoke"])
+    k.add_argument("name", nargs="?", default=None, help="create: the key's name; revoke: its ID")
+    k.add_argument("--user", default=None, help="whose keys (with login on: one of the studio's users)")
+    k.add_argument("--all", action="store_true", help="list / revoke: any user's keys (an operator's view)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(fn=cmd_keys)
     return p
 
 

@@ -1,6 +1,6 @@
-"""`peft-studio serve`: FastAPI (REST at /api) with the Gradio UI mounted at /,
-database migrations at start, a stale-run reaper, and — with no broker
-configured — an embedded worker process that it supervises."""
+"""`peft-studio serve`: FastAPI (REST at /api, the OpenAI-compatible API at /v1) with
+the Gradio UI mounted at /, database migrations at start, a stale-run reaper, and —
+with no broker configured — an embedded worker process that it supervises."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def api_key_lookup(settings: Settings):
+    """API key -> its owner (workers.api_keys), for the login of /v1 and /api."""
+    from workers import api_keys
+
+    def lookup(key: str):
+        found = api_keys.owner_of(settings.database_url, key)
+        return found[0] if found else None
+    return lookup
+
+
 def build_app(settings: Settings) -> FastAPI:
     import gradio as gr
 
@@ -41,10 +51,14 @@ def build_app(settings: Settings) -> FastAPI:
     from .auth import Auth
     from .ui import build_ui
 
+    from .openai_api import build_v1
+
     auth = Auth.from_env()
+    auth.key_lookup = api_key_lookup(settings)
     app = FastAPI(title="PEFT Studio", docs_url=None, redoc_url=None, openapi_url=None)
     api = build_api(settings, auth if auth.enabled else None)
     app.mount("/api", api)
+    app.mount("/v1", build_v1(settings, auth if auth.enabled else None))
     demo = build_ui(settings, auth if auth.enabled else None)
     kw = {"auth": auth.gradio_check, "auth_message": "PEFT Studio login"} if auth.enabled else {}
     gr.mount_gradio_app(app, demo, path="/", footer_links=[], **kw)

@@ -230,6 +230,21 @@ class StudyTrialRow(Base):
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
 
 
+class ApiKey(Base):
+    """A user's key for the OpenAI-compatible /v1 (and /api): only its sha256 is kept
+    (workers.api_keys); `prefix` is the start of the key, shown so people can tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True, index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+
+
 # ------------------------------------------------------------------ engine/session
 
 _ENGINES: dict[str, Engine] = {}
