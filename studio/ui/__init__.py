@@ -1,7 +1,7 @@
 """The Gradio UI: Launch (config + live memory estimate), Runs (live progress,
 actions, downloads), Compare (runs side by side), Playground (base vs adapter),
-one module per tab, and an "API keys" accordion (keys_panel); the form helpers they
-share are in `forms`. Everything shown
+Studies (each method tuned within one budget), one module per tab, and an "API keys"
+accordion (keys_panel); the form helpers they share are in `forms`. Everything shown
 is read from the database, so a reopened browser shows the same state."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .keys_panel import KeysPanel
 from .launch_tab import LaunchTab
 from .playground_tab import PlaygroundTab
 from .runs_tab import RunsTab
+from .studies_tab import StudiesTab
 
 POLL_S = 2.0
 
@@ -37,6 +38,8 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
                 comparing = CompareTab(ctx)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 playground = PlaygroundTab(ctx)
+            with gr.Tab("Studies", id="studies", elem_id="tab-studies"):
+                studying = StudiesTab(ctx)
         with gr.Accordion("API keys", open=False, elem_id="keys-accordion"):
             keys = KeysPanel(ctx)
         timer = gr.Timer(POLL_S)
@@ -45,6 +48,7 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
         runs.wire_clone(launch, tabs)
         comparing.wire(demo)
         playground.wire(demo)
+        studying.wire(demo, tabs, comparing.runs)
         keys.wire(demo)
     return demo
 
