@@ -204,6 +204,57 @@ def cmd_evaluate(args) -> int:
     return 1 if job["status"] in ("failed", "cancelled") else 0
 
 
+
+def cmd_study(args) -> int:
+    """Submit a study (YAML or JSON file), then follow it, advancing it as the studio's
+    driver does (either may advance it; they take turns), until it finishes."""
+    import time
+
+    import yaml
+
+    from studio import studies
+    from studio.study_driver import advance
+    from studio.study_space import StudyError
+    from studio.study_storage import StudyStorageError
+    from workers.settings import load_settings
+
+    settings = load_settings()
+    try:
+        text = Path(args.config).read_text(encoding="utf-8")
+        body = json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)
+        sid = studies.create_study(settings, body, owner=os.environ.get("USER"))
+    except FileNotFoundError:
+        _die(f"config file not found: {args.config}")
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        _die(f"config file {args.config} is not valid YAML/JSON: {e}")
+    except (StudyError, StudyStorageError) as e:
+        _die(str(e))
+    print(json.dumps({"id": sid}), flush=True)
+    if args.no_wait:
+        return 0
+    seen: dict = {}
+    while True:
+        try:
+            advance(settings, sid)
+        except Exception as e:   # the studio's driver may hold it, or a passing database error
+            print(f"study {sid}: {e}", file=sys.stderr)
+        st = studies.get_study(settings, sid)
+        for t in st["trials"]:
+            key = (t["method"], t["number"])
+            shown = (t["state"], t["value"])
+            if seen.get(key) != shown:
+                seen[key] = shown
+                val = f" {st['metric']}={t['value']:.4f}" if t["value"] is not None else ""
+                lr = t["params"].get("learning_rate")
+                print(f"study {sid} · {t['method']} trial {t['number']} · lr {lr:.2e} · {t['state']}{val}"
+                      + (f" · run {t['run_id']}" if t["run_id"] else "")
+                      + (f" · {t['reason']}" if t["reason"] and t["state"] != "completed" else ""), flush=True)
+        if st["status"] != "running":
+            break
+        time.sleep(args.interval)
+    print(json.dumps({"id": sid, "status": st["status"], "best": st["best"]}))
+    return 0 if st["status"] == "completed" else 1
+
 def cmd_keys(args) -> int:
     """API keys of a user (workers.api_keys). With login on, --user must name one of its
     users; an admin's view of everyone's keys is --all."""
@@ -296,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="the base model, with RUN_ID 'base'")
     ev.add_argument("--wait", action="store_true", help="wait for the job and print its results")
     ev.set_defaults(fn=cmd_evaluate)
+
+    st = sub.add_parser("study", help="a study: tune each method's learning rate within one budget (docs/studies.md)")
+    st.add_argument("config", help="YAML or JSON: name, base (a run config without method), methods, budget, metric")
+    st.add_argument("--no-wait", action="store_true", help="print the study id and return; the studio drives it")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between progress checks")
+    st.set_defaults(fn=cmd_study)
 
     e = sub.add_parser("estimate", help="GPU memory estimate")
     e.add_argument("--model", required=True)

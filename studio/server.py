@@ -92,6 +92,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, allow_public: bool = False,
     stop = threading.Event()
     threading.Thread(target=reaper_loop, args=(settings, stop), daemon=True, name="reaper").start()
     sup = WorkerSupervisor(settings).start() if (settings.embedded_broker and embedded_worker) else None
+    from .study_driver import StudyDriver
+    studies = StudyDriver(settings).start()   # advances running studies (studio.study_driver)
     app = build_app(settings)
     # torch, transformers and gradio leave millions of long-lived objects behind their imports;
     # a full garbage collection walks them all and stalls the event loop (every request waiting)
@@ -102,6 +104,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, allow_public: bool = False,
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:
         stop.set()
+        studies.stop()
         if sup:
             sup.stop()
     return 0

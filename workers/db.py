@@ -236,6 +236,52 @@ class BenchmarkResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class StudyRow(Base):
+    """A study (studio.studies): one search per method within one budget. Optuna's own
+    tables (migration 0010) hold the trials' parameters and values; this row holds the
+    request and the study's state. Not "studies": that is Optuna's table."""
+
+    __tablename__ = "studio_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[Optional[str]] = mapped_column(String(100), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="running")
+    spec: Mapped[dict] = mapped_column(JSON)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    # the driver holding the study (one advance at a time across processes) and until when
+    lease_owner: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    lease_until: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+
+
+class StudyTrialRow(Base):
+    """One trial of a study: its Optuna trial (by number within the method's Optuna study)
+    and the run it launched (None: not launched, `reason` says why)."""
+
+    __tablename__ = "studio_study_trials"
+    __table_args__ = (UniqueConstraint("study_id", "arm", "number", name="uq_study_trials_arm_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studio_studies.id", ondelete="CASCADE"), index=True)
+    arm: Mapped[str] = mapped_column(String(100))
+    method: Mapped[str] = mapped_column(String(40))
+    number: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), nullable=True,
+                                                  index=True)
+    params: Mapped[dict] = mapped_column(JSON)
+    # launching | running | completed | pruned | failed | not_launched | cancelled
+    state: Mapped[str] = mapped_column(String(16), default="launching")
+    value: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # the evaluation steps reported to Optuna as intermediate values (pruning history)
+    curve: Mapped[Optional[list]] = mapped_column(JSON, nullable=True)
+    pruned_at_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+
+
 class ApiKey(Base):
     """A user's key for the OpenAI-compatible /v1 (and /api): only its sha256 is kept
     (workers.api_keys); `prefix` is the start of the key, shown so people can tell keys apart."""

@@ -28,6 +28,6 @@ class ApiContext:
     is_admin: Callable[[Optional[str]], bool]
 
 
-from . import benchmarks, compare, datasets, estimate, generate, gguf, meta, runs  # noqa: E402  (they import ApiContext)
+from . import benchmarks, compare, datasets, estimate, generate, gguf, meta, runs, studies  # noqa: E402  (they import ApiContext)
 
-ROUTE_MODULES = (meta, runs, gguf, estimate, datasets, generate, compare, benchmarks)
+ROUTE_MODULES = (meta, runs, gguf, estimate, datasets, generate, compare, studies, benchmarks)

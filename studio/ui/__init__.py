@@ -1,7 +1,8 @@
 """The Gradio UI: Launch (config + live memory estimate), Runs (live progress,
 actions, downloads), Compare (runs side by side), Playground (base vs adapter),
-Benchmarks (lm-evaluation-harness jobs, runs x tasks), one module per tab, and an
-"API keys" accordion (keys_panel); the form helpers they share are in `forms`. Everything shown
+Studies (each method tuned within one budget), Benchmarks (lm-evaluation-harness jobs, runs x
+tasks), one module per tab, and an "API keys" accordion (keys_panel); the form helpers they
+share are in `forms`. Everything shown
 is read from the database, so a reopened browser shows the same state."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .keys_panel import KeysPanel
 from .launch_tab import LaunchTab
 from .playground_tab import PlaygroundTab
 from .runs_tab import RunsTab
+from .studies_tab import StudiesTab
 
 POLL_S = 2.0
 
@@ -38,6 +40,8 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
                 comparing = CompareTab(ctx)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 playground = PlaygroundTab(ctx)
+            with gr.Tab("Studies", id="studies", elem_id="tab-studies"):
+                studying = StudiesTab(ctx)
             with gr.Tab("Benchmarks", id="benchmarks", elem_id="tab-benchmarks"):
                 benchmarks = BenchmarksTab(ctx)
         with gr.Accordion("API keys", open=False, elem_id="keys-accordion"):
@@ -48,6 +52,7 @@ def build_ui(settings: Settings, auth=None) -> gr.Blocks:
         runs.wire_clone(launch, tabs)
         comparing.wire(demo)
         playground.wire(demo)
+        studying.wire(demo, tabs, comparing.runs)
         benchmarks.wire(demo)
         keys.wire(demo)
     return demo
