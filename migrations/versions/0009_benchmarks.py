@@ -1,7 +1,7 @@
 """benchmark jobs (lm-evaluation-harness on a worker) and their per-task results
 
 Revision ID: 0009
-Revises: 0010
+Revises: 0008
 Create Date: 2026-12-04 19:00:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0009'
-down_revision = '0010'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

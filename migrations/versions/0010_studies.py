@@ -1,7 +1,7 @@
 """studies: our studio_studies / studio_study_trials tables and Optuna's storage tables
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-04 19:00:00
 
 Optuna's RDBStorage keeps its schema version in a table called `alembic_version`, the
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 
 revision = '0010'
-down_revision = '0008'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
