@@ -172,7 +172,7 @@ def shared_rule(model: nn.Module) -> PHMRule:
 
 
 def apply_compacter(model: nn.Module, cfg: CompacterConfig, ctx: ApplyContext) -> None:
-    check_family(model, "compacter")
+    check_family(model, "compacter", parallel=False)
     hidden = model.config.hidden_size
     width = compacter_width(hidden, cfg)
     layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)

@@ -33,7 +33,7 @@ class HoulsbyConfig(BottleneckSize):
 
 
 def apply_houlsby(model: nn.Module, cfg: HoulsbyConfig, ctx: ApplyContext) -> None:
-    check_family(model, "houlsby")
+    check_family(model, "houlsby", parallel=False)
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
