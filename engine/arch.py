@@ -86,6 +86,7 @@ class Arch:
     fused_gate_up: bool = False
     activation: str = "silu"
     softmax_fp32: bool = True      # eager attention's softmax in fp32 (Llama-style)
+    sdpa: bool = True              # transformers runs its attention through SDPA (Gemma 2's soft-capping: eager only)
     embedding_scale: bool = False  # Gemma: embeddings times sqrt(hidden)
     logit_softcap_key: Optional[str] = None   # config key of the final-logit soft-capping (tanh(x/c)·c)
     logits_divisor_key: Optional[str] = None  # config key logits are divided by (Granite's logits_scaling)
@@ -182,9 +183,9 @@ OLMO2 = replace(LLAMA, family="olmo2", norm_placement="post", attn_norm="post_at
 GEMMA2 = replace(LLAMA, family="gemma2", norm_placement="sandwich", ffn_norm="pre_feedforward_layernorm",
                  extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  activation="gelu_pytorch_tanh", embedding_scale=True, logit_softcap_key="final_logit_softcapping",
-                 adaption_prompt=False, gguf_arch=None, config_class="Gemma2Config", tiny=_DECODER_TINY)
+                 sdpa=False, adaption_prompt=False, gguf_arch=None, config_class="Gemma2Config", tiny=_DECODER_TINY)
 GEMMA3 = replace(GEMMA2, family="gemma3_text", qk_norm="head", logit_softcap_key="final_logit_softcapping",
-                 config_class="Gemma3TextConfig")
+                 sdpa=True, config_class="Gemma3TextConfig")
 # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj
 PHI3 = replace(
     LLAMA, family="phi3", q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",

@@ -51,6 +51,9 @@ class ModelDims:
     position_biased_input: bool = True   # DeBERTa: absolute positions added to the input
     relative_params: int = 0       # DeBERTa: relative position embeddings, their norm and projections
     pooler_hidden_size: int = 0    # DeBERTa's pooler width (0: hidden)
+    relative_linears: tuple = ()   # DeBERTa: per-block position projections (unshared keys), after value_proj
+    relative_norm: bool = False    # DeBERTa: a LayerNorm on the relative position embeddings
+    logit_transform: bool = False  # the causal-LM logits are soft-capped or scaled (Gemma 2, Granite)
 
     @property
     def kv_dim(self) -> int:
@@ -68,9 +71,13 @@ class ModelDims:
     def block_linears(self) -> list[LinearShape]:
         """Every linear layer of one block, in module order (the experts of a
         mixture-of-experts block are 3-D tensors, not linears: see expert_params)."""
-        return [LinearShape(bl.path.rsplit(".", 1)[-1], bl.path, self._size(bl.n_in), self._size(bl.n_out),
-                            self._bias(bl.bias), self.arch.conv1d)
-                for bl in self.arch.linears]
+        out = [LinearShape(bl.path.rsplit(".", 1)[-1], bl.path, self._size(bl.n_in), self._size(bl.n_out),
+                           self._bias(bl.bias), self.arch.conv1d)
+               for bl in self.arch.linears]
+        if self.relative_linears:
+            h = self.hidden_size
+            out[3:3] = [LinearShape(p.rsplit(".", 1)[-1], p, h, h, True) for p in self.relative_linears]
+        return out
 
     def norm_params(self) -> int:
         """Parameters of one hidden-size norm."""
@@ -111,7 +118,8 @@ def dims_from_config(cfg: dict) -> ModelDims:
         raise KeyError("hidden_size / num_attention_heads / num_hidden_layers")
     inter = cfg.get("intermediate_size", cfg.get("n_inner")) or 4 * h
     experts = arch.experts
-    n_exp = int(cfg[experts.num_key]) if experts else 0
+    # transformers 5.x writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias): read either
+    n_exp = int(cfg[experts.num_key] if experts.num_key in cfg else cfg["num_local_experts"]) if experts else 0
     if experts and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
         raise ValueError("model: mixture-of-experts configs with dense layers (mlp_only_layers, "
                          "decoder_sparse_step) are not supported")
@@ -132,7 +140,24 @@ def dims_from_config(cfg: dict) -> ModelDims:
         embedding_size=int(cfg.get("embedding_size") or h) if arch.embedding_projection else 0,
         position_biased_input=bool(cfg.get("position_biased_input", True)),
         relative_params=_relative_params(cfg, arch, h, layers, learned),
-        pooler_hidden_size=int(cfg.get("pooler_hidden_size") or h) if arch.embedding_projection else 0)
+        pooler_hidden_size=int(cfg.get("pooler_hidden_size") or h) if arch.embedding_projection else 0,
+        relative_linears=_relative_linears(cfg, arch),
+        logit_transform=bool(arch.logit_softcap_key and cfg.get(arch.logit_softcap_key))
+        or (arch.logits_divisor_key is not None and cfg.get(arch.logits_divisor_key, 1.0) not in (None, 1, 1.0)),
+        relative_norm=arch.positions == "relative" and bool(cfg.get("relative_attention", False))
+        and "layer_norm" in str(cfg.get("norm_rel_ebd", "none")))
+
+
+def _relative_linears(cfg: dict, arch: Arch) -> tuple:
+    """DeBERTa's per-block position projections: with relative attention and unshared
+    keys, pos_key_proj for c2p and pos_query_proj for p2c."""
+    if arch.positions != "relative" or not cfg.get("relative_attention", False) or cfg.get("share_att_key", False):
+        return ()
+    kinds = cfg.get("pos_att_type") or []
+    kinds = kinds.split("|") if isinstance(kinds, str) else list(kinds)
+    base = arch.q.rsplit(".", 1)[0]
+    return tuple(f"{base}.{name}" for kind, name in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj"))
+                 if kind in kinds)
 
 
 def _relative_params(cfg: dict, arch: Arch, h: int, layers: int, learned: bool) -> int:
@@ -147,8 +172,6 @@ def _relative_params(cfg: dict, arch: Arch, h: int, layers: int, learned: bool) 
     n = 2 * span * h
     if "layer_norm" in str(cfg.get("norm_rel_ebd", "none")):
         n += 2 * h
-    if not cfg.get("share_att_key", False):
-        n += layers * 2 * (h * h + h)
     return n
 
 

@@ -391,7 +391,7 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
     """Bytes autograd saves during one forward of our training loop; with a
     breakdown {part: bytes}."""
     shape = Shape(batch=batch, seq=seq, prompt=plan.prompt_tokens, prefix=0, a=size, device=device,
-                  attention="eager" if attention == "eager" else "sdpa",
+                  attention="eager" if attention == "eager" or not dims.arch.sdpa else "sdpa",
                   resid=4 if plan.embeddings else 0,      # fp32 trained embeddings make the residual fp32
                   weight_casts=weight_casts)
     T, h, a = shape.tokens, dims.hidden_size, size
@@ -447,12 +447,15 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
             tail.add("loss.index", n * 9)                      # kept-token mask and indices
             chunk = min(n, LOSS_CHUNK)
             tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
-            if plan.lm_head:
+            if plan.lm_head and not dims.logit_transform:
                 # a training LM head: the single-pass loss accumulates its fp32 weight
                 # gradient during forward and keeps it for backward
                 tail.add("loss.head_grad_fp32", dims.vocab_size * h * 4)
             if a != 4:
                 tail.add("loss.logits_chunk", chunk * dims.vocab_size * a)
+            if dims.logit_transform:
+                # a soft-capped / scaled head runs through the recomputing loss: one more fp32 chunk of logits
+                tail.add("loss.transformed_chunk_fp32", chunk * dims.vocab_size * 4)
         else:
             if plan.head or rg_f:
                 tail.add("score.in", T * h * a)

@@ -81,6 +81,7 @@ def count_bitfit(dims, cfg, task: str) -> int:
     n = sum(l.out_features for l in linears if l.bias) * dims.num_layers
     if norm_biased:
         n_norms = dims.num_layers * norms_per_block(dims) + sum(1 for p in (arch.final_norm, arch.embed_norm) if p)
+        n_norms += 1 if dims.relative_norm else 0
         n += n_norms * dims.hidden_size
     if arch.pooler and arch.pooler_bias:
         n += dims.pooler_hidden_size or dims.hidden_size      # pooler bias

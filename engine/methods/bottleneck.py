@@ -233,8 +233,17 @@ def check_family(model: nn.Module, method: str, parallel: bool = True) -> Arch:
 
 
 def layernorm_params_per_block(dims, n_norms: int = 2) -> int:
-    per = dims.hidden_size * (2 if dims.norm == "layernorm" else 1)
-    return n_norms * per
+    """Parameters of `n_norms` sublayer norms of a block."""
+    return n_norms * dims.norm_params()
+
+
+def sublayer_norm_params(dims, layers, placement: str = "both") -> int:
+    """Parameters of the sublayer norms (`placement`) of `layers` (ModernBERT's block 0
+    has no attention norm)."""
+    n = len(dims.arch.sublayer_norms(placement)) * dims.norm_params() * len(layers)
+    if dims.arch.first_attn_norm_identity and 0 in layers and placement in ("attn", "both"):
+        n -= dims.norm_params()
+    return n
 
 
 def adapter_plan(dims, cfg: BottleneckSize, kind: str, placement: str) -> Plan:

@@ -36,7 +36,7 @@ def count_ln_tuning(dims, cfg, task: str) -> int:
     """Every block norm (q/k norms included), the final norm, the embeddings' norm and
     a norm after the pooler (ModernBERT's head), as the architecture has them."""
     arch = dims.arch
-    extra = sum(1 for p in (arch.final_norm, arch.embed_norm) if p)
+    extra = sum(1 for p in (arch.final_norm, arch.embed_norm) if p) + (1 if dims.relative_norm else 0)
     extra += 1 if arch.pooler_norm and task == "classification" else 0
     return block_norm_params(dims) + extra * norm_params(dims)
 
