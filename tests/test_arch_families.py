@@ -338,3 +338,30 @@ def test_the_estimator_counts_all_experts_for_weights_and_the_active_ones_for_ac
     assert one_active.rows["hidden_states"] < base.rows["hidden_states"]
     per_expert = 3 * cfg["hidden_size"] * cfg[ex.intermediate_key] + cfg["hidden_size"]
     assert more_experts.n_params - base.n_params == 4 * per_expert * cfg["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if arch_for_model_type(f).experts])
+def test_the_experts_activations_match_the_measure(family):
+    """The routed experts' share of the hidden states (measured as the change from one to
+    two active experts per token, so the loss's logits do not drown it) is what the
+    estimator says, within 10%."""
+    from engine.estimator import estimate
+    from engine.measure import measure_prepared, prepare_for_measure
+
+    ex = arch_for_model_type(family).experts
+    hidden = {}
+    for k in (1, 2):
+        model = base_model(family)
+        setattr(model.config, ex.active_key, k)
+        for m in model.modules():
+            if hasattr(m, "top_k"):
+                m.top_k = k
+        method = {"name": "lora", "r": 4}
+        prep = prepare_for_measure("tiny-llama", method, task="causal_lm",
+                                   loaded=LoadedModel(model, tokenizer(), family, 0.0))
+        measured = measure_prepared(prep, batch_size=4, seq_len=32, backward=False).rows["hidden_states"]
+        est = estimate(model.config.to_dict(), method, batch_size=4, seq_len=32, task="causal_lm", device="cpu",
+                       dtype="fp32").rows["hidden_states"]
+        hidden[k] = (measured, est)
+    measured_delta, est_delta = hidden[2][0] - hidden[1][0], hidden[2][1] - hidden[1][1]
+    assert measured_delta > 0 and within(est_delta, measured_delta), (est_delta, measured_delta)
