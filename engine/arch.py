@@ -373,6 +373,26 @@ def logit_transform(model: nn.Module) -> Optional[Callable[[torch.Tensor], torch
     return transform
 
 
+class TransformedHead(nn.Module):
+    """An LM head followed by the family's logit transform."""
+
+    def __init__(self, head: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.head, self.transform = head, transform
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.head(h))
+
+
+def lm_head_for_loss(model: nn.Module) -> nn.Module:
+    """The LM head as a loss that calls it directly must use it: the output embeddings,
+    followed by the family's logit transform when it has one (Granite's scaling, Gemma 2's
+    soft-capping)."""
+    head = model.get_output_embeddings()
+    transform = logit_transform(model)
+    return head if transform is None else TransformedHead(head, transform)
+
+
 def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The classification head(s) of a sequence-classification model (not the LM heads)."""
     names = [n for n in arch_of(model).head_names if hasattr(model, n)]

@@ -28,7 +28,7 @@ from engine.prepare import Prepared, apply_method
 
 from conftest import require
 
-# ~25 min on this shared 2-core machine (about 550 cells; a quiet core does a cell in well under a second)
+# about 550 cells: 3 min on this 2-core machine when quiet, 25 min while four sessions shared it
 pytestmark = pytest.mark.slow
 
 FAMILIES = [a.family for a in ARCHS if a.config_class and a.tiny]
