@@ -106,6 +106,7 @@ class Arch:
     kv_prefix: bool = False        # the attention takes a key/value cache (prefix tuning)
     prefix_attn_path: Optional[str] = None   # the attention module prefix slot masks hook
     adaption_prompt: bool = False  # LLaMA-Adapter's gated prompt attention fits (separate q/k/v, RoPE)
+    bottleneck_adapters: bool = True   # serial bottleneck adapters (Houlsby, Compacter, ...) are verified on it
     parallel_sites: Optional[tuple[str, str]] = None   # (attention, FFN) modules a parallel adapter wraps
     parallel_into_residual: bool = False   # BERT-style output modules taking (hidden, input_tensor)
     hidden_states_checked: bool = True     # the estimator's activation walk is checked by measurement
@@ -299,6 +300,7 @@ GPT2 = Arch(
     fused_qkv=True, positions="learned", gated_ffn=False, activation="gelu_new", softmax_fp32=False, conv1d=True,
     default_lora_targets=("c_attn",),
     ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
+    bottleneck_adapters=False,   # GPT-2 has no tiny model in the family battery: adapters there are unproven
     saved_walk="encoder", hidden_states_checked=False, config_class="GPT2Config",
 )
 

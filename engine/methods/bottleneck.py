@@ -222,6 +222,8 @@ def check_family(model: nn.Module, method: str, parallel: bool = True) -> Arch:
     known and (`parallel`) the modules a parallel adapter wraps."""
     arch = arch_of(model)
     missing = [] if arch.attn_norm and arch.ffn_norm else ["its sublayer norms"]
+    if not arch.bottleneck_adapters:
+        missing.append("bottleneck adapters checked by the family battery")
     if parallel and arch.parallel_sites is None:
         missing.append("the attention / FFN modules a parallel adapter wraps")
     if not arch.ffn_out:
