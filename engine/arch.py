@@ -103,6 +103,7 @@ class Arch:
     default_lora_targets: tuple[str, ...] = field(default=())
     ia3_targets: tuple[str, ...] = ()
     ia3_feedforward: tuple[str, ...] = ()
+    soft_prompt: bool = True       # virtual input tokens (prompt / p-tuning) match peft: the head reads the backbone's output
     kv_prefix: bool = False        # the attention takes a key/value cache (prefix tuning)
     prefix_attn_path: Optional[str] = None   # the attention module prefix slot masks hook
     adaption_prompt: bool = False  # LLaMA-Adapter's gated prompt attention fits (separate q/k/v, RoPE)
@@ -244,7 +245,7 @@ BERT = Arch(
 ROBERTA = replace(
     BERT, family="roberta", backbone="roberta", blocks_path="roberta.encoder.layer",
     embed_path="roberta.embeddings.word_embeddings", embed_norm="roberta.embeddings.LayerNorm",
-    pooler=None, classifier=("classifier.dense", "classifier.out_proj"),
+    pooler=None, classifier=("classifier.dense", "classifier.out_proj"), soft_prompt=False,
     config_class="RobertaConfig",
     tiny=(("max_position_embeddings", 514), ("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2),
           ("type_vocab_size", 1)))
@@ -256,7 +257,7 @@ DEBERTA_V2 = replace(
     linears=(BlockLinear("attention.self.query_proj", "hidden", "hidden", "always"),
              BlockLinear("attention.self.key_proj", "hidden", "hidden", "always"),
              BlockLinear("attention.self.value_proj", "hidden", "hidden", "always"),) + _BERT_LINEARS[3:],
-    positions="relative", embedding_projection=True,
+    positions="relative", embedding_projection=True, soft_prompt=False,
     pooler="pooler.dense", mlm_head=False,
     default_lora_targets=("query_proj", "value_proj"),
     ia3_targets=("key_proj", "value_proj", "output.dense"),
@@ -276,6 +277,7 @@ MODERNBERT = replace(
              BlockLinear("mlp.Wo", "ffn", "hidden", "mlp")),
     norm_bias=False, norm_placement="pre", attn_norm="attn_norm", ffn_norm="mlp_norm",
     first_attn_norm_identity=True, final_norm="model.final_norm", positions="rope", token_types=False,
+    soft_prompt=False,
     pooler="head.dense", pooler_bias=False, pooler_norm=True, mlm_head=False,
     default_lora_targets=("Wqkv",), ia3_targets=("Wqkv", "mlp.Wo"), ia3_feedforward=("mlp.Wo",),
     kv_prefix=False, prefix_attn_path=None, parallel_sites=None, parallel_into_residual=False,

@@ -168,7 +168,11 @@ def test_lora_and_full_work_on_every_family():
 # ---- peft interop ------------------------------------------------------------------------------
 
 PEFT_METHODS = [{"name": "lora", "r": 4, "alpha": 8}, {"name": "lora", "r": 2, "target_modules": "all-linear"},
-                {"name": "dora", "r": 4}, {"name": "ia3"}]
+                {"name": "dora", "r": 4}, {"name": "ia3"}, {"name": "loha"}, {"name": "lokr"}, {"name": "vera"},
+                {"name": "oft"}, {"name": "prompt_tuning", "num_virtual_tokens": 4},
+                {"name": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+                {"name": "prefix_tuning", "num_virtual_tokens": 4}]
+# qlora's adapter is a LoRA over an NF4 base (tests/test_peft_interop.py checks it on the dequantized base)
 PEFT_CELLS = [(m, f) for f in FAMILIES for m in PEFT_METHODS]
 
 
@@ -180,15 +184,21 @@ def test_peft_loads_our_adapter_with_the_same_logits(method, family, tmp_path):
     require("peft")
     from engine.adapters import write_dir_atomic
 
-    prep = prepare(method, family)
+    try:
+        prep = prepare(method, family)
+    except ValueError as e:       # refused: the method battery above checks the refusal names why
+        pytest.skip(f"{method['name']} refuses {family}: {e}")
     perturb_trainable(prep.model)
-    b = batch()
+    enc = tokenizer()(["the movie was a delight from start to end"], return_tensors="pt")
+    b = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     ours = logits(prep.model, b)
     assert (ours - logits(base_model(family), b)).abs().max() > 1e-3, "a trivial adapter proves nothing"
     write_dir_atomic(tmp_path, adapter_files(prep))
     pm = PeftModel.from_pretrained(base_model(family), str(tmp_path))
-    assert any(hasattr(m, "lora_A") or hasattr(m, "ia3_l") for m in pm.modules()), "peft injected nothing"
-    torch.testing.assert_close(logits(pm, b), ours, atol=ATOL, rtol=0)
+    theirs = logits(pm, b)
+    if theirs.shape != ours.shape:       # peft returns the virtual tokens' logits of a causal LM too
+        theirs = theirs[:, theirs.shape[1] - ours.shape[1]:]
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
 
 
 # ---- estimator against the CPU measure ------------------------------------------------------------

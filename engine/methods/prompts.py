@@ -150,6 +150,17 @@ def strip_post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
+def check_soft_prompt(model: nn.Module, method: str) -> None:
+    """Refuse virtual input tokens where the classification head pools the hidden states
+    outside the backbone (RoBERTa's, DeBERTa's and ModernBERT's heads): there peft's
+    prompt places the virtual tokens where the head reads, and this engine's does not."""
+    arch = arch_of(model)
+    if not arch.soft_prompt:
+        raise ValueError(f"method.name: {method} does not support {arch.family} models: their classification head "
+                         f"pools the hidden states outside the backbone, where a peft-format soft prompt and this "
+                         f"engine's would disagree; use lora, prefix_tuning or another method")
+
+
 def attach_prompt(model: nn.Module, source: nn.Module) -> None:
     bb = backbone(model)
     if hasattr(bb, PROMPT_ATTR):
