@@ -1,6 +1,7 @@
 """Model dimensions read from a Hugging Face config (a dict from config.json): the
 numbers the estimator and the methods' exact parameter counts need, without
-instantiating a model."""
+instantiating a model. Where the parts are comes from the family's `Arch`
+(engine.arch); the sizes, GQA heads, biases and experts from the config."""
 
 from __future__ import annotations
 
@@ -43,78 +44,135 @@ class ModelDims:
     norm: str = "rmsnorm"          # "rmsnorm" (weight only) | "layernorm" (weight + bias)
     arch: Optional[Arch] = None
     num_labels: int = 2            # classification head width
+    num_experts: int = 0           # mixture of experts: experts per block (0: a dense FFN)
+    experts_per_token: int = 0     # active experts per token
+    expert_intermediate_size: int = 0
+    embedding_size: int = 0        # DeBERTa: word embeddings narrower than hidden (0: hidden)
+    position_biased_input: bool = True   # DeBERTa: absolute positions added to the input
+    relative_params: int = 0       # DeBERTa: relative position embeddings, their norm and projections
+    pooler_hidden_size: int = 0    # DeBERTa's pooler width (0: hidden)
+    relative_linears: tuple = ()   # DeBERTa: per-block position projections (unshared keys), after value_proj
+    relative_norm: bool = False    # DeBERTa: a LayerNorm on the relative position embeddings
+    logit_transform: bool = False  # the causal-LM logits are soft-capped or scaled (Gemma 2, Granite)
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def _size(self, name: str) -> int:
+        q = self.num_heads * self.head_dim
+        return {"hidden": self.hidden_size, "q": q, "kv": self.kv_dim, "qkv": q + 2 * self.kv_dim,
+                "ffn": self.intermediate_size, "ffn2": 2 * self.intermediate_size}[name]
+
+    def _bias(self, kind: str) -> bool:
+        return {"qkv": self.attention_bias or self.qkv_bias, "attention": self.attention_bias,
+                "mlp": self.mlp_bias, "always": True, "never": False}[kind]
+
     def block_linears(self) -> list[LinearShape]:
-        """Every linear layer of one block, in module order."""
-        h, i = self.hidden_size, self.intermediate_size
-        if self.family == "llama":
-            q_out = self.num_heads * self.head_dim
-            ab, mb = self.attention_bias, self.mlp_bias
-            qkv = ab or self.qkv_bias
-            return [
-                LinearShape("q_proj", "self_attn.q_proj", h, q_out, qkv),
-                LinearShape("k_proj", "self_attn.k_proj", h, self.kv_dim, qkv),
-                LinearShape("v_proj", "self_attn.v_proj", h, self.kv_dim, qkv),
-                LinearShape("o_proj", "self_attn.o_proj", q_out, h, ab),
-                LinearShape("gate_proj", "mlp.gate_proj", h, i, mb),
-                LinearShape("up_proj", "mlp.up_proj", h, i, mb),
-                LinearShape("down_proj", "mlp.down_proj", i, h, mb),
-            ]
-        if self.family == "bert":
-            return [
-                LinearShape("query", "attention.self.query", h, h, True),
-                LinearShape("key", "attention.self.key", h, h, True),
-                LinearShape("value", "attention.self.value", h, h, True),
-                LinearShape("dense", "attention.output.dense", h, h, True),
-                LinearShape("dense", "intermediate.dense", h, i, True),
-                LinearShape("dense", "output.dense", i, h, True),
-            ]
-        if self.family == "gpt2":
-            return [
-                LinearShape("c_attn", "attn.c_attn", h, 3 * h, True, True),
-                LinearShape("c_proj", "attn.c_proj", h, h, True, True),
-                LinearShape("c_fc", "mlp.c_fc", h, i, True, True),
-                LinearShape("c_proj", "mlp.c_proj", i, h, True, True),
-            ]
-        raise ValueError(f"unknown family {self.family}")
+        """Every linear layer of one block, in module order (the experts of a
+        mixture-of-experts block are 3-D tensors, not linears: see expert_params)."""
+        out = [LinearShape(bl.path.rsplit(".", 1)[-1], bl.path, self._size(bl.n_in), self._size(bl.n_out),
+                           self._bias(bl.bias), self.arch.conv1d)
+               for bl in self.arch.linears]
+        if self.relative_linears:
+            h = self.hidden_size
+            out[3:3] = [LinearShape(p.rsplit(".", 1)[-1], p, h, h, True) for p in self.relative_linears]
+        return out
+
+    def norm_params(self) -> int:
+        """Parameters of one hidden-size norm."""
+        return self.hidden_size * (2 if self.norm == "layernorm" and self.arch.norm_bias else 1)
+
+    def qk_norm_params(self) -> int:
+        """Parameters of one block's q/k norms (Qwen3, Gemma 3: per head; OLMo 2: full width)."""
+        kind = self.arch.qk_norm
+        if kind == "head":
+            return 2 * self.head_dim
+        if kind == "width":
+            return self.num_heads * self.head_dim + self.kv_dim
+        return 0
+
+    def block_norm_params(self, layer: int = 1) -> int:
+        """Parameters of one block's norms (ModernBERT's first block has no attention norm)."""
+        n = len(self.arch.block_norms())
+        if self.arch.first_attn_norm_identity and layer == 0:
+            n -= 1
+        return n * self.norm_params() + self.qk_norm_params()
+
+    def expert_params(self) -> int:
+        """Parameters of one block's experts and router (0 for a dense FFN)."""
+        if not self.num_experts:
+            return 0
+        h, i = self.hidden_size, self.expert_intermediate_size
+        return self.num_experts * (3 * h * i) + self.num_experts * h
 
 
 def dims_from_config(cfg: dict) -> ModelDims:
-    """ModelDims from a config.json dict (llama/mistral/qwen2, bert/roberta/deberta-like, gpt2)."""
+    """ModelDims from a config.json dict of any family engine.arch describes."""
     mt = cfg.get("model_type", "")
-    arch = arch_for_model_type(mt if mt not in ("roberta", "deberta-v2", "deberta") else "bert")
-    if arch.family == "gpt2":
-        h = cfg.get("n_embd", cfg.get("hidden_size"))
-        heads = cfg.get("n_head", cfg.get("num_attention_heads"))
-        return ModelDims(
-            family="gpt2", model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
-            num_layers=cfg.get("n_layer", cfg.get("num_hidden_layers")), num_heads=heads, num_kv_heads=heads,
-            head_dim=h // heads, intermediate_size=cfg.get("n_inner") or 4 * h, gated_ffn=False,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-            max_position_embeddings=cfg.get("n_positions", 1024), norm="layernorm", arch=arch)
-    h = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    if arch.family == "llama":
-        return ModelDims(
-            family="llama", model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
-            num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or h // heads, intermediate_size=cfg["intermediate_size"], gated_ffn=True,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
-            qkv_bias=mt == "qwen2", norm="rmsnorm", arch=arch)
+    arch = arch_for_model_type(mt)
+    h = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    if h is None or heads is None or layers is None:
+        raise KeyError("hidden_size / num_attention_heads / num_hidden_layers")
+    inter = cfg.get("intermediate_size", cfg.get("n_inner")) or 4 * h
+    experts = arch.experts
+    # transformers 5.x writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias): read either
+    n_exp = int(cfg[experts.num_key] if experts.num_key in cfg else cfg["num_local_experts"]) if experts else 0
+    if experts and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
+        raise ValueError("model: mixture-of-experts configs with dense layers (mlp_only_layers, "
+                         "decoder_sparse_step) are not supported")
+    learned = arch.positions == "learned"
+    kv_heads = cfg.get("num_key_value_heads") or heads
     return ModelDims(
-        family="bert", model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
-        num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-        intermediate_size=cfg["intermediate_size"], gated_ffn=False, tie_word_embeddings=True,
-        max_position_embeddings=cfg.get("max_position_embeddings", 512),
-        type_vocab_size=cfg.get("type_vocab_size", 2), attention_bias=True, mlp_bias=True, norm="layernorm",
-        arch=arch)
+        family=arch.family, model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=h, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=cfg.get("head_dim") or h // heads, intermediate_size=inter, gated_ffn=arch.gated_ffn,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", arch.is_encoder or arch.conv1d),
+        max_position_embeddings=cfg.get("max_position_embeddings", cfg.get("n_positions",
+                                                                          512 if learned else 2048)),
+        type_vocab_size=cfg.get("type_vocab_size", 2) if arch.token_types else 0,
+        attention_bias=cfg.get("attention_bias", arch.is_encoder), mlp_bias=cfg.get("mlp_bias", arch.is_encoder),
+        qkv_bias=arch.qkv_bias, norm=arch.norm, arch=arch,
+        num_experts=n_exp, experts_per_token=int(cfg.get(experts.active_key, 0)) if experts else 0,
+        expert_intermediate_size=int(cfg[experts.intermediate_key]) if experts else 0,
+        embedding_size=int(cfg.get("embedding_size") or h) if arch.embedding_projection else 0,
+        position_biased_input=bool(cfg.get("position_biased_input", True)),
+        relative_params=_relative_params(cfg, arch, h, layers, learned),
+        pooler_hidden_size=int(cfg.get("pooler_hidden_size") or h) if arch.embedding_projection else 0,
+        relative_linears=_relative_linears(cfg, arch),
+        logit_transform=bool(arch.logit_softcap_key and cfg.get(arch.logit_softcap_key))
+        or (arch.logits_divisor_key is not None and cfg.get(arch.logits_divisor_key, 1.0) not in (None, 1, 1.0)),
+        relative_norm=arch.positions == "relative" and bool(cfg.get("relative_attention", False))
+        and "layer_norm" in str(cfg.get("norm_rel_ebd", "none")))
+
+
+def _relative_linears(cfg: dict, arch: Arch) -> tuple:
+    """DeBERTa's per-block position projections: with relative attention and unshared
+    keys, pos_key_proj for c2p and pos_query_proj for p2c."""
+    if arch.positions != "relative" or not cfg.get("relative_attention", False) or cfg.get("share_att_key", False):
+        return ()
+    kinds = cfg.get("pos_att_type") or []
+    kinds = kinds.split("|") if isinstance(kinds, str) else list(kinds)
+    base = arch.q.rsplit(".", 1)[0]
+    return tuple(f"{base}.{name}" for kind, name in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj"))
+                 if kind in kinds)
+
+
+def _relative_params(cfg: dict, arch: Arch, h: int, layers: int, learned: bool) -> int:
+    """DeBERTa's relative position embeddings, their LayerNorm and unshared projections."""
+    if arch.positions != "relative" or not cfg.get("relative_attention", False):
+        return 0
+    buckets = cfg.get("position_buckets", -1)
+    max_rel = cfg.get("max_relative_positions", -1)
+    if max_rel < 1:
+        max_rel = cfg.get("max_position_embeddings", 512)
+    span = buckets if buckets > 0 else max_rel
+    n = 2 * span * h
+    if "layer_norm" in str(cfg.get("norm_rel_ebd", "none")):
+        n += 2 * h
+    return n
 
 
 def dims_of_model(model) -> ModelDims:

@@ -34,6 +34,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .arch import ARCHS, gguf_writable
+
 log = logging.getLogger(__name__)
 
 QUANTS = ("f16", "q8_0")
@@ -76,12 +78,15 @@ def _source(model) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
 
 
 def check_architecture(cfg: dict) -> None:
-    """Refuse what is not a Llama-architecture causal LM, naming what it is."""
+    """Refuse what is not a causal LM of an architecture this exporter writes (engine.arch:
+    `Arch.gguf_arch`, the Llama-shaped ones), naming what it is."""
     kind = cfg.get("model_type") or "unknown"
-    if kind != "llama":
-        raise GGUFExportError(f"GGUF export supports Llama-architecture models; this model is {kind}")
+    if not gguf_writable(kind):
+        writable = ", ".join(a.family for a in ARCHS if a.gguf_arch)
+        raise GGUFExportError(f"GGUF export supports Llama-architecture models; this model is {kind} "
+                              f"(this exporter writes {writable})")
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in archs:
+    if not any(a.endswith("ForCausalLM") for a in archs):
         raise GGUFExportError(f"GGUF export needs a causal language model (LlamaForCausalLM); this model is "
                               f"{archs[0]}")
 

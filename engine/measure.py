@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .arch import arch_for_model_type
+
 ROWS = ("cuda_context", "weights", "gradients", "hidden_states", "optimizer", "total")
 
 
@@ -423,8 +425,8 @@ def prepare_for_measure(model_name: str, method: dict, *, task: Optional[str] = 
     from .prepare import prepare_run
 
     if task is None:
-        family = TINY_MODELS.get(model_name) or BUNDLED_MODELS.get(model_name, {}).get("family", "llama")
-        task = "classification" if family == "bert" else "causal_lm"
+        family = TINY_MODELS.get(model_name) or BUNDLED_MODELS.get(model_name, {}).get("family")
+        task = "classification" if family and arch_for_model_type(family).is_encoder else "causal_lm"
     labels = [f"label{i}" for i in range(num_labels)] if task == "classification" else []
     dataset = "demo-sentiment" if task == "classification" else "demo-instruct"
     cfg = parse_run_config({"model": model_name, "task": task, "dataset": {"name": dataset}, "method": method,

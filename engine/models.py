@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .arch import arch_for_model_type
 from .loading import CheckpointError, load_into, meta_model
 
 log = logging.getLogger(__name__)
@@ -128,19 +129,24 @@ def needs_conversion(name: str, cache_dir: Optional[Path] = None) -> bool:
 
 
 def tiny_config(family: str, vocab_size: int, **over):
-    from transformers import BertConfig, LlamaConfig
+    """A tiny random config of `family` (2 blocks, hidden 32), built from its transformers
+    config class with the architecture's own tiny settings (engine.arch.Arch.tiny)."""
+    import transformers
 
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    elif family == "bert":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=512, pad_token_id=0)
-    else:
+    try:
+        arch = arch_for_model_type(family)
+    except ValueError:
+        arch = None
+    if arch is None or not arch.config_class or not arch.tiny:
         raise ModelLoadError(f"no tiny model for family {family!r}")
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    kwargs.update(dict(arch.tiny))
+    cfg = getattr(transformers, arch.config_class)(**kwargs)
     for k, v in over.items():
         setattr(cfg, k, v)
+    if getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = [cfg.layer_types[i % len(cfg.layer_types)] for i in range(cfg.num_hidden_layers)]
     return cfg
 
 
@@ -225,7 +231,7 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, *,
         cfg = tiny_config(TINY_MODELS[name], vocab_size=len(tok))
         for k, v in extra.items():
             setattr(cfg, k, v)
-        if TINY_MODELS[name] == "llama":
+        if arch_for_model_type(TINY_MODELS[name]).is_decoder:
             cfg.pad_token_id = tok.pad_token_id
         with torch.device(device):
             model = _auto_class(task).from_config(cfg, dtype=dtype)

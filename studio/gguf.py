@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from engine.arch import gguf_writable
 from workers.settings import Settings
 
 from . import service
@@ -78,7 +79,7 @@ def check_exportable(settings: Settings, run: dict) -> None:
 
     cfg = parse_run_config(run["config"])
     arch = base_architecture(settings, cfg.model)
-    if arch is not None and arch != "llama":
+    if arch is not None and not gguf_writable(arch):
         raise GGUFUnsupported(f"GGUF export supports Llama-architecture models; run {run['id']} is {arch}")
     if cfg.task != "causal_lm":
         raise GGUFUnsupported(f"GGUF export needs a causal_lm run; run {run['id']} is {cfg.task}")

@@ -371,5 +371,5 @@ def test_other_architectures_are_refused_clearly(name):
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100))
     spec = get_method(name)
-    with pytest.raises(ValueError, match=rf"^method\.name: {name} supports llama, bert"):
+    with pytest.raises(ValueError, match=rf"^method\.name: {name} does not support gpt2 models"):
         apply_method(model, spec, parse_method_config({"name": name}), ApplyContext(task="causal_lm"))

@@ -309,3 +309,68 @@ def test_the_route_check_sees_a_stray_route():
     src = ("def build(api):\n    @api.get('/x')\n    def x():\n        pass\n"
            "def routes(ctx):\n    @api.post('/y')\n    def y():\n        pass\n")
     assert route_decorators_outside_routes(ast.parse(src)) == [2]
+
+
+# ---- model families compared as strings --------------------------------------------------------------
+
+FAMILY_HOME = "engine/arch.py"
+
+
+def family_names() -> set[str]:
+    """Every family name and config model_type engine.arch describes."""
+    from engine.arch import ARCHS, supported_model_types
+
+    return {a.family for a in ARCHS} | set(supported_model_types())
+
+
+def family_name_uses(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """Family-name tests in one module: a family constant (or a literal collection holding
+    one) compared with something (==, !=, in, not in), or a mapping keyed by two or more
+    family names (a per-family table that belongs in the Arch description)."""
+    found: list[tuple[int, str]] = []
+
+    def named(node) -> list[str]:
+        if isinstance(node, ast.Constant) and node.value in names:
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
+        return []
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for o in [node.left, *node.comparators]:
+                hit = named(o)
+                if hit:
+                    found.append((node.lineno, f"compared with {hit}"))
+        elif isinstance(node, ast.Dict):
+            hit = [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names]
+            if len(hit) >= 2:
+                found.append((node.lineno, f"a mapping keyed by family names {hit}"))
+    return sorted(found)
+
+
+def test_family_scan_catches_the_old_shapes():
+    names = family_names()
+    old = ('if dims.family == "llama": pass\n'
+           'ok = getattr(cfg, "model_type", "") not in ("bert", "roberta", "deberta-v2")\n'
+           'DEFAULTS = {"llama": 1, "bert": 2}\n'
+           'if "gpt2" != kind: pass\n')
+    assert [line for line, _ in family_name_uses(ast.parse(old), names)] == [1, 2, 3, 4]
+    ok = ('TINY = {"tiny-llama": "llama"}\nw = Writer(tmp, "llama")\nif arch.is_decoder: pass\n'
+          'return "gpt2"\n')
+    assert family_name_uses(ast.parse(ok), names) == []
+
+
+def test_no_family_name_is_compared_outside_engine_arch():
+    names = family_names()
+    problems = []
+    for top in SCANNED:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == FAMILY_HOME:
+                continue
+            problems += [f"{rel}:{line}: {what}"
+                         for line, what in family_name_uses(ast.parse(path.read_text(), rel), names)]
+    assert not problems, ("model-family names compared outside engine/arch.py (ask the Arch description: "
+                          "arch_of(model).is_encoder, .final_norm, .kv_prefix, ... instead):\n"
+                          + "\n".join(problems))

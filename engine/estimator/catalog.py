@@ -77,4 +77,4 @@ def model_dims(cfg: dict) -> ModelDims:
 
 def default_task(dims: ModelDims) -> str:
     """BERT-family encoders default to classification, decoders to causal LM."""
-    return "classification" if dims.family == "bert" else "causal_lm"
+    return "classification" if dims.arch.is_encoder else "causal_lm"

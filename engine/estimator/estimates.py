@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from ..loss import LOSS_CHUNK
 from .catalog import GPU_PRESETS, GiB, catalog_text, default_task, load_model_config, model_dims
-from .counts import added_params, count_total_params, count_trainable, head_params, is_deberta
+from .counts import added_params, count_total_params, count_trainable, head_params
 from .devices import STRATEGIES, gathered_units, per_device_rows
 from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FORMULA_TEXT, FORMULAS, MASTER_BYTES,
                        OPTIMIZER_ALIASES, OPTIMIZERS, QUANTS, ROWS, TASKS, appendix_hidden_states,
@@ -253,8 +253,9 @@ def _estimate(q: _Query) -> Estimate:
         head = head_params(cfg, dims, task, q.num_labels) if spec.trains_head else 0
         added = added_params(spec, n_tr, head)
         notes.extend(plan.notes)
-        if dims.family == "gpt2" or is_deberta(cfg):
-            notes.append("hidden states for GPT-2 / DeBERTa use the BERT-style block (not checked by measurement)")
+        if not dims.arch.hidden_states_checked:
+            notes.append(f"hidden states for {dims.family} use the {dims.arch.saved_walk} block walk "
+                         f"(not checked by measurement)")
         hidden, breakdown = model_hidden_states(cfg, dims, plan, batch=q.batch_size, seq=q.seq_len, size=size,
                                                 task=task, attention=q.attention, device=q.device,
                                                 grad_checkpointing=q.grad_checkpointing,

@@ -96,7 +96,10 @@ def frozen_fp32_norm_params(dims: ModelDims, size: int, n_tr: int, frozen: int) 
     trainable norms are counted fp32 already, is overstated by their 2 extra bytes each)."""
     if size == MASTER_BYTES or dims.norm != "layernorm":
         return 0
-    return min(frozen, (2 * dims.num_layers + 1) * 2 * dims.hidden_size)
+    arch = dims.arch
+    n = dims.num_layers * len(arch.block_norms()) - (1 if arch.first_attn_norm_identity and dims.num_layers else 0)
+    n += sum(1 for p in (arch.embed_norm, arch.final_norm) if p) + (1 if arch.pooler_norm else 0)
+    return min(frozen, n * dims.norm_params())
 
 
 def optimizer_step_temporary(dims: ModelDims, n_tr: int, optimizer: str, device: str, embeddings: bool) -> int:

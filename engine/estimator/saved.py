@@ -13,10 +13,6 @@ from ..loss import LOSS_CHUNK
 from ..methods.plan import LayerPlan, Plan
 
 
-def _block_paths(dims: ModelDims) -> list[str]:
-    return [s.path for s in dims.block_linears()]
-
-
 @dataclass
 class Shape:
     """Sizes of one forward pass."""
@@ -197,7 +193,7 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
         saved.add("attn.k", B * Skv * (hq if n_rep > 1 else kv) * a)
         saved.add("attn.v", B * Skv * (hq if n_rep > 1 else kv) * a)
         probs = B * heads * S * Skv
-        if dims.family == "llama" and eager:
+        if dims.arch.softmax_fp32 and eager:
             saved.add("attn.probs_fp32", probs * 4)           # softmax in fp32, cast back for p @ v
             if a != 4:
                 saved.add("attn.probs_cast", probs * a)
@@ -240,16 +236,29 @@ def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: Mod
 
 
 def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float) -> tuple[int, bool, dict]:
-    """Saved bytes of one Llama block given whether its input requires grad."""
+    """Saved bytes of one pre-norm decoder block (Llama and the families shaped like it:
+    fused q/k/v, q/k norms, extra sublayer norms, gated MLPs, experts) given whether its
+    input requires grad."""
     s = Saved()
     T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
     hq, kv = dims.num_heads * dims.head_dim, dims.kv_dim
-    p = {x.short: x.path for x in dims.block_linears()}
+    arch = dims.arch
     rg_n1 = norm_site(s, "ln1", shape, dims, rg, lp.norms, T) or lp.bias
     nb = norm_out_bytes(shape, lp.norms)
-    rg_q = linear_site(lp, p["q_proj"], s, "n1", T * h, hq, shape, rg_n1, nb)
-    rg_k = linear_site(lp, p["k_proj"], s, "n1", T * h, kv, shape, rg_n1, nb)
-    rg_v = linear_site(lp, p["v_proj"], s, "n1", T * h, kv, shape, rg_n1, nb)
+    if arch.fused_qkv:
+        rg_q = rg_k = rg_v = linear_site(lp, arch.q, s, "n1", T * h, hq + 2 * kv, shape, rg_n1, nb)
+    else:
+        rg_q = linear_site(lp, arch.q, s, "n1", T * h, hq, shape, rg_n1, nb)
+        rg_k = linear_site(lp, arch.k, s, "n1", T * h, kv, shape, rg_n1, nb)
+        rg_v = linear_site(lp, arch.v, s, "n1", T * h, kv, shape, rg_n1, nb)
+    if arch.qk_norm != "none":     # RMSNorm of q and k keeps their projections' outputs (fp32) and rsqrt
+        if rg_q or lp.norms:
+            s.add("qn.in", T * hq * 4)
+            s.add("qn.rsqrt", T * (dims.num_heads if arch.qk_norm == "head" else 1) * 4)
+        if rg_k or lp.norms:
+            s.add("kn.in", T * kv * 4)
+            s.add("kn.rsqrt", T * (dims.num_kv_heads if arch.qk_norm == "head" else 1) * 4)
+        rg_q, rg_k = rg_q or lp.norms, rg_k or lp.norms
     if "k" in lp.ia3:
         s.add("ia3.k", T * kv * a)
         rg_k = True
@@ -267,27 +276,68 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
         s.add("adaption.probs_gated", probs * a)
         s.add("adaption.out", T * hq * a)
         rg_attn = True
-    rg_o = linear_site(lp, p["o_proj"], s, attention_output_key(shape, dropout_p), T * hq, h, shape, rg_attn)
+    rg_o = linear_site(lp, arch.o, s, attention_output_key(shape, dropout_p), T * hq, h, shape, rg_attn)
     rg_o = adapter_site(lp, "attn", s, shape, dims, "attn_o") or rg_o
+    for extra in arch.extra_norms[:1]:      # Gemma: a norm on the attention output
+        rg_o = norm_site(s, "post_attn_norm", shape, dims, rg_o, lp.norms, T) or rg_o
     rg2 = rg or rg_o
     rg_n2 = norm_site(s, "ln2", shape, dims, rg2, lp.norms, T) or lp.bias
     par = adapter_site(lp, "ffn", s, shape, dims, "n2") if any(k == "parallel" for k, *_ in lp.adapters) else False
-    rg_g = linear_site(lp, p["gate_proj"], s, "n2", T * h, i, shape, rg_n2, nb)
-    rg_u = linear_site(lp, p["up_proj"], s, "n2", T * h, i, shape, rg_n2, nb)
-    # the engine's fused SwiGLU (engine.swaps.SwiGLUMLP) keeps silu's input, not its output:
-    # gate(x) for either gradient, up(x) for gate's
-    if rg_g or rg_u:
-        s.add("mlp.gate", T * i * a)
-    if rg_g:
-        s.add("mlp.up", T * i * a)
+    if arch.experts:
+        return _moe_ffn(lp, dims, shape, s, rg_n2, rg2, par)
+    if arch.fused_gate_up:
+        rg_g = rg_u = linear_site(lp, arch.ffn_in[0], s, "n2", T * h, 2 * i, shape, rg_n2, nb)
+        if rg_g:                 # chunk views of the gate_up output (the activation's input, up) and act(gate)
+            s.add("mlp.gate_up", T * 2 * i * a)
+            s.add("mlp.act", T * i * a)
+    else:
+        rg_g = linear_site(lp, arch.ffn_in[0], s, "n2", T * h, i, shape, rg_n2, nb)
+        rg_u = linear_site(lp, arch.ffn_in[1], s, "n2", T * h, i, shape, rg_n2, nb)
+        # the engine's fused SwiGLU (engine.swaps.SwiGLUMLP) keeps silu's input, not its output:
+        # gate(x) for either gradient, up(x) for gate's; another activation keeps its output too
+        if rg_g or rg_u:
+            s.add("mlp.gate", T * i * a)
+        if rg_g:
+            s.add("mlp.up", T * i * a)
+        if (rg_g or rg_u) and arch.activation != "silu":
+            s.add("mlp.act", T * i * a)
+            s.add("mlp.up", T * i * a)
     rg_prod = rg_g or rg_u
     if "ff" in lp.ia3:
         s.add("ia3.ff", T * i * a)
         rg_prod = True
-    rg_d = linear_site(lp, p["down_proj"], s, "mlp.prod", T * i, h, shape, rg_prod)
+    rg_d = linear_site(lp, arch.ffn_out, s, "mlp.prod", T * i, h, shape, rg_prod)
+    for extra in arch.extra_norms[1:]:      # Gemma: a norm on the FFN output
+        rg_d = norm_site(s, "post_ffn_norm", shape, dims, rg_d, lp.norms, T) or rg_d
     if any(k == "serial" for k, *_ in lp.adapters):
         rg_d = adapter_site(lp, "ffn", s, shape, dims, "ffn_out") or rg_d
     return s.total, rg2 or rg_d or par, s.parts
+
+
+def _moe_ffn(lp: LayerPlan, dims: ModelDims, shape: Shape, s: Saved, rg_in: bool, rg2: bool,
+             par: bool) -> tuple[int, bool, dict]:
+    """A mixture-of-experts FFN (transformers 5.x: a router, then per expert the tokens
+    routed to it through its slice of the 3-D gate_up / down tensors): the router's fp32
+    probabilities and top-k, and per routed token (tokens x active experts) the gate_up
+    output, act(gate), the down output and the routing indices and weight."""
+    T, a, h, ie = shape.tokens, shape.a, dims.hidden_size, dims.expert_intermediate_size
+    ex = dims.arch.experts
+    k, E = dims.experts_per_token, dims.num_experts
+    trains = ex.path in lp.full
+    if not (rg_in or trains):
+        return s.total, rg2 or par, s.parts
+    if ex.router in lp.full:
+        s.add("n2", T * h * a)
+    s.add("moe.router_probs", T * E * 4)
+    s.add("moe.topk", T * k * (8 + 4) + T * 4)
+    routed = T * k
+    if trains:
+        s.add("moe.expert_in", routed * h * a)
+    s.add("moe.gate_up", routed * 2 * ie * a)
+    s.add("moe.act", routed * ie * a)
+    s.add("moe.down", routed * h * 4)           # times the fp32 routing weight
+    s.add("moe.index", routed * (8 + 8 + 4))
+    return s.total, True, s.parts
 
 
 def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict) -> tuple[int, bool, dict]:
@@ -296,8 +346,8 @@ def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict
     T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
     pd = float(cfg.get("hidden_dropout_prob", cfg.get("resid_pdrop", 0.1)) or 0.0)
     ad = float(cfg.get("attention_probs_dropout_prob", cfg.get("attn_pdrop", 0.1)) or 0.0)
-    paths = _block_paths(dims)
-    q_p, k_p, v_p, o_p, in_p, out_p = paths[:6] if dims.family == "bert" else (paths[0],) * 3 + tuple(paths[1:4])
+    arch = dims.arch
+    q_p, k_p, v_p, o_p, in_p, out_p = arch.q, arch.k, arch.v, arch.o, arch.ffn_in[0], arch.ffn_out
     rg_x = rg or lp.bias
     rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x)
     rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x)
@@ -341,7 +391,7 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
     """Bytes autograd saves during one forward of our training loop; with a
     breakdown {part: bytes}."""
     shape = Shape(batch=batch, seq=seq, prompt=plan.prompt_tokens, prefix=0, a=size, device=device,
-                  attention="eager" if attention == "eager" else "sdpa",
+                  attention="eager" if attention == "eager" or not dims.arch.sdpa else "sdpa",
                   resid=4 if plan.embeddings else 0,      # fp32 trained embeddings make the residual fp32
                   weight_casts=weight_casts)
     T, h, a = shape.tokens, dims.hidden_size, size
@@ -352,7 +402,7 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
     if plan.embeddings:
         emb.add("embed.ids", batch * seq * 8)
         rg = True
-    if dims.family == "bert":
+    if dims.arch.embed_norm:
         rg = norm_site(emb, "embed.ln", shape, dims, rg, plan.embeddings or plan.input_grad, T) or rg
         pd = float(cfg.get("hidden_dropout_prob", 0.1) or 0.0)
         if rg and pd > 0:
@@ -370,7 +420,7 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
             if s_rg == rg and s_lp == lp:
                 break
         else:
-            if dims.family == "llama":
+            if dims.arch.saved_walk == "decoder":
                 out = llama_block(lp, dims, shape, rg, dropout_p)[:2]
             else:
                 out = bert_block(lp, dims, shape, rg, cfg)[:2]
@@ -386,7 +436,7 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
         parts["blocks"] = sum(per_layer)
     # tail: final norm, heads, loss
     tail = Saved()
-    if dims.family == "llama":
+    if dims.arch.saved_walk == "decoder":
         rg_f = norm_site(tail, "final_norm", shape, dims, rg, plan.final_norm, T)
         if task == "causal_lm":
             n = batch * (seq - 1)
@@ -397,12 +447,15 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
             tail.add("loss.index", n * 9)                      # kept-token mask and indices
             chunk = min(n, LOSS_CHUNK)
             tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
-            if plan.lm_head:
+            if plan.lm_head and not dims.logit_transform:
                 # a training LM head: the single-pass loss accumulates its fp32 weight
                 # gradient during forward and keeps it for backward
                 tail.add("loss.head_grad_fp32", dims.vocab_size * h * 4)
             if a != 4:
                 tail.add("loss.logits_chunk", chunk * dims.vocab_size * a)
+            if dims.logit_transform:
+                # a soft-capped / scaled head runs through the recomputing loss: one more fp32 chunk of logits
+                tail.add("loss.transformed_chunk_fp32", chunk * dims.vocab_size * 4)
         else:
             if plan.head or rg_f:
                 tail.add("score.in", T * h * a)

@@ -74,16 +74,17 @@ def merge_bitfit(model: nn.Module) -> None:
 
 
 def count_bitfit(dims, cfg, task: str) -> int:
-    linears = dims.block_linears()
-    if not any(l.bias for l in linears) and dims.norm != "layernorm":   # bias-free: one added per output
+    linears, arch = dims.block_linears(), dims.arch
+    norm_biased = dims.norm == "layernorm" and arch.norm_bias
+    if not any(l.bias for l in linears) and not norm_biased:   # bias-free: one added per output
         return sum(l.out_features for l in linears) * dims.num_layers
     n = sum(l.out_features for l in linears if l.bias) * dims.num_layers
-    if dims.norm == "layernorm":
-        n_norms = dims.num_layers * norms_per_block(dims) + (1 if final_norm_path(dims.family) else 0)
-        n_norms += 1 if dims.family == "bert" else 0          # embeddings LayerNorm
+    if norm_biased:
+        n_norms = dims.num_layers * norms_per_block(dims) + sum(1 for p in (arch.final_norm, arch.embed_norm) if p)
+        n_norms += 1 if dims.relative_norm else 0
         n += n_norms * dims.hidden_size
-    if dims.family == "bert":
-        n += dims.hidden_size                                 # pooler bias
+    if arch.pooler and arch.pooler_bias:
+        n += dims.pooler_hidden_size or dims.hidden_size      # pooler bias
     return n
 
 
@@ -92,7 +93,7 @@ def plan_bitfit(dims, cfg, task: str) -> Plan:
     plan = empty_plan(dims)
     for lp in plan.layers:
         lp.bias = True
-    plan.input_grad = dims.family == "bert"          # the embedding LayerNorm's bias trains
+    plan.input_grad = dims.arch.embed_norm is not None and dims.arch.norm_bias   # the embedding norm's bias trains
     return plan
 
 

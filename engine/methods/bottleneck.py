@@ -168,13 +168,7 @@ def serial_sites(arch: Arch, placement: str) -> list[str]:
 def layer_norm_paths(arch: Arch, placement: str = "both") -> list[str]:
     """The norms of a block that Houlsby trains (those around the adapted sublayers):
     the attention sublayer's norm, the FFN sublayer's norm, or both."""
-    if arch.family == "llama":
-        attn, ffn = "input_layernorm", "post_attention_layernorm"
-    elif arch.family == "bert":
-        attn, ffn = "attention.output.LayerNorm", "output.LayerNorm"
-    else:
-        raise ValueError(f"no layer-norm names for family {arch.family!r}")
-    return {"attn": [attn], "ffn": [ffn], "both": [attn, ffn]}[placement]
+    return arch.sublayer_norms(placement)
 
 
 def add_serial_adapters(model: nn.Module, width: int, activation: str, layers: list[int], placement: str,
@@ -204,19 +198,16 @@ def add_serial_adapters(model: nn.Module, width: int, activation: str, layers: l
 
 
 def parallel_sites(arch: Arch, placement: str) -> list[str]:
-    if arch.family == "llama":
-        attn, ffn = arch.attn_path, arch.ffn_path          # self_attn, mlp
-    elif arch.family == "bert":
-        attn, ffn = "attention.output", "output"
-    else:
-        raise ValueError(f"method: parallel adapters are not implemented for the {arch.family} family")
+    if arch.parallel_sites is None:
+        raise ValueError(f"method: parallel adapters are not implemented for the {arch.family} architecture")
+    attn, ffn = arch.parallel_sites      # self_attn, mlp (beside) / attention.output, output (into the residual)
     return {"attn": [attn], "ffn": [ffn], "both": [attn, ffn]}[placement]
 
 
 def add_parallel_adapters(model: nn.Module, width: int, activation: str, layers: list[int], placement: str,
                           scale: float) -> None:
     arch = arch_of(model)
-    wrapper = ParallelBeside if arch.family == "llama" else ParallelIntoResidual
+    wrapper = ParallelIntoResidual if arch.parallel_into_residual else ParallelBeside
     for i in layers:
         block = blocks(model)[i]
         for site in parallel_sites(arch, placement):
@@ -226,16 +217,35 @@ def add_parallel_adapters(model: nn.Module, width: int, activation: str, layers:
             set_submodule(block, site, wrapper(base, ad, scale))
 
 
-def check_family(model: nn.Module, method: str, families=("llama", "bert")) -> Arch:
+def check_family(model: nn.Module, method: str, parallel: bool = True) -> Arch:
+    """The model's architecture, if bottleneck adapters fit it: the sublayer norms are
+    known and (`parallel`) the modules a parallel adapter wraps."""
     arch = arch_of(model)
-    if arch.family not in families:
-        raise ValueError(f"method.name: {method} supports {', '.join(families)} models, not {arch.family}")
+    missing = [] if arch.attn_norm and arch.ffn_norm else ["its sublayer norms"]
+    if not arch.bottleneck_adapters:
+        missing.append("bottleneck adapters checked by the family battery")
+    if parallel and arch.parallel_sites is None:
+        missing.append("the attention / FFN modules a parallel adapter wraps")
+    if not arch.ffn_out:
+        missing.append("a dense FFN output projection (mixture-of-experts blocks have none)")
+    if missing:
+        raise ValueError(f"method.name: {method} does not support {arch.family} models: the architecture "
+                         f"description lacks {' and '.join(missing)}")
     return arch
 
 
 def layernorm_params_per_block(dims, n_norms: int = 2) -> int:
-    per = dims.hidden_size * (2 if dims.norm == "layernorm" else 1)
-    return n_norms * per
+    """Parameters of `n_norms` sublayer norms of a block."""
+    return n_norms * dims.norm_params()
+
+
+def sublayer_norm_params(dims, layers, placement: str = "both") -> int:
+    """Parameters of the sublayer norms (`placement`) of `layers` (ModernBERT's block 0
+    has no attention norm)."""
+    n = len(dims.arch.sublayer_norms(placement)) * dims.norm_params() * len(layers)
+    if dims.arch.first_attn_norm_identity and 0 in layers and placement in ("attn", "both"):
+        n -= dims.norm_params()
+    return n
 
 
 def adapter_plan(dims, cfg: BottleneckSize, kind: str, placement: str) -> Plan:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .base import ApplyContext, MethodSpec, freeze_all
 from .bottleneck import (ACTIVATIONS, BottleneckSize, add_serial_adapters, bottleneck_width,
-                         check_family, chosen_layers, layernorm_params_per_block)
+                         check_family, chosen_layers, sublayer_norm_params)
 from .plan import Plan, empty_plan, layers_subset
 
 DEFAULT_REDUCTION = 8.0
@@ -172,7 +172,7 @@ def shared_rule(model: nn.Module) -> PHMRule:
 
 
 def apply_compacter(model: nn.Module, cfg: CompacterConfig, ctx: ApplyContext) -> None:
-    check_family(model, "compacter")
+    check_family(model, "compacter", parallel=False)
     hidden = model.config.hidden_size
     width = compacter_width(hidden, cfg)
     layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
@@ -201,9 +201,8 @@ def count_compacter(dims, cfg: CompacterConfig, task: str) -> int:
     layers = chosen_layers(dims.num_layers, cfg.layers)
     sites = 2 if cfg.placement == "both" else 1
     per = sites * (phm_params(h, width, cfg.phm_rank) + phm_params(width, h, cfg.phm_rank))
-    if cfg.train_layernorm:
-        per += layernorm_params_per_block(dims, sites)
-    return cfg.n ** 3 + len(layers) * per
+    norms = sublayer_norm_params(dims, layers, cfg.placement) if cfg.train_layernorm else 0
+    return cfg.n ** 3 + len(layers) * per + norms
 
 
 def plan_compacter(dims, cfg: CompacterConfig, task: str) -> Plan:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import ApplyContext, MethodSpec, freeze_all
 from .bottleneck import (BottleneckSize, adapter_plan, add_serial_adapters, bottleneck_params, bottleneck_width,
-                         check_family, chosen_layers, layernorm_params_per_block)
+                         check_family, chosen_layers, sublayer_norm_params)
 from .plan import Plan, layers_subset
 
 
@@ -33,7 +33,7 @@ class HoulsbyConfig(BottleneckSize):
 
 
 def apply_houlsby(model: nn.Module, cfg: HoulsbyConfig, ctx: ApplyContext) -> None:
-    check_family(model, "houlsby")
+    check_family(model, "houlsby", parallel=False)
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     layers = chosen_layers(model.config.num_hidden_layers, cfg.layers)
@@ -46,9 +46,8 @@ def count_houlsby(dims, cfg: HoulsbyConfig, task: str) -> int:
     width = bottleneck_width(dims.hidden_size, cfg.bottleneck_size, cfg.reduction_factor)
     sites = 2 if cfg.placement == "both" else 1
     per = sites * bottleneck_params(dims.hidden_size, width)
-    if cfg.train_layernorm:
-        per += layernorm_params_per_block(dims)
-    return len(layers) * per
+    norms = sublayer_norm_params(dims, layers) if cfg.train_layernorm else 0
+    return len(layers) * per + norms
 
 
 def plan_houlsby(dims, cfg: HoulsbyConfig, task: str) -> Plan:

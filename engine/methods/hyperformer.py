@@ -132,7 +132,7 @@ class HyperAdapter(nn.Module):
 
 
 def apply_hyperformer(model: nn.Module, cfg: HyperformerConfig, ctx: ApplyContext) -> None:
-    arch = check_family(model, "hyperformer")
+    arch = check_family(model, "hyperformer", parallel=False)
     if hasattr(model, HUB):
         raise ValueError(f"method.name: the model already has a {HUB!r} module")
     freeze_all(model)

@@ -32,12 +32,6 @@ from .lora import base_linear_names, layer_features
 from .targeting import (check_target_list, TargetModulesError, is_conv1d, linear_like, peft_target_list, resolve_targets,
                         resolve_targets_in_dims, select_names)
 
-DEFAULTS = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-}
-
 
 class IA3Config(MethodConfig):
     name: Literal["ia3"] = "ia3"
@@ -99,15 +93,16 @@ class IA3Linear(AdapterLayer):
         self.merged = False
 
 
-def default_targets(family: str) -> tuple[list[str], list[str]]:
-    if family not in DEFAULTS:
-        raise ValueError(f"method.target_modules: no ia3 default for {family!r}; name the modules")
-    return DEFAULTS[family]
+def default_targets(arch) -> tuple[list[str], list[str]]:
+    """The architecture's IA3 targets (keys, values, FFN output) and which of them scale their input."""
+    if not arch.ia3_targets:
+        raise ValueError(f"method.target_modules: no ia3 default for {arch.family!r}; name the modules")
+    return list(arch.ia3_targets), list(arch.ia3_feedforward)
 
 
-def targets_and_ff(cfg: IA3Config, family: str) -> tuple:
+def targets_and_ff(cfg: IA3Config, arch) -> tuple:
     if cfg.target_modules is None:
-        t, ff = default_targets(family)
+        t, ff = default_targets(arch)
         return t, (cfg.feedforward_modules if cfg.feedforward_modules is not None else ff)
     return cfg.target_modules, (cfg.feedforward_modules or [])
 
@@ -125,7 +120,7 @@ def feedforward_subset(names: list[str], ff, arch) -> set[str]:
 def apply_ia3(model: nn.Module, cfg: IA3Config, ctx: ApplyContext) -> None:
     freeze_all(model)
     arch = arch_of(model)
-    targets, ff = targets_and_ff(cfg, arch.family)
+    targets, ff = targets_and_ff(cfg, arch)
     names = resolve_targets(model, targets, want=linear_like)
     ff_names = feedforward_subset(names, ff, arch)
     for n in names:
@@ -133,7 +128,7 @@ def apply_ia3(model: nn.Module, cfg: IA3Config, ctx: ApplyContext) -> None:
 
 
 def count_ia3_trainable(dims, cfg: IA3Config, task: str) -> int:
-    targets, ff = targets_and_ff(cfg, dims.family)
+    targets, ff = targets_and_ff(cfg, dims.arch)
     layers = resolve_targets_in_dims(dims, targets, task)
     ff_names = feedforward_subset([l.name for l in layers], ff, dims.arch)
     return sum(l.in_features if l.name in ff_names else l.out_features for l in layers)

@@ -97,10 +97,11 @@ def adapted_layers(cfg: LlamaAdapterConfig, n_layers: int) -> int:
 
 
 def check_llama(model: nn.Module, cfg: LlamaAdapterConfig) -> tuple[int, int]:
-    fam = arch_of(model).family
-    if fam != "llama":
+    arch = arch_of(model)
+    if not arch.adaption_prompt:
         raise ValueError(f"method.name: llama_adapter needs a Llama-architecture model (decoder with rotary "
-                         f"attention); this model is {fam}. Use prefix_tuning or prompt_tuning instead.")
+                         f"attention: separate q/k/v projections, no q/k norm); this model is {arch.family}. "
+                         f"Use prefix_tuning or prompt_tuning instead.")
     n = model.config.num_hidden_layers
     return n, adapted_layers(cfg, n)
 
@@ -119,7 +120,7 @@ def apply_llama_adapter(model: nn.Module, cfg: LlamaAdapterConfig, ctx: ApplyCon
 
 
 def count_llama_adapter(dims, cfg: LlamaAdapterConfig, task: str) -> int:
-    if dims.family != "llama":
+    if not dims.arch.adaption_prompt:
         raise ValueError(f"method.name: llama_adapter needs a Llama-architecture model, not {dims.family}")
     return adapted_layers(cfg, dims.num_layers) * (cfg.adapter_len * dims.hidden_size + dims.num_heads)
 

@@ -14,7 +14,7 @@ from typing import Literal
 from torch import nn
 
 from .base import ApplyContext, MethodConfig, MethodSpec, freeze_all, merge_and_unload
-from .baselines import final_norm_path, norm_modules, norm_params, norms_per_block
+from .baselines import block_norm_params, norm_modules, norm_params
 from .plan import Plan, empty_plan
 
 
@@ -33,10 +33,12 @@ def apply_ln_tuning(model: nn.Module, cfg: LnTuningConfig, ctx: ApplyContext) ->
 
 
 def count_ln_tuning(dims, cfg, task: str) -> int:
-    """Two norms per block, the final norm (Llama, GPT-2) and BERT's embedding LayerNorm."""
-    n_norms = dims.num_layers * norms_per_block(dims) + (1 if final_norm_path(dims.family) else 0)
-    n_norms += 1 if dims.family == "bert" else 0
-    return n_norms * norm_params(dims)
+    """Every block norm (q/k norms included), the final norm, the embeddings' norm and
+    a norm after the pooler (ModernBERT's head), as the architecture has them."""
+    arch = dims.arch
+    extra = sum(1 for p in (arch.final_norm, arch.embed_norm) if p) + (1 if dims.relative_norm else 0)
+    extra += 1 if arch.pooler_norm and task == "classification" else 0
+    return block_norm_params(dims) + extra * norm_params(dims)
 
 
 def plan_ln_tuning(dims, cfg, task: str) -> Plan:
@@ -44,7 +46,7 @@ def plan_ln_tuning(dims, cfg, task: str) -> Plan:
     for lp in plan.layers:
         lp.norms = True
     plan.final_norm = True
-    plan.input_grad = dims.family == "bert"         # BERT's embedding LayerNorm trains too
+    plan.input_grad = dims.arch.embed_norm is not None    # the embeddings' norm trains too
     return plan
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all
 from .plan import Plan
-from .prompts import (attach_prompt, backbone, check_shape, load_prompt_state, peft_head_tensors,
+from .prompts import (attach_prompt, backbone, check_shape, check_soft_prompt, load_prompt_state, peft_head_tensors,
                       prompt_learning_fields, prompt_plan, prompt_source)
 
 
@@ -87,6 +87,7 @@ class PromptEncoder(nn.Module):
 
 def apply_p_tuning(model: nn.Module, cfg: PTuningConfig, ctx: ApplyContext) -> None:
     backbone(model)
+    check_soft_prompt(model, "p_tuning")
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     dim = model.config.hidden_size

@@ -54,8 +54,10 @@ def empty_plan(dims) -> Plan:
 
 
 def block_paths(dims) -> list[str]:
-    """Block-relative paths of a block's linear layers."""
-    return [s.path for s in dims.block_linears()]
+    """Block-relative paths of a block's linear layers (and of its experts and router,
+    whose weights train with the block's in full / top_k)."""
+    ex = dims.arch.experts
+    return [s.path for s in dims.block_linears()] + ([ex.router, ex.path] if ex else [])
 
 
 def layers_subset(dims, layers) -> list[int]:

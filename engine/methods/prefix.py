@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..arch import arch_of, blocks
+from ..arch import arch_for_model_type, arch_of, blocks
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all
 from .plan import Plan, empty_plan
 from .prompts import (as_kwargs, backbone, cache_length, check_absolute_positions, check_shape, extend_mask,
@@ -145,7 +145,8 @@ class PrefixBank(nn.Module):
 
 def new_cache(model_config):
     from transformers import DynamicCache
-    return DynamicCache(config=model_config) if model_config.model_type != "bert" else DynamicCache()
+    return DynamicCache(config=model_config) if arch_for_model_type(model_config.model_type).is_decoder \
+        else DynamicCache()
 
 
 def prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -212,7 +213,7 @@ def cache_length_of_layer(past, layer: int) -> int:
 def attention_module(model: nn.Module, layer: int) -> nn.Module:
     arch = arch_of(model)
     block = blocks(model)[layer]
-    return block.get_submodule(arch.attn_path if arch.family == "llama" else "attention.self")
+    return block.get_submodule(arch.prefix_attn_path or arch.attn_path)
 
 
 def attach_prefix_bank(model: nn.Module, bank: PrefixBank) -> None:
@@ -249,10 +250,11 @@ def add_prefix_groups(model: nn.Module, groups: list[tuple[list[int], int]], pro
 
 
 def check_prefix_family(model: nn.Module, method: str) -> None:
-    fam = arch_of(model).family
-    if fam not in ("llama", "bert"):
-        raise ValueError(f"method.name: {method} supports llama and bert models, not {fam}")
-    if fam == "bert" and getattr(model.config, "is_decoder", False):
+    arch = arch_of(model)
+    if not arch.kv_prefix:
+        raise ValueError(f"method.name: {method} needs attention that takes a key/value cache; "
+                         f"{arch.family} attention does not")
+    if arch.is_encoder and getattr(model.config, "is_decoder", False):
         raise ValueError(f"method.name: {method} on a BERT decoder is not supported")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .base import ApplyContext, MethodConfig, MethodSpec, PeftExport, freeze_all
 from .plan import Plan
-from .prompts import (attach_prompt, backbone, check_shape, load_prompt_state, peft_head_tensors,
+from .prompts import (attach_prompt, backbone, check_shape, check_soft_prompt, load_prompt_state, peft_head_tensors,
                       prompt_learning_fields, prompt_plan, prompt_source)
 
 
@@ -79,6 +79,7 @@ def random_init_embeddings(model: nn.Module, n: int) -> torch.Tensor:
 
 def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, ctx: ApplyContext) -> None:
     backbone(model)
+    check_soft_prompt(model, "prompt_tuning")
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     n = cfg.num_virtual_tokens

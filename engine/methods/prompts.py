@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..arch import arch_of, head_modules
+from ..arch import arch_for_model_type, arch_of, head_modules
 from .base import ApplyContext
 from .plan import Plan, empty_plan
 
@@ -40,13 +40,13 @@ def check_shape(key: str, t: torch.Tensor, want) -> None:
 # ---- hooking the backbone -----------------------------------------------------------------------
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The bare transformer under the task head: LlamaModel or BertModel."""
-    fam = arch_of(model).family
-    if fam == "llama":
-        return model.model
-    if fam == "bert":
-        return model.bert
-    raise ValueError(f"method: prompt methods support llama and bert models, not {fam}")
+    """The bare transformer under the task head (LlamaModel, BertModel, ...), as the
+    architecture names it."""
+    arch = arch_of(model)
+    if not arch.backbone or not hasattr(model, arch.backbone):
+        raise ValueError(f"method: prompt methods need the bare transformer under the task head; "
+                         f"{arch.family} has none by the name {arch.backbone!r}")
+    return getattr(model, arch.backbone)
 
 
 def as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -97,7 +97,7 @@ def check_absolute_positions(module: nn.Module, n_virtual: int, seq: int) -> Non
     failing deep in the embedding layer."""
     cfg = getattr(module, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None)
-    if cfg is None or limit is None or getattr(cfg, "model_type", "") not in ("bert", "roberta", "deberta-v2"):
+    if cfg is None or limit is None or arch_for_model_type(getattr(cfg, "model_type", "")).positions == "rope":
         return
     if n_virtual + seq > limit:
         raise ValueError(f"method.num_virtual_tokens: {n_virtual} virtual tokens + sequences of {seq} tokens "
@@ -148,6 +148,17 @@ def strip_post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
         return (output[0][:, n:],) + tuple(output[1:])
     output["last_hidden_state"] = output["last_hidden_state"][:, n:]
     return output
+
+
+def check_soft_prompt(model: nn.Module, method: str) -> None:
+    """Refuse virtual input tokens where the classification head pools the hidden states
+    outside the backbone (RoBERTa's, DeBERTa's and ModernBERT's heads): there peft's
+    prompt places the virtual tokens where the head reads, and this engine's does not."""
+    arch = arch_of(model)
+    if not arch.soft_prompt:
+        raise ValueError(f"method.name: {method} does not support {arch.family} models: their classification head "
+                         f"pools the hidden states outside the backbone, where a peft-format soft prompt and this "
+                         f"engine's would disagree; use lora, prefix_tuning or another method")
 
 
 def attach_prompt(model: nn.Module, source: nn.Module) -> None:

@@ -138,19 +138,19 @@ def bitfit_params_per_block(dims) -> int:
 
 def lora_module_names(model: nn.Module, layers: list[int]) -> list[str]:
     arch = arch_of(model)
-    return [f"{arch.blocks_path}.{i}.{p}" for i in layers for p in (arch.q, arch.v)]
+    return [f"{arch.blocks_path}.{i}.{p}" for i in layers for p in dict.fromkeys((arch.q, arch.v))]
 
 
 def lora_params_per_block(dims, r: int) -> int:
     by_path = {l.path: l for l in dims.block_linears()}
     arch = dims.arch
-    return sum(r * (by_path[p].in_features + by_path[p].out_features) for p in (arch.q, arch.v))
+    return sum(r * (by_path[p].in_features + by_path[p].out_features) for p in dict.fromkeys((arch.q, arch.v)))
 
 
 # ---- apply and count ---------------------------------------------------------------------------
 
 def apply_s4(model: nn.Module, cfg: S4Config, ctx: ApplyContext) -> None:
-    check_family(model, "s4")
+    check_family(model, "s4", parallel=False)
     freeze_all(model)
     torch.manual_seed(ctx.seed)
     per_group = group_layers(model.config.num_hidden_layers, cfg.pattern)
@@ -195,7 +195,7 @@ def plan_s4(dims, cfg: S4Config, task: str) -> Plan:
     plan = empty_plan(dims)
     groups = cfg.groups
     sites = ["attn", "ffn"] if cfg.adapter_placement == "both" else [cfg.adapter_placement]
-    qv = [x.path for x in dims.block_linears()][0:3:2] if dims.family != "gpt2" else [dims.block_linears()[0].path]
+    qv = list(dict.fromkeys(p for p in (dims.arch.q, dims.arch.v)))     # one path when q/k/v are fused
     n_max = max([g.prefix_tokens for g in groups if "prefix" in g.strategies] or [0])
     for g, idx in zip(groups, group_layers(dims.num_layers, cfg.pattern)):
         for i in idx:

@@ -89,6 +89,18 @@ def select_names(names: Sequence[str], targets: TargetSpec, arch: Arch) -> list[
         if not hits:
             missing.append(key)
         chosen_set.update(hits)
+    experts = arch.experts
+    if missing and experts:
+        expert_names = {experts.path.rsplit(".", 1)[-1], experts.router.rsplit(".", 1)[-1], *experts.params,
+                        *(f"{experts.path}.{p}" for p in experts.params)}
+        hit = [m for m in missing if m in expert_names or m.rsplit(".", 1)[-1] in expert_names]
+        if hit:
+            raise TargetModulesError(
+                f"method.target_modules: {', '.join(repr(m) for m in hit)} names the experts or router of this "
+                f"{arch.family} model. In transformers 5.x its experts are 3-D parameters "
+                f"({', '.join(f'{experts.path}.{p}' for p in experts.params)}), not linear layers, and the router "
+                f"stays frozen; peft reaches expert tensors with target_parameters, which this engine does not "
+                f"implement. Target the attention projections ({', '.join(candidates_from_names(names, arch.blocks_path))})")
     if missing:
         raise TargetModulesError(
             f"method.target_modules: {', '.join(repr(m) for m in missing)} "
@@ -131,12 +143,17 @@ def linears_in_dims(dims, task: str, num_labels: Optional[int] = None) -> list[N
             out.append(NamedLinear(f"{arch.blocks_path}.{i}.{ls.path}", ls.in_features, ls.out_features,
                                    ls.bias, ls.conv1d))
     h = dims.hidden_size
-    if dims.family == "bert":
-        out.append(NamedLinear("bert.pooler.dense", h, h, True))
+    if arch.is_encoder:
+        ph = dims.pooler_hidden_size or h
+        if arch.pooler:
+            out.append(NamedLinear(arch.pooler, ph, ph, arch.pooler_bias))
         if task == "classification":
-            out.append(NamedLinear("classifier", h, num_labels or 2, True))
+            for name in arch.classifier[:-1]:
+                out.append(NamedLinear(name, h, h, arch.classifier_bias))
+            out.append(NamedLinear(arch.classifier[-1], ph if arch.pooler else h, num_labels or 2,
+                                   arch.classifier_bias))
     elif task == "classification":
-        out.append(NamedLinear("score", h, num_labels or 2, False))
+        out.append(NamedLinear(arch.classifier[-1], h, num_labels or 2, arch.classifier_bias))
     else:
         out.append(NamedLinear("lm_head", h, dims.vocab_size, False))
     return out

@@ -33,7 +33,7 @@ def apply_top_k(model: nn.Module, cfg: TopKConfig, ctx: ApplyContext) -> None:
     for block in list(blocks)[-cfg.k:]:
         for p in block.parameters():
             p.requires_grad_(True)
-    path = final_norm_path(arch.family)
+    path = final_norm_path(arch)
     if path:
         for p in model.get_submodule(path).parameters():
             p.requires_grad_(True)
@@ -42,7 +42,8 @@ def apply_top_k(model: nn.Module, cfg: TopKConfig, ctx: ApplyContext) -> None:
 def count_top_k(dims, cfg: TopKConfig, task: str) -> int:
     if cfg.k > dims.num_layers:
         raise ValueError(f"method.k: {cfg.k} exceeds the model's {dims.num_layers} blocks")
-    return cfg.k * block_params(dims) + (norm_params(dims) if final_norm_path(dims.family) else 0)
+    first = norm_params(dims) if cfg.k == dims.num_layers and dims.arch.first_attn_norm_identity else 0
+    return cfg.k * block_params(dims) - first + (norm_params(dims) if final_norm_path(dims.arch) else 0)
 
 
 def plan_top_k(dims, cfg: TopKConfig, task: str) -> Plan:

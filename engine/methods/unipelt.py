@@ -139,7 +139,7 @@ def record_mask_hook(inputs: GateInput):
 
 def gate_modes(model: nn.Module) -> tuple[str, str]:
     """(mode of the LoRA and adapter gates, mode of the prefix gate)."""
-    decoder = arch_of(model).family == "llama" or getattr(model.config, "is_decoder", False)
+    decoder = arch_of(model).is_decoder or getattr(model.config, "is_decoder", False)
     return ("token", "first") if decoder else ("mean", "mean")
 
 
@@ -222,7 +222,7 @@ def adapter_width(hidden: int, cfg: UniPELTConfig) -> int:
 
 
 def apply_unipelt(model: nn.Module, cfg: UniPELTConfig, ctx: ApplyContext) -> None:
-    check_family(model, "unipelt")
+    check_family(model, "unipelt", parallel=False)
     if cfg.prefix:
         check_prefix_family(model, "unipelt")
     freeze_all(model)

@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import yaml
 
-from engine.arch import arch_for_model_type
 from engine.config import TASK_METRICS, TrainingConfig
 from engine.data import BUNDLED_DATASETS
 from engine.estimator import default_task as estimator_default_task
@@ -93,10 +92,9 @@ def default_dataset(task: str) -> str:
 
 def default_targets(model: str) -> str:
     """The architecture's usual LoRA targets for `model` ('' when the model is unknown)."""
-    fam = model_family(model)
     try:
-        return ",".join(arch_for_model_type(fam).default_lora_targets) if fam else ""
-    except ValueError:
+        return ",".join(model_dims(load_model_config(model)).arch.default_lora_targets)
+    except (ValueError, OSError):
         return ""
 
 
