@@ -393,10 +393,10 @@ class TransformedHead(nn.Module):
         return self.transform(self.head(h))
 
 
-def lm_head_for_loss(model: nn.Module) -> nn.Module:
-    """The LM head as a loss that calls it directly must use it: the output embeddings,
-    followed by the family's logit transform when it has one (Granite's scaling, Gemma 2's
-    soft-capping)."""
+def output_head(model: nn.Module) -> nn.Module:
+    """The LM head as anything that calls it directly (the chunked loss, decoding, serving,
+    the harness) must use it: the output embeddings, followed by the family's logit
+    transform when it has one (Granite's scaling, Gemma 2's soft-capping)."""
     head = model.get_output_embeddings()
     transform = logit_transform(model)
     return head if transform is None else TransformedHead(head, transform)

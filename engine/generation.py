@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .arch import output_head
 from .batching import eval_sample
 from .tokens import format_prompt_ids
 
@@ -102,7 +103,7 @@ def next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       position_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
     """One decoding forward as training calls the model (decoder, then the head on the
     last position): (fp32 logits [B, V], the key/value cache or None)."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder, head = model.get_decoder(), output_head(model)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   past_key_values=cache, use_cache=True)
     cache = getattr(out, "past_key_values", None)

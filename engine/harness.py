@@ -46,6 +46,7 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normali
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
+from .arch import output_head
 from .generation import next_token_logits
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class EngineLM(TemplateLM):
             mask[i, :len(r)] = 1
         x, mask = x.to(self._device), mask.to(self._device)
         hidden = self.model.get_decoder()(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
-        logp = F.log_softmax(self.model.get_output_embeddings()(hidden).float(), dim=-1)
+        logp = F.log_softmax(output_head(self.model)(hidden).float(), dim=-1)
         return [logp[i, :len(r)].cpu() for i, r in enumerate(rows)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .arch import output_head
 from .generation import stop_token_ids
 from .tokens import format_prompt_ids
 
@@ -225,7 +226,7 @@ def run_rows(model: nn.Module, tokenizer, rows: list[Row], lock: Optional[thread
         return []
     lock = lock or threading.RLock()
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
+    head = output_head(model)
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     b, width = len(rows), max(len(r.prompt) for r in rows)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .arch import lm_head_for_loss
+from .arch import output_head
 from . import distributed as D
 from . import fused, kernels, phases
 from .compile import COMPILE_BUCKET, compile_blocks, step_begin
@@ -96,8 +96,8 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def causal_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder, lm_head) of a causal LM, for the chunked loss; the head applies what
-    the family's forward does to its logits (engine.arch.lm_head_for_loss)."""
-    return model.get_decoder(), lm_head_for_loss(model)
+    the family's forward does to its logits (engine.arch.output_head)."""
+    return model.get_decoder(), output_head(model)
 
 
 def xent_sum_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: float, grad: bool) -> torch.Tensor:
