@@ -2,7 +2,7 @@
 demo-sentiment, for each method the study's best run (TPE on the learning rate, the
 method's measured default first, successive-halving pruning) against the best of a grid
 of as many runs at fixed learning rates, log-evenly spread over the same range (the
-centres of equal cells of [default / 30, default x 10] on a log scale); and whether the
+centres of equal cells of [default / 10, default x 10] on a log scale); and whether the
 study's order of methods keeps the held-out one (full >= LoRA >= IA3 >= BitFit >= prompt
 tuning, restricted to the methods studied). Every run, study trial or grid point, is an
 ordinary run: submitted with studio.service.submit_run and trained by the worker's own

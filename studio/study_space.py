@@ -3,7 +3,9 @@ entry), the even split of the budget, each arm's search space, and the run confi
 trial. Pure: no database, no queue; `suggest` takes an Optuna trial.
 
 The learning rate is always searched, on a log scale, by default from the method's
-measured default (`MethodSpec.default_lr`) / 30 to x 10, clipped to [1e-6, 1]. The user may
+measured default (`MethodSpec.default_lr`) / 10 to x 10, clipped to [1e-6, 1]: the default is
+the best rate we measured for the method, so the range is centred on it in log space, where
+TPE's prior is centred too. The user may
 open more: `r`, `alpha`, `dropout` (applied to the methods whose config has that field:
 the method's spec is asked, never its name) and `warmup_steps` (every method)."""
 
@@ -14,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-LR_BELOW, LR_ABOVE = 30.0, 10.0
+LR_BELOW, LR_ABOVE = 10.0, 10.0
 LR_FLOOR, LR_CEIL = 1e-6, 1.0
 METHOD_FIELDS = ("r", "alpha", "dropout")       # opened on methods whose config declares them
 TRAINING_FIELDS = ("warmup_steps",)
