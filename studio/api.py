@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from workers.settings import Settings
@@ -43,27 +43,6 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
             return None
         return getattr(request.state, "user", None) or auth.api_user(request)
 
-    def is_admin(u: Optional[str]) -> bool:
-        return bool(auth) and auth.is_admin(u)
-
-    def owner_filter(u: Optional[str]) -> Optional[str]:
-        return None if u is None or is_admin(u) else u
-
-    def load_run_for(run_id: int, u: Optional[str]) -> dict:
-        # fuzzing: an id beyond the runs.id column (or <= 0) can name no run; without this
-        # check SQLite raised OverflowError (a 500) for /runs/9223372036854775808, and
-        # PostgreSQL, whose INTEGER is 32-bit, "integer out of range" (a 500) for /runs/2**40
-        if not 0 < run_id < 2**31:
-            raise HTTPException(404, f"run_id: run {run_id} not found")
-        try:
-            run = service.get_run(settings, run_id)
-        except service.NotFound as e:
-            raise HTTPException(404, str(e))
-        ow = owner_filter(u)
-        if ow is not None and run.get("owner") != ow:
-            raise HTTPException(404, f"run {run_id} not found")
-        return run
-
     @api.exception_handler(service.NotFound)
     async def _not_found(_req, exc):
         return JSONResponse({"detail": str(exc)}, status_code=404)
@@ -97,10 +76,9 @@ def build_api(settings: Settings, auth=None) -> FastAPI:
         # corrupt bytes are refused for good (500); an unreachable store may come back (503)
         return JSONResponse({"detail": str(exc)}, status_code=500 if isinstance(exc, ArtifactCorrupt) else 503)
 
-    from .routes import ROUTE_MODULES, ApiContext
+    from .routes import ROUTE_MODULES, make_context
 
-    ctx = ApiContext(settings=settings, user=user, owner_filter=owner_filter, load_run_for=load_run_for,
-                     is_admin=is_admin)
+    ctx = make_context(settings, auth, user)
     for module in ROUTE_MODULES:
         api.include_router(module.routes(ctx))
         for cls, kwargs in getattr(module, "middleware", lambda _ctx: [])(ctx):

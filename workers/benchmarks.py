@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +35,7 @@ from . import db
 from .benchmark_jobs import (BenchmarkRequestError, beat, cancel_job, claim_job, create_job,  # noqa: F401
                              finish_job, reap_stale_benchmarks)
 from .settings import Settings
+from .this_worker import Beating
 
 log = logging.getLogger("peft_studio.benchmarks")
 
@@ -226,29 +226,9 @@ def store_results(s: Session, job: dict, summary: dict) -> None:
                                  metrics=db.json_safe(r["metrics"])))
 
 
-class Heartbeat:
+def heartbeat(settings: Settings, job_id: int) -> Beating:
     """The job's heartbeat from a background thread while the harness runs."""
-
-    def __init__(self, settings: Settings, job_id: int):
-        self.settings, self.job_id = settings, job_id
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True, name=f"benchmark-{job_id}")
-
-    def _loop(self):
-        while not self._stop.wait(min(1.0, self.settings.heartbeat_interval_s)):
-            try:
-                with db.transaction(self.settings.database_url) as s:
-                    beat(s, self.job_id)
-            except Exception as e:   # the next beat retries
-                log.warning("benchmark %s: heartbeat failed: %s", self.job_id, e)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join(timeout=10)
+    return Beating(settings, f"benchmark {job_id}", lambda s: beat(s, job_id))
 
 
 def execute_benchmark(job_id: int, settings: Settings, token: Optional[int] = None) -> str:
@@ -267,7 +247,7 @@ def execute_benchmark(job_id: int, settings: Settings, token: Optional[int] = No
     log.info("benchmark %s: started (run %s, tasks %s)", job_id, job["run_id"], job["tasks"])
     workdir = Path(tempfile.mkdtemp(prefix=f"benchmark-{job_id}-"))
     try:
-        with Heartbeat(settings, job_id):
+        with heartbeat(settings, job_id):
             from engine.harness import evaluate
 
             def phase(text: str):

@@ -21,7 +21,7 @@ import yaml
 from . import db
 from .celery_app import app
 from .settings import Settings, load_settings
-from .this_worker import SHUTDOWN, device_estimate, worker_name  # noqa: F401  (tasks.SHUTDOWN is the flag)
+from .this_worker import SHUTDOWN, Beating, device_estimate, worker_name  # noqa: F401  (tasks.SHUTDOWN is the flag)
 
 log = logging.getLogger("peft_studio.worker")
 
@@ -168,32 +168,17 @@ def config_fault(error: BaseException, training_started: bool) -> bool:
     return isinstance(error, ValueError) and not training_started
 
 
-class RunMonitor:
+class RunMonitor(Beating):
     """Heartbeats for a running run and a cancel flag, from a background thread."""
 
     def __init__(self, settings: Settings, run_id: int):
-        self.settings, self.run_id = settings, run_id
-        self.cancel = threading.Event()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{run_id}")
+        self.run_id, self.cancel = run_id, threading.Event()
+        super().__init__(settings, f"run {run_id}", self._beat)
 
-    def _loop(self):
-        while not self._stop.wait(min(1.0, self.settings.heartbeat_interval_s)):
-            try:
-                with db.transaction(self.settings.database_url) as s:
-                    db.heartbeat(s, self.run_id)
-                    if db.cancel_requested(s, self.run_id):
-                        self.cancel.set()
-            except Exception as e:   # a database blip must not kill training; the next beat retries
-                log.warning("run %s: heartbeat failed: %s", self.run_id, e)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join(timeout=10)
+    def _beat(self, s) -> None:
+        db.heartbeat(s, self.run_id)
+        if db.cancel_requested(s, self.run_id):
+            self.cancel.set()
 
 
 def with_db_retry(fn, *, what: str, budget_s: float = 120.0):

@@ -19,42 +19,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 
 from workers.settings import Settings
 
-from ..routes import ApiContext
+from ..routes import ApiContext, make_context
 from . import chat, completions, models
 
 ROUTE_MODULES = (models, completions, chat)
 
 
 def context(settings: Settings, auth=None) -> ApiContext:
-    from .. import service
-
     async def user(request: Request) -> Optional[str]:
-        return getattr(request.state, "user", None) if auth else None
+        return getattr(request.state, "user", None) if auth else None   # BearerGate has checked the key
 
-    def is_admin(u: Optional[str]) -> bool:
-        return bool(auth) and auth.is_admin(u)
-
-    def owner_filter(u: Optional[str]) -> Optional[str]:
-        return None if u is None or is_admin(u) else u
-
-    def load_run_for(run_id: int, u: Optional[str]) -> dict:
-        if not 0 < run_id < 2**31:
-            raise HTTPException(404, f"run {run_id} not found")
-        try:
-            run = service.get_run(settings, run_id)
-        except service.NotFound as e:
-            raise HTTPException(404, str(e))
-        ow = owner_filter(u)
-        if ow is not None and run.get("owner") != ow:
-            raise HTTPException(404, f"run {run_id} not found")
-        return run
-
-    return ApiContext(settings=settings, user=user, owner_filter=owner_filter, load_run_for=load_run_for,
-                      is_admin=is_admin)
+    return make_context(settings, auth, user)
 
 
 def build_v1(settings: Settings, auth=None) -> FastAPI:
