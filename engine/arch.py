@@ -11,6 +11,7 @@ config by engine.dims. docs/adding-an-architecture.md walks through adding one."
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -123,6 +124,11 @@ class Arch:
     @property
     def is_encoder(self) -> bool:
         return self.kind == "encoder"
+
+    @cached_property
+    def key(self) -> str:
+        """The whole description as a string, made once (caches key on it)."""
+        return repr(self)
 
     @property
     def generates(self) -> bool:
