@@ -182,6 +182,15 @@ SCANNED = ("engine", "studio", "workers")
 UI_DEFAULT_DIR = "studio"
 
 
+def names_in(node, names: set[str]) -> list[str]:
+    """The constants of `names` a node is (a string) or holds (a literal tuple, list or set)."""
+    if isinstance(node, ast.Constant) and node.value in names:
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
+    return []
+
+
 def method_name_uses(tree: ast.AST, names: set[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(name tests, UI-style defaults) in one module. A name test is a method-name constant
     compared with something (other than a `.family`, whose values share two spellings
@@ -191,11 +200,7 @@ def method_name_uses(tree: ast.AST, names: set[str]) -> tuple[list[tuple[int, st
     defaults: list[tuple[int, str]] = []
 
     def named(node) -> list[str]:
-        if isinstance(node, ast.Constant) and node.value in names:
-            return [node.value]
-        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-            return [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
-        return []
+        return names_in(node, names)
 
     def is_family(node) -> bool:
         return isinstance(node, ast.Attribute) and node.attr == "family"
@@ -330,11 +335,7 @@ def family_name_uses(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
 
     def named(node) -> list[str]:
-        if isinstance(node, ast.Constant) and node.value in names:
-            return [node.value]
-        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-            return [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
-        return []
+        return names_in(node, names)
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):
