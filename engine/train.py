@@ -396,7 +396,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, t.warmup_steps, steps))
     start_step = 0
     if resume_state:
-        start_step = restore_loop_state(resume_state, opt, sched, stream, params)
+        start_step = restore_loop_state(resume_state, opt, sched, stream, params, scaler)
     if dist is not None and dist.rank > 0:    # its own dropout masks; rank 0 keeps the run's stream
         torch.manual_seed(t.seed + 1_000_003 * dist.rank + start_step)
     metric_name, higher = primary_metric(cfg.task, cfg.metric)
@@ -455,7 +455,7 @@ def train(prep: Prepared, *, on_step: Optional[Callable[[StepMetrics], None]] = 
         return combine_eval({k: v for k, v in per.items() if v})
 
     def snapshot() -> dict:   # a collective under FSDP: every rank builds it, rank 0 keeps it
-        return training_state(model, opt, sched, stream, step)
+        return training_state(model, opt, sched, stream, step, scaler)
 
     with PeakRSS() as rss:
         while step < steps:
@@ -579,12 +579,15 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: D.full(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def training_state(model, opt, sched, stream, step: int) -> dict:
+def training_state(model, opt, sched, stream, step: int, scaler=None) -> dict:
     """A resumable state in one format for every world size: whole tensors, the
-    optimizer state indexed like the trainable parameters, the global data position."""
+    optimizer state indexed like the trainable parameters, the global data position,
+    and an fp16 run's loss scale (without it a resumed run would restart at 2^16 and
+    skip steps the uninterrupted run took). The optimizer tensors are the live ones,
+    not copies: persist the state (engine.state_file) before the next step."""
     return {"step": step, "trainable": trainable_state(model), "optimizer": D.full_optimizer_state(opt),
             "scheduler": sched.state_dict(), "data": stream.state(),
-            "rng": torch.get_rng_state()}
+            "rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 def restore_trainable(state: dict, model: nn.Module) -> None:
@@ -597,15 +600,17 @@ def restore_trainable(state: dict, model: nn.Module) -> None:
             params[n].copy_(v.to(params[n].device))
 
 
-def restore_loop_state(state: dict, opt, sched, stream, params: list) -> int:
+def restore_loop_state(state: dict, opt, sched, stream, params: list, scaler=None) -> int:
     D.load_full_optimizer_state(opt, state["optimizer"], params)
+    if scaler is not None and state.get("scaler"):   # absent in states written before it was kept
+        scaler.load_state_dict(state["scaler"])
     sched.load_state_dict(state["scheduler"])
     stream.restore(state["data"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
-def restore_training_state(state: dict, model, opt, sched, stream) -> int:
-    """Parameters, optimizer, schedule, data position and RNG from `training_state`."""
+def restore_training_state(state: dict, model, opt, sched, stream, scaler=None) -> int:
+    """Parameters, optimizer, schedule, data position, RNG and loss scale from `training_state`."""
     restore_trainable(state, model)
-    return restore_loop_state(state, opt, sched, stream, [p for p in model.parameters() if p.requires_grad])
+    return restore_loop_state(state, opt, sched, stream, [p for p in model.parameters() if p.requires_grad], scaler)

@@ -151,6 +151,23 @@ def test_fp16_run_uses_a_grad_scaler():
     assert all(torch.isfinite(p).all() for p in prep.model.parameters() if p.is_floating_point())
 
 
+def test_an_fp16_run_resumes_with_its_loss_scale():
+    """The loss scale is part of the training state: a run resumed from a checkpoint
+    (through the state file's encoding) takes the same steps as the uninterrupted run.
+    Restarting at the scaler's initial 2^16 would overflow and skip a step the
+    uninterrupted run took, and the losses after it would differ."""
+    from engine.state_file import state_from_bytes, state_to_bytes
+
+    states = []    # persisted at once, as the worker does: the optimizer tensors in a state are live
+    straight = train(prepare_run(run_cfg(precision="fp16", steps=8, max_grad_norm=None, checkpoint_every=4)),
+                     on_checkpoint=lambda step, st: states.append(state_to_bytes(st)))
+    state = state_from_bytes(states[0])
+    assert len(states) == 1 and state["scaler"]["scale"] < 2.0 ** 16   # the first step overflowed and lowered it
+    resumed = train(prepare_run(run_cfg(precision="fp16", steps=8, max_grad_norm=None, checkpoint_every=4)),
+                    resume_state=state)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[4:]]
+
+
 # ---- QLoRA's compute dtype ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("precision,compute,want", [
