@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .rope_op import check_rope_args, rope_function
+
 SOURCE = Path(__file__).with_name("csrc") / "fused.c"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 # 512-bit vectors where the CPU has them (gcc prefers 256 by default): the SiLU
@@ -277,19 +279,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool
     return out
 
 
-class _RoPE(torch.autograd.Function):
-    """Saves cos and sin only (shared by every layer), as autograd does for
-    transformers' x * cos + rotate_half(x) * sin."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope(x, cos, sin, transpose=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rope(grad.contiguous(), cos, sin, transpose=True), None, None
+_RoPE = rope_function(_rope, "_RoPE")
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -297,12 +287,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     transformers' half-split layout. x: [batch, seq, heads, head_dim], fp32 CPU;
     cos, sin: [batch or 1, seq, head_dim] (no gradient). Returns a new contiguous
     [batch, seq, heads, head_dim] tensor."""
-    if x.dim() != 4 or cos.shape[-1] != x.shape[-1] or x.shape[-1] % 2:
-        raise ValueError(f"rope: inputs of shape {tuple(x.shape)} with cos of shape {tuple(cos.shape)}")
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError("rope: cos and sin must not require a gradient")
-    if cos.shape[0] not in (1, x.shape[0]) or cos.shape[1:] != (x.shape[1], x.shape[3]) or sin.shape != cos.shape:
-        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} for inputs of shape {tuple(x.shape)}")
+    check_rope_args(x, cos, sin)
     # one cos/sin for the whole batch stays one tensor (no per-layer copies to save)
     return _RoPE.apply(x.contiguous(), cos.contiguous(), sin.contiguous())
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rope_op import check_rope_args, rope_function
 from ._launch import check_float, launch
 
 
@@ -58,28 +59,14 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     return out
 
 
-class TritonRoPE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _apply(x, cos, sin, backward=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _apply(grad.contiguous(), cos, sin, backward=True), None, None
+TritonRoPE = rope_function(_apply, "TritonRoPE")
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary embedding of x [batch, seq, heads, head_dim] (bf16, fp16 or fp32)
     with cos, sin [batch or 1, seq, head_dim] (any float dtype, no gradient). Returns
     a new contiguous tensor of x's shape and dtype."""
-    if x.dim() != 4 or cos.dim() != 3 or cos.shape[-1] != x.shape[-1] or x.shape[-1] % 2:
-        raise ValueError(f"rope: inputs of shape {tuple(x.shape)} with cos of shape {tuple(cos.shape)}")
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError("rope: cos and sin must not require a gradient")
-    if cos.shape[0] not in (1, x.shape[0]) or cos.shape[1:] != (x.shape[1], x.shape[3]) or sin.shape != cos.shape:
-        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} for inputs of shape {tuple(x.shape)}")
+    check_rope_args(x, cos, sin)
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         check_float(f"rope: {name}", t)
     return TritonRoPE.apply(x.contiguous(), cos.contiguous(), sin.contiguous())
