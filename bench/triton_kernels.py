@@ -151,7 +151,7 @@ def cases(shape: tuple, dev: torch.device, dtype: torch.dtype, nf4_shape: tuple)
     gate, upp, gh = rand(T, ffn, grad=True), rand(T, ffn, grad=True), rand(T, ffn)
     yield ("swiglu", fwd_bwd(lambda a, b: F.silu(a) * b, (gate, upp), gh),
            fwd_bwd(lambda a, b: K.swiglu(a, b), (gate, upp), gh))
-    from engine.train import xent_sum_and_grad_
+    from engine.loss import xent_sum_and_grad_
     rows = min(LOSS_CHUNK_ROWS, T)
     src = rand(rows, vocab, dt=torch.float32) * 4      # the chunked loss's fp32 logits
     work = torch.empty_like(src)
@@ -199,7 +199,7 @@ def lora_model(shape: tuple, layers: int, seq: int, dev: torch.device, dtype: to
 
 def step_section(st: Stamp, label: str, shape: tuple, steps: tuple, dev: torch.device, rounds: int,
                  per_round: int) -> None:
-    from engine.train import compute_loss
+    from engine.loss import compute_loss
     layers, batch, seq = steps
     model = lora_model(shape, layers, seq, dev, torch.bfloat16)
     g = torch.Generator(device=dev).manual_seed(1)

@@ -11,7 +11,7 @@ model are evaluated alike, not only the ones a `peft`-format loader understands.
   empty context, the harness's context/continuation split (TemplateLM._encode_pair),
   its rolling windows for perplexity, the context window of
   `lm_eval.models.utils.resolve_max_length`, and its stop-sequence handling.
-- The model is called the way training calls it (engine.train.compute_loss): the
+- The model is called the way training calls it (engine.loss.compute_loss): the
   decoder (`model.get_decoder()`, where soft prompts, prefixes and adapter hooks live),
   then the output head on the hidden states, in fp32 for the softmax.
 - Generation decodes one request at a time with the key/value cache

@@ -5,7 +5,7 @@ records what one step of *our* training loop really holds, so the two can be
 compared row by row:
 
 - `hidden_states`: the bytes of every tensor autograd saves for backward during
-  `engine.train.compute_loss` (recorded with
+  `engine.loss.compute_loss` (recorded with
   `torch.autograd.graph.saved_tensors_hooks`), deduplicated by storage; tensors
   whose storage belongs to a model parameter (frozen or trainable) are weights,
   not activations, and are left out. This is exact and device-independent, so it
@@ -124,7 +124,7 @@ class LossChunkProbe:
     """The loss's working set on top of the saved activations. Our chunked
     cross-entropy makes one chunk of fp32 logits at a time while every activation
     is still alive (the single-pass path reports each chunk through
-    `engine.train.observe_loss_chunk`; heads with a bias go through
+    `engine.loss.observe_loss_chunk`; heads with a bias go through
     `torch.utils.checkpoint`, which this probe wraps and runs once under its own
     recorder). `peak` is the largest such chunk in bytes."""
 
@@ -154,16 +154,16 @@ class LossChunkProbe:
         self.peak = max(self.peak, nbytes)
 
     def __enter__(self):
-        from . import train
-        self._orig = train.checkpoint
-        train.checkpoint = self._wrapped
-        train.observe_loss_chunk = self._observe     # the single-pass path: its chunk of fp32 logits
+        from . import loss
+        self._orig = loss.checkpoint
+        loss.checkpoint = self._wrapped
+        loss.observe_loss_chunk = self._observe     # the single-pass path: its chunk of fp32 logits
         return self
 
     def __exit__(self, *exc):
-        from . import train
-        train.checkpoint = self._orig
-        train.observe_loss_chunk = None
+        from . import loss
+        loss.checkpoint = self._orig
+        loss.observe_loss_chunk = None
 
 
 def synthetic_batch(task: str, batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2,
@@ -214,7 +214,7 @@ def measure_step(model: nn.Module, task: str, *, batch_size: int, seq_len: int, 
     gradient and optimizer rows are then 0) — what the accuracy bench needs.
     `amp`: the run's autocast dtype (engine.precision.autocast_dtype), None for fp32."""
     from .methods import count_parameters
-    from .train import compute_loss
+    from .loss import compute_loss
 
     params = list(model.parameters())
     device = params[0].device
@@ -328,7 +328,7 @@ def step_peak(prep, *, batch_size: int, seq_len: int, optimizer: Optional[str] =
     creates the optimizer's states, which are live through every later step."""
     from .optim import make_optimizer as run_optimizer
     from .precision import autocast_dtype
-    from .train import TaskLoss
+    from .loss import TaskLoss
 
     model = prep.model
     t = prep.config.training

@@ -21,7 +21,7 @@ from engine.methods.s4 import group_sizes
 from engine.models import load_model, minilm_dir
 from engine.arch import head_modules
 from engine.prepare import Prepared, apply_method
-from engine.train import compute_loss
+from engine.loss import compute_loss
 from method_helpers import assert_cached_greedy_matches_uncached, fixed_batch, head_count, logits, perturb_trainable
 
 # small settings so the tiny models (hidden 32, 2 layers, 4 heads / 2 kv heads) stay fast

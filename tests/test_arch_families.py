@@ -255,7 +255,7 @@ def test_gguf_export_is_refused_clearly_where_the_exporter_cannot_write(family):
 def test_the_training_loss_is_the_models_own_loss(family):
     """The chunked loss calls the LM head itself: it must apply what the family's forward
     does to the logits (Granite's logits_scaling, Gemma 2's soft-capping)."""
-    from engine.train import compute_loss
+    from engine.loss import compute_loss
 
     model = base_model(family)
     if family == "granite":

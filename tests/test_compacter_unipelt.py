@@ -20,7 +20,7 @@ from engine.methods.compacter import RULE_ATTR, PHMLinear
 from engine.methods.unipelt import Gate, GatedLoraLinear, GatedSerialAdapter
 from engine.models import load_model, minilm_dir
 from engine.prepare import Prepared, apply_method
-from engine.train import compute_loss
+from engine.loss import compute_loss
 from method_helpers import TEXTS, assert_cached_greedy_matches_uncached, head_count, logits, perturb_trainable
 from method_helpers import fixed_batch as shared_batch
 

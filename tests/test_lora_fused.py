@@ -14,7 +14,7 @@ from torch import nn
 from engine.measure import prepare_for_measure, synthetic_batch
 from engine.methods import lora_fused
 from engine.methods.lora import LoraLinear
-from engine.train import compute_loss
+from engine.loss import compute_loss
 from tests.method_helpers import perturb_trainable
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

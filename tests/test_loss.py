@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine.train as T
+import engine.loss as T
 
 
 @pytest.mark.parametrize("train_head", [False, True])

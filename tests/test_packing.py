@@ -11,7 +11,7 @@ from engine.config import DatasetConfig, parse_run_config
 from engine.data import load_examples
 from engine.models import load_model
 from engine.tokens import tokenize_examples
-from engine.train import compute_loss
+from engine.loss import compute_loss
 
 
 @pytest.fixture(scope="module")

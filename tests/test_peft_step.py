@@ -4,7 +4,7 @@ bench/engine_vs_peft.py's speed figures a comparison of the same work.
 Both sides are built as the bench builds them, from one tiny random Llama, one
 batch and one LoRA initialisation:
 - engine: `engine.prepare.apply_method` (with its layer swaps: fused SwiGLU,
-  RMSNorm and RoPE kernels, FastLinear GEMMs) and `engine.train.compute_loss`
+  RMSNorm and RoPE kernels, FastLinear GEMMs) and `engine.loss.compute_loss`
   (the chunked cross-entropy);
 - peft: `peft.get_peft_model` on the untouched transformers model, and the model's
   own loss.
@@ -33,7 +33,7 @@ from engine.methods import ApplyContext, get_method, parse_method_config
 from engine.models import tiny_config
 from engine.optim import make_optimizer
 from engine.prepare import apply_method
-from engine.train import compute_loss
+from engine.loss import compute_loss
 
 RTOL = 1e-5
 VOCAB = 128

@@ -188,7 +188,7 @@ def test_qlora_on_a_model_loaded_elsewhere_keeps_its_own_lora_init():
     linears it quantizes: a new LoRA matrix may get a freed weight's id(), and must not
     be handed that weight's old fp32 value as its 'exact' one (engine.precision.ParamMap)."""
     from engine.methods.lora import LoraLinear
-    from engine.train import compute_loss
+    from engine.loss import compute_loss
 
     from engine.measure import prepare_for_measure
 

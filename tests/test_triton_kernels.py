@@ -356,7 +356,7 @@ if INNER:
             K.softmax_xent_(logits.t(), torch.zeros(vocab, dtype=torch.long), 1.0, True)
 
     def test_the_chunked_loss_dispatches_to_the_kernel():
-        from engine.train import xent_sum_and_grad_
+        from engine.loss import xent_sum_and_grad_
         logits = torch.randn(5, 300)
         target = torch.randint(0, 300, (5,))
         before = kernels.launch_counts().get("_xent_kernel", 0)
@@ -422,7 +422,7 @@ if INNER:
         from engine.config import parse_run_config
         from engine.measure import SavedTensorRecorder
         from engine.prepare import prepare_run
-        from engine.train import compute_loss
+        from engine.loss import compute_loss
         cfg = parse_run_config({
             "name": "kernels", "model": "tiny-llama", "task": "causal_lm",
             "dataset": {"name": "demo-instruct", "max_rows": 16},
