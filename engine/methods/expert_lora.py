@@ -116,11 +116,18 @@ def expert_targets_in_dims(dims, targets: Sequence[str]) -> list[tuple[str, int,
 
 # ---- the layer -------------------------------------------------------------------------------
 
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_e stacked E x out x r, A_e stacked E x r x in) from peft's A ((r·E) x in,
+    expert-major rows: A_e = rows e·r..e·r+r-1) and B (out x (r·E), expert-minor
+    columns: B_e = columns j·E + e)."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    return b3, a3
+
+
 def expert_delta(a: torch.Tensor, b: torch.Tensor, experts: int, scaling: float) -> torch.Tensor:
-    """ΔW = s · B_e @ A_e for every expert, E x out x in, from peft's A ((r·E) x in,
-    expert-major rows) and B (out x (r·E), expert-minor columns)."""
-    a3 = a.reshape(experts, -1, a.shape[-1])                      # E x r x in
-    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)      # E x out x r
+    """ΔW = s · B_e @ A_e for every expert, E x out x in."""
+    b3, a3 = expert_factors(a, b, experts)
     return torch.bmm(b3, a3) * scaling
 
 
@@ -172,9 +179,7 @@ class ExpertLora(AdapterLayer):
     def adapted(self) -> torch.Tensor:
         """W + ΔW in W's dtype (peft casts the factors to it too), one fused op."""
         w = self.param()
-        a, b = self.lora_A.weight.to(w.dtype), self.lora_B.weight.to(w.dtype)
-        a3 = a.reshape(self.num_experts, -1, a.shape[-1])
-        b3 = b.reshape(b.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        b3, a3 = expert_factors(self.lora_A.weight.to(w.dtype), self.lora_B.weight.to(w.dtype), self.num_experts)
         return torch.baddbmm(w.reshape(self.num_experts, *w.shape[-2:]), b3, a3,
                              alpha=self.scaling).reshape(w.shape)
 
