@@ -44,21 +44,22 @@ class AdaLoraConfig(MethodConfig):
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the uncertainty")
     orth_reg_weight: float = Field(0.5, ge=0.0)
-    target_parameters: Optional[list[str]] = Field(None, description="not available: see the validator")
 
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, v):
         return check_target_list(v)
 
-    @field_validator("target_parameters")
+    @model_validator(mode="before")
     @classmethod
-    def _no_expert_tensors(cls, v):
-        if v:
-            raise ValueError("not available with adalora: its SVD-form update P·diag(E)·Q and rank budget are "
-                             "per linear layer, and peft's AdaLoRA has no expert-tensor form; use method lora "
-                             "(or qlora) for the experts of a mixture-of-experts model")
-        return v
+    def _no_expert_tensors(cls, data):
+        # lora's target_parameters (expert tensors of MoE models) has no AdaLoRA form: say why, not just "extra"
+        if isinstance(data, dict) and data.get("target_parameters"):
+            raise ValueError("method.target_parameters: not available with adalora: its SVD-form update "
+                             "P·diag(E)·Q and rank budget are per linear layer, and peft's AdaLoRA has no "
+                             "expert-tensor form; use method lora (or qlora) for the experts of a "
+                             "mixture-of-experts model")
+        return data
 
     @model_validator(mode="after")
     def _budget(self):
