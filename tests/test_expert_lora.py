@@ -202,3 +202,30 @@ def test_target_modules_naming_the_experts_points_to_target_parameters():
     with pytest.raises(ValueError, match=r"method\.target_modules: 'gate_up_proj' .* adapt the experts with "
                                          r"method\.target_parameters"):
         prepare({"name": "lora", "target_modules": ["gate_up_proj"]}, "qwen3_moe")
+
+
+@pytest.mark.parametrize("family", ["mixtral"])
+def test_the_adapter_bank_serves_an_expert_adapter_without_writing_the_base(family, tmp_path):
+    """A view shares the base's expert tensors (ΔW is added in the forward, never into W) and
+    decodes as the trained model does."""
+    from engine.adapter_bank import AdapterBank
+    from engine.generation import greedy_decode
+
+    prep = prepare(lora(), family)
+    perturb_trainable(prep.model)
+    b = batch()
+    trained = logits(prep.model, b)
+    save_adapter(prep, tmp_path)
+    base = base_model(family)
+    base_experts = [p for n, p in base.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    before = [p.detach().clone() for p in base_experts]
+    bank = AdapterBank(base, tokenizer(), "causal_lm")
+    view = bank.attach("experts", prep.config, tmp_path)
+    assert view.shares_base
+    view_experts = {id(p) for n, p in view.model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+    assert view_experts == {id(p) for p in base_experts}
+    torch.testing.assert_close(logits(bank.view("experts"), b), trained, atol=ATOL, rtol=0)
+    assert all(torch.equal(p, q) for p, q in zip(base_experts, before))
+    prompts = ["the film was", "what is"]
+    ours = greedy_decode(bank.view("experts"), tokenizer(), prompts, max_new_tokens=4, batch_size=2)
+    assert ours == greedy_decode(prep.model, tokenizer(), prompts, max_new_tokens=4, batch_size=2)
