@@ -175,7 +175,8 @@ def task_of_peft_config(cfg: dict) -> str:
 
 def lora_config_from_peft(cfg: dict):
     """Our LoRA/DoRA config for a peft LORA adapter_config.json (rank, alpha,
-    rsLoRA, DoRA, rank_pattern, alpha_pattern, target modules)."""
+    rsLoRA, DoRA, rank_pattern, alpha_pattern, target modules, and target_parameters:
+    LoRA on mixture-of-experts tensors, engine.methods.expert_lora)."""
     from .methods.dora import DoraConfig
     from .methods.lora import LoraConfig
 
