@@ -175,11 +175,12 @@ def task_of_peft_config(cfg: dict) -> str:
 
 def lora_config_from_peft(cfg: dict):
     """Our LoRA/DoRA config for a peft LORA adapter_config.json (rank, alpha,
-    rsLoRA, DoRA, rank_pattern, alpha_pattern, target modules)."""
+    rsLoRA, DoRA, rank_pattern, alpha_pattern, target modules, and target_parameters:
+    LoRA on mixture-of-experts tensors, engine.methods.expert_lora)."""
     from .methods.dora import DoraConfig
     from .methods.lora import LoraConfig
 
-    unsupported = [k for k in ("layers_to_transform", "layer_replication", "target_parameters") if cfg.get(k)]
+    unsupported = [k for k in ("layers_to_transform", "layer_replication") if cfg.get(k)]
     if cfg.get("bias", "none") != "none":
         unsupported.append("bias")
     if cfg.get("lora_bias"):
@@ -194,7 +195,8 @@ def lora_config_from_peft(cfg: dict):
         return cls(r=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]), dropout=0.0,
                    target_modules=targets if isinstance(targets, str) else list(targets),
                    use_rslora=bool(cfg.get("use_rslora")), rank_pattern=cfg.get("rank_pattern") or {},
-                   alpha_pattern=cfg.get("alpha_pattern") or {})
+                   alpha_pattern=cfg.get("alpha_pattern") or {},
+                   target_parameters=list(cfg["target_parameters"]) if cfg.get("target_parameters") else None)
     except Exception as e:   # pydantic ValidationError or bad values
         raise AdapterError(f"adapter_config.json: {e}") from None
 

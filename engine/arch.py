@@ -44,6 +44,9 @@ class Experts:
     num_key: str                   # config key of the number of experts
     intermediate_key: str          # config key of one expert's FFN width
     active_key: str = "num_experts_per_tok"
+    # each of `params` per expert as (out, in) in ModelDims sizes ("hidden", "expert", "expert2" = 2·I):
+    # stored (E, out, in) and used as F.linear(x, param[e]) (transformers' is_transposed False)
+    param_sizes: tuple[tuple[str, str], ...] = (("expert2", "hidden"), ("hidden", "expert"))
 
 
 @dataclass(frozen=True)

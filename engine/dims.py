@@ -99,6 +99,16 @@ class ModelDims:
             n -= 1
         return n * self.norm_params() + self.qk_norm_params()
 
+    def expert_tensors(self) -> list[tuple[str, int, int]]:
+        """(block-relative parameter path, out, in) of each 3-D expert tensor of a
+        block, per expert (the tensor is E x out x in); [] for a dense FFN."""
+        ex = self.arch.experts
+        if not self.num_experts or ex is None:
+            return []
+        size = {"hidden": self.hidden_size, "expert": self.expert_intermediate_size,
+                "expert2": 2 * self.expert_intermediate_size}
+        return [(f"{ex.path}.{p}", size[o], size[i]) for p, (o, i) in zip(ex.params, ex.param_sizes)]
+
     def expert_params(self) -> int:
         """Parameters of one block's experts and router (0 for a dense FFN)."""
         if not self.num_experts:

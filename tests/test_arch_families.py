@@ -318,14 +318,22 @@ def test_catalog_entries_of_the_new_families_are_estimated():
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if arch_for_model_type(f).experts])
-def test_moe_lora_targets_attention_and_refuses_the_fused_experts_clearly(family):
+def test_moe_lora_targets_attention_by_default_and_the_experts_through_target_parameters(family):
     arch = arch_for_model_type(family)
     prep = prepare({"name": "lora", "r": 2, "target_modules": "all-linear"}, family)
     trained = {n for n, p in prep.model.named_parameters() if p.requires_grad}
     assert trained and all(".self_attn." in n for n in trained), sorted(trained)[:5]   # experts and router frozen
     for target in (["gate_up_proj"], ["experts"], ["gate"]):
-        with pytest.raises(ValueError, match="3-D parameters .* target_parameters"):
+        with pytest.raises(ValueError, match="3-D parameters .* adapt the experts with method.target_parameters"):
             prepare({"name": "lora", "r": 2, "target_modules": target}, family)
+    # the experts' tensors as peft names them (tests/test_expert_lora.py checks the layout and peft's logits)
+    prep = prepare({"name": "lora", "r": 2, "target_parameters": [f"{arch.experts.path}.{p}" for p in
+                                                                  arch.experts.params]}, family)
+    trained = {n for n, p in prep.model.named_parameters() if p.requires_grad}
+    assert {n.split(".mlp.")[1] for n in trained if ".mlp." in n} == {
+        "experts.base_layer.lora_A.weight", "experts.base_layer.lora_B.weight",
+        "experts.lora_A.weight", "experts.lora_B.weight"}
+    assert not any(arch.experts.router in n for n in trained)
     dims = dims_of_model(prep.model)
     assert dims.num_experts == 4 and dims.experts_per_token == 2
     assert arch.experts.router.endswith("gate")
@@ -348,6 +356,20 @@ def test_the_estimator_counts_all_experts_for_weights_and_the_active_ones_for_ac
     assert one_active.rows["hidden_states"] < base.rows["hidden_states"]
     per_expert = 3 * cfg["hidden_size"] * cfg[ex.intermediate_key] + cfg["hidden_size"]
     assert more_experts.n_params - base.n_params == 4 * per_expert * cfg["num_hidden_layers"]
+    # LoRA on the expert tensors trains r·(in+out) per expert of every expert, and keeps W+ΔW of all of
+    # them, but only the active experts' tokens: its activations grow with both
+    tp = {"target_parameters": [f"{ex.path}.{p}" for p in ex.params]}
+    ex_base, ex_one, ex_more = (estimate(dict(cfg, **over), {"name": "lora", "r": 2, **tp}, batch_size=2, seq_len=32,
+                                         task="causal_lm", device="cpu", dtype="fp32")
+                                for over in ({}, {ex.active_key: 1}, {ex.num_key: 8, "num_local_experts": 8}))
+    h, i = cfg["hidden_size"], cfg[ex.intermediate_key]
+    per_expert_lora = 2 * ((h + 2 * i) + (i + h))
+    assert ex_base.n_trainable - base.n_trainable == 4 * per_expert_lora * cfg["num_hidden_layers"]
+    assert ex_more.n_trainable - ex_base.n_trainable == 4 * per_expert_lora * cfg["num_hidden_layers"]
+    assert ex_one.n_trainable == ex_base.n_trainable
+    assert ex_one.rows["hidden_states"] < ex_base.rows["hidden_states"] < ex_more.rows["hidden_states"]
+    assert ex_base.rows["hidden_states"] - base.rows["hidden_states"] > ex_one.rows["hidden_states"] - \
+        one_active.rows["hidden_states"] > 0
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if arch_for_model_type(f).experts])

@@ -319,12 +319,15 @@ def _moe_ffn(lp: LayerPlan, dims: ModelDims, shape: Shape, s: Saved, rg_in: bool
     """A mixture-of-experts FFN (transformers 5.x: a router, then per expert the tokens
     routed to it through its slice of the 3-D gate_up / down tensors): the router's fp32
     probabilities and top-k, and per routed token (tokens x active experts) the gate_up
-    output, act(gate), the down output and the routing indices and weight."""
+    output, act(gate), the down output and the routing indices and weight. An expert
+    tensor whose weight needs a gradient (full, or LoRA on it via target_parameters)
+    also keeps its per-token input; LoRA's wrapper (engine.methods.expert_lora) builds
+    W + ΔW for the whole E x out x in stack, which F.linear keeps (measured)."""
     T, a, h, ie = shape.tokens, shape.a, dims.hidden_size, dims.expert_intermediate_size
     ex = dims.arch.experts
     k, E = dims.experts_per_token, dims.num_experts
     trains = ex.path in lp.full
-    if not (rg_in or trains):
+    if not (rg_in or trains or lp.expert_lora):
         return s.total, rg2 or par, s.parts
     if ex.router in lp.full:
         s.add("n2", T * h * a)
@@ -333,6 +336,12 @@ def _moe_ffn(lp: LayerPlan, dims: ModelDims, shape: Shape, s: Saved, rg_in: bool
     routed = T * k
     if trains:
         s.add("moe.expert_in", routed * h * a)
+    for (path, out_f, in_f), (_, in_size) in zip(dims.expert_tensors(), ex.param_sizes):
+        takes_block_input = in_size == "hidden"
+        if path not in lp.expert_lora or (takes_block_input and not rg_in):
+            continue      # the first projection's input needs no gradient: F.linear keeps neither
+        s.add(f"{path}.adapted", E * out_f * in_f * a)
+        s.add("moe.expert_in" if takes_block_input else "moe.prod", routed * in_f * a)
     s.add("moe.gate_up", routed * 2 * ie * a)
     s.add("moe.act", routed * ie * a)
     s.add("moe.down", routed * h * 4)           # times the fp32 routing weight

@@ -50,6 +50,17 @@ class AdaLoraConfig(MethodConfig):
     def _non_empty(cls, v):
         return check_target_list(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_expert_tensors(cls, data):
+        # lora's target_parameters (expert tensors of MoE models) has no AdaLoRA form: say why, not just "extra"
+        if isinstance(data, dict) and data.get("target_parameters"):
+            raise ValueError("method.target_parameters: not available with adalora: its SVD-form update "
+                             "P·diag(E)·Q and rank budget are per linear layer, and peft's AdaLoRA has no "
+                             "expert-tensor form; use method lora (or qlora) for the experts of a "
+                             "mixture-of-experts model")
+        return data
+
     @model_validator(mode="after")
     def _budget(self):
         if self.target_r > self.init_r:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 import torch
 from torch import nn
 
@@ -27,6 +29,14 @@ from .plan import Plan
 
 class DoraConfig(LoraConfig):
     name: Literal["dora"] = "dora"
+
+    @model_validator(mode="after")
+    def _no_expert_tensors(self):
+        if self.target_parameters:
+            raise ValueError("method.target_parameters: not available with dora: DoRA renormalises each output "
+                             "row of one weight, and peft defines no DoRA on expert tensors (its ParamWrapper "
+                             "refuses use_dora); use method lora for the experts")
+        return self
 
 
 class DoraLinear(LoraLinear):

@@ -38,6 +38,8 @@ from torch import nn
 from ..arch import arch_of, set_submodule
 from ..swaps import FastLinear, output_is_unsaved
 from . import lora_fused
+from .expert_lora import (add_expert_lora_plan, check_parameter_list, count_expert_lora, expert_export,
+                          expert_targets, inject_expert_lora)
 from .base import (AdapterLayer, ApplyContext, MethodConfig, MethodSpec, PeftExport, QuantizedLayer, freeze_all,
                    merge_and_unload)
 from .plan import Plan, low_rank_plan
@@ -61,6 +63,9 @@ class LoraConfig(MethodConfig):
     random_rank: Optional[tuple[int, int]] = Field(
         None, description="[lo, hi]: each module's rank drawn uniformly from lo..hi (seeded)")
     random_rank_seed: int = 0
+    target_parameters: Optional[list[str]] = Field(
+        None, description="expert tensors of a mixture-of-experts model (peft's name), e.g. "
+                          "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']; the router stays frozen")
 
     @field_validator("target_modules")
     @classmethod
@@ -84,10 +89,27 @@ class LoraConfig(MethodConfig):
             raise ValueError(f"must be [lo, hi] with 1 <= lo <= hi <= 4096, got {list(v)}")
         return v
 
+    @field_validator("target_parameters")
+    @classmethod
+    def _parameters(cls, v):
+        return check_parameter_list(v)
+
     @model_validator(mode="after")
     def _one_rank_source(self):
         if self.random_rank is not None and self.rank_pattern:
             raise ValueError("give rank_pattern or random_rank, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _parameters_options(self):
+        if self.target_parameters:
+            # the update is on the weight, W + s·B_e A_e, with no input of its own to drop or init from W
+            if self.dropout:
+                raise ValueError("method.dropout: must be 0 with target_parameters (the expert update is added to "
+                                 "the weight, there is no separate input to drop; peft refuses it too)")
+            if self.init == "pissa":
+                raise ValueError("method.init: 'pissa' is not available with target_parameters "
+                                 "(use kaiming or gaussian)")
         return self
 
 
@@ -319,6 +341,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: ApplyContext, *, layer_cl
     torch.manual_seed(ctx.seed)
     inject_lora(model, names, cfg.r, cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init,
                 ranks=ranks, alphas=alphas, layer_cls=layer_cls)
+    apply_expert_lora(model, cfg)
+
+
+def apply_expert_lora(model: nn.Module, cfg: LoraConfig) -> None:
+    """LoRA on the expert tensors `cfg.target_parameters` names (none: nothing)."""
+    if cfg.target_parameters:
+        params = expert_targets(model, cfg.target_parameters)
+        ranks, alphas = ranks_and_alphas(cfg, params)
+        inject_expert_lora(model, params, ranks, alphas, use_rslora=cfg.use_rslora, init=cfg.init)
 
 
 def lora_layers(model: nn.Module):
@@ -337,7 +368,7 @@ def count_lora_trainable(dims, cfg: LoraConfig, task: str) -> int:
     for lin in lora_targets_in_dims(dims, cfg, task):
         r, _ = module_rank_alpha(cfg, lin.name)
         total += r * (lin.in_features + lin.out_features)
-    return total
+    return total + count_expert_lora(dims, cfg.target_parameters, lambda n: module_rank_alpha(cfg, n)[0])
 
 
 # ---- activation plan for the estimator -----------------------------------------------------------
@@ -345,7 +376,8 @@ def count_lora_trainable(dims, cfg: LoraConfig, task: str) -> int:
 def lora_family_plan(dims, cfg: LoraConfig, task: str, dora: bool = False) -> Plan:
     """Each target linear's rank (per-module patterns and random ranks included)."""
     ranks = {lin.name: module_rank_alpha(cfg, lin.name)[0] for lin in lora_targets_in_dims(dims, cfg, task)}
-    return low_rank_plan(dims, ranks, float(cfg.dropout or 0.0), dora=dora)
+    plan = low_rank_plan(dims, ranks, float(cfg.dropout or 0.0), dora=dora)
+    return add_expert_lora_plan(plan, dims, cfg.target_parameters, lambda n: module_rank_alpha(cfg, n)[0])
 
 
 def plan_lora(dims, cfg: LoraConfig, task: str) -> Plan:
@@ -401,9 +433,12 @@ def lora_peft_export(model: nn.Module, layers, cfg, *, extra_tensors=None, use_d
         per_module[name] = (r, float(alpha))
     if extra_tensors:
         tensors.update(extra_tensors)
+    expert_tensors, per_param, target_parameters = expert_export(model)
+    tensors.update(expert_tensors)
     if not per_module:
         raise ValueError("the model has no LoRA layers to export")
-    r0, a0, rank_pattern, alpha_pattern = peft_rank_config(per_module)
+    # peft matches rank_pattern against module names and, for target_parameters, full parameter names
+    r0, a0, rank_pattern, alpha_pattern = peft_rank_config({**per_module, **per_param})
     all_linear = base_linear_names(model)
     chosen = [n for n, _ in layers]
     config = {
@@ -421,6 +456,8 @@ def lora_peft_export(model: nn.Module, layers, cfg, *, extra_tensors=None, use_d
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     return PeftExport(adapter_config=config, tensors=tensors)
 
 

@@ -27,10 +27,11 @@ class LayerPlan:
     adaption_prompt: int = 0                       # llama-adapter's gated adapter tokens
     bias: bool = False                             # linear biases train (BitFit): grads flow, nothing extra saved
     weight_saved: dict = field(default_factory=dict)  # path -> token-independent elements kept (LoHa/LoKr ΔW, OFT's R)
+    expert_lora: dict = field(default_factory=dict)   # expert tensor path (mlp.experts.gate_up_proj) -> LoRA rank
 
     def trains_anything(self) -> bool:
         return bool(self.full or self.lora or self.ia3 or self.norms or self.adapters or self.prefix
-                    or self.adaption_prompt or self.bias or self.weight_saved)
+                    or self.adaption_prompt or self.bias or self.weight_saved or self.expert_lora)
 
 
 @dataclass

@@ -26,8 +26,8 @@ from torch import nn
 from ..arch import arch_of, set_submodule
 from ..gemm import matmul, matmul_t
 from .base import ApplyContext, MethodSpec, PeftExport, QuantizedLayer, freeze_all, merge_and_unload
-from .lora import LoraConfig, LoraLinear, count_lora_trainable, default_targets, dense_weight, export_lora_peft, \
-    inject_lora, plan_lora, ranks_and_alphas
+from .lora import LoraConfig, LoraLinear, apply_expert_lora, count_lora_trainable, default_targets, dense_weight, \
+    export_lora_peft, inject_lora, plan_lora, ranks_and_alphas
 from .nf4 import BLOCK, QuantState, dequantize_nf4, quantize_nf4, summarize_errors
 from .targeting import is_conv1d, linear_like, resolve_targets
 
@@ -243,6 +243,7 @@ def apply_qlora(model: nn.Module, cfg: QLoraConfig, ctx: ApplyContext) -> None:
     torch.manual_seed(ctx.seed)
     inject_lora(model, names, cfg.r, cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init,
                 ranks=ranks, alphas=alphas, layer_cls=QLoraLinear)
+    apply_expert_lora(model, cfg)     # the expert tensors are not linears: they stay unquantized
     object.__setattr__(model, "_quantization_report", {"modules": report, "total": summarize_errors(report)})
 
 

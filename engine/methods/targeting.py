@@ -99,8 +99,9 @@ def select_names(names: Sequence[str], targets: TargetSpec, arch: Arch) -> list[
                 f"method.target_modules: {', '.join(repr(m) for m in hit)} names the experts or router of this "
                 f"{arch.family} model. In transformers 5.x its experts are 3-D parameters "
                 f"({', '.join(f'{experts.path}.{p}' for p in experts.params)}), not linear layers, and the router "
-                f"stays frozen; peft reaches expert tensors with target_parameters, which this engine does not "
-                f"implement. Target the attention projections ({', '.join(candidates_from_names(names, arch.blocks_path))})")
+                f"stays frozen: adapt the experts with method.target_parameters (LoRA, as peft names them, e.g. "
+                f"{[f'{experts.path}.{p}' for p in experts.params]}) and keep target_modules for linear layers "
+                f"({', '.join(candidates_from_names(names, arch.blocks_path))})")
     if missing:
         raise TargetModulesError(
             f"method.target_modules: {', '.join(repr(m) for m in missing)} "
