@@ -334,8 +334,9 @@ def _moe_ffn(lp: LayerPlan, dims: ModelDims, shape: Shape, s: Saved, rg_in: bool
     s.add("moe.router_probs", T * E * 4)
     s.add("moe.topk", T * k * (8 + 4) + T * 4)
     routed = T * k
-    if trains:
+    if trains:   # both expert tensors train: F.linear keeps each one's per-token input
         s.add("moe.expert_in", routed * h * a)
+        s.add("moe.prod", routed * ie * a)
     for (path, out_f, in_f), (_, in_size) in zip(dims.expert_tensors(), ex.param_sizes):
         takes_block_input = in_size == "hidden"
         if path not in lp.expert_lora or (takes_block_input and not rg_in):
