@@ -14,14 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.adapters import adapter_files, load_adapter, load_peft_adapter_into, save_adapter, write_dir_atomic
+from engine.adapters import adapter_files, load_peft_adapter_into, save_adapter, write_dir_atomic
 from engine.arch import arch_for_model_type
 from engine.dims import dims_of_model
 from engine.methods.expert_lora import ExpertLora, expert_delta
 from engine.models import LoadedModel
 
 from conftest import require
-from test_arch_families import base_model, batch, logits, perturb_trainable, prepare, tokenizer, train_two_steps, within
+from test_arch_families import (base_model, batch, logits, perturb_trainable, prepare, reloads_the_same, tokenizer,
+                                train_two_steps, within)
 
 MOE = ["mixtral", "qwen3_moe"]
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -60,13 +61,8 @@ def test_expert_lora_trains_saves_reloads_and_merges(family, tmp_path):
     for layer in layers.values():
         assert layer.lora_A.weight.abs().sum() > 0 and layer.lora_B.weight.abs().sum() > 0, "the expert LoRA trained"
     assert all(p.grad is None for p in frozen)
-    perturb_trainable(prep.model)
-    b = batch()
-    trained_logits = logits(prep.model, b)
+    b, trained_logits = reloads_the_same(prep, family, tmp_path)
     assert (trained_logits - logits(base_model(family), b)).abs().max() > 1e-3
-    save_adapter(prep, tmp_path)
-    loaded = load_adapter(base_model(family), prep.config, tmp_path)
-    torch.testing.assert_close(logits(loaded, b), trained_logits, atol=ATOL, rtol=0)
     prep.spec.merge(prep.model)
     assert not expert_layers(prep.model)
     torch.testing.assert_close(logits(prep.model, b), trained_logits, atol=ATOL, rtol=0)
@@ -143,12 +139,7 @@ def test_qlora_adapts_the_unquantized_experts(family, tmp_path):
     dims = dims_of_model(prep.model)
     assert prep.spec.count_trainable(dims, prep.config.method, prep.config.task) == prep.n_trainable
     train_two_steps(prep)
-    perturb_trainable(prep.model)
-    b = batch()
-    trained = logits(prep.model, b)
-    save_adapter(prep, tmp_path)
-    loaded = load_adapter(base_model(family), prep.config, tmp_path)
-    torch.testing.assert_close(logits(loaded, b), trained, atol=ATOL, rtol=0)
+    reloads_the_same(prep, family, tmp_path)
 
 
 @pytest.mark.parametrize("family", MOE)
