@@ -5,7 +5,7 @@ instantiating a model. Where the parts are comes from the family's `Arch`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .arch import Arch, arch_for_model_type
@@ -56,6 +56,16 @@ class ModelDims:
     logit_transform: bool = False  # the causal-LM logits are soft-capped or scaled (Gemma 2, Granite)
 
     @property
+    def key(self) -> tuple:
+        """A hashable key of this description for memos (engine.methods.targeting): the
+        architecture's cached key and the sizes' repr, made once per instance."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = (self.arch.key if self.arch is not None else None, repr(replace(self, arch=None)))
+            object.__setattr__(self, "_key", k)
+        return k
+
+    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
@@ -71,6 +81,13 @@ class ModelDims:
     def block_linears(self) -> list[LinearShape]:
         """Every linear layer of one block, in module order (the experts of a
         mixture-of-experts block are 3-D tensors, not linears: see expert_params)."""
+        held = self.__dict__.get("_block_linears")      # made once per instance: estimates ask often
+        if held is None:
+            held = tuple(self._make_block_linears())
+            object.__setattr__(self, "_block_linears", held)
+        return list(held)
+
+    def _make_block_linears(self) -> list[LinearShape]:
         out = [LinearShape(bl.path.rsplit(".", 1)[-1], bl.path, self._size(bl.n_in), self._size(bl.n_out),
                            self._bias(bl.bias), self.arch.conv1d)
                for bl in self.arch.linears]

@@ -219,7 +219,9 @@ def _estimate(q: _Query) -> Estimate:
 
     cfg, mcfg = q.cfg, q.mcfg
     # count_trainable implementations that count the classification head themselves (`full`) read num_labels
-    dims = dataclasses.replace(_per_config(("dims", q.cfg_json), lambda: model_dims(cfg)), num_labels=q.num_labels)
+    dims = _per_config(("dims", q.cfg_json), lambda: model_dims(cfg))
+    if dims.num_labels != q.num_labels:   # the held description (and its memo key, ModelDims.key) when they agree
+        dims = dataclasses.replace(dims, num_labels=q.num_labels)
     task = q.task or default_task(dims)
     spec = get_method(mcfg.name)
     size = DTYPE_BYTES[q.dtype]

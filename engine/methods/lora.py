@@ -157,6 +157,8 @@ def random_rank_for(name: str, lo: int, hi: int, seed: int) -> int:
 
 
 def module_rank_alpha(cfg: LoraConfig, name: str) -> tuple[int, float]:
+    if cfg.random_rank is None and not cfg.rank_pattern and not cfg.alpha_pattern:
+        return cfg.r, cfg.alpha      # the common case, asked once per target by every estimate
     r = cfg.r
     if cfg.random_rank is not None:
         r = random_rank_for(name, cfg.random_rank[0], cfg.random_rank[1], cfg.random_rank_seed)

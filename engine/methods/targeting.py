@@ -10,7 +10,7 @@ so the engine and the estimator always pick the same modules.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
@@ -167,9 +167,7 @@ def resolve_targets_in_dims(dims, targets: TargetSpec, task: str) -> list[NamedL
     """The linears `targets` selects in the model `dims` describes. Memoized on the
     config, the target spec and the task (not the rank): an estimate for a 70B model
     matches a few hundred names, and the UI asks again on every change of rank."""
-    # the architecture's repr is long: it is made once per description (Arch.key)
-    arch = dims.arch.key if dims.arch is not None else None
-    key = (arch, repr(replace(dims, arch=None)), targets if isinstance(targets, str) else tuple(targets), task)
+    key = (dims.key, targets if isinstance(targets, str) else tuple(targets), task)
     hit = _RESOLVED.get(key)
     if hit is None:
         layers = linears_in_dims(dims, task)
