@@ -113,7 +113,8 @@ class Arch:
     parallel_into_residual: bool = False   # BERT-style output modules taking (hidden, input_tensor)
     hidden_states_checked: bool = True     # the estimator's activation walk is checked by measurement
     saved_walk: str = "decoder"    # the estimator's block walk: "decoder" (pre-norm) | "encoder" (post-norm)
-    gguf_arch: Optional[str] = None   # llama.cpp architecture engine.gguf_export writes (None: refused)
+    gguf_arch: Optional[str] = None   # llama.cpp architecture engine.gguf_export writes it as (None: refused;
+                                      # engine.gguf_archs.FACTS holds each one's keys and transforms)
     config_class: str = ""         # transformers config class (tiny random models)
     tiny: tuple[tuple[str, object], ...] = ()   # extra kwargs of a tiny random config
 
@@ -178,26 +179,26 @@ LLAMA = Arch(
           ("pad_token_id", 0), ("bos_token_id", 101), ("eos_token_id", 102)),
 )
 MISTRAL = replace(LLAMA, family="mistral", config_class="MistralConfig", tiny=_DECODER_TINY)
-QWEN2 = replace(LLAMA, family="qwen2", qkv_bias=True, gguf_arch=None, config_class="Qwen2Config", tiny=_DECODER_TINY)
+QWEN2 = replace(LLAMA, family="qwen2", qkv_bias=True, gguf_arch="qwen2", config_class="Qwen2Config", tiny=_DECODER_TINY)
 # Qwen3: q/k RMSNorm per head before RoPE
-QWEN3 = replace(LLAMA, family="qwen3", qk_norm="head", adaption_prompt=False, gguf_arch=None,
+QWEN3 = replace(LLAMA, family="qwen3", qk_norm="head", adaption_prompt=False, gguf_arch="qwen3",
                 config_class="Qwen3Config", tiny=_DECODER_TINY)
-SMOLLM3 = replace(LLAMA, family="smollm3", gguf_arch=None, adaption_prompt=False,   # NoPE layers (no_rope_layers)
+SMOLLM3 = replace(LLAMA, family="smollm3", gguf_arch="smollm3", adaption_prompt=False,   # NoPE layers (no_rope_layers)
                   config_class="SmolLM3Config", tiny=_DECODER_TINY)
 # Granite: Llama blocks with embedding / residual / attention / logit multipliers from the config
-GRANITE = replace(LLAMA, family="granite", gguf_arch=None, adaption_prompt=False, logits_divisor_key="logits_scaling",
+GRANITE = replace(LLAMA, family="granite", gguf_arch="granite", adaption_prompt=False, logits_divisor_key="logits_scaling",
                   config_class="GraniteConfig", tiny=_DECODER_TINY)
 # OLMo 2: norms after the attention and FFN outputs (before the residual add), q/k norm over all heads
 OLMO2 = replace(LLAMA, family="olmo2", norm_placement="post", attn_norm="post_attention_layernorm",
-                ffn_norm="post_feedforward_layernorm", qk_norm="width", adaption_prompt=False, gguf_arch=None,
+                ffn_norm="post_feedforward_layernorm", qk_norm="width", adaption_prompt=False, gguf_arch="olmo2",
                 config_class="Olmo2Config", tiny=_DECODER_TINY)
 # Gemma 2: pre and post norms around both sublayers, GELU-tanh gated MLP, scaled embeddings,
 # attention and final-logit soft-capping
 GEMMA2 = replace(LLAMA, family="gemma2", norm_placement="sandwich", ffn_norm="pre_feedforward_layernorm",
                  extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  activation="gelu_pytorch_tanh", embedding_scale=True, logit_softcap_key="final_logit_softcapping",
-                 sdpa=False, adaption_prompt=False, gguf_arch=None, config_class="Gemma2Config", tiny=_DECODER_TINY)
-GEMMA3 = replace(GEMMA2, family="gemma3_text", qk_norm="head", logit_softcap_key="final_logit_softcapping",
+                 sdpa=False, adaption_prompt=False, gguf_arch="gemma2", config_class="Gemma2Config", tiny=_DECODER_TINY)
+GEMMA3 = replace(GEMMA2, family="gemma3_text", gguf_arch="gemma3", qk_norm="head", logit_softcap_key="final_logit_softcapping",
                  sdpa=True, config_class="Gemma3TextConfig")
 # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj
 PHI3 = replace(
@@ -208,7 +209,7 @@ PHI3 = replace(
              BlockLinear("mlp.gate_up_proj", "hidden", "ffn2", "never"),
              BlockLinear("mlp.down_proj", "ffn", "hidden", "never")),
     default_lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "down_proj"),
-    adaption_prompt=False, gguf_arch=None, config_class="Phi3Config", tiny=_DECODER_TINY)
+    adaption_prompt=False, gguf_arch="phi3", config_class="Phi3Config", tiny=_DECODER_TINY)
 # Mixture of experts: attention as Llama's, the FFN a router and fused 3-D expert tensors
 _MOE_LINEARS = _llama_linears()[:4]
 MIXTRAL = replace(
@@ -216,13 +217,13 @@ MIXTRAL = replace(
     experts=Experts(path="mlp.experts", params=("gate_up_proj", "down_proj"), router="mlp.gate",
                     num_key="num_local_experts", intermediate_key="intermediate_size"),
     ia3_targets=("k_proj", "v_proj"), ia3_feedforward=(), adaption_prompt=False, parallel_sites=None,
-    gguf_arch=None, config_class="MixtralConfig",
+    gguf_arch="llama", config_class="MixtralConfig",
     tiny=_DECODER_TINY + (("num_local_experts", 4), ("num_experts_per_tok", 2)))
 QWEN3_MOE = replace(
     MIXTRAL, family="qwen3_moe", qk_norm="head",
     experts=Experts(path="mlp.experts", params=("gate_up_proj", "down_proj"), router="mlp.gate",
                     num_key="num_experts", intermediate_key="moe_intermediate_size"),
-    config_class="Qwen3MoeConfig",
+    gguf_arch="qwen3moe", config_class="Qwen3MoeConfig",
     tiny=_DECODER_TINY + (("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 16)))
 
 _BERT_LINEARS = (BlockLinear("attention.self.query", "hidden", "hidden", "always"),

@@ -1,0 +1,321 @@
+"""What each llama.cpp architecture needs of a GGUF file: the hyperparameter keys, which
+tensors it holds and how Hugging Face weights are transformed into them.
+
+`Arch.gguf_arch` (engine.arch) names the llama.cpp architecture a family is written as;
+`FACTS` below says, per llama.cpp architecture, what differs. Facts this follows
+(llama.cpp's convert_hf_to_gguf.py and src/llama-model.cpp are the reference):
+
+- RoPE: llama.cpp's "normal" RoPE (llama, granite, smollm3; Mixtral is written as
+  "llama" with experts) rotates adjacent pairs, so q/k rows are reordered per head from
+  Hugging Face's rotate-half layout. The "neox" archs (qwen2, qwen3, qwen3moe, olmo2,
+  gemma2, gemma3, phi3) rotate halves as Hugging Face does: rows stay.
+- Gemma's RMSNorm computes x·(1+w); llama.cpp's x·w, so every norm weight is written +1.
+- Gemma 2 and 3 scale queries by 1/sqrt(head_dim) in llama.cpp (1/sqrt(hidden/heads) for
+  the 27B sizes, told apart by their layer count 46 / 62): Hugging Face's
+  query_pre_attn_scalar must say the same. Sliding layers: Gemma 2 every other one from
+  layer 0, Gemma 3 five of every six; Gemma 3's sliding layers use RoPE base 10000.
+- SmolLM3: llama.cpp skips RoPE on every 4th layer (a fixed step, no GGUF key).
+- Mixture of experts: transformers' fused (E, 2I, H) gate_up_proj is split into
+  ffn_gate_exps and ffn_up_exps (gate first), down_proj (E, H, I) is ffn_down_exps, the
+  router ffn_gate_inp. llama.cpp renormalises the top-k weights (Mixtral does; Qwen3-MoE
+  needs norm_topk_prob).
+- Granite's multipliers are the embedding_scale / residual_scale / attention.scale /
+  logit_scale keys (llama.cpp divides the logits by logit_scale).
+- Phi-3 keeps its fused attn_qkv and a 2I-row ffn_up (gate rows first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .arch import ARCHS, Arch, arch_for_model_type
+
+
+class GGUFExportError(ValueError):
+    """A model or tokenizer this exporter cannot express in GGUF; the message says why."""
+
+
+def _no_extras(cfg: dict, arch: Arch, hp: dict) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    rope_permute: bool = False      # llama.cpp's normal (pairwise) RoPE: q/k rows reordered
+    norm_plus_one: bool = False     # Hugging Face's norms compute x·(1+w)
+    head_dim_keys: bool = False     # attention.key_length / value_length always written
+    # further metadata {key suffix after "<arch>.": value}, the config validated against
+    # what llama.cpp computes
+    extras: Callable[[dict, Arch, dict], dict] = _no_extras
+
+
+def _refuse(arch: Arch, what: str) -> GGUFExportError:
+    return GGUFExportError(f"GGUF export of {arch.family}: {what}")
+
+
+def _experts(cfg: dict, arch: Arch, hp: dict) -> dict:
+    if arch.experts is None:
+        return {}
+    e = arch.experts
+    count = cfg.get(e.num_key, cfg.get("num_local_experts"))   # transformers may save either spelling
+    return {"expert_count": int(count), "expert_used_count": int(cfg[e.active_key]),
+            "expert_feed_forward_length": int(cfg[e.intermediate_key])}
+
+
+def _qwen3moe(cfg: dict, arch: Arch, hp: dict) -> dict:
+    if not cfg.get("norm_topk_prob"):
+        raise _refuse(arch, "norm_topk_prob is false, but llama.cpp's qwen3moe always renormalises the chosen "
+                            "experts' weights")
+    if int(cfg.get("decoder_sparse_step") or 1) != 1 or cfg.get("mlp_only_layers"):
+        raise _refuse(arch, "decoder_sparse_step / mlp_only_layers make dense layers, which llama.cpp's qwen3moe "
+                            "does not have")
+    return _experts(cfg, arch, hp)
+
+
+def _smollm3(cfg: dict, arch: Arch, hp: dict) -> dict:
+    want = [int((i + 1) % 4 != 0) for i in range(hp["block_count"])]
+    got = cfg.get("no_rope_layers")
+    if got is not None and [int(x) for x in got] != want:
+        raise _refuse(arch, f"no_rope_layers {list(got)} differ from llama.cpp's fixed pattern (no RoPE on every "
+                            f"4th layer: {want})")
+    return {}
+
+
+def _granite(cfg: dict, arch: Arch, hp: dict) -> dict:
+    return {"embedding_scale": float(cfg.get("embedding_multiplier", 1.0)),
+            "residual_scale": float(cfg.get("residual_multiplier", 1.0)),
+            "attention.scale": float(cfg.get("attention_multiplier", 1.0)),
+            "logit_scale": float(cfg.get("logits_scaling", 1.0))}
+
+
+def _sliding(cfg: dict, arch: Arch, hp: dict, period: int) -> dict:
+    n = hp["block_count"]
+    want = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+    got = cfg.get("layer_types") or want
+    if list(got) != want:
+        raise _refuse(arch, f"layer_types {list(got)} differ from llama.cpp's fixed pattern (one full-attention "
+                            f"layer in every {period}: {want})")
+    big = {2: 46, 6: 62}[period]   # the 27B sizes, where llama.cpp scales queries by hidden/heads
+    scale = hp["embedding_length"] / hp["head_count"] if n == big else hp["head_dim"]
+    qpas = cfg.get("query_pre_attn_scalar")
+    if qpas is not None and float(qpas) != float(scale):
+        raise _refuse(arch, f"query_pre_attn_scalar is {qpas}, but llama.cpp scales queries by 1/sqrt({scale:g}) "
+                            f"for this size (head_dim {hp['head_dim']}, {n} layers)")
+    window = cfg.get("sliding_window")
+    return {"attention.sliding_window": int(window)} if window else {}
+
+
+def _gemma2(cfg: dict, arch: Arch, hp: dict) -> dict:
+    out = _sliding(cfg, arch, hp, 2)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key):
+            out[key] = float(cfg[key])
+        else:   # llama.cpp's gemma2 defaults these to 50 / 30 when the key is absent
+            raise _refuse(arch, f"{key} is off, but llama.cpp's gemma2 always soft-caps (50 / 30 by default)")
+    return out
+
+
+def _gemma3(cfg: dict, arch: Arch, hp: dict) -> dict:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key):
+            raise _refuse(arch, f"{key} is {cfg[key]}, but llama.cpp's gemma3 does not soft-cap")
+    if hp["rope_freq_base_swa"] not in (None, 10000.0):
+        raise _refuse(arch, f"the sliding layers' RoPE base is {hp['rope_freq_base_swa']:g}, but llama.cpp's "
+                            f"gemma3 fixes it at 10000")
+    return _sliding(cfg, arch, hp, 6)
+
+
+def _phi3(cfg: dict, arch: Arch, hp: dict) -> dict:
+    window = cfg.get("sliding_window")
+    return {"attention.sliding_window": int(window)} if window else {}
+
+
+FACTS: dict[str, GGUFFacts] = {
+    "llama": GGUFFacts(rope_permute=True, extras=_experts),
+    "qwen2": GGUFFacts(),
+    "qwen3": GGUFFacts(head_dim_keys=True),
+    "qwen3moe": GGUFFacts(head_dim_keys=True, extras=_qwen3moe),
+    "smollm3": GGUFFacts(rope_permute=True, extras=_smollm3),
+    "granite": GGUFFacts(rope_permute=True, extras=_granite),
+    "olmo2": GGUFFacts(),
+    "gemma2": GGUFFacts(norm_plus_one=True, head_dim_keys=True, extras=_gemma2),
+    "gemma3": GGUFFacts(norm_plus_one=True, head_dim_keys=True, extras=_gemma3),
+    "phi3": GGUFFacts(extras=_phi3),
+}
+
+
+# ------------------------------------------------------------------ hyperparameters
+
+def arch_of_config(cfg: dict) -> Arch:
+    """The description of a config dict, refused (naming the families written) unless
+    this exporter writes it as a causal LM."""
+    kind = cfg.get("model_type") or "unknown"
+    try:
+        arch = arch_for_model_type(kind)
+    except ValueError:
+        arch = None
+    if arch is None or arch.gguf_arch is None:
+        writable = ", ".join(a.family for a in ARCHS if a.gguf_arch)
+        raise GGUFExportError(f"GGUF export supports decoder models llama.cpp runs; this model is {kind} "
+                              f"(this exporter writes {writable})")
+    archs = cfg.get("architectures") or ["ForCausalLM"]
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise GGUFExportError(f"GGUF export needs a causal language model (…ForCausalLM); this model is "
+                              f"{archs[0]}")
+    return arch
+
+
+def _rope(cfg: dict, arch: Arch) -> tuple[float, Optional[float], float]:
+    """(base, sliding layers' base or None, rotated fraction of head_dim); plain RoPE only."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    per_type = {k: v for k, v in rope.items() if isinstance(v, dict)}
+    full = per_type.get("full_attention", rope)
+    for r in [full] + list(per_type.values()):
+        kind = r.get("rope_type") or r.get("type") or "default"
+        if kind != "default":
+            raise _refuse(arch, f"RoPE scaling {kind!r} is not supported (only plain RoPE)")
+    theta = float(full.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    swa = per_type.get("sliding_attention")
+    swa_theta = float(swa.get("rope_theta", 10000.0)) if swa else cfg.get("rope_local_base_freq")
+    frac = float(full.get("partial_rotary_factor", cfg.get("partial_rotary_factor") or 1.0))
+    return theta, (None if swa_theta is None else float(swa_theta)), frac
+
+
+def gguf_hparams(cfg: dict) -> dict:
+    """The llama.cpp architecture, its facts and hyperparameters of a Hugging Face config
+    dict, validated against what llama.cpp computes for that architecture."""
+    arch = arch_of_config(cfg)
+    facts = FACTS[arch.gguf_arch]
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if heads % kv:
+        raise _refuse(arch, f"{heads} attention heads are not a multiple of {kv} KV heads")
+    act = cfg.get("hidden_act") or cfg.get("hidden_activation")
+    if act is not None and act != arch.activation:
+        raise _refuse(arch, f"hidden_act {act!r} is not the {arch.activation} llama.cpp's {arch.gguf_arch} uses")
+    for key in ("use_sliding_window",):
+        if cfg.get(key):
+            raise _refuse(arch, f"{key} is set; llama.cpp's {arch.gguf_arch} attends to the whole context")
+    theta, theta_swa, frac = _rope(cfg, arch)
+    ffn = cfg.get(arch.experts.intermediate_key if arch.experts else "intermediate_size")
+    hp = {"arch": arch, "gguf_arch": arch.gguf_arch, "facts": facts,
+          "context_length": int(cfg.get("max_position_embeddings") or 2048), "embedding_length": hidden,
+          "block_count": int(cfg["num_hidden_layers"]), "feed_forward_length": int(cfg["intermediate_size"]),
+          "head_count": heads, "head_count_kv": kv, "head_dim": head_dim, "rope_freq_base": theta,
+          "rope_freq_base_swa": theta_swa, "rope_dimension_count": int(head_dim * frac),
+          "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)), "vocab_size": int(cfg["vocab_size"]),
+          "tied": bool(cfg.get("tie_word_embeddings", False)), "expert_ffn": ffn}
+    hp["extras"] = facts.extras(cfg, arch, hp)
+    return hp
+
+
+def write_hparams(w, hp: dict) -> None:
+    """The <arch>.* metadata of `hp` into GGUFWriter `w`."""
+    w.add_context_length(hp["context_length"])
+    w.add_embedding_length(hp["embedding_length"])
+    w.add_block_count(hp["block_count"])
+    w.add_feed_forward_length(hp["feed_forward_length"])
+    w.add_head_count(hp["head_count"])
+    w.add_head_count_kv(hp["head_count_kv"])
+    w.add_rope_dimension_count(hp["rope_dimension_count"])
+    if hp["facts"].head_dim_keys or hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_rope_freq_base(hp["rope_freq_base"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_vocab_size(hp["vocab_size"])
+    for suffix, v in hp["extras"].items():
+        key = f"{hp['gguf_arch']}.{suffix}"
+        if isinstance(v, bool):
+            w.add_bool(key, v)
+        elif isinstance(v, int):
+            w.add_uint32(key, v)
+        else:
+            w.add_float32(key, float(v))
+
+
+# ------------------------------------------------------------------ tensors
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k projection rows from HF's rotate-half layout to llama.cpp's (per head,
+    rows (2, d/2) -> (d/2, 2)); works for weights (2-D) and biases (1-D)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_rows."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_NOT_WRITTEN = ("ROPE_FREQS", "ATTN_ROT_EMBD", "ROPE_FACTORS_LONG", "ROPE_FACTORS_SHORT")
+
+
+def allowed_tensors(gguf_arch: str) -> set:
+    """The MODEL_TENSOR kinds this exporter writes for a llama.cpp architecture."""
+    import gguf
+
+    return {t for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[gguf_arch.upper()]] if t.name not in _NOT_WRITTEN}
+
+
+def _expert_tensors(hp: dict, hf_name: str, w: np.ndarray) -> Optional[list[tuple[str, np.ndarray]]]:
+    """GGUF expert tensors of a fused 3-D transformers expert parameter, None when
+    `hf_name` is not one."""
+    import gguf
+
+    arch: Arch = hp["arch"]
+    if arch.experts is None:
+        return None
+    prefix, _, rest = hf_name.partition(arch.blocks_path + ".")
+    bid, _, tail = rest.partition(".")
+    if prefix or not bid.isdigit() or not tail.startswith(arch.experts.path + "."):
+        return None
+    param = tail[len(arch.experts.path) + 1:]
+    name = lambda kind: gguf.TENSOR_NAMES[kind].format(bid=int(bid)) + ".weight"  # noqa: E731
+    T = gguf.MODEL_TENSOR
+    if param == "gate_up_proj" and w.ndim == 3:
+        half = w.shape[1] // 2
+        return [(name(T.FFN_GATE_EXP), w[:, :half]), (name(T.FFN_UP_EXP), w[:, half:])]
+    if param == "down_proj" and w.ndim == 3:
+        return [(name(T.FFN_DOWN_EXP), w)]
+    return None
+
+
+def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in llama.cpp's layout) for every weight; unknown
+    tensors are refused rather than dropped."""
+    import gguf
+
+    arch: Arch = hp["arch"]
+    facts: GGUFFacts = hp["facts"]
+    ga = gguf.MODEL_ARCH[hp["gguf_arch"].upper()]
+    names = gguf.get_tensor_name_map(ga, hp["block_count"])
+    allowed = allowed_tensors(hp["gguf_arch"])
+    T = gguf.MODEL_TENSOR
+    for hf_name, t in tensors:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue   # recomputed from rope_freq_base
+        if hf_name == "lm_head.weight" and hp["tied"]:
+            continue   # tied: the loader reuses token_embd.weight
+        w = t.detach().to("cpu", torch.float32).numpy()
+        experts = _expert_tensors(hp, hf_name, w)
+        if experts is not None:
+            yield from experts
+            continue
+        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            raise GGUFExportError(f"GGUF export: tensor {hf_name!r} has no place in a {hp['gguf_arch']} GGUF file "
+                                  f"({arch.family})")
+        kind, name = found
+        if facts.rope_permute and kind == T.ATTN_Q:
+            w = permute_rows(w, hp["head_count"])
+        elif facts.rope_permute and kind == T.ATTN_K:
+            w = permute_rows(w, hp["head_count_kv"])
+        if facts.norm_plus_one and name.endswith("norm.weight"):
+            w = w + 1.0
+        yield name, w
