@@ -1,8 +1,9 @@
 """What each llama.cpp architecture needs of a GGUF file: the hyperparameter keys, which
 tensors it holds and how Hugging Face weights are transformed into them.
 
-`Arch.gguf_arch` (engine.arch) names the llama.cpp architecture a family is written as;
-`FACTS` below says, per llama.cpp architecture, what differs. Facts this follows
+`Arch.gguf_arch` (engine.arch) names the llama.cpp architecture a family is written as,
+`Arch.gguf_rope` its RoPE, `Arch.norm_plus_one` Gemma's norms and `Arch.gguf_rules` the
+further keys and checks (`RULES` below) its architecture needs. Facts this follows
 (llama.cpp's convert_hf_to_gguf.py and src/llama-model.cpp are the reference):
 
 - RoPE: llama.cpp's "normal" RoPE (llama, granite, smollm3; Mixtral is written as
@@ -26,31 +27,16 @@ tensors it holds and how Hugging Face weights are transformed into them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from .arch import ARCHS, Arch, arch_for_model_type
+from .arch import Arch, arch_for_model_type, gguf_families
 
 
 class GGUFExportError(ValueError):
     """A model or tokenizer this exporter cannot express in GGUF; the message says why."""
-
-
-def _no_extras(cfg: dict, arch: Arch, hp: dict) -> dict:
-    return {}
-
-
-@dataclass(frozen=True)
-class GGUFFacts:
-    rope_permute: bool = False      # llama.cpp's normal (pairwise) RoPE: q/k rows reordered
-    norm_plus_one: bool = False     # Hugging Face's norms compute x·(1+w)
-    head_dim_keys: bool = False     # attention.key_length / value_length always written
-    # further metadata {key suffix after "<arch>.": value}, the config validated against
-    # what llama.cpp computes
-    extras: Callable[[dict, Arch, dict], dict] = _no_extras
 
 
 def _refuse(arch: Arch, what: str) -> GGUFExportError:
@@ -66,17 +52,17 @@ def _experts(cfg: dict, arch: Arch, hp: dict) -> dict:
             "expert_feed_forward_length": int(cfg[e.intermediate_key])}
 
 
-def _qwen3moe(cfg: dict, arch: Arch, hp: dict) -> dict:
+def _topk_renormalised(cfg: dict, arch: Arch, hp: dict) -> dict:
     if not cfg.get("norm_topk_prob"):
-        raise _refuse(arch, "norm_topk_prob is false, but llama.cpp's qwen3moe always renormalises the chosen "
-                            "experts' weights")
+        raise _refuse(arch, f"norm_topk_prob is false, but llama.cpp's {arch.gguf_arch} always renormalises the "
+                            f"chosen experts' weights")
     if int(cfg.get("decoder_sparse_step") or 1) != 1 or cfg.get("mlp_only_layers"):
-        raise _refuse(arch, "decoder_sparse_step / mlp_only_layers make dense layers, which llama.cpp's qwen3moe "
-                            "does not have")
-    return _experts(cfg, arch, hp)
+        raise _refuse(arch, f"decoder_sparse_step / mlp_only_layers make dense layers, which llama.cpp's "
+                            f"{arch.gguf_arch} does not have")
+    return {}
 
 
-def _smollm3(cfg: dict, arch: Arch, hp: dict) -> dict:
+def _nope_every_4th(cfg: dict, arch: Arch, hp: dict) -> dict:
     want = [int((i + 1) % 4 != 0) for i in range(hp["block_count"])]
     got = cfg.get("no_rope_layers")
     if got is not None and [int(x) for x in got] != want:
@@ -85,7 +71,7 @@ def _smollm3(cfg: dict, arch: Arch, hp: dict) -> dict:
     return {}
 
 
-def _granite(cfg: dict, arch: Arch, hp: dict) -> dict:
+def _multipliers(cfg: dict, arch: Arch, hp: dict) -> dict:
     return {"embedding_scale": float(cfg.get("embedding_multiplier", 1.0)),
             "residual_scale": float(cfg.get("residual_multiplier", 1.0)),
             "attention.scale": float(cfg.get("attention_multiplier", 1.0)),
@@ -109,42 +95,48 @@ def _sliding(cfg: dict, arch: Arch, hp: dict, period: int) -> dict:
     return {"attention.sliding_window": int(window)} if window else {}
 
 
-def _gemma2(cfg: dict, arch: Arch, hp: dict) -> dict:
-    out = _sliding(cfg, arch, hp, 2)
+def _softcap_always(cfg: dict, arch: Arch, hp: dict) -> dict:
+    out = {}
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key):
-            out[key] = float(cfg[key])
-        else:   # llama.cpp's gemma2 defaults these to 50 / 30 when the key is absent
-            raise _refuse(arch, f"{key} is off, but llama.cpp's gemma2 always soft-caps (50 / 30 by default)")
+        if not cfg.get(key):   # llama.cpp defaults these to 50 / 30 when the key is absent
+            raise _refuse(arch, f"{key} is off, but llama.cpp's {arch.gguf_arch} always soft-caps (50 / 30 by "
+                                f"default)")
+        out[key] = float(cfg[key])
     return out
 
 
-def _gemma3(cfg: dict, arch: Arch, hp: dict) -> dict:
+def _no_softcap(cfg: dict, arch: Arch, hp: dict) -> dict:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(key):
-            raise _refuse(arch, f"{key} is {cfg[key]}, but llama.cpp's gemma3 does not soft-cap")
+            raise _refuse(arch, f"{key} is {cfg[key]}, but llama.cpp's {arch.gguf_arch} does not soft-cap")
+    return {}
+
+
+def _swa_rope_10000(cfg: dict, arch: Arch, hp: dict) -> dict:
     if hp["rope_freq_base_swa"] not in (None, 10000.0):
         raise _refuse(arch, f"the sliding layers' RoPE base is {hp['rope_freq_base_swa']:g}, but llama.cpp's "
-                            f"gemma3 fixes it at 10000")
-    return _sliding(cfg, arch, hp, 6)
+                            f"{arch.gguf_arch} fixes it at 10000")
+    return {}
 
 
-def _phi3(cfg: dict, arch: Arch, hp: dict) -> dict:
+def _sliding_window(cfg: dict, arch: Arch, hp: dict) -> dict:
     window = cfg.get("sliding_window")
     return {"attention.sliding_window": int(window)} if window else {}
 
 
-FACTS: dict[str, GGUFFacts] = {
-    "llama": GGUFFacts(rope_permute=True, extras=_experts),
-    "qwen2": GGUFFacts(),
-    "qwen3": GGUFFacts(head_dim_keys=True),
-    "qwen3moe": GGUFFacts(head_dim_keys=True, extras=_qwen3moe),
-    "smollm3": GGUFFacts(rope_permute=True, extras=_smollm3),
-    "granite": GGUFFacts(rope_permute=True, extras=_granite),
-    "olmo2": GGUFFacts(),
-    "gemma2": GGUFFacts(norm_plus_one=True, head_dim_keys=True, extras=_gemma2),
-    "gemma3": GGUFFacts(norm_plus_one=True, head_dim_keys=True, extras=_gemma3),
-    "phi3": GGUFFacts(extras=_phi3),
+# Arch.gguf_rules -> (config dict, Arch, hyperparameters) -> further metadata {key suffix
+# after "<arch>.": value}, raising GGUFExportError where llama.cpp would compute otherwise
+RULES: dict[str, Callable[[dict, Arch, dict], dict]] = {
+    "experts": _experts,
+    "topk_renormalised": _topk_renormalised,
+    "nope_every_4th": _nope_every_4th,
+    "multipliers": _multipliers,
+    "swa_every_2nd": lambda cfg, arch, hp: _sliding(cfg, arch, hp, 2),
+    "swa_5_of_6": lambda cfg, arch, hp: _sliding(cfg, arch, hp, 6),
+    "softcap_always": _softcap_always,
+    "no_softcap": _no_softcap,
+    "swa_rope_10000": _swa_rope_10000,
+    "sliding_window": _sliding_window,
 }
 
 
@@ -159,9 +151,8 @@ def arch_of_config(cfg: dict) -> Arch:
     except ValueError:
         arch = None
     if arch is None or arch.gguf_arch is None:
-        writable = ", ".join(a.family for a in ARCHS if a.gguf_arch)
-        raise GGUFExportError(f"GGUF export supports decoder models llama.cpp runs; this model is {kind} "
-                              f"(this exporter writes {writable})")
+        raise GGUFExportError(f"GGUF export supports the decoder families llama.cpp runs; this model is {kind} "
+                              f"(this exporter writes {', '.join(gguf_families())})")
     archs = cfg.get("architectures") or ["ForCausalLM"]
     if not any(a.endswith("ForCausalLM") for a in archs):
         raise GGUFExportError(f"GGUF export needs a causal language model (…ForCausalLM); this model is "
@@ -186,10 +177,9 @@ def _rope(cfg: dict, arch: Arch) -> tuple[float, Optional[float], float]:
 
 
 def gguf_hparams(cfg: dict) -> dict:
-    """The llama.cpp architecture, its facts and hyperparameters of a Hugging Face config
+    """The llama.cpp architecture and hyperparameters of a Hugging Face config
     dict, validated against what llama.cpp computes for that architecture."""
     arch = arch_of_config(cfg)
-    facts = FACTS[arch.gguf_arch]
     heads = int(cfg["num_attention_heads"])
     kv = int(cfg.get("num_key_value_heads") or heads)
     hidden = int(cfg["hidden_size"])
@@ -203,15 +193,16 @@ def gguf_hparams(cfg: dict) -> dict:
         if cfg.get(key):
             raise _refuse(arch, f"{key} is set; llama.cpp's {arch.gguf_arch} attends to the whole context")
     theta, theta_swa, frac = _rope(cfg, arch)
-    ffn = cfg.get(arch.experts.intermediate_key if arch.experts else "intermediate_size")
-    hp = {"arch": arch, "gguf_arch": arch.gguf_arch, "facts": facts,
+    hp = {"arch": arch, "gguf_arch": arch.gguf_arch,
           "context_length": int(cfg.get("max_position_embeddings") or 2048), "embedding_length": hidden,
           "block_count": int(cfg["num_hidden_layers"]), "feed_forward_length": int(cfg["intermediate_size"]),
           "head_count": heads, "head_count_kv": kv, "head_dim": head_dim, "rope_freq_base": theta,
           "rope_freq_base_swa": theta_swa, "rope_dimension_count": int(head_dim * frac),
           "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)), "vocab_size": int(cfg["vocab_size"]),
-          "tied": bool(cfg.get("tie_word_embeddings", False)), "expert_ffn": ffn}
-    hp["extras"] = facts.extras(cfg, arch, hp)
+          "tied": bool(cfg.get("tie_word_embeddings", False))}
+    hp["extras"] = {}
+    for rule in arch.gguf_rules:
+        hp["extras"].update(RULES[rule](cfg, arch, hp))
     return hp
 
 
@@ -224,9 +215,8 @@ def write_hparams(w, hp: dict) -> None:
     w.add_head_count(hp["head_count"])
     w.add_head_count_kv(hp["head_count_kv"])
     w.add_rope_dimension_count(hp["rope_dimension_count"])
-    if hp["facts"].head_dim_keys or hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
-        w.add_key_length(hp["head_dim"])
-        w.add_value_length(hp["head_dim"])
+    w.add_key_length(hp["head_dim"])
+    w.add_value_length(hp["head_dim"])
     w.add_rope_freq_base(hp["rope_freq_base"])
     w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
     w.add_vocab_size(hp["vocab_size"])
@@ -292,7 +282,7 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
     import gguf
 
     arch: Arch = hp["arch"]
-    facts: GGUFFacts = hp["facts"]
+    pairwise = arch.gguf_rope == "normal"
     ga = gguf.MODEL_ARCH[hp["gguf_arch"].upper()]
     names = gguf.get_tensor_name_map(ga, hp["block_count"])
     allowed = allowed_tensors(hp["gguf_arch"])
@@ -312,10 +302,10 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
             raise GGUFExportError(f"GGUF export: tensor {hf_name!r} has no place in a {hp['gguf_arch']} GGUF file "
                                   f"({arch.family})")
         kind, name = found
-        if facts.rope_permute and kind == T.ATTN_Q:
+        if pairwise and kind == T.ATTN_Q:
             w = permute_rows(w, hp["head_count"])
-        elif facts.rope_permute and kind == T.ATTN_K:
+        elif pairwise and kind == T.ATTN_K:
             w = permute_rows(w, hp["head_count_kv"])
-        if facts.norm_plus_one and name.endswith("norm.weight"):
+        if arch.norm_plus_one and name.endswith("norm.weight"):
             w = w + 1.0
         yield name, w
