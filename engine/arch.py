@@ -195,15 +195,16 @@ GRANITE = replace(LLAMA, family="granite", gguf_arch="granite", gguf_rules=("mul
 # OLMo 2: norms after the attention and FFN outputs (before the residual add), q/k norm over all heads
 OLMO2 = replace(LLAMA, family="olmo2", norm_placement="post", attn_norm="post_attention_layernorm",
                 ffn_norm="post_feedforward_layernorm", qk_norm="width", adaption_prompt=False,
-                gguf_arch="olmo2", gguf_rope="neox", config_class="Olmo2Config", tiny=_DECODER_TINY)
+                gguf_arch="olmo2", gguf_rope="neox", gguf_rules=("square_attention", "output_required"),
+                config_class="Olmo2Config", tiny=_DECODER_TINY)
 # Gemma 2: pre and post norms around both sublayers, GELU-tanh gated MLP, scaled embeddings,
 # attention and final-logit soft-capping
 GEMMA2 = replace(LLAMA, family="gemma2", norm_placement="sandwich", ffn_norm="pre_feedforward_layernorm",
                  extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  activation="gelu_pytorch_tanh", embedding_scale=True, logit_softcap_key="final_logit_softcapping",
                  sdpa=False, adaption_prompt=False, gguf_arch="gemma2", gguf_rope="neox",
-                 norm_plus_one=True, gguf_rules=("swa_every_2nd", "softcap_always"), config_class="Gemma2Config",
-                 tiny=_DECODER_TINY)
+                 norm_plus_one=True, gguf_rules=("swa_every_2nd", "softcap_always", "tied_output"),
+                 config_class="Gemma2Config", tiny=_DECODER_TINY)
 GEMMA3 = replace(GEMMA2, family="gemma3_text", gguf_arch="gemma3",
                  gguf_rules=("swa_5_of_6", "no_softcap", "swa_rope_10000"), qk_norm="head",
                  logit_softcap_key="final_logit_softcapping", sdpa=True, config_class="Gemma3TextConfig")
@@ -216,7 +217,7 @@ PHI3 = replace(
              BlockLinear("mlp.gate_up_proj", "hidden", "ffn2", "never"),
              BlockLinear("mlp.down_proj", "ffn", "hidden", "never")),
     default_lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "down_proj"),
-    adaption_prompt=False, gguf_arch="phi3", gguf_rope="neox", gguf_rules=("sliding_window",),
+    adaption_prompt=False, gguf_arch="phi3", gguf_rope="neox", gguf_rules=("square_attention", "sliding_window"),
     config_class="Phi3Config", tiny=_DECODER_TINY)
 # Mixture of experts: attention as Llama's, the FFN a router and fused 3-D expert tensors
 _MOE_LINEARS = _llama_linears()[:4]

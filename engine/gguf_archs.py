@@ -22,7 +22,10 @@ further keys and checks (`RULES` below) its architecture needs. Facts this follo
   needs norm_topk_prob).
 - Granite's multipliers are the embedding_scale / residual_scale / attention.scale /
   logit_scale keys (llama.cpp divides the logits by logit_scale).
-- Phi-3 keeps its fused attn_qkv and a 2I-row ffn_up (gate rows first).
+- Phi-3 keeps its fused attn_qkv and a 2I-row ffn_up (gate rows first); Phi-3 and
+  OLMo 2 size attention as hidden x hidden (heads · head_dim must be hidden_size).
+- llama.cpp's olmo2 requires output.weight (a tied model gets a copy of the
+  embeddings); its gemma2 always reuses the embeddings (an untied one is refused).
 """
 
 from __future__ import annotations
@@ -119,6 +122,25 @@ def _swa_rope_10000(cfg: dict, arch: Arch, hp: dict) -> dict:
     return {}
 
 
+def _output_required(cfg: dict, arch: Arch, hp: dict) -> dict:
+    hp["output_required"] = True   # a tied model's output.weight is written, a copy of token_embd
+    return {}
+
+
+def _tied_output(cfg: dict, arch: Arch, hp: dict) -> dict:
+    if not hp["tied"]:
+        raise _refuse(arch, f"tie_word_embeddings is false, but llama.cpp's {arch.gguf_arch} always uses the "
+                            f"embeddings as the output layer")
+    return {}
+
+
+def _square_attention(cfg: dict, arch: Arch, hp: dict) -> dict:
+    if hp["head_count"] * hp["head_dim"] != hp["embedding_length"]:
+        raise _refuse(arch, f"head_dim {hp['head_dim']} x {hp['head_count']} heads is not hidden_size "
+                            f"{hp['embedding_length']}, which llama.cpp's {arch.gguf_arch} assumes")
+    return {}
+
+
 def _sliding_window(cfg: dict, arch: Arch, hp: dict) -> dict:
     window = cfg.get("sliding_window")
     return {"attention.sliding_window": int(window)} if window else {}
@@ -137,6 +159,9 @@ RULES: dict[str, Callable[[dict, Arch, dict], dict]] = {
     "no_softcap": _no_softcap,
     "swa_rope_10000": _swa_rope_10000,
     "sliding_window": _sliding_window,
+    "output_required": _output_required,
+    "tied_output": _tied_output,
+    "square_attention": _square_attention,
 }
 
 
@@ -291,7 +316,7 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue   # recomputed from rope_freq_base
         if hf_name == "lm_head.weight" and hp["tied"]:
-            continue   # tied: the loader reuses token_embd.weight
+            continue   # tied: the loader reuses token_embd.weight (or it is written as output.weight below)
         w = t.detach().to("cpu", torch.float32).numpy()
         experts = _expert_tensors(hp, hf_name, w)
         if experts is not None:
@@ -309,3 +334,5 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
         if arch.norm_plus_one and name.endswith("norm.weight"):
             w = w + 1.0
         yield name, w
+        if kind == T.TOKEN_EMBD and hp["tied"] and hp.get("output_required"):
+            yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", w

@@ -133,6 +133,7 @@ REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forward_l
 EXTRA = {"granite": {"embedding_scale": 12.0, "residual_scale": 0.22, "attention.scale": 0.0078125,
                      "logit_scale": 8.0},
          "mixtral": {"expert_count": E, "expert_used_count": 2}}
+OUTPUT_REQUIRED = {"olmo2"}   # llama.cpp's olmo2 creates output.weight as required
 PAIRWISE_ROPE = {"granite", "smollm3", "mixtral"}   # llama.cpp's "normal" RoPE: q/k rows reordered
 
 
@@ -162,8 +163,10 @@ def test_files_transformers_cannot_read_hold_what_llama_cpp_loads(family, tok, t
     for key, v in want_meta.items():
         assert meta[f"{arch}.{key}"] == pytest.approx(v), key
 
-    # exactly llama.cpp's tensors (tied: no output.weight), in its shapes
+    # exactly llama.cpp's tensors (tied: no output.weight unless llama.cpp requires it), in its shapes
     want = {"token_embd.weight": (H, VOCAB), "output_norm.weight": (H,)}
+    if family in OUTPUT_REQUIRED:
+        want["output.weight"] = (H, VOCAB)
     want |= {f"blk.{b}.{n}.weight": s for b in range(BLOCKS) for n, s in block.items()}
     got = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
     assert got == want
@@ -185,7 +188,9 @@ def test_files_transformers_cannot_read_hold_what_llama_cpp_loads(family, tok, t
                 continue
             hf = f"model.layers.{b}.{HF_NAME[n]}" + ("" if n.endswith("_exps") else ".weight")
             seen[hf] = w
-    expected = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    if family in OUTPUT_REQUIRED:
+        seen["lm_head.weight"] = data["output.weight"]
+    expected = {k: v for k, v in sd.items() if k != "lm_head.weight" or family in OUTPUT_REQUIRED}
     assert set(seen) == set(expected)
     for k, w in seen.items():
         np.testing.assert_allclose(w, expected[k], rtol=2e-3, atol=1e-4, err_msg=k)
@@ -208,6 +213,9 @@ REFUSED = [
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "llama: RoPE scaling 'linear' is not supported"),
     ("phi3", {"hidden_act": "gelu"}, "phi3: hidden_act 'gelu' is not the silu"),
+    ("olmo2", {"head_dim": 16}, "olmo2: head_dim 16 x 4 heads is not hidden_size 32"),
+    ("gemma2", {"query_pre_attn_scalar": 8, "tie_word_embeddings": False},
+     "gemma2: tie_word_embeddings is false, but llama.cpp's gemma2 always uses the embeddings"),
 ]
 
 
