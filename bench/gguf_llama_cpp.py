@@ -86,8 +86,13 @@ def write_family(family: str, tok, d: Path, ids: list[int]) -> dict:
     from engine.gguf_export import write_gguf
     from engine.models import tiny_config
 
-    cfg = tiny_config(family, VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **OVER.get(family, {}))
+    ids_ = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":   # no tiny config in engine.arch: built alike
+        from transformers import GPT2Config
+
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids_)
+    else:
+        cfg = tiny_config(family, VOCAB, **ids_, **OVER.get(family, {}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
@@ -122,7 +127,7 @@ def main() -> None:
         if r.returncode:
             sys.exit(f"llama.cpp run failed:\n{r.stderr[-3000:]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
-    st.say(f"Each family's tiny random model (2 blocks, hidden 32, 4 heads / 2 KV heads of 8, vocabulary "
+    st.say(f"Each family's tiny random model (2 blocks, hidden 32, 4 heads (2 KV heads) of 8, vocabulary "
            f"{VOCAB}) written f16 by engine.gguf_export and evaluated by llama.cpp (llama-cpp-python "
            f"{out['version']}, CPU) on the same {len(ids)} token ids as transformers (fp32). max |diff|: over "
            f"every position and vocabulary entry; rel: that over max |logit|; argmax: share of positions "

@@ -325,7 +325,7 @@ GPT2 = Arch(
     default_lora_targets=("c_attn",),
     ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
     bottleneck_adapters=False,   # GPT-2 has no tiny model in the family battery: adapters there are unproven
-    saved_walk="encoder", hidden_states_checked=False, config_class="GPT2Config",
+    saved_walk="encoder", hidden_states_checked=False, gguf_arch="gpt2", config_class="GPT2Config",
 )
 
 ARCHS: tuple[Arch, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, OLMO2, GEMMA2, GEMMA3, PHI3,

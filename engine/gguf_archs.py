@@ -22,6 +22,8 @@ further keys and checks (`RULES` below) its architecture needs. Facts this follo
   needs norm_topk_prob).
 - Granite's multipliers are the embedding_scale / residual_scale / attention.scale /
   logit_scale keys (llama.cpp divides the logits by logit_scale).
+- GPT-2: Conv1D weights are stored (in, out) and transposed; learned positions
+  (position_embd), LayerNorms with biases (layer_norm_epsilon), no RoPE keys.
 - Phi-3 keeps its fused attn_qkv and a 2I-row ffn_up (gate rows first); Phi-3 and
   OLMo 2 size attention as hidden x hidden (heads · head_dim must be hidden_size).
 - llama.cpp's olmo2 requires output.weight (a tied model gets a copy of the
@@ -179,7 +181,7 @@ def arch_of_config(cfg: dict) -> Arch:
         raise GGUFExportError(f"GGUF export supports the decoder families llama.cpp runs; this model is {kind} "
                               f"(this exporter writes {', '.join(gguf_families())})")
     archs = cfg.get("architectures") or ["ForCausalLM"]
-    if not any(a.endswith("ForCausalLM") for a in archs):
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):   # GPT2LMHeadModel
         raise GGUFExportError(f"GGUF export needs a causal language model (…ForCausalLM); this model is "
                               f"{archs[0]}")
     return arch
@@ -201,30 +203,37 @@ def _rope(cfg: dict, arch: Arch) -> tuple[float, Optional[float], float]:
     return theta, (None if swa_theta is None else float(swa_theta)), frac
 
 
+def _first(cfg: dict, *keys: str, default=None):
+    """The value of the first of `keys` the config dict has (GPT-2's config spells
+    hidden_size n_embd, and so on)."""
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
+
+
 def gguf_hparams(cfg: dict) -> dict:
     """The llama.cpp architecture and hyperparameters of a Hugging Face config
     dict, validated against what llama.cpp computes for that architecture."""
     arch = arch_of_config(cfg)
-    heads = int(cfg["num_attention_heads"])
+    heads = int(_first(cfg, "num_attention_heads", "n_head"))
     kv = int(cfg.get("num_key_value_heads") or heads)
-    hidden = int(cfg["hidden_size"])
+    hidden = int(_first(cfg, "hidden_size", "n_embd"))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     if heads % kv:
         raise _refuse(arch, f"{heads} attention heads are not a multiple of {kv} KV heads")
-    act = cfg.get("hidden_act") or cfg.get("hidden_activation")
+    act = _first(cfg, "hidden_act", "hidden_activation", "activation_function")
     if act is not None and act != arch.activation:
         raise _refuse(arch, f"hidden_act {act!r} is not the {arch.activation} llama.cpp's {arch.gguf_arch} uses")
     for key in ("use_sliding_window",):
         if cfg.get(key):
             raise _refuse(arch, f"{key} is set; llama.cpp's {arch.gguf_arch} attends to the whole context")
-    theta, theta_swa, frac = _rope(cfg, arch)
+    theta, theta_swa, frac = _rope(cfg, arch) if arch.positions == "rope" else (None, None, 0.0)
     hp = {"arch": arch, "gguf_arch": arch.gguf_arch,
-          "context_length": int(cfg.get("max_position_embeddings") or 2048), "embedding_length": hidden,
-          "block_count": int(cfg["num_hidden_layers"]), "feed_forward_length": int(cfg["intermediate_size"]),
+          "context_length": int(_first(cfg, "max_position_embeddings", "n_positions", default=2048)),
+          "embedding_length": hidden, "block_count": int(_first(cfg, "num_hidden_layers", "n_layer")),
+          "feed_forward_length": int(_first(cfg, "intermediate_size", "n_inner", default=4 * hidden)),
           "head_count": heads, "head_count_kv": kv, "head_dim": head_dim, "rope_freq_base": theta,
           "rope_freq_base_swa": theta_swa, "rope_dimension_count": int(head_dim * frac),
-          "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)), "vocab_size": int(cfg["vocab_size"]),
-          "tied": bool(cfg.get("tie_word_embeddings", False))}
+          "norm_eps": float(_first(cfg, "rms_norm_eps", "layer_norm_epsilon", default=1e-6)),
+          "vocab_size": int(cfg["vocab_size"]), "tied": bool(cfg.get("tie_word_embeddings", False))}
     hp["extras"] = {}
     for rule in arch.gguf_rules:
         hp["extras"].update(RULES[rule](cfg, arch, hp))
@@ -239,11 +248,15 @@ def write_hparams(w, hp: dict) -> None:
     w.add_feed_forward_length(hp["feed_forward_length"])
     w.add_head_count(hp["head_count"])
     w.add_head_count_kv(hp["head_count_kv"])
-    w.add_rope_dimension_count(hp["rope_dimension_count"])
     w.add_key_length(hp["head_dim"])
     w.add_value_length(hp["head_dim"])
-    w.add_rope_freq_base(hp["rope_freq_base"])
-    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp["arch"].positions == "rope":
+        w.add_rope_dimension_count(hp["rope_dimension_count"])
+        w.add_rope_freq_base(hp["rope_freq_base"])
+    if hp["arch"].norm == "layernorm":
+        w.add_layer_norm_eps(hp["norm_eps"])
+    else:
+        w.add_layer_norm_rms_eps(hp["norm_eps"])
     w.add_vocab_size(hp["vocab_size"])
     for suffix, v in hp["extras"].items():
         key = f"{hp['gguf_arch']}.{suffix}"
@@ -301,6 +314,13 @@ def _expert_tensors(hp: dict, hf_name: str, w: np.ndarray) -> Optional[list[tupl
     return None
 
 
+def _block_relative(arch: Arch, hf_name: str) -> str:
+    """`hf_name` without its blocks_path.N. prefix ("" outside the blocks)."""
+    head, _, rest = hf_name.partition(arch.blocks_path + ".")
+    bid, _, tail = rest.partition(".")
+    return tail if not head and bid.isdigit() else ""
+
+
 def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in llama.cpp's layout) for every weight; unknown
     tensors are refused rather than dropped."""
@@ -308,6 +328,7 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
 
     arch: Arch = hp["arch"]
     pairwise = arch.gguf_rope == "normal"
+    conv1d = {f"{lin.path}.weight" for lin in arch.linears}
     ga = gguf.MODEL_ARCH[hp["gguf_arch"].upper()]
     names = gguf.get_tensor_name_map(ga, hp["block_count"])
     allowed = allowed_tensors(hp["gguf_arch"])
@@ -331,6 +352,8 @@ def gguf_tensors(hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
             w = permute_rows(w, hp["head_count"])
         elif pairwise and kind == T.ATTN_K:
             w = permute_rows(w, hp["head_count_kv"])
+        if arch.conv1d and w.ndim == 2 and _block_relative(arch, hf_name) in conv1d:
+            w = w.T   # Conv1D stores (in, out); GGUF rows are outputs as nn.Linear's
         if arch.norm_plus_one and name.endswith("norm.weight"):
             w = w + 1.0
         yield name, w

@@ -1,7 +1,7 @@
 """GGUF export of every decoder family engine.arch writes (engine.gguf_archs).
 
 - Families transformers' GGUF loader reads (llama, mistral, qwen2, qwen3, qwen3_moe,
-  phi3, gemma2, gemma3): a tiny random model is written f16, loaded back with
+  phi3, gemma2, gemma3, gpt2): a tiny random model is written f16, loaded back with
   `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` and its logits compared
   with the source model's (f16 tolerance, as tests/test_gguf_export.py argues: 1e-2 of
   max|logit|). The loader fills what the file does not say from the config class's
@@ -28,7 +28,7 @@ from test_gguf_export import F16_TOL, VOCAB, bpe_tokenizer, rel_diff
 H, HEADS, KV, HD, FFN, BLOCKS = 32, 4, 2, 8, 64, 2
 READABLE = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 128},
             "qwen3_moe": {"head_dim": 128, "moe_intermediate_size": 768, "norm_topk_prob": True},
-            "phi3": {}, "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256}}
+            "phi3": {}, "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256}, "gpt2": {}}
 GRANITE = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
            "logits_scaling": 8.0}
 UNREADABLE = {"olmo2": {}, "granite": GRANITE, "smollm3": {}, "mixtral": {}}
@@ -40,14 +40,18 @@ def tok(tmp_path_factory):
 
 
 def tiny(family: str, tok, **over):
-    """A tiny random model of `family` (engine.models.tiny_config: 2 blocks, hidden 32)
-    with weights of a trained model's size."""
-    from transformers import AutoModelForCausalLM
+    """A tiny random model of `family` (engine.models.tiny_config: 2 blocks, hidden 32;
+    GPT-2, which has no tiny config there, built alike) with weights of a trained model's
+    size."""
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     from engine.models import tiny_config
 
-    cfg = tiny_config(family, VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **over)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":   # n_positions stays 1024: transformers' loader reads n_ctx, not n_positions
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=H, n_layer=BLOCKS, n_head=HEADS, **ids, **over)
+    else:
+        cfg = tiny_config(family, VOCAB, **ids, **over)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
@@ -229,14 +233,14 @@ def test_what_llama_cpp_would_compute_differently_is_refused_naming_the_field(fa
         gguf_hparams(cfg)
 
 
-def test_encoders_and_gpt2_are_refused_naming_the_families_written():
+def test_encoders_are_refused_naming_the_families_written():
     from engine.arch import ARCHS
     from engine.gguf_archs import GGUFExportError, gguf_hparams
 
     written = [a.family for a in ARCHS if a.gguf_arch]
     assert written == ["llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "gemma2",
-                       "gemma3_text", "phi3", "mixtral", "qwen3_moe"]
-    for kind in ("bert", "gpt2", "t5"):
+                       "gemma3_text", "phi3", "mixtral", "qwen3_moe", "gpt2"]
+    for kind in ("bert", "modernbert", "t5"):
         with pytest.raises(GGUFExportError, match=f"this model is {kind} \\(this exporter writes "
                                                   f"{', '.join(written)}\\)"):
             gguf_hparams({"model_type": kind})
