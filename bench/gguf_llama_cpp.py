@@ -31,7 +31,13 @@ PROMPT = "Hello world, the capital of France is Paris. 1234 + 5678 = 6912"
 # settings the tiny configs need for llama.cpp to compute what transformers does (see
 # engine/gguf_archs.py: llama.cpp scales Gemma's queries by 1/sqrt(head_dim), always
 # renormalises Qwen3-MoE's top-k weights); Granite's multipliers made visible
-OVER = {"gemma2": {"query_pre_attn_scalar": 8}, "gemma3_text": {"query_pre_attn_scalar": 8},
+# Some use more blocks or a short window so that what differs between layers is exercised:
+# SmolLM3's 4th block has no RoPE, Gemma 3's 6th is its full-attention one (RoPE base
+# 1e6, the sliding ones 1e4), a 16-token window is shorter than the prompt.
+_SWA = ["sliding_attention"] * 5 + ["full_attention"]
+OVER = {"gemma2": {"query_pre_attn_scalar": 8, "sliding_window": 16},
+        "gemma3_text": {"query_pre_attn_scalar": 8, "sliding_window": 16, "num_hidden_layers": 6, "layer_types": _SWA},
+        "smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0]},
         "qwen3_moe": {"norm_topk_prob": True},
         "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
                     "logits_scaling": 8.0}}
@@ -102,7 +108,7 @@ def write_family(family: str, tok, d: Path, ids: list[int]) -> dict:
     path = write_gguf(model, tok, d / f"{family}.gguf", "f16", name=f"tiny-{family}")
     np.save(d / f"{family}.npy", logits)
     return {"gguf": str(path), "logits": str(d / f"{family}.npy"), "ids": ids,
-            "arch": arch_for_model_type(family).gguf_arch}
+            "arch": arch_for_model_type(family).gguf_arch, "blocks": cfg.num_hidden_layers}
 
 
 def main() -> None:
@@ -127,20 +133,20 @@ def main() -> None:
         if r.returncode:
             sys.exit(f"llama.cpp run failed:\n{r.stderr[-3000:]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
-    st.say(f"Each family's tiny random model (2 blocks, hidden 32, 4 heads (2 KV heads) of 8, vocabulary "
+    st.say(f"Each family's tiny random model (2 blocks unless said, hidden 32, 4 heads (2 KV heads) of 8, vocabulary "
            f"{VOCAB}) written f16 by engine.gguf_export and evaluated by llama.cpp (llama-cpp-python "
            f"{out['version']}, CPU) on the same {len(ids)} token ids as transformers (fp32). max |diff|: over "
            f"every position and vocabulary entry; rel: that over max |logit|; argmax: share of positions "
            f"whose top token agrees. f16 weights bound rel near 1e-3 (2^-11 per weight, over two blocks).")
     st.say("")
-    st.say("| family | llama.cpp arch | max abs diff | max abs logit | rel | argmax agree |")
-    st.say("|---|---|---|---|---|---|")
+    st.say("| family | llama.cpp arch | blocks | max abs diff | max abs logit | rel | argmax agree |")
+    st.say("|---|---|---|---|---|---|---|")
     for f in families:
         res = out["results"][f]
         if "error" in res:
-            st.say(f"| {f} | {jobs[f]['arch']} | failed: {res['error']} | | | |")
+            st.say(f"| {f} | {jobs[f]['arch']} | {jobs[f]['blocks']} | failed: {res['error']} | | | |")
             continue
-        st.say(f"| {f} | {jobs[f]['arch']} | {res['max_abs']:.2e} | {res['scale']:.3f} | "
+        st.say(f"| {f} | {jobs[f]['arch']} | {jobs[f]['blocks']} | {res['max_abs']:.2e} | {res['scale']:.3f} | "
                f"{res['max_abs'] / res['scale']:.2e} | {res['argmax_agree']:.2f} |")
     if not args.no_write:
         st.write("gguf", title="GGUF export against llama.cpp")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -99,7 +100,7 @@ def _pre_tokenizer_name(pre: Optional[dict]) -> str:
         return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
 
     if pre and byte_level(pre, True):
-        return "gpt2"
+        return "gpt-2"   # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused there as unknown
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else None
     if steps and len(steps) == 2:
         first, second = steps
@@ -160,6 +161,21 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
 
 # ------------------------------------------------------------------ the file
 
+# llama.cpp's vocabulary loader (llama-vocab.cpp) looks these tokens up, and fails to load
+# the file when one is missing, whenever general.name contains "phi-3" or "phi3" (Phi-3's
+# SentencePiece vocabulary); the name is informational, so it is spelled so as not to match
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def llama_cpp_safe_name(name: str, tokens: list[str]) -> str:
+    """`name` for general.name, "phi-3"/"phi3" written "phi 3" unless the vocabulary has
+    the tokens llama.cpp then looks up."""
+    if _PHI3_NAME.search(name) and not set(_PHI3_TOKENS) <= set(tokens):
+        return _PHI3_NAME.sub(lambda m: m.group(0)[:3] + " 3", name)
+    return name
+
+
 def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16",
                chat_template: Optional[str] = None, name: Optional[str] = None) -> Path:
     """Write `model` (a model directory holding config.json + safetensors, or a
@@ -185,7 +201,7 @@ def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16"
     os.close(fd)
     w = gguf.GGUFWriter(tmp, hp["gguf_arch"])
     try:
-        w.add_name(name or str(cfg.get("_name_or_path") or "model"))
+        w.add_name(llama_cpp_safe_name(name or str(cfg.get("_name_or_path") or "model"), tk["tokens"]))
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
         if quant == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -193,7 +193,7 @@ def test_file_layout_names_types_and_metadata(merged, written):
     want = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": 2,
             "llama.context_length": 256, "llama.embedding_length": 64, "llama.feed_forward_length": 48,
             "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
-            "llama.vocab_size": VOCAB, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+            "llama.vocab_size": VOCAB, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 2,
             "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.tokens": VOCAB,
             "tokenizer.ggml.token_type": VOCAB, "general.file_type": 1}

@@ -254,3 +254,15 @@ def test_a_tensor_with_no_place_in_the_architecture_is_refused(tok, tmp_path):
     with pytest.raises(GGUFExportError, match="'model.layers.0.extra_scale' has no place in a olmo2 GGUF file"):
         write_gguf(model, tok, tmp_path / "m.gguf")
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_name_llama_cpp_reads_as_phi3_is_respelled_unless_the_vocabulary_has_its_tokens():
+    """llama.cpp's vocabulary loader looks up Phi-3's SentencePiece tokens whenever
+    general.name contains "phi3" / "phi-3", and fails to load a file without them (seen
+    with bench/gguf_llama_cpp.py): the name is respelled then, kept otherwise."""
+    from engine.gguf_export import llama_cpp_safe_name
+
+    assert llama_cpp_safe_name("my Phi-3 run", ["a", "b"]) == "my Phi 3 run"
+    assert llama_cpp_safe_name("tiny-phi3", ["a"]) == "tiny-phi 3"
+    assert llama_cpp_safe_name("tiny-phi3", ["</s>", "<unk>", "<s>", "<|endoftext|>"]) == "tiny-phi3"
+    assert llama_cpp_safe_name("qwen3 run", ["a"]) == "qwen3 run"
