@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import Stamp  # noqa: E402
 
 VOCAB = 1024
-PROMPT = "Hello world, the capital of France is Paris. 1234 + 5678 = 6912"
+PROMPT = "Hello world, the capital of France is Paris. 1234 + 5678 = 6912\n\tnaïve café — 東京 🙂"
 # settings the tiny configs need for llama.cpp to compute what transformers does (see
 # engine/gguf_archs.py: llama.cpp scales Gemma's queries by 1/sqrt(head_dim), always
 # renormalises Qwen3-MoE's top-k weights); Granite's multipliers made visible
@@ -57,6 +57,9 @@ for fam, job in jobs.items():
         want = np.load(job["logits"])
         out["results"][fam] = {"max_abs": float(np.abs(got - want).max()), "scale": float(np.abs(want).max()),
                                "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}
+        if job.get("text") is not None:   # llama.cpp's own tokenization of the text, against transformers'
+            out["results"][fam]["same_tokens"] = llm.tokenize(job["text"].encode(), add_bos=False,
+                                                              special=False) == ids
     except Exception as e:
         out["results"][fam] = {"error": f"{type(e).__name__}: {e}"[:300]}
 print(json.dumps(out))
@@ -111,10 +114,31 @@ def write_family(family: str, tok, d: Path, ids: list[int]) -> dict:
             "arch": arch_for_model_type(family).gguf_arch, "blocks": cfg.num_hidden_layers}
 
 
+def write_smollm2(d: Path) -> dict:
+    """The bundled SmolLM2-135M (its full 49k vocabulary) written f16, with its logits of
+    PROMPT as tokenized by transformers."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.gguf_export import write_gguf
+    from engine.models import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    ids = tok.encode(PROMPT, add_special_tokens=False)
+    with torch.no_grad():
+        np.save(d / "smollm2.npy", model(torch.tensor([ids])).logits[0].float().numpy())
+    path = write_gguf(model, tok, d / "smollm2.gguf", "f16", name="SmolLM2-135M")
+    return {"gguf": str(path), "logits": str(d / "smollm2.npy"), "ids": ids, "text": PROMPT, "arch": "llama",
+            "blocks": model.config.num_hidden_layers}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-python", default="/tmp/lcpvenv/bin/python")
     ap.add_argument("--families", default="")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip the bundled SmolLM2-135M row")
     ap.add_argument("--no-write", action="store_true", help="print only, leave bench/RESULTS-gguf.md")
     args = ap.parse_args()
     from engine.arch import gguf_families
@@ -126,6 +150,8 @@ def main() -> None:
         tok = bpe_tokenizer(d / "tok")
         ids = [tok.bos_token_id] + tok.encode(PROMPT, add_special_tokens=False)
         jobs = {f: write_family(f, tok, d, ids) for f in families}
+        if not args.no_smollm2:
+            jobs["smollm2-135m (bundled, real weights)"] = write_smollm2(d)
         (d / "jobs.json").write_text(json.dumps(jobs))
         (d / "run.py").write_text(LLAMA_CPP)
         r = subprocess.run([args.llama_python, str(d / "run.py"), str(d / "jobs.json")], capture_output=True,
@@ -141,17 +167,20 @@ def main() -> None:
            f"tests/test_gguf_export.py allows transformers' reading of the same files 1e-2 of max |logit|. "
            f"Mistral's tiny config builds the very weights Llama's does (same seed, same shapes), "
            f"hence the same row. Gemma 2 / 3 use a 16-token window (the prompt is longer): "
-           f"writing the window doubled moved rel to ~1 when tried, so the window is exercised.")
+           f"writing the window doubled moved rel to ~1 when tried, so the window is exercised. The last "
+           f"row is the bundled SmolLM2-135M with its full vocabulary: there llama.cpp also tokenizes "
+           f"the prompt itself, and 'same tokens' says whether it gets transformers' ids.")
     st.say("")
-    st.say("| family | llama.cpp arch | blocks | max abs diff | max abs logit | rel | argmax agree |")
-    st.say("|---|---|---|---|---|---|---|")
-    for f in families:
+    st.say("| family | llama.cpp arch | blocks | max abs diff | max abs logit | rel | argmax agree | same tokens |")
+    st.say("|---|---|---|---|---|---|---|---|")
+    for f in jobs:
         res = out["results"][f]
         if "error" in res:
-            st.say(f"| {f} | {jobs[f]['arch']} | {jobs[f]['blocks']} | failed: {res['error']} | | | |")
+            st.say(f"| {f} | {jobs[f]['arch']} | {jobs[f]['blocks']} | failed: {res['error']} | | | | |")
             continue
+        same = {True: "yes", False: "no", None: ""}[res.get("same_tokens")]
         st.say(f"| {f} | {jobs[f]['arch']} | {jobs[f]['blocks']} | {res['max_abs']:.2e} | {res['scale']:.3f} | "
-               f"{res['max_abs'] / res['scale']:.2e} | {res['argmax_agree']:.2f} |")
+               f"{res['max_abs'] / res['scale']:.2e} | {res['argmax_agree']:.2f} | {same} |")
     if not args.no_write:
         st.write("gguf", title="GGUF export against llama.cpp")
 
