@@ -116,7 +116,10 @@ class Arch:
     parallel_into_residual: bool = False   # BERT-style output modules taking (hidden, input_tensor)
     hidden_states_checked: bool = True     # the estimator's activation walk is checked by measurement
     saved_walk: str = "decoder"    # the estimator's block walk: "decoder" (pre-norm) | "encoder" (post-norm)
-    gguf_arch: Optional[str] = None   # llama.cpp architecture engine.gguf_export writes (None: refused)
+    gguf_arch: Optional[str] = None   # llama.cpp architecture engine.gguf_export writes it as (None: refused)
+    gguf_rope: str = "neox"        # llama.cpp's RoPE for it: "neox" (rotate halves, as HF) | "normal" (adjacent pairs)
+    gguf_rules: tuple[str, ...] = ()   # engine.gguf_archs.RULES: the further keys / checks its llama.cpp arch needs
+    norm_plus_one: bool = False    # RMSNorm computes x·(1+w) (Gemma)
     config_class: str = ""         # transformers config class (tiny random models)
     tiny: tuple[tuple[str, object], ...] = ()   # extra kwargs of a tiny random config
 
@@ -175,33 +178,39 @@ LLAMA = Arch(
     default_lora_targets=("q_proj", "v_proj"),
     ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
     kv_prefix=True, prefix_attn_path="self_attn", adaption_prompt=True,
-    parallel_sites=("self_attn", "mlp"), gguf_arch="llama",
+    parallel_sites=("self_attn", "mlp"), gguf_arch="llama", gguf_rope="normal",
     config_class="LlamaConfig",
     tiny=(("num_key_value_heads", 2), ("max_position_embeddings", 512), ("tie_word_embeddings", True),
           ("pad_token_id", 0), ("bos_token_id", 101), ("eos_token_id", 102)),
 )
 MISTRAL = replace(LLAMA, family="mistral", config_class="MistralConfig", tiny=_DECODER_TINY)
-QWEN2 = replace(LLAMA, family="qwen2", qkv_bias=True, gguf_arch=None, config_class="Qwen2Config", tiny=_DECODER_TINY)
+QWEN2 = replace(LLAMA, family="qwen2", qkv_bias=True, gguf_arch="qwen2", gguf_rope="neox", config_class="Qwen2Config",
+                tiny=_DECODER_TINY)
 # Qwen3: q/k RMSNorm per head before RoPE
-QWEN3 = replace(LLAMA, family="qwen3", qk_norm="head", adaption_prompt=False, gguf_arch=None,
+QWEN3 = replace(LLAMA, family="qwen3", qk_norm="head", adaption_prompt=False, gguf_arch="qwen3", gguf_rope="neox",
                 config_class="Qwen3Config", tiny=_DECODER_TINY)
-SMOLLM3 = replace(LLAMA, family="smollm3", gguf_arch=None, adaption_prompt=False,   # NoPE layers (no_rope_layers)
+# SmolLM3: NoPE layers (no_rope_layers)
+SMOLLM3 = replace(LLAMA, family="smollm3", gguf_arch="smollm3", gguf_rules=("nope_every_4th",), adaption_prompt=False,
                   config_class="SmolLM3Config", tiny=_DECODER_TINY)
 # Granite: Llama blocks with embedding / residual / attention / logit multipliers from the config
-GRANITE = replace(LLAMA, family="granite", gguf_arch=None, adaption_prompt=False, logits_divisor_key="logits_scaling",
-                  config_class="GraniteConfig", tiny=_DECODER_TINY)
+GRANITE = replace(LLAMA, family="granite", gguf_arch="granite", gguf_rules=("multipliers",), adaption_prompt=False,
+                  logits_divisor_key="logits_scaling", config_class="GraniteConfig", tiny=_DECODER_TINY)
 # OLMo 2: norms after the attention and FFN outputs (before the residual add), q/k norm over all heads
 OLMO2 = replace(LLAMA, family="olmo2", norm_placement="post", attn_norm="post_attention_layernorm",
-                ffn_norm="post_feedforward_layernorm", qk_norm="width", adaption_prompt=False, gguf_arch=None,
+                ffn_norm="post_feedforward_layernorm", qk_norm="width", adaption_prompt=False,
+                gguf_arch="olmo2", gguf_rope="neox", gguf_rules=("square_attention", "output_required"),
                 config_class="Olmo2Config", tiny=_DECODER_TINY)
 # Gemma 2: pre and post norms around both sublayers, GELU-tanh gated MLP, scaled embeddings,
 # attention and final-logit soft-capping
 GEMMA2 = replace(LLAMA, family="gemma2", norm_placement="sandwich", ffn_norm="pre_feedforward_layernorm",
                  extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  activation="gelu_pytorch_tanh", embedding_scale=True, logit_softcap_key="final_logit_softcapping",
-                 sdpa=False, adaption_prompt=False, gguf_arch=None, config_class="Gemma2Config", tiny=_DECODER_TINY)
-GEMMA3 = replace(GEMMA2, family="gemma3_text", qk_norm="head", logit_softcap_key="final_logit_softcapping",
-                 sdpa=True, config_class="Gemma3TextConfig")
+                 sdpa=False, adaption_prompt=False, gguf_arch="gemma2", gguf_rope="neox",
+                 norm_plus_one=True, gguf_rules=("swa_every_2nd", "softcap_always", "tied_output"),
+                 config_class="Gemma2Config", tiny=_DECODER_TINY)
+GEMMA3 = replace(GEMMA2, family="gemma3_text", gguf_arch="gemma3",
+                 gguf_rules=("swa_5_of_6", "no_softcap", "swa_rope_10000"), qk_norm="head",
+                 logit_softcap_key="final_logit_softcapping", sdpa=True, config_class="Gemma3TextConfig")
 # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj
 PHI3 = replace(
     LLAMA, family="phi3", q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
@@ -211,7 +220,8 @@ PHI3 = replace(
              BlockLinear("mlp.gate_up_proj", "hidden", "ffn2", "never"),
              BlockLinear("mlp.down_proj", "ffn", "hidden", "never")),
     default_lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "down_proj"),
-    adaption_prompt=False, gguf_arch=None, config_class="Phi3Config", tiny=_DECODER_TINY)
+    adaption_prompt=False, gguf_arch="phi3", gguf_rope="neox", gguf_rules=("square_attention", "sliding_window"),
+    config_class="Phi3Config", tiny=_DECODER_TINY)
 # Mixture of experts: attention as Llama's, the FFN a router and fused 3-D expert tensors
 _MOE_LINEARS = _llama_linears()[:4]
 MIXTRAL = replace(
@@ -219,12 +229,13 @@ MIXTRAL = replace(
     experts=Experts(path="mlp.experts", params=("gate_up_proj", "down_proj"), router="mlp.gate",
                     num_key="num_local_experts", intermediate_key="intermediate_size"),
     ia3_targets=("k_proj", "v_proj"), ia3_feedforward=(), adaption_prompt=False, parallel_sites=None,
-    gguf_arch=None, config_class="MixtralConfig",
+    gguf_arch="llama", gguf_rules=("experts",), config_class="MixtralConfig",
     tiny=_DECODER_TINY + (("num_local_experts", 4), ("num_experts_per_tok", 2)))
 QWEN3_MOE = replace(
     MIXTRAL, family="qwen3_moe", qk_norm="head",
     experts=Experts(path="mlp.experts", params=("gate_up_proj", "down_proj"), router="mlp.gate",
                     num_key="num_experts", intermediate_key="moe_intermediate_size"),
+    gguf_arch="qwen3moe", gguf_rope="neox", gguf_rules=("experts", "topk_renormalised"),
     config_class="Qwen3MoeConfig",
     tiny=_DECODER_TINY + (("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 16)))
 
@@ -317,7 +328,7 @@ GPT2 = Arch(
     default_lora_targets=("c_attn",),
     ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
     bottleneck_adapters=False,   # GPT-2 has no tiny model in the family battery: adapters there are unproven
-    saved_walk="encoder", hidden_states_checked=False, config_class="GPT2Config",
+    saved_walk="encoder", hidden_states_checked=False, gguf_arch="gpt2", config_class="GPT2Config",
 )
 
 ARCHS: tuple[Arch, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, OLMO2, GEMMA2, GEMMA3, PHI3,
@@ -353,6 +364,11 @@ def arch_for_model_type(model_type: str) -> Arch:
 def model_type_of(arch: Arch) -> str:
     """The config model_type a description is registered under."""
     return next(mt for mt, a in _BY_MODEL_TYPE.items() if a is arch)
+
+
+def gguf_families() -> list[str]:
+    """The families engine.gguf_export writes, in ARCHS order."""
+    return [a.family for a in ARCHS if a.gguf_arch]
 
 
 def gguf_writable(model_type: Optional[str]) -> bool:

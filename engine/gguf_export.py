@@ -1,20 +1,20 @@
-"""GGUF export of a (merged) Llama-architecture causal LM, for llama.cpp, Ollama and
-LM Studio.
+"""GGUF export of a (merged) decoder causal LM, for llama.cpp, Ollama and LM Studio.
 
 `write_gguf(model, tokenizer, out_path, quant)` writes one GGUF v3 file with the
-`gguf` package (the writer llama.cpp's own converter uses): the "llama"
-hyperparameters, every weight under its GGUF tensor name (gguf's tensor name map),
-a byte-level BPE ("gpt2") tokenizer with its merges, special ids and chat template.
+`gguf` package (the writer llama.cpp's own converter uses): the hyperparameters of the
+llama.cpp architecture the family is written as (`Arch.gguf_arch`; engine.gguf_archs
+holds each architecture's keys and tensor transforms), every weight under its GGUF
+tensor name (gguf's tensor name map), a byte-level BPE ("gpt2") tokenizer with its
+merges, special ids and chat template.
 
 Facts this follows (the format is specified in ggml's docs/gguf.md; llama.cpp's
 convert_hf_to_gguf.py is the reference converter):
-- Llama's q_proj / k_proj rows are reordered per head from Hugging Face's rotate-half
-  RoPE layout to llama.cpp's interleaved one: each head's rows viewed as (2, dim/2)
-  are transposed to (dim/2, 2); k_proj uses the KV head count. transformers' GGUF
-  loader (modeling_gguf_pytorch_utils.LlamaTensorProcessor) undoes exactly this.
+- Per-architecture transforms (q/k row order for llama.cpp's pairwise RoPE, Gemma's
+  norm +1, expert stacking) are engine.gguf_archs's; transformers' GGUF loader
+  (modeling_gguf_pytorch_utils) undoes the same ones.
 - A model whose lm_head is tied to the embeddings has no `output.weight`; loaders
   (llama.cpp, transformers) then use `token_embd.weight` for the output.
-- Norms and biases stay F32. f16 stores 2-D weights as IEEE half (11-bit
+- Norms and biases stay F32. f16 stores 2-D and 3-D weights as IEEE half (11-bit
   significand: relative error <= 2^-11 per weight). q8_0 stores blocks of 32 values
   as int8 with one f16 scale max|x|/127 (error <= max|x|/254 per block); it needs
   rows whose length is a multiple of 32, others are written f16.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -34,7 +35,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .arch import ARCHS, gguf_writable
+from .gguf_archs import GGUFExportError, gguf_hparams, gguf_tensors, permute_rows, write_hparams
+
+__all__ = ["GGUFExportError", "QUANTS", "encode", "gguf_hparams", "permute_rows", "tokenizer_metadata", "write_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,6 @@ Q8_BLOCK = 32
 # Hugging Face pre-tokenizers with a llama.cpp equivalent (tokenizer.ggml.pre)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-class GGUFExportError(ValueError):
-    """A model or tokenizer this exporter cannot express in GGUF; the message says why."""
 
 
 # ------------------------------------------------------------------ source: a directory or a model
@@ -77,48 +76,7 @@ def _source(model) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
     return cfg, iter(model.state_dict().items())
 
 
-def check_architecture(cfg: dict) -> None:
-    """Refuse what is not a causal LM of an architecture this exporter writes (engine.arch:
-    `Arch.gguf_arch`, the Llama-shaped ones), naming what it is."""
-    kind = cfg.get("model_type") or "unknown"
-    if not gguf_writable(kind):
-        writable = ", ".join(a.family for a in ARCHS if a.gguf_arch)
-        raise GGUFExportError(f"GGUF export supports Llama-architecture models; this model is {kind} "
-                              f"(this exporter writes {writable})")
-    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        raise GGUFExportError(f"GGUF export needs a causal language model (LlamaForCausalLM); this model is "
-                              f"{archs[0]}")
-
-
-def llama_hparams(cfg: dict) -> dict:
-    """The "llama" metadata of a Hugging Face LlamaConfig dict (validated)."""
-    check_architecture(cfg)
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type != "default":
-        raise GGUFExportError(f"GGUF export: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if heads % kv:
-        raise GGUFExportError(f"GGUF export: {heads} attention heads are not a multiple of {kv} KV heads")
-    return {"context_length": int(cfg.get("max_position_embeddings") or 2048), "embedding_length": hidden,
-            "block_count": int(cfg["num_hidden_layers"]), "feed_forward_length": int(cfg["intermediate_size"]),
-            "head_count": heads, "head_count_kv": kv, "head_dim": head_dim, "rope_freq_base": float(theta),
-            "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)), "vocab_size": int(cfg["vocab_size"]),
-            "tied": bool(cfg.get("tie_word_embeddings", False))}
-
-
 # ------------------------------------------------------------------ tensors
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder q/k projection rows from HF's rotate-half layout to llama.cpp's (per head,
-    rows (2, d/2) -> (d/2, 2)); works for weights (2-D) and biases (1-D)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def encode(w: np.ndarray, quant: str):
     """(array, raw GGML type or None) for the writer: 1-D stays F32; 2-D is F16, or Q8_0
@@ -134,33 +92,6 @@ def encode(w: np.ndarray, quant: str):
     return w.astype(np.float16), None
 
 
-def _gguf_tensors(cfg: dict, hp: dict, tensors) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in llama.cpp's layout) for every weight; unknown
-    tensors are refused rather than dropped."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
-    allowed = {gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT_NORM, gguf.MODEL_TENSOR.OUTPUT,
-               gguf.MODEL_TENSOR.ATTN_NORM, gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K,
-               gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.ATTN_OUT, gguf.MODEL_TENSOR.FFN_NORM,
-               gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN}
-    for hf_name, t in tensors:
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue   # recomputed from rope_freq_base
-        if hf_name == "lm_head.weight" and hp["tied"]:
-            continue   # tied: the loader reuses token_embd.weight
-        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if found is None or found[0] not in allowed:
-            raise GGUFExportError(f"GGUF export: tensor {hf_name!r} has no place in a llama GGUF file")
-        kind, name = found
-        w = t.detach().to("cpu", torch.float32).numpy()
-        if kind == gguf.MODEL_TENSOR.ATTN_Q:
-            w = permute_rows(w, hp["head_count"])
-        elif kind == gguf.MODEL_TENSOR.ATTN_K:
-            w = permute_rows(w, hp["head_count_kv"])
-        yield name, w
-
-
 # ------------------------------------------------------------------ tokenizer
 
 def _pre_tokenizer_name(pre: Optional[dict]) -> str:
@@ -169,7 +100,7 @@ def _pre_tokenizer_name(pre: Optional[dict]) -> str:
         return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
 
     if pre and byte_level(pre, True):
-        return "gpt2"
+        return "gpt-2"   # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused there as unknown
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else None
     if steps and len(steps) == 2:
         first, second = steps
@@ -230,10 +161,25 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
 
 # ------------------------------------------------------------------ the file
 
+# llama.cpp's vocabulary loader (llama-vocab.cpp) looks these tokens up, and fails to load
+# the file when one is missing, whenever general.name contains "phi-3" or "phi3" (Phi-3's
+# SentencePiece vocabulary); the name is informational, so it is spelled so as not to match
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def llama_cpp_safe_name(name: str, tokens: list[str]) -> str:
+    """`name` for general.name, "phi-3"/"phi3" written "phi 3" unless the vocabulary has
+    the tokens llama.cpp then looks up."""
+    if _PHI3_NAME.search(name) and not set(_PHI3_TOKENS) <= set(tokens):
+        return _PHI3_NAME.sub(lambda m: m.group(0)[:3] + " 3", name)
+    return name
+
+
 def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16",
                chat_template: Optional[str] = None, name: Optional[str] = None) -> Path:
     """Write `model` (a model directory holding config.json + safetensors, or a
-    transformers LlamaForCausalLM) and `tokenizer` (None: the directory's own) as a
+    transformers causal LM of a family engine.arch writes) and `tokenizer` (None: the directory's own) as a
     GGUF file at `out_path`, its 2-D weights in `quant` (f16 or q8_0). The chat
     template is `chat_template`, else the tokenizer's. Returns the path."""
     import gguf
@@ -241,7 +187,7 @@ def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16"
     if quant not in QUANTS:
         raise GGUFExportError(f"quant: {quant!r} is not one of {', '.join(QUANTS)}")
     cfg, tensors = _source(model)
-    hp = llama_hparams(cfg)
+    hp = gguf_hparams(cfg)
     if tokenizer is None:
         if not isinstance(model, (str, os.PathLike)):
             raise GGUFExportError("GGUF export needs the model's tokenizer")
@@ -253,25 +199,13 @@ def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16"
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, hp["gguf_arch"])
     try:
-        w.add_name(name or str(cfg.get("_name_or_path") or "model"))
+        w.add_name(llama_cpp_safe_name(name or str(cfg.get("_name_or_path") or "model"), tk["tokens"]))
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
         if quant == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(hp["context_length"])
-        w.add_embedding_length(hp["embedding_length"])
-        w.add_block_count(hp["block_count"])
-        w.add_feed_forward_length(hp["feed_forward_length"])
-        w.add_head_count(hp["head_count"])
-        w.add_head_count_kv(hp["head_count_kv"])
-        w.add_rope_dimension_count(hp["head_dim"])
-        if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
-            w.add_key_length(hp["head_dim"])
-            w.add_value_length(hp["head_dim"])
-        w.add_rope_freq_base(hp["rope_freq_base"])
-        w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-        w.add_vocab_size(hp["vocab_size"])
+        write_hparams(w, hp)
         w.add_tokenizer_model(tk["model"])
         w.add_tokenizer_pre(tk["pre"])
         w.add_token_list(tk["tokens"])
@@ -285,7 +219,7 @@ def write_gguf(model, tokenizer, out_path: str | os.PathLike, quant: str = "f16"
         if template:
             w.add_chat_template(template)
         seen = set()
-        for gname, arr in _gguf_tensors(cfg, hp, tensors):
+        for gname, arr in gguf_tensors(hp, tensors):
             data, raw = encode(arr, quant)
             w.add_tensor(gname, data, raw_dtype=raw)
             seen.add(gname)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from engine.arch import gguf_writable
+from engine.arch import gguf_families, gguf_writable
 from workers.settings import Settings
 
 from . import service
@@ -35,7 +35,7 @@ class BadQuant(ValueError):
 
 
 class GGUFUnsupported(ArtifactError):
-    """A run whose model GGUF export cannot express (a 409): not Llama, not a causal LM,
+    """A run whose model GGUF export cannot express (a 409): not a family llama.cpp runs, not a causal LM,
     a tokenizer llama.cpp has no model for."""
 
 
@@ -80,7 +80,8 @@ def check_exportable(settings: Settings, run: dict) -> None:
     cfg = parse_run_config(run["config"])
     arch = base_architecture(settings, cfg.model)
     if arch is not None and not gguf_writable(arch):
-        raise GGUFUnsupported(f"GGUF export supports Llama-architecture models; run {run['id']} is {arch}")
+        raise GGUFUnsupported(f"GGUF export supports the decoder families llama.cpp runs "
+                              f"({', '.join(gguf_families())}); run {run['id']} is {arch}")
     if cfg.task != "causal_lm":
         raise GGUFUnsupported(f"GGUF export needs a causal_lm run; run {run['id']} is {cfg.task}")
     if run["status"] != "succeeded" or not run.get("adapter"):

@@ -31,6 +31,8 @@ import torch
 
 from conftest import Studio, studio_env, wait_status
 
+from engine.arch import gguf_families
+
 F16_TOL, Q8_TOL = 1e-2, 5e-2
 VOCAB = 1024
 SAMPLES = ["Hello world, the capital of France is Paris.", "1234 + 5678 = 6912\n\tindented",
@@ -191,7 +193,7 @@ def test_file_layout_names_types_and_metadata(merged, written):
     want = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": 2,
             "llama.context_length": 256, "llama.embedding_length": 64, "llama.feed_forward_length": 48,
             "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
-            "llama.vocab_size": VOCAB, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+            "llama.vocab_size": VOCAB, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 2,
             "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.tokens": VOCAB,
             "tokenizer.ggml.token_type": VOCAB, "general.file_type": 1}
@@ -246,7 +248,7 @@ def test_refusals_name_the_problem_and_leave_no_file(tmp_path, merged):
     from engine.models import load_model
 
     bert = load_model("tiny-bert", "classification")
-    with pytest.raises(GGUFExportError, match="supports Llama-architecture models; this model is bert"):
+    with pytest.raises(GGUFExportError, match="supports the decoder families llama.cpp runs; this model is bert"):
         write_gguf(bert.model, bert.tokenizer, tmp_path / "x.gguf")
     llama_wp = load_model("tiny-llama", "causal_lm")       # MiniLM's WordPiece vocabulary
     with pytest.raises(GGUFExportError, match="byte-level BPE tokenizers .*WordPiece"):
@@ -384,7 +386,8 @@ def test_route_errors_are_clear_and_login_is_enforced(served):
         assert r.status_code == 422 and r.json()["detail"] == "quant: 'q4' is not one of f16, q8_0"
         r = c.get(f"/api/runs/{ids['bert']}/gguf")
         assert r.status_code == 409
-        assert r.json()["detail"] == f"GGUF export supports Llama-architecture models; run {ids['bert']} is bert"
+        assert r.json()["detail"] == (f"GGUF export supports the decoder families llama.cpp runs "
+                                      f"({', '.join(gguf_families())}); run {ids['bert']} is bert")
         assert c.get("/api/runs/999999/gguf").status_code == 404
         assert "/runs/{run_id}/gguf" in c.get("/api/openapi.json").json()["paths"]
     with client(s) as anon:

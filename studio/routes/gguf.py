@@ -1,4 +1,4 @@
-"""`GET /api/runs/{run_id}/gguf?quant=f16|q8_0`: a Llama-architecture run's merged
+"""`GET /api/runs/{run_id}/gguf?quant=f16|q8_0`: a decoder run's merged
 model as one GGUF file (studio.gguf builds and caches it). Registered from
 studio.routes like every other /api route, so the login gate and the owner check apply as to every
 other run route."""
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 ERRORS = {404: {"description": "no such run (or not yours)"},
           409: {"description": "the run cannot be exported: not finished, a method that does not merge, "
-                               "not a Llama-architecture causal LM, or a tokenizer GGUF cannot express"},
+                               "not a causal LM of a family llama.cpp runs, or a tokenizer GGUF cannot express"},
           422: {"description": "quant is not one of f16, q8_0"}}
 
 
