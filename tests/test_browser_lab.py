@@ -47,7 +47,7 @@ def llama_config(name: str) -> dict:
 
 
 def bert_lm_config(name: str) -> dict:
-    """A causal-LM run on the tiny BERT: GGUF export is for the Llama architecture only."""
+    """A causal-LM run on the tiny BERT: GGUF export writes decoder families only, so it refuses this."""
     return {"name": name, "model": "tiny-bert", "task": "causal_lm",
             "dataset": {"name": "demo-instruct", "max_rows": 32},
             "method": {"name": "lora", "r": 2, "alpha": 4, "target_modules": ["query", "value"]},
