@@ -3,9 +3,10 @@
 family battery's one point (batch 4, seq 32, hidden 32): a longer sequence than the
 relative-position span and the local-attention window, a wider model, DeBERTa-v3's
 shared position projections and normed relative embeddings, ModernBERT's eager path
-with its dropouts on. The walk models every saved tensor of these blocks, so it is held
-to 3% (the battery's bound is 10%); what it leaves out is a few int64 id / position
-buffers."""
+with its dropouts on. The walk models every saved tensor of these blocks and the
+measure is exact and deterministic on CPU, so it is held to 1% (the battery's bound is
+10%): what it leaves out is a few int64 id / position buffers (under 0.1% here), and
+1% catches a term as small as the first block's missing attention norm."""
 
 from __future__ import annotations
 
@@ -59,5 +60,5 @@ def test_hidden_states_match_the_measure_at_a_second_shape(cell, method):
                    device="cpu", dtype="fp32", attention=attention)
     measured = measure_prepared(prep, batch_size=batch, seq_len=seq, backward=False).rows["hidden_states"]
     ratio = est.rows["hidden_states"] / measured
-    assert abs(ratio - 1) <= 0.03, (cell, method["name"], est.rows["hidden_states"], measured, est.breakdown)
+    assert abs(ratio - 1) <= 0.01, (cell, method["name"], est.rows["hidden_states"], measured, est.breakdown)
     assert not any("not checked by measurement" in n for n in est.notes), est.notes
