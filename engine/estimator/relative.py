@@ -25,10 +25,12 @@ from .saved import Saved, Shape, dropout_mask_bytes, linear_site
 
 
 def relative_projections(dims: ModelDims) -> list[tuple[str, str]]:
-    """(term, block-relative linear) the relative embeddings go through."""
+    """(term, block-relative linear) the relative embeddings go through. With shared
+    keys transformers projects them through key_proj and query_proj whichever terms
+    are on (a LoRA on query_proj keeps its input even for a c2p-only model)."""
     arch = dims.arch
     if dims.relative_shared:
-        return [(kind, arch.k if kind == "c2p" else arch.q) for kind in dims.relative_kinds]
+        return [("c2p", arch.k), ("p2c", arch.q)]
     return list(zip(dims.relative_kinds, dims.relative_linears))
 
 
@@ -45,13 +47,16 @@ def disentangled_attention_site(lp: LayerPlan, s: Saved, dims: ModelDims, shape:
     if P2:
         # the positions: dropout(relative embeddings) -> projection; without dropout or norm the
         # projection reads the embedding parameter itself (a weight, not an activation)
+        # trained relative embeddings are fp32 master weights: under autocast their dropout runs in
+        # fp32 and each projection keeps its own 16-bit copy of the result
+        rel_bytes = 4 if rel_trains and shape.amp else a
         if rel_trains and pos_dropout_p > 0:
-            s.add("rel.dropout_mask", P2 * h * dropout_mask_bytes(shape))
+            s.add("rel.dropout_mask", P2 * h * (1 if shape.device == "cuda" else rel_bytes))
         rel_is_param = pos_dropout_p == 0 and not dims.relative_norm
         rel_shape = replace(shape, batch=1, seq=P2, prompt=0)
         for kind, path in relative_projections(dims):
             r = Saved()
-            rg_pos[kind] = linear_site(lp, path, r, "in", P2 * h, h, rel_shape, rel_trains)
+            rg_pos[kind] = linear_site(lp, path, r, "in", P2 * h, h, rel_shape, rel_trains, rel_bytes)
             for key, n in r.parts.items():
                 if not (key == "in" and rel_is_param):
                     s.add(f"rel.{key}", n)

@@ -25,9 +25,11 @@ def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict
     arch = dims.arch
     q_p, k_p, v_p, o_p, in_p, out_p = arch.q, arch.k, arch.v, arch.o, arch.ffn_in[0], arch.ffn_out
     rg_x = rg or lp.bias
-    rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x)
-    rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x)
-    rg_v = linear_site(lp, v_p, s, "x", T * h, h, shape, rg_x)
+    # the block input is the residual stream (fp32 when trained embeddings feed it: under autocast
+    # each projection then keeps its own 16-bit copy)
+    rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x, shape.r)
+    rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x, shape.r)
+    rg_v = linear_site(lp, v_p, s, "x", T * h, h, shape, rg_x, shape.r)
     if "k" in lp.ia3:
         s.add("ia3.k", T * h * a)
         rg_k = True
