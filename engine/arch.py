@@ -116,6 +116,8 @@ class Arch:
     # ---- config keys the activation walk reads (what autograd saves depends on them)
     embed_dropout_key: str = "hidden_dropout_prob"   # the embeddings' dropout (ModernBERT: embedding_dropout)
     classifier_dropout_keys: tuple[str, ...] = ("classifier_dropout", "hidden_dropout_prob")  # first set one
+    pooling_key: Optional[str] = None   # config key choosing the head's pooling: "cls" (token 0) or "mean"
+    #                                     (ModernBERT's classifier_pooling); None: token 0
     out_dropout_keys: tuple[str, str] = ("", "")   # pre-norm walk: dropout on the attention output and on the
     #                                                FFN activation (ModernBERT: attention_dropout, mlp_dropout)
     local_attention_key: Optional[str] = None   # the full width of a local-attention window (ModernBERT:
@@ -307,6 +309,7 @@ MODERNBERT = replace(
     kv_prefix=False, prefix_attn_path=None, parallel_sites=None, parallel_into_residual=False,
     softmax_fp32=True, saved_walk="decoder", embed_dropout_key="embedding_dropout",
     classifier_dropout_keys=("classifier_dropout",), out_dropout_keys=("attention_dropout", "mlp_dropout"),
+    pooling_key="classifier_pooling",
     local_attention_key="local_attention", rope_tables_saved=True,
     global_every=("global_attn_every_n_layers", 3), config_class="ModernBertConfig",
     tiny=(("max_position_embeddings", 512), ("pad_token_id", 0), ("bos_token_id", 101), ("eos_token_id", 102),

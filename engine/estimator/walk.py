@@ -67,13 +67,18 @@ def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict
 
 
 def pooled_head(tail: Saved, cfg: dict, dims: ModelDims, shape: Shape, plan: Plan) -> None:
-    """A classification head on the first token: the pooler (BERT, DeBERTa; ModernBERT's
-    dense + activation + norm) and the classifier. Token 0 is a view, so a training
-    pooler keeps the whole last hidden state; the rest is one vector per sequence."""
+    """A classification head on the first token (or the mean over tokens where the
+    family's pooling key says "mean"): the pooler (BERT, DeBERTa; ModernBERT's dense +
+    activation + norm) and the classifier. Token 0 is a view, so a training pooler keeps
+    the whole last hidden state (a mean is its own vector; its product with the mask
+    keeps the int64 mask); the rest is one vector per sequence."""
     B, h, a, arch = shape.batch, dims.hidden_size, shape.a, dims.arch
+    mean = bool(arch.pooling_key) and cfg.get(arch.pooling_key) == "mean"
+    if mean:
+        tail.add("pooling.mask", shape.tokens * 8)
     if arch.pooler:
         if plan.pooler:
-            tail.add("pooler.in", shape.tokens * h * a)
+            tail.add("pooler.in", (B if mean else shape.tokens) * h * a)
         tail.add("pooler.act", B * h * a)
         if arch.pooler_norm:
             tail.add("pooler.norm", B * h * a + B * 8)
