@@ -116,6 +116,19 @@ class Arch:
     parallel_into_residual: bool = False   # BERT-style output modules taking (hidden, input_tensor)
     hidden_states_checked: bool = True     # the estimator's activation walk is checked by measurement
     saved_walk: str = "decoder"    # the estimator's block walk: "decoder" (pre-norm) | "encoder" (post-norm)
+    # ---- config keys the activation walk reads (what autograd saves depends on them)
+    embed_dropout_key: str = "hidden_dropout_prob"   # the embeddings' dropout (ModernBERT: embedding_dropout)
+    classifier_dropout_keys: tuple[str, ...] = ("classifier_dropout", "hidden_dropout_prob")  # first set one
+    pooling_key: Optional[str] = None   # config key choosing the head's pooling: "cls" (token 0) or "mean"
+    #                                     (ModernBERT's classifier_pooling); None: token 0
+    out_dropout_keys: tuple[str, str] = ("", "")   # pre-norm walk: dropout on the attention output and on the
+    #                                                FFN activation (ModernBERT: attention_dropout, mlp_dropout)
+    local_attention_key: Optional[str] = None   # the full width of a local-attention window (ModernBERT:
+    #                                             local_attention; a sliding layer sees half of it either side)
+    rope_tables_saved: bool = False   # the unfused rotary embedding keeps its cos and sin tables for backward,
+    #                                   one pair per layer type (ModernBERT: local and global layers differ)
+    global_every: Optional[tuple[str, int]] = None   # (config key, its default): every n-th layer attends
+    #                                                  globally, the others locally (when the config has no layer_types)
     gguf_arch: Optional[str] = None   # llama.cpp architecture engine.gguf_export writes it as (None: refused)
     gguf_rope: str = "neox"        # llama.cpp's RoPE for it: "neox" (rotate halves, as HF) | "normal" (adjacent pairs)
     gguf_rules: tuple[str, ...] = ()   # engine.gguf_archs.RULES: the further keys / checks its llama.cpp arch needs
@@ -274,7 +287,8 @@ ROBERTA = replace(
     config_class="RobertaConfig",
     tiny=(("max_position_embeddings", 514), ("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2),
           ("type_vocab_size", 1)))
-# DeBERTa-v2/v3: disentangled relative attention (no key/value cache), query_proj / key_proj / value_proj
+# DeBERTa-v2/v3: disentangled relative attention (no key/value cache, eager only), query_proj / key_proj /
+# value_proj
 DEBERTA_V2 = replace(
     BERT, family="deberta_v2", backbone="deberta", blocks_path="deberta.encoder.layer",
     embed_path="deberta.embeddings.word_embeddings", embed_norm="deberta.embeddings.LayerNorm",
@@ -286,11 +300,12 @@ DEBERTA_V2 = replace(
     pooler="pooler.dense", mlm_head=False,
     default_lora_targets=("query_proj", "value_proj"),
     ia3_targets=("key_proj", "value_proj", "output.dense"),
-    kv_prefix=False, prefix_attn_path=None, hidden_states_checked=False,
+    kv_prefix=False, prefix_attn_path=None, sdpa=False, classifier_dropout_keys=("cls_dropout", "hidden_dropout_prob"),
     config_class="DebertaV2Config",
     tiny=(("max_position_embeddings", 512), ("pad_token_id", 0), ("relative_attention", True),
           ("position_buckets", 16), ("pos_att_type", ["p2c", "c2p"]), ("type_vocab_size", 0)))
-# ModernBERT: pre-norm encoder, fused Wqkv and gated Wi (GELU), RoPE, bias-free LayerNorms
+# ModernBERT: pre-norm encoder (the decoder walk), fused Wqkv and gated Wi (GELU), RoPE, bias-free LayerNorms,
+# local (sliding-window) attention in all but every n-th layer
 MODERNBERT = replace(
     BERT, family="modernbert", backbone="model", blocks_path="model.layers",
     embed_path="model.embeddings.tok_embeddings", embed_norm="model.embeddings.norm",
@@ -306,7 +321,11 @@ MODERNBERT = replace(
     pooler="head.dense", pooler_bias=False, pooler_norm=True, mlm_head=False,
     default_lora_targets=("Wqkv",), ia3_targets=("Wqkv", "mlp.Wo"), ia3_feedforward=("mlp.Wo",),
     kv_prefix=False, prefix_attn_path=None, parallel_sites=None, parallel_into_residual=False,
-    hidden_states_checked=False, config_class="ModernBertConfig",
+    softmax_fp32=True, saved_walk="decoder", embed_dropout_key="embedding_dropout",
+    classifier_dropout_keys=("classifier_dropout",), out_dropout_keys=("attention_dropout", "mlp_dropout"),
+    pooling_key="classifier_pooling",
+    local_attention_key="local_attention", rope_tables_saved=True,
+    global_every=("global_attn_every_n_layers", 3), config_class="ModernBertConfig",
     tiny=(("max_position_embeddings", 512), ("pad_token_id", 0), ("bos_token_id", 101), ("eos_token_id", 102),
           ("cls_token_id", 101), ("sep_token_id", 102), ("global_attn_every_n_layers", 2),
           ("local_attention", 16)))

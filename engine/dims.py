@@ -54,6 +54,12 @@ class ModelDims:
     relative_linears: tuple = ()   # DeBERTa: per-block position projections (unshared keys), after value_proj
     relative_norm: bool = False    # DeBERTa: a LayerNorm on the relative position embeddings
     logit_transform: bool = False  # the causal-LM logits are soft-capped or scaled (Gemma 2, Granite)
+    relative_span: int = 0         # DeBERTa: relative attention's span (position buckets or max relative
+    #                                positions); each block reads 2·span relative embeddings (0: no relative attention)
+    relative_kinds: tuple = ()     # DeBERTa: the disentangled terms, "c2p" and/or "p2c"
+    relative_shared: bool = False  # DeBERTa: the positions go through query_proj / key_proj (share_att_key)
+    sliding_layers: tuple = ()     # indices of the blocks with local (sliding-window) attention (ModernBERT)
+    sliding_window: int = 0        # half a local window: SDPA gets a mask once the sequence reaches it
 
     @property
     def key(self) -> tuple:
@@ -172,7 +178,44 @@ def dims_from_config(cfg: dict) -> ModelDims:
         logit_transform=bool(arch.logit_softcap_key and cfg.get(arch.logit_softcap_key))
         or (arch.logits_divisor_key is not None and cfg.get(arch.logits_divisor_key, 1.0) not in (None, 1, 1.0)),
         relative_norm=arch.positions == "relative" and bool(cfg.get("relative_attention", False))
-        and "layer_norm" in str(cfg.get("norm_rel_ebd", "none")))
+        and "layer_norm" in str(cfg.get("norm_rel_ebd", "none")),
+        relative_span=_relative_span(cfg, arch), relative_kinds=_relative_kinds(cfg, arch),
+        relative_shared=bool(cfg.get("share_att_key", False)) if arch.positions == "relative" else False,
+        sliding_layers=_sliding_layers(cfg, arch, layers),
+        sliding_window=int(cfg.get(arch.local_attention_key) or 0) // 2 if arch.local_attention_key else 0)
+
+
+def _relative_span(cfg: dict, arch: Arch) -> int:
+    """DeBERTa's attention span: position_buckets when set, else max_relative_positions
+    (max_position_embeddings when unset); 0 without relative attention."""
+    if arch.positions != "relative" or not cfg.get("relative_attention", False):
+        return 0
+    buckets = cfg.get("position_buckets", -1)
+    max_rel = cfg.get("max_relative_positions", -1)
+    if max_rel < 1:
+        max_rel = cfg.get("max_position_embeddings", 512)
+    return buckets if buckets > 0 else max_rel
+
+
+def _relative_kinds(cfg: dict, arch: Arch) -> tuple:
+    if not _relative_span(cfg, arch):
+        return ()
+    kinds = cfg.get("pos_att_type") or []
+    kinds = kinds.split("|") if isinstance(kinds, str) else list(kinds)
+    return tuple(k for k in ("c2p", "p2c") if k in [x.strip().lower() for x in kinds])
+
+
+def _sliding_layers(cfg: dict, arch: Arch, layers: int) -> tuple:
+    """The blocks that attend locally: the config's layer_types, or (a config without
+    them) all but every n-th from block 0 on (the family's Arch.global_every)."""
+    if not arch.local_attention_key:
+        return ()
+    types = cfg.get("layer_types")
+    if types:
+        return tuple(i for i, t in enumerate(types[:layers]) if t == "sliding_attention")
+    key, default = arch.global_every or ("", 1)
+    every = int(cfg.get(key) or default)
+    return tuple(i for i in range(layers) if i % every)
 
 
 def _relative_linears(cfg: dict, arch: Arch) -> tuple:
@@ -191,12 +234,7 @@ def _relative_params(cfg: dict, arch: Arch, h: int, layers: int, learned: bool) 
     """DeBERTa's relative position embeddings, their LayerNorm and unshared projections."""
     if arch.positions != "relative" or not cfg.get("relative_attention", False):
         return 0
-    buckets = cfg.get("position_buckets", -1)
-    max_rel = cfg.get("max_relative_positions", -1)
-    if max_rel < 1:
-        max_rel = cfg.get("max_position_embeddings", 512)
-    span = buckets if buckets > 0 else max_rel
-    n = 2 * span * h
+    n = 2 * _relative_span(cfg, arch) * h
     if "layer_norm" in str(cfg.get("norm_rel_ebd", "none")):
         n += 2 * h
     return n

@@ -34,7 +34,7 @@ from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FOR
                        quant_of)
 from .plans import activation_plan
 from .runs import device_kind, estimate_run, run_estimate_json
-from .saved import model_hidden_states
+from .walk import model_hidden_states
 
 __all__ = [
     "ATTENTIONS", "CACHE_SIZE", "CATALOG_DIR", "CUDA_CONTEXT_BYTES", "DEVICES", "DTYPE_BYTES", "FORMULAS",

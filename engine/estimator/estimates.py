@@ -20,7 +20,7 @@ from .formulas import (ATTENTIONS, CUDA_CONTEXT_BYTES, DEVICES, DTYPE_BYTES, FOR
                        model_weight_bytes, optimizer_bytes, optimizer_step_temporary, quant_of, simple_rows,
                        slide_hidden_states)
 from .plans import activation_plan
-from .saved import model_hidden_states
+from .walk import model_hidden_states
 
 CACHE_SIZE = 1024     # answers kept by estimate(); the UI and the batch searches repeat the same questions
 

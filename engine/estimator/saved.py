@@ -1,5 +1,6 @@
-"""The `model` formula's hidden states: the bytes autograd saves for backward in one
-forward of our training loop, walked block by block from a method's Plan (which
+"""The `model` formula's hidden states, site by site: the bytes autograd saves for
+backward in one forward of our training loop (engine.estimator.walk walks a whole
+model with these), block by block from a method's Plan (which
 tensors require grad, grouped-query attention, gated FFN width, SDPA vs eager
 attention, dropout masks, RMSNorm's fp32 upcast, the chunked cross-entropy, and
 each method's own tensors)."""
@@ -9,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dims import ModelDims
-from ..loss import LOSS_CHUNK
-from ..methods.plan import LayerPlan, Plan
+from ..methods.plan import LayerPlan
 
 
 @dataclass
@@ -170,8 +170,10 @@ def attention_output_key(shape: Shape, dropout_p: float) -> str:
 
 
 def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, rg_q: bool, rg_k: bool,
-                   rg_v: bool, dropout_p: float, causal_rope: bool) -> None:
-    """What attention saves, given which of q, k, v require grad."""
+                   rg_v: bool, dropout_p: float, causal_rope: bool, v_storage: int = 0) -> None:
+    """What attention saves, given which of q, k, v require grad. `v_storage`: elements
+    per token of the tensor v is a view of (a fused q/k/v projection's output, which
+    SDPA keeps whole: it takes the strided view as it is); 0: v is its own tensor."""
     if not (rg_q or rg_k or rg_v):
         return
     a, B = shape.a, shape.batch
@@ -191,7 +193,7 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
         saved.add("attn.q", T * hq * a)
         # eager attention repeats grouped k/v to every head (a copy when n_rep > 1)
         saved.add("attn.k", B * Skv * (hq if n_rep > 1 else kv) * a)
-        saved.add("attn.v", B * Skv * (hq if n_rep > 1 else kv) * a)
+        saved.add("attn.v", B * Skv * (hq if n_rep > 1 else kv) * a)     # matmul copies a strided v
         probs = B * heads * S * Skv
         if dims.arch.softmax_fp32 and eager:
             saved.add("attn.probs_fp32", probs * 4)           # softmax in fp32, cast back for p @ v
@@ -210,7 +212,7 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
     kv_w = hq if masked else kv
     saved.add("attn.q", T * hq * a)
     saved.add("attn.k", B * Skv * kv_w * a)
-    saved.add("attn.v", B * Skv * kv_w * a)
+    saved.add("attn.v", B * Skv * (kv_w if masked else (v_storage or kv)) * a)
     if masked:
         saved.add("attn.mask", B * S * Skv * a)
     saved.add("attn.out", T * hq * a)
@@ -235,16 +237,22 @@ def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: Mod
     return any_
 
 
-def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float) -> tuple[int, bool, dict]:
-    """Saved bytes of one pre-norm decoder block (Llama and the families shaped like it:
-    fused q/k/v, q/k norms, extra sublayer norms, gated MLPs, experts) given whether its
-    input requires grad."""
+def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float,
+                no_attn_norm: bool = False, out_p: float = 0.0, ffn_p: float = 0.0) -> tuple[int, bool, dict]:
+    """Saved bytes of one pre-norm block (Llama and the families shaped like it: fused
+    q/k/v, q/k norms, extra sublayer norms, gated MLPs, experts; ModernBERT's encoder)
+    given whether its input requires grad. `no_attn_norm`: the attention reads the block
+    input itself (ModernBERT's first block); `out_p`, `ffn_p`: dropout on the attention
+    output and on the FFN's activation (ModernBERT's out_drop and mlp drop)."""
     s = Saved()
     T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
     hq, kv = dims.num_heads * dims.head_dim, dims.kv_dim
     arch = dims.arch
-    rg_n1 = norm_site(s, "ln1", shape, dims, rg, lp.norms, T) or lp.bias
-    nb = norm_out_bytes(shape, lp.norms)
+    if no_attn_norm:
+        rg_n1, nb = rg or lp.bias, shape.r
+    else:
+        rg_n1 = norm_site(s, "ln1", shape, dims, rg, lp.norms, T) or lp.bias
+        nb = norm_out_bytes(shape, lp.norms)
     if arch.fused_qkv:
         rg_q = rg_k = rg_v = linear_site(lp, arch.q, s, "n1", T * h, hq + 2 * kv, shape, rg_n1, nb)
     else:
@@ -267,7 +275,9 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
         rg_v = True
     if lp.prefix:
         rg_k = rg_v = True
-    attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, dropout_p, True)
+    # a fused projection's value is a view of its output (q and k are copied by RoPE / their norms)
+    attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, dropout_p, True,
+                   v_storage=hq + 2 * kv if arch.fused_qkv and "v" not in lp.ia3 else 0)
     rg_attn = rg_q or rg_k or rg_v
     if lp.adaption_prompt:       # LLaMA-Adapter's gated prompt attention: its own q, fp32 softmax, gated probs
         probs = shape.batch * dims.num_heads * shape.q_len * lp.adaption_prompt
@@ -277,6 +287,8 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
         s.add("adaption.out", T * hq * a)
         rg_attn = True
     rg_o = linear_site(lp, arch.o, s, attention_output_key(shape, dropout_p), T * hq, h, shape, rg_attn)
+    if rg_o and out_p > 0:
+        s.add("attn.out_dropout_mask", T * h * dropout_mask_bytes(shape))
     rg_o = adapter_site(lp, "attn", s, shape, dims, "attn_o") or rg_o
     for extra in arch.extra_norms[:1]:      # Gemma: a norm on the attention output
         rg_o = norm_site(s, "post_attn_norm", shape, dims, rg_o, lp.norms, T) or rg_o
@@ -306,6 +318,8 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
     if "ff" in lp.ia3:
         s.add("ia3.ff", T * i * a)
         rg_prod = True
+    if rg_prod and ffn_p > 0:
+        s.add("mlp.dropout_mask", T * i * dropout_mask_bytes(shape))
     rg_d = linear_site(lp, arch.ffn_out, s, "mlp.prod", T * i, h, shape, rg_prod)
     for extra in arch.extra_norms[1:]:      # Gemma: a norm on the FFN output
         rg_d = norm_site(s, "post_ffn_norm", shape, dims, rg_d, lp.norms, T) or rg_d
@@ -348,134 +362,3 @@ def _moe_ffn(lp: LayerPlan, dims: ModelDims, shape: Shape, s: Saved, rg_in: bool
     s.add("moe.down", routed * h * 4)           # times the fp32 routing weight
     s.add("moe.index", routed * (8 + 8 + 4))
     return s.total, True, s.parts
-
-
-def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict) -> tuple[int, bool, dict]:
-    """Saved bytes of one post-LayerNorm BERT block (dropout on in training)."""
-    s = Saved()
-    T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
-    pd = float(cfg.get("hidden_dropout_prob", cfg.get("resid_pdrop", 0.1)) or 0.0)
-    ad = float(cfg.get("attention_probs_dropout_prob", cfg.get("attn_pdrop", 0.1)) or 0.0)
-    arch = dims.arch
-    q_p, k_p, v_p, o_p, in_p, out_p = arch.q, arch.k, arch.v, arch.o, arch.ffn_in[0], arch.ffn_out
-    rg_x = rg or lp.bias
-    rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x)
-    rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x)
-    rg_v = linear_site(lp, v_p, s, "x", T * h, h, shape, rg_x)
-    if "k" in lp.ia3:
-        s.add("ia3.k", T * h * a)
-        rg_k = True
-    if "v" in lp.ia3:
-        s.add("ia3.v", T * h * a)
-        rg_v = True
-    if lp.prefix:
-        rg_k = rg_v = True
-    attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, ad, False)
-    rg_att = rg_q or rg_k or rg_v
-    rg_o = linear_site(lp, o_p, s, attention_output_key(shape, ad), T * h, h, shape, rg_att)
-    if rg_o and pd > 0:
-        s.add("attn.out_dropout_mask", T * h * dropout_mask_bytes(shape))
-    rg_o = adapter_site(lp, "attn", s, shape, dims, "attn_o") or rg_o
-    rg1 = norm_site(s, "ln1", shape, dims, rg or rg_o or lp.bias, lp.norms, T)
-    par = adapter_site(lp, "ffn", s, shape, dims, "ln1_out") if any(k == "parallel" for k, *_ in lp.adapters) \
-        else False
-    rg_in = linear_site(lp, in_p, s, "ln1_out", T * h, i, shape, rg1)
-    if rg_in:
-        s.add("ffn.gelu_in", T * i * a)
-    rg_ff = rg_in
-    if "ff" in lp.ia3:
-        s.add("ia3.ff", T * i * a)
-        rg_ff = True
-    rg_out = linear_site(lp, out_p, s, "ffn.act", T * i, h, shape, rg_ff)
-    if rg_out and pd > 0:
-        s.add("ffn.out_dropout_mask", T * h * dropout_mask_bytes(shape))
-    if any(k == "serial" for k, *_ in lp.adapters):
-        rg_out = adapter_site(lp, "ffn", s, shape, dims, "ffn_out") or rg_out
-    rg2 = norm_site(s, "ln2", shape, dims, rg1 or rg_out or par, lp.norms, T)
-    return s.total, rg2, s.parts
-
-
-def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, seq: int, size: int, task: str,
-                        attention: str, device: str, grad_checkpointing: bool,
-                        weight_casts: bool = True) -> tuple[int, dict]:
-    """Bytes autograd saves during one forward of our training loop; with a
-    breakdown {part: bytes}."""
-    shape = Shape(batch=batch, seq=seq, prompt=plan.prompt_tokens, prefix=0, a=size, device=device,
-                  attention="eager" if attention == "eager" or not dims.arch.sdpa else "sdpa",
-                  resid=4 if plan.embeddings else 0,      # fp32 trained embeddings make the residual fp32
-                  weight_casts=weight_casts)
-    T, h, a = shape.tokens, dims.hidden_size, size
-    parts: dict[str, int] = {}
-    # embeddings
-    rg = plan.input_grad or plan.prompt_tokens > 0
-    emb = Saved()
-    if plan.embeddings:
-        emb.add("embed.ids", batch * seq * 8)
-        rg = True
-    if dims.arch.embed_norm:
-        rg = norm_site(emb, "embed.ln", shape, dims, rg, plan.embeddings or plan.input_grad, T) or rg
-        pd = float(cfg.get("hidden_dropout_prob", 0.1) or 0.0)
-        if rg and pd > 0:
-            emb.add("embed.dropout_mask", T * h * dropout_mask_bytes(shape))
-    parts["embeddings"] = emb.total
-    # blocks
-    dropout_p = float(cfg.get("attention_dropout", 0.0) or 0.0)
-    per_layer = []
-    # most blocks share one plan: work each distinct (plan, grad-in) out once. LayerPlans hold
-    # sets and dicts (no hash; repr was a fifth of an estimate's time): compare with == against
-    # the distinct ones met so far, the latest first, and remember at most 16
-    seen: list = []      # (layer plan, grad-in, (bytes, grad-out)), latest last
-    for lp in plan.layers:
-        for s_lp, s_rg, out in reversed(seen):
-            if s_rg == rg and s_lp == lp:
-                break
-        else:
-            if dims.arch.saved_walk == "decoder":
-                out = llama_block(lp, dims, shape, rg, dropout_p)[:2]
-            else:
-                out = bert_block(lp, dims, shape, rg, cfg)[:2]
-            if len(seen) < 16:
-                seen.append((lp, rg, out))
-        nbytes, rg = out
-        per_layer.append(nbytes)
-    if grad_checkpointing:
-        # each block keeps only its input; one block is recomputed at a time in backward
-        parts["layer_inputs"] = sum(T * h * a for n in per_layer if n)
-        parts["recomputed_block"] = max(per_layer) if per_layer else 0
-    else:
-        parts["blocks"] = sum(per_layer)
-    # tail: final norm, heads, loss
-    tail = Saved()
-    if dims.arch.saved_walk == "decoder":
-        rg_f = norm_site(tail, "final_norm", shape, dims, rg, plan.final_norm, T)
-        if task == "causal_lm":
-            n = batch * (seq - 1)
-            fb = norm_out_bytes(shape, plan.final_norm)
-            tail.add("loss.hidden", T * h * fb)                # final hidden and its shifted copy
-            if batch > 1 or plan.prompt_tokens:
-                tail.add("loss.shifted", n * h * fb)
-            tail.add("loss.index", n * 9)                      # kept-token mask and indices
-            chunk = min(n, LOSS_CHUNK)
-            tail.add("loss.logits_chunk_fp32", chunk * dims.vocab_size * 4)
-            if plan.lm_head and not dims.logit_transform:
-                # a training LM head: the single-pass loss accumulates its fp32 weight
-                # gradient during forward and keeps it for backward
-                tail.add("loss.head_grad_fp32", dims.vocab_size * h * 4)
-            if a != 4:
-                tail.add("loss.logits_chunk", chunk * dims.vocab_size * a)
-            if dims.logit_transform:
-                # a soft-capped / scaled head runs through the recomputing loss: one more fp32 chunk of logits
-                tail.add("loss.transformed_chunk_fp32", chunk * dims.vocab_size * 4)
-        else:
-            if plan.head or rg_f:
-                tail.add("score.in", T * h * a)
-    else:
-        if task == "classification":
-            tail.add("pooler", batch * h * a * 2 + batch * h * dropout_mask_bytes(shape))
-        else:
-            n = batch * seq
-            tail.add("mlm.transform", T * h * a * 3)
-            tail.add("loss.logits_fp32", n * dims.vocab_size * 4)
-    parts["head_and_loss"] = tail.total
-    return sum(parts.values()), parts
-
