@@ -90,6 +90,8 @@ class Arch:
     fused_gate_up: bool = False
     activation: str = "silu"
     softmax_fp32: bool = True      # eager attention's softmax in fp32 (Llama-style)
+    softmax_mask_dtype: bool = False   # eager attention's softmax runs in the dtype of the float mask it adds,
+    #                                    the embeddings' (GPT-2: fp32 under autocast when they train)
     sdpa: bool = True              # transformers runs its attention through SDPA (Gemma 2's soft-capping: eager only)
     embedding_scale: bool = False  # Gemma: embeddings times sqrt(hidden)
     logit_softcap_key: Optional[str] = None   # config key of the final-logit soft-capping (tanh(x/c)·c)
@@ -114,7 +116,6 @@ class Arch:
     bottleneck_adapters: bool = True   # serial bottleneck adapters (Houlsby, Compacter, ...) are verified on it
     parallel_sites: Optional[tuple[str, str]] = None   # (attention, FFN) modules a parallel adapter wraps
     parallel_into_residual: bool = False   # BERT-style output modules taking (hidden, input_tensor)
-    hidden_states_checked: bool = True     # the estimator's activation walk is checked by measurement
     saved_walk: str = "decoder"    # the estimator's block walk: "decoder" (pre-norm) | "encoder" (post-norm)
     # ---- config keys the activation walk reads (what autograd saves depends on them)
     embed_dropout_key: str = "hidden_dropout_prob"   # the embeddings' dropout (ModernBERT: embedding_dropout)
@@ -123,6 +124,9 @@ class Arch:
     #                                     (ModernBERT's classifier_pooling); None: token 0
     out_dropout_keys: tuple[str, str] = ("", "")   # pre-norm walk: dropout on the attention output and on the
     #                                                FFN activation (ModernBERT: attention_dropout, mlp_dropout)
+    attn_dropout_key: str = "attention_dropout"   # pre-norm walk: dropout on the attention probabilities (GPT-2: attn_pdrop)
+    ffn_out_dropout_key: str = ""   # pre-norm walk: dropout on the FFN's output, after its down projection
+    #                                 (GPT-2: resid_pdrop)
     local_attention_key: Optional[str] = None   # the full width of a local-attention window (ModernBERT:
     #                                             local_attention; a sliding layer sees half of it either side)
     rope_tables_saved: bool = False   # the unfused rotary embedding keeps its cos and sin tables for backward,
@@ -343,11 +347,19 @@ GPT2 = Arch(
              BlockLinear("mlp.c_fc", "hidden", "ffn", "always"),
              BlockLinear("mlp.c_proj", "ffn", "hidden", "always")),
     norm="layernorm", norm_bias=True, attn_norm="ln_1", ffn_norm="ln_2", final_norm="transformer.ln_f",
-    fused_qkv=True, positions="learned", gated_ffn=False, activation="gelu_new", softmax_fp32=False, conv1d=True,
+    fused_qkv=True, positions="learned", gated_ffn=False, activation="gelu_new", softmax_fp32=False,
+    softmax_mask_dtype=True, conv1d=True,
     default_lora_targets=("c_attn",),
     ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
-    bottleneck_adapters=False,   # GPT-2 has no tiny model in the family battery: adapters there are unproven
-    saved_walk="encoder", hidden_states_checked=False, gguf_arch="gpt2", config_class="GPT2Config",
+    bottleneck_adapters=False,   # serial adapters on GPT-2 are not verified against peft / the battery
+    # pre-norm blocks (the decoder walk) with dropout on the embeddings, the attention probabilities, the
+    # attention output and the FFN output
+    embed_dropout_key="embd_pdrop", attn_dropout_key="attn_pdrop", out_dropout_keys=("resid_pdrop", ""),
+    ffn_out_dropout_key="resid_pdrop",
+    gguf_arch="gpt2", config_class="GPT2Config",
+    # GPT2Config keeps the FFN width as n_inner (None: 4·hidden): set it to the battery's 64
+    tiny=(("n_inner", 64), ("n_positions", 512), ("tie_word_embeddings", True), ("pad_token_id", 0),
+          ("bos_token_id", 101), ("eos_token_id", 102)),
 )
 
 ARCHS: tuple[Arch, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, OLMO2, GEMMA2, GEMMA3, PHI3,

@@ -255,9 +255,6 @@ def _estimate(q: _Query) -> Estimate:
         head = head_params(cfg, dims, task, q.num_labels) if spec.trains_head else 0
         added = added_params(spec, n_tr, head)
         notes.extend(plan.notes)
-        if not dims.arch.hidden_states_checked:
-            notes.append(f"hidden states for {dims.family} use the {dims.arch.saved_walk} block walk "
-                         f"(not checked by measurement)")
         hidden, breakdown = model_hidden_states(cfg, dims, plan, batch=q.batch_size, seq=q.seq_len, size=size,
                                                 task=task, attention=q.attention, device=q.device,
                                                 grad_checkpointing=q.grad_checkpointing,

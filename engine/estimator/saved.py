@@ -170,10 +170,13 @@ def attention_output_key(shape: Shape, dropout_p: float) -> str:
 
 
 def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, rg_q: bool, rg_k: bool,
-                   rg_v: bool, dropout_p: float, causal_rope: bool, v_storage: int = 0) -> None:
+                   rg_v: bool, dropout_p: float, causal_rope: bool, v_storage: int = 0,
+                   qk_views: bool = False) -> None:
     """What attention saves, given which of q, k, v require grad. `v_storage`: elements
     per token of the tensor v is a view of (a fused q/k/v projection's output, which
-    SDPA keeps whole: it takes the strided view as it is); 0: v is its own tensor."""
+    SDPA keeps whole: it takes the strided view as it is); 0: v is its own tensor.
+    `qk_views`: q and k are views of that same output too (GPT-2: no RoPE or norm copies
+    them), so SDPA's fused kernels keep no storage of their own for them."""
     if not (rg_q or rg_k or rg_v):
         return
     a, B = shape.a, shape.batch
@@ -195,9 +198,10 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
         saved.add("attn.k", B * Skv * (hq if n_rep > 1 else kv) * a)
         saved.add("attn.v", B * Skv * (hq if n_rep > 1 else kv) * a)     # matmul copies a strided v
         probs = B * heads * S * Skv
-        if dims.arch.softmax_fp32 and eager:
+        fp32_softmax = dims.arch.softmax_fp32 or (dims.arch.softmax_mask_dtype and shape.r == 4)
+        if fp32_softmax and eager:
             saved.add("attn.probs_fp32", probs * 4)           # softmax in fp32, cast back for p @ v
-            if a != 4:
+            if a != 4 and dropout_p == 0:                      # (with dropout p @ v keeps the dropped copy)
                 saved.add("attn.probs_cast", probs * a)
         else:
             saved.add("attn.probs", probs * a)
@@ -210,8 +214,10 @@ def attention_site(lp: LayerPlan, saved: Saved, dims: ModelDims, shape: Shape, r
     # the kernel keeps the float mask.
     masked = lp.prefix > 0
     kv_w = hq if masked else kv
-    saved.add("attn.q", T * hq * a)
-    saved.add("attn.k", B * Skv * kv_w * a)
+    shared = qk_views and v_storage and not masked
+    if not shared:
+        saved.add("attn.q", T * hq * a)
+        saved.add("attn.k", B * Skv * kv_w * a)
     saved.add("attn.v", B * Skv * (kv_w if masked else (v_storage or kv)) * a)
     if masked:
         saved.add("attn.mask", B * S * Skv * a)
@@ -237,13 +243,23 @@ def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: Mod
     return any_
 
 
+# tensors of the FFN width an ungated FFN's activation keeps for backward (default 1: its input).
+# gelu_new (transformers' NewGELUActivation) is composed of elementwise ops:
+# 0.5·x·(1 + tanh(c·(x + 0.044715·x³))) keeps x (for pow and the outer products), tanh's output,
+# 0.5·x and 1 + tanh
+ACTIVATION_SAVED = {"gelu_new": 4}
+
+
 def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float,
-                no_attn_norm: bool = False, out_p: float = 0.0, ffn_p: float = 0.0) -> tuple[int, bool, dict]:
+                no_attn_norm: bool = False, out_p: float = 0.0, ffn_p: float = 0.0,
+                ffn_out_p: float = 0.0) -> tuple[int, bool, dict]:
     """Saved bytes of one pre-norm block (Llama and the families shaped like it: fused
     q/k/v, q/k norms, extra sublayer norms, gated MLPs, experts; ModernBERT's encoder)
     given whether its input requires grad. `no_attn_norm`: the attention reads the block
     input itself (ModernBERT's first block); `out_p`, `ffn_p`: dropout on the attention
-    output and on the FFN's activation (ModernBERT's out_drop and mlp drop)."""
+    output and on the FFN's activation (ModernBERT's out_drop and mlp drop); `ffn_out_p`: dropout on
+    the FFN's output (GPT-2's resid_pdrop). A non-gated FFN (GPT-2) keeps what its activation saves
+    (ACTIVATION_SAVED)."""
     s = Saved()
     T, a, h, i = shape.tokens, shape.a, dims.hidden_size, dims.intermediate_size
     hq, kv = dims.num_heads * dims.head_dim, dims.kv_dim
@@ -275,9 +291,11 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
         rg_v = True
     if lp.prefix:
         rg_k = rg_v = True
-    # a fused projection's value is a view of its output (q and k are copied by RoPE / their norms)
+    # a fused projection's value is a view of its output; q and k are copied by RoPE / their norms
+    # (or IA3's scaling of k), else they are views of it too (GPT-2)
     attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, dropout_p, True,
-                   v_storage=hq + 2 * kv if arch.fused_qkv and "v" not in lp.ia3 else 0)
+                   v_storage=hq + 2 * kv if arch.fused_qkv and "v" not in lp.ia3 else 0,
+                   qk_views=arch.positions != "rope" and arch.qk_norm == "none" and "k" not in lp.ia3)
     rg_attn = rg_q or rg_k or rg_v
     if lp.adaption_prompt:       # LLaMA-Adapter's gated prompt attention: its own q, fp32 softmax, gated probs
         probs = shape.batch * dims.num_heads * shape.q_len * lp.adaption_prompt
@@ -302,6 +320,11 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
         if rg_g:                 # chunk views of the gate_up output (the activation's input, up) and act(gate)
             s.add("mlp.gate_up", T * 2 * i * a)
             s.add("mlp.act", T * i * a)
+    elif not arch.gated_ffn:
+        rg_g = rg_u = linear_site(lp, arch.ffn_in[0], s, "n2", T * h, i, shape, rg_n2, nb)
+        if rg_g:
+            for n in range(ACTIVATION_SAVED.get(arch.activation, 1)):
+                s.add(f"mlp.act_saved{n}", T * i * a)
     else:
         rg_g = linear_site(lp, arch.ffn_in[0], s, "n2", T * h, i, shape, rg_n2, nb)
         rg_u = linear_site(lp, arch.ffn_in[1], s, "n2", T * h, i, shape, rg_n2, nb)
@@ -321,6 +344,8 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
     if rg_prod and ffn_p > 0:
         s.add("mlp.dropout_mask", T * i * dropout_mask_bytes(shape))
     rg_d = linear_site(lp, arch.ffn_out, s, "mlp.prod", T * i, h, shape, rg_prod)
+    if rg_d and ffn_out_p > 0:
+        s.add("mlp.out_dropout_mask", T * h * dropout_mask_bytes(shape))
     for extra in arch.extra_norms[1:]:      # Gemma: a norm on the FFN output
         rg_d = norm_site(s, "post_ffn_norm", shape, dims, rg_d, lp.norms, T) or rg_d
     if any(k == "serial" for k, *_ in lp.adapters):

@@ -105,17 +105,21 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
     if plan.embeddings:
         emb.add("embed.ids", batch * seq * 8)
         rg = True
+    if plan.embeddings and dims.arch.positions == "learned" and dims.arch.saved_walk == "decoder":
+        emb.add("embed.position_ids", seq * 8)      # the position embedding's index (GPT-2's wpe)
     if dims.arch.embed_norm:
         rg = norm_site(emb, "embed.ln", shape, dims, rg, plan.embeddings or plan.input_grad, T) or rg
-        pd = float(cfg.get(dims.arch.embed_dropout_key, 0.1) or 0.0)
-        if rg and pd > 0:
-            emb.add("embed.dropout_mask", T * h * dropout_mask_bytes(shape))
+    # the embeddings' dropout (after the norm where there is one; BERT-style configs default to 0.1)
+    pd = float(cfg.get(dims.arch.embed_dropout_key, 0.1 if dims.arch.embed_norm else 0.0) or 0.0)
+    if rg and pd > 0 and (dims.arch.embed_norm or dims.arch.embed_dropout_key in cfg):
+        emb.add("embed.dropout_mask", T * h * dropout_mask_bytes(shape))
     if dims.relative_norm and plan.embeddings:      # DeBERTa's norm of the relative embeddings: its statistics
         emb.add("rel.norm_stats", 2 * dims.relative_span * 8)
     parts["embeddings"] = emb.total
     # blocks
-    dropout_p = float(cfg.get("attention_dropout", 0.0) or 0.0)
-    out_p, ffn_p = (float(cfg.get(k, 0.0) or 0.0) if k else 0.0 for k in dims.arch.out_dropout_keys)
+    dropout_p = float(cfg.get(dims.arch.attn_dropout_key, 0.0) or 0.0)
+    out_p, ffn_p, ffn_out_p = (float(cfg.get(k, 0.0) or 0.0) if k else 0.0
+                               for k in dims.arch.out_dropout_keys + (dims.arch.ffn_out_dropout_key,))
     flash_masks = shape.attention == "sdpa" and not uses_math_kernel(shape, dropout_p)
     per_layer = []
     # most blocks share one plan: work each distinct (plan, grad-in) out once. LayerPlans hold
@@ -129,7 +133,8 @@ def model_hidden_states(cfg: dict, dims: ModelDims, plan: Plan, *, batch: int, s
                 break
         else:
             if dims.arch.saved_walk == "decoder":
-                out = llama_block(lp, dims, shape, rg, dropout_p, no_attn_norm=first, out_p=out_p, ffn_p=ffn_p)[:2]
+                out = llama_block(lp, dims, shape, rg, dropout_p, no_attn_norm=first, out_p=out_p, ffn_p=ffn_p,
+                                  ffn_out_p=ffn_out_p)[:2]
             else:
                 out = bert_block(lp, dims, shape, rg, cfg, rel_trains=plan.embeddings)[:2]
             if len(seen) < 16:

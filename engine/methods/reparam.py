@@ -38,7 +38,8 @@ def target_names(model: nn.Module, target_modules, what: str) -> list[str]:
     bad = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
     if bad:
         raise ValueError(f"method.target_modules: {what} adapts plain torch Linear layers only; "
-                         f"{bad[0]} is a {type(model.get_submodule(bad[0])).__name__}")
+                         f"{bad[0]} of the {arch_of(model).family} model is a "
+                         f"{type(model.get_submodule(bad[0])).__name__}")
     return names
 
 
