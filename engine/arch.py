@@ -351,7 +351,7 @@ GPT2 = Arch(
     softmax_mask_dtype=True, conv1d=True,
     default_lora_targets=("c_attn",),
     ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
-    bottleneck_adapters=False,   # serial adapters on GPT-2 are not verified against peft / the battery
+    bottleneck_adapters=True,
     # pre-norm blocks (the decoder walk) with dropout on the embeddings, the attention probabilities, the
     # attention output and the FFN output
     embed_dropout_key="embd_pdrop", attn_dropout_key="attn_pdrop", out_dropout_keys=("resid_pdrop", ""),
