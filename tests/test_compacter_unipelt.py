@@ -366,9 +366,16 @@ def test_gated_lora_refuses_to_merge():
 
 
 @pytest.mark.parametrize("name", ["compacter", "unipelt"])
-def test_other_architectures_are_refused_clearly(name):
+def test_other_architectures_are_refused_clearly(name, monkeypatch):
+    from dataclasses import replace
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    import engine.arch as arch_module
+
+    # every family engine.arch describes has checked bottleneck adapters now (GPT-2 since it joined the
+    # family battery): refuse a description without them
+    monkeypatch.setitem(arch_module._BY_MODEL_TYPE, "gpt2", replace(arch_module.GPT2, bottleneck_adapters=False))
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100))
     spec = get_method(name)
     with pytest.raises(ValueError, match=rf"^method\.name: {name} does not support gpt2 models"):
