@@ -41,8 +41,8 @@ def tok(tmp_path_factory):
 
 def tiny(family: str, tok, **over):
     """A tiny random model of `family` (engine.models.tiny_config: 2 blocks, hidden 32;
-    GPT-2, which has no tiny config there, built alike) with weights of a trained model's
-    size."""
+    GPT-2 built alike from its own config with n_positions 1024 and the default FFN width,
+    which is what transformers' GGUF loader assumes) with weights of a trained model's size."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from engine.models import tiny_config
