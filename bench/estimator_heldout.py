@@ -104,7 +104,7 @@ def run(names: list[str], methods: list[str], workdir: Path, verbose: bool) -> l
         loaded = loaded_model(hf_config)
         for m in methods:
             method = method_config(m)
-            row = {"model": name, "method": m, "seq": SEQ, "batch": BATCH}
+            row = {"model": name, "method": m, "dtype": "fp32", "seq": SEQ, "batch": BATCH}
             try:
                 t0 = time.perf_counter()
                 est = estimate(str(d), method, batch_size=BATCH, seq_len=SEQ, task="causal_lm", device="cpu").rows
