@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from gguf_helpers import bpe_tokenizer  # noqa: E402  (the tests' tokenizer: one definition)
 from stamp import Stamp  # noqa: E402
 
 VOCAB = 1024
@@ -64,26 +66,6 @@ for fam, job in jobs.items():
         out["results"][fam] = {"error": f"{type(e).__name__}: {e}"[:300]}
 print(json.dumps(out))
 """
-
-
-def bpe_tokenizer(dest: Path):
-    """SmolLM2's byte-level BPE kept to ids < VOCAB (the merges among them)."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from engine.models import smollm2_dir
-
-    full = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
-    spec = json.loads(full.backend_tokenizer.to_str())
-    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < VOCAB}
-    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
-    spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [m for m in pairs if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
-    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < VOCAB]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=full.bos_token,
-                                  eos_token=full.eos_token, unk_token=full.unk_token, pad_token=full.pad_token)
-    tok.save_pretrained(dest)
-    return AutoTokenizer.from_pretrained(dest, local_files_only=True)
 
 
 def write_family(family: str, tok, d: Path, ids: list[int]) -> dict:

@@ -19,7 +19,6 @@ GGUF files load in a second, where the full 49k vocabulary costs ~15-30 s per lo
 from __future__ import annotations
 
 import io
-import json
 import threading
 import zipfile
 from pathlib import Path
@@ -30,34 +29,15 @@ import pytest
 import torch
 
 from conftest import Studio, studio_env, wait_status
+from gguf_helpers import VOCAB, bpe_tokenizer  # noqa: F401  (re-exported to test_gguf_families)
 
 from engine.arch import gguf_families
 
 F16_TOL, Q8_TOL = 1e-2, 5e-2
-VOCAB = 1024
 SAMPLES = ["Hello world, the capital of France is Paris.", "1234 + 5678 = 6912\n\tindented",
            "naïve café — 東京 🙂", "<|im_start|>user\nhi<|im_end|>\n", "  leading spaces and trailing  "]
 
 
-def bpe_tokenizer(dest: Path, n: int = VOCAB):
-    """SmolLM2's byte-level BPE kept to ids < n (the merges among them), saved in `dest`."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from engine.models import smollm2_dir
-
-    full = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
-    spec = json.loads(full.backend_tokenizer.to_str())
-    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < n}
-    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
-    spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [m for m in pairs if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
-    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < n]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=full.bos_token,
-                                  eos_token=full.eos_token, unk_token=full.unk_token, pad_token=full.pad_token)
-    tok.chat_template = full.chat_template
-    tok.save_pretrained(dest)
-    return AutoTokenizer.from_pretrained(dest, local_files_only=True)
 
 
 def tiny_llama(tok, tied: bool = True, seed: int = 0):

@@ -250,6 +250,21 @@ def adapter_site(lp: LayerPlan, site: str, saved: Saved, shape: Shape, dims: Mod
 ACTIVATION_SAVED = {"gelu_new": 4}
 
 
+def kv_adapters_site(lp: LayerPlan, saved: Saved, kv_bytes: int, rg_k: bool, rg_v: bool) -> tuple[bool, bool]:
+    """IA3's scaling of the keys / values keeps its input (`kv_bytes`, one projection's
+    output), and IA3 or a prefix makes the keys and values need a gradient. Returns the
+    new (rg_k, rg_v)."""
+    if "k" in lp.ia3:
+        saved.add("ia3.k", kv_bytes)
+        rg_k = True
+    if "v" in lp.ia3:
+        saved.add("ia3.v", kv_bytes)
+        rg_v = True
+    if lp.prefix:
+        rg_k = rg_v = True
+    return rg_k, rg_v
+
+
 def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_p: float,
                 no_attn_norm: bool = False, out_p: float = 0.0, ffn_p: float = 0.0,
                 ffn_out_p: float = 0.0) -> tuple[int, bool, dict]:
@@ -283,14 +298,7 @@ def llama_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, dropout_
             s.add("kn.in", T * kv * 4)
             s.add("kn.rsqrt", T * (dims.num_kv_heads if arch.qk_norm == "head" else 1) * 4)
         rg_q, rg_k = rg_q or lp.norms, rg_k or lp.norms
-    if "k" in lp.ia3:
-        s.add("ia3.k", T * kv * a)
-        rg_k = True
-    if "v" in lp.ia3:
-        s.add("ia3.v", T * kv * a)
-        rg_v = True
-    if lp.prefix:
-        rg_k = rg_v = True
+    rg_k, rg_v = kv_adapters_site(lp, s, T * kv * a, rg_k, rg_v)
     # a fused projection's value is a view of its output; q and k are copied by RoPE / their norms
     # (or IA3's scaling of k), else they are views of it too (GPT-2)
     attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, dropout_p, True,

@@ -9,7 +9,7 @@ from ..dims import ModelDims
 from ..loss import LOSS_CHUNK
 from ..methods.plan import LayerPlan, Plan
 from .relative import disentangled_attention_site
-from .saved import (Saved, Shape, adapter_site, attention_output_key, attention_site, dropout_mask_bytes,
+from .saved import (Saved, Shape, adapter_site, attention_output_key, attention_site, dropout_mask_bytes, kv_adapters_site,
                     linear_site, llama_block, norm_out_bytes, norm_site, uses_math_kernel)
 
 
@@ -30,14 +30,7 @@ def bert_block(lp: LayerPlan, dims: ModelDims, shape: Shape, rg: bool, cfg: dict
     rg_q = linear_site(lp, q_p, s, "x", T * h, h, shape, rg_x, shape.r)
     rg_k = linear_site(lp, k_p, s, "x", T * h, h, shape, rg_x, shape.r)
     rg_v = linear_site(lp, v_p, s, "x", T * h, h, shape, rg_x, shape.r)
-    if "k" in lp.ia3:
-        s.add("ia3.k", T * h * a)
-        rg_k = True
-    if "v" in lp.ia3:
-        s.add("ia3.v", T * h * a)
-        rg_v = True
-    if lp.prefix:
-        rg_k = rg_v = True
+    rg_k, rg_v = kv_adapters_site(lp, s, T * h * a, rg_k, rg_v)
     if arch.positions == "relative":
         disentangled_attention_site(lp, s, dims, shape, rg_q, rg_k, rg_v, ad, pd, rel_trains)
     else:
